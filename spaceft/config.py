@@ -1,0 +1,439 @@
+"""Run configuration: dataclasses, YAML recipes and dotted command-line overrides.
+
+A recipe is a YAML file whose top-level sections mirror the dataclasses below
+(`model`, `data`, `generation`, `train`, `selfplay`, `eval`, `logging`). Any field can be
+overridden on the command line as `section.field=value`; values are parsed as YAML scalars
+(`train.lr=1e-7`, `eval.tasks=[a,b]`). Unknown keys and ill-typed values are errors that
+name the key. The resolved config is printed at start and stored in the run's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spaceft.losses import LossType
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 trains all weights. With r > 0 the adapter is merged into the saved model."""
+    alpha: int = 16
+    """LoRA scaling numerator (effective scale alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input; keep 0 so policy and opponent scores agree at step 0."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that receive adapters."""
+
+    def __post_init__(self) -> None:
+        if self.r < 0:
+            raise ValueError(f"model.lora.r must be >= 0, got {self.r}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"
+    """HF model id, local directory, 'default' (embedded SmolLM2-135M-Instruct) or 'tiny-random'."""
+    dtype: str = "float32"
+    """Training and scoring dtype: float32 | bfloat16 | float16."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub (only for models you trust)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, ~30% slower."""
+    attn_implementation: str | None = None
+    """'eager' | 'sdpa' | 'flash_attention_2'; None lets transformers choose."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Parameter-efficient training via peft."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Real (prompt, response) pairs: .jsonl/.json/.parquet, a save_to_disk directory, a hub dataset
+    name, or 'builtin:arithmetic' (the embedded task, generated into the run directory)."""
+    eval: str | None = None
+    """Held-out pairs in the same formats; 'builtin:arithmetic' gives the disjoint held-out split."""
+    format: str = "auto"
+    """auto | messages | prompt_completion | prompt_response."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt (prompt/completion formats)."""
+    response_field: str = "completion"
+    """Column holding the response (prompt/completion formats)."""
+    messages_field: str = "messages"
+    """Column holding a conversation (messages format)."""
+    system_prompt: str | None = None
+    """System turn prepended to prompts that have none."""
+    split: str = "train"
+    """Split to read from a saved DatasetDict or hub dataset."""
+    eval_split: str = "test"
+    """Split to read for `eval` from a saved DatasetDict or hub dataset."""
+    train_size: int | None = None
+    """Use at most this many training pairs (builtin task: generate exactly this many; default 64)."""
+    eval_size: int | None = None
+    """Use at most this many held-out pairs (builtin task: default 64)."""
+    seed: int = 0
+    """Seed of the builtin task generator."""
+    on_bad_row: str = "error"
+    """error: stop at the first bad row, naming file and line | skip: count and drop it."""
+    max_prompt_tokens: int = 256
+    """Prompts longer than this (in tokens, chat template included) follow `overlong`."""
+    max_response_tokens: int = 256
+    """Real responses longer than this follow `overlong`."""
+    overlong: str = "error"
+    """error | skip | truncate (keep the end of the prompt and the start of the response)."""
+
+    def __post_init__(self) -> None:
+        if self.on_bad_row not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.overlong not in ("error", "skip", "truncate"):
+            raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
+        if self.max_prompt_tokens <= 0 or self.max_response_tokens <= 0:
+            raise ValueError("data.max_prompt_tokens and data.max_response_tokens must be positive")
+
+
+@dataclass
+class GenerationConfig:
+    backend: str = "hf"
+    """hf (transformers generate) | vllm (pip install 'spaceft[vllm]')."""
+    num_samples: int = 1
+    """K: synthetic responses per prompt (the seed uses K = mu)."""
+    max_new_tokens: int = 256
+    """Cap on synthetic response length; capped samples are flagged in synthetic.parquet."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 means greedy (then K must be 1)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass."""
+    top_k: int = 0
+    """Top-k sampling; 0 disables."""
+    batch_size: int = 16
+    """Prompts per generate call (also the resume granularity of the stage)."""
+    seed: int = 0
+    """Base seed; iteration t, chunk c samples with a seed derived from (seed, t, c)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"generation.backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.num_samples < 1:
+            raise ValueError("generation.num_samples (K) must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("generation.temperature must be >= 0 (0 = greedy)")
+        if self.temperature == 0 and self.num_samples > 1:
+            raise ValueError("greedy decoding (temperature 0) gives identical samples: set num_samples=1")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("generation.top_p must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    loss: LossType = LossType.SPACE
+    """space | spin | spin_hinge | ipo | simpo | sft."""
+    mu: float = 1.0
+    """SPACE noise ratio mu (seed recommends 1)."""
+    beta: float | None = None
+    """Reward scale; None = the method's default (space 1.0, spin 0.1, simpo 2.0)."""
+    tau: float = 0.1
+    """S-IPO regularisation tau (target margin 1/(2 tau))."""
+    gamma: float = 1.0
+    """S-SimPO target reward margin gamma."""
+    optimizer: str = "rmsprop"
+    """rmsprop (the seed's choice) | adamw."""
+    lr: float = 5e-7
+    """Peak learning rate for the first `lr_switch_iteration` iterations (SPIN: 5e-7)."""
+    lr_after: float | None = 1e-7
+    """Peak learning rate from iteration `lr_switch_iteration` on (SPIN: 1e-7); None keeps `lr`."""
+    lr_switch_iteration: int = 2
+    """First iteration that uses `lr_after`."""
+    warmup_ratio: float = 0.1
+    """Fraction of each iteration's optimizer steps spent in linear warmup; then linear decay to 0."""
+    weight_decay: float = 0.0
+    """Weight decay (adamw only)."""
+    epochs: int = 2
+    """Epochs over the iteration's training pairs."""
+    global_batch_size: int = 64
+    """Prompts per optimizer step, across all processes (clamped to the data size)."""
+    micro_batch_size: int = 4
+    """Prompts per forward pass per process; each carries 1 real + K synthetic sequences."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables."""
+    seed: int = 0
+    """Seed of data order and initialisation of any new weights."""
+    save_every: int = 50
+    """Save the training state every N optimizer steps for mid-epoch resume; 0 only at the end."""
+
+    def __post_init__(self) -> None:
+        self.loss = LossType(self.loss)
+        if self.mu <= 0:
+            raise ValueError(f"train.mu must be > 0 (the noise ratio), got {self.mu}")
+        if self.beta is not None and self.beta <= 0:
+            raise ValueError(f"train.beta must be > 0, got {self.beta}")
+        if self.optimizer not in ("rmsprop", "adamw"):
+            raise ValueError(f"train.optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
+        if self.lr <= 0 or (self.lr_after is not None and self.lr_after <= 0):
+            raise ValueError("train.lr and train.lr_after must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("train.warmup_ratio must be in [0, 1)")
+        if self.epochs < 1 or self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ValueError("train.epochs, train.global_batch_size and train.micro_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"train.micro_batch_size ({self.micro_batch_size})"
+            )
+
+    def lr_for(self, iteration: int) -> float:
+        """Peak learning rate of `iteration` (SPIN's schedule: 5e-7 for iterations 0-1, then 1e-7)."""
+        if self.lr_after is not None and iteration >= self.lr_switch_iteration:
+            return self.lr_after
+        return self.lr
+
+
+@dataclass
+class SelfPlayConfig:
+    iterations: int = 3
+    """T: self-play iterations. Raising it on a finished run continues that run."""
+    mix_previous: bool = False
+    """Also train on the previous iteration's synthetic responses (SPIN's data mixing)."""
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError("selfplay.iterations must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    """Evaluate the start model and every iteration's model."""
+    max_new_tokens: int = 128
+    """Greedy decoding budget for the task metric."""
+    batch_size: int = 16
+    """Prompts per generate / forward call during evaluation."""
+    task_metric: str = "auto"
+    """auto (exact match when held-out rows carry an 'answer') | exact_match | none."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """lm-evaluation-harness task names run on each saved model (pip install 'spaceft[eval]')."""
+    lm_eval_limit: int | None = None
+    """Examples per lm-eval task (None = all)."""
+
+    def __post_init__(self) -> None:
+        if self.task_metric not in ("auto", "exact_match", "none"):
+            raise ValueError("eval.task_metric must be auto, exact_match or none")
+
+
+@dataclass
+class LoggingConfig:
+    report_to: str = "none"
+    """none | tensorboard | wandb (metrics also always go to iter_t/metrics.jsonl)."""
+    log_every: int = 1
+    """Log training metrics every N optimizer steps."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.report_to not in ("none", "tensorboard", "wandb"):
+            raise ValueError("logging.report_to must be none, tensorboard or wandb")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; artefacts go to <output_dir>/<name>."""
+    output_dir: str = "runs"
+    """Parent directory of runs."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    selfplay: SelfPlayConfig = field(default_factory=SelfPlayConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.data.train:
+            raise ValueError("data.train is required: a file, a dataset directory or 'builtin:arithmetic'")
+        if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
+            raise ValueError("selfplay.mix_previous needs synthetic samples")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def training_fingerprint(self) -> str:
+        """Hash of every field that changes the trained models (not `iterations`, eval or logging).
+
+        A finished stage whose fingerprint differs from the current config is stale.
+        """
+        d = self.to_dict()
+        for key in ("name", "output_dir", "eval", "logging"):
+            d.pop(key)
+        d["selfplay"].pop("iterations")
+        return _hash(d)
+
+    def eval_fingerprint(self) -> str:
+        return _hash({"eval": self.to_dict()["eval"], "train": self.training_fingerprint()})
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, LossType):
+        return str(obj)
+    return obj
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- building from dicts
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    if tp is LossType:
+        try:
+            return LossType(value)
+        except ValueError:
+            choices = ", ".join(t.value for t in LossType)
+            raise ValueError(f"{key}: unknown loss {value!r}; choose one of {choices}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-7", "model.name=x"] into a nested dict."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data)
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or none), apply dotted overrides and validate."""
+    data: dict[str, Any] = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)

@@ -1,0 +1,115 @@
+"""Per-iteration evaluation: held-out NLL, a verifiable task metric, and lm-evaluation-harness.
+
+* NLL: mean token negative log-likelihood of the held-out real responses (teacher forced, summed over
+  all response tokens then divided by their number — the per-token NLL of the held-out set).
+* Task metric: greedy decoding of each held-out prompt, the answer parsed with
+  `tasks.parse_answer` and compared by exact match with the row's `answer` (or the answer parsed from
+  the reference response). Used when the held-out rows carry answers (`eval.task_metric=auto`).
+* lm-eval: `eval.lm_eval_tasks` run through `lm_eval.simple_evaluate` on the saved model directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from spaceft.config import EvalConfig, GenerationConfig
+from spaceft.data import Example, TokenizedExample
+from spaceft.generate import HFGenerator
+from spaceft.rundir import atomic_path, write_json
+from spaceft.score import score_sequences
+from spaceft.tasks import exact_match, parse_answer
+
+log = logging.getLogger(__name__)
+
+
+def reference_answer(example: Example) -> str | None:
+    return example.answer if example.answer is not None else parse_answer(example.response)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    tokenized: Sequence[TokenizedExample],
+    cfg: EvalConfig,
+    out_dir: Path,
+    *,
+    stop_ids: Sequence[int],
+    device: torch.device,
+    model_dir: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `model` on held-out pairs; write out_dir/eval.json (and eval_samples.jsonl)."""
+    result: dict[str, Any] = {"n": len(tokenized)}
+    pad_id = tokenizer.pad_token_id
+    # held-out NLL
+    logps = score_sequences(
+        model,
+        [t.prompt_ids for t in tokenized],
+        [t.response_ids for t in tokenized],
+        pad_id=pad_id,
+        batch_size=cfg.batch_size,
+        device=device,
+        desc="eval nll",
+        progress=progress,
+    )
+    tokens = sum(len(t.response_ids) for t in tokenized)
+    result["nll"] = -sum(logps) / max(tokens, 1)
+    # task metric by greedy decoding
+    answers = [reference_answer(examples[t.index]) for t in tokenized]
+    use_task = cfg.task_metric == "exact_match" or (
+        cfg.task_metric == "auto" and all(a is not None for a in answers) and answers
+    )
+    if use_task:
+        greedy = GenerationConfig(temperature=0.0, num_samples=1, max_new_tokens=cfg.max_new_tokens)
+        gen = HFGenerator(model, greedy, stop_ids=stop_ids, pad_id=pad_id, device=device)
+        order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids))
+        outputs: dict[int, str] = {}
+        from tqdm.auto import tqdm
+
+        for s in tqdm(range(0, len(order), cfg.batch_size), desc="eval generate", disable=not progress, leave=False):
+            idx = order[s : s + cfg.batch_size]
+            comps = gen.generate([tokenized[i].prompt_ids for i in idx], num_samples=1, seed=0)
+            for i, c in zip(idx, comps, strict=True):
+                outputs[i] = tokenizer.decode(c[0].response_ids, skip_special_tokens=True)
+        correct = 0
+        with atomic_path(out_dir / "eval_samples.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
+            for i in range(len(tokenized)):
+                pred = parse_answer(outputs[i])
+                ok = pred is not None and answers[i] is not None and exact_match(pred, answers[i])
+                correct += ok
+                fh.write(json.dumps({"index": i, "output": outputs[i], "parsed": pred, "answer": answers[i],
+                                     "correct": ok}) + "\n")  # fmt: skip
+        result["accuracy"] = correct / max(len(tokenized), 1)
+    if cfg.lm_eval_tasks:
+        if model_dir is None:
+            raise ValueError("lm-eval needs a saved model directory")
+        result["lm_eval"] = run_lm_eval(model_dir, cfg)
+    write_json(out_dir / "eval.json", result)
+    return result
+
+
+def run_lm_eval(model_dir: str, cfg: EvalConfig) -> dict[str, Any]:
+    """Run lm-evaluation-harness tasks on a saved HF model; returns {task: {metric: value}}."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise RuntimeError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'spaceft[eval]'") from e
+    out = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir}",
+        tasks=list(cfg.lm_eval_tasks),
+        limit=cfg.lm_eval_limit,
+        batch_size=cfg.batch_size,
+    )
+    results = out.get("results", {}) if out else {}
+    return {
+        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)} for task, metrics in results.items()
+    }

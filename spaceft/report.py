@@ -1,0 +1,168 @@
+"""The per-iteration report of a run: a Markdown table and PNG plots, rebuilt from the run directory.
+
+`spaceft report RUN` prints the table and writes RUN/report.md, RUN/rewards.png (real vs synthetic
+reward over training steps, iterations side by side) and RUN/eval.png (held-out metrics per iteration).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from spaceft.rundir import atomic_path, read_json
+
+log = logging.getLogger(__name__)
+
+
+def collect(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per evaluated model: 'base', then each iteration with its last training metrics."""
+    rows: list[dict[str, Any]] = []
+    base = run_dir / "base" / "eval.json"
+    if base.exists():
+        rows.append({"iteration": "base", **_eval_cols(read_json(base))})
+    t = 0
+    while (run_dir / f"iter_{t}").exists():
+        d = run_dir / f"iter_{t}"
+        row: dict[str, Any] = {"iteration": str(t)}
+        if (d / "eval.json").exists():
+            row.update(_eval_cols(read_json(d / "eval.json")))
+        metrics = read_metrics(d / "metrics.jsonl")
+        if metrics:
+            first, last = metrics[0], metrics[-1]
+            row.update(
+                {
+                    "loss_first": first["loss"],
+                    "loss_last": last["loss"],
+                    "reward_real": last["rewards/real"],
+                    "reward_synthetic": last["rewards/synthetic"],
+                    "reward_accuracy": last["rewards/accuracy"],
+                    "steps": last["step"],
+                }
+            )
+        rows.append(row)
+        t += 1
+    return rows
+
+
+def _eval_cols(ev: dict[str, Any]) -> dict[str, Any]:
+    cols = {k: ev[k] for k in ("accuracy", "nll") if k in ev}
+    for task, metrics in ev.get("lm_eval", {}).items():
+        for name, value in metrics.items():
+            cols[f"{task}/{name}"] = value
+    return cols
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+COLUMNS = [
+    ("iteration", "iter", "{}"),
+    ("accuracy", "held-out acc", "{:.3f}"),
+    ("nll", "held-out NLL", "{:.4f}"),
+    ("loss_first", "loss (first step)", "{:.4f}"),
+    ("loss_last", "loss (last step)", "{:.4f}"),
+    ("reward_real", "reward real", "{:+.4f}"),
+    ("reward_synthetic", "reward synthetic", "{:+.4f}"),
+    ("reward_accuracy", "reward acc", "{:.2f}"),
+    ("steps", "steps", "{}"),
+]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = [c for c in COLUMNS if any(c[0] in r for r in rows)]
+    extra = sorted({k for r in rows for k in r} - {c[0] for c in COLUMNS})
+    lines = [
+        "| " + " | ".join([c[1] for c in cols] + extra) + " |",
+        "|" + "---|" * (len(cols) + len(extra)),
+    ]
+    for r in rows:
+        cells = [c[2].format(r[c[0]]) if c[0] in r else "" for c in cols]
+        cells += [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(run_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    # rewards over training steps, iterations laid end to end
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    offset = 0
+    t = 0
+    while (run_dir / f"iter_{t}").exists():
+        m = read_metrics(run_dir / f"iter_{t}" / "metrics.jsonl")
+        if m:
+            xs = [offset + r["step"] for r in m]
+            ax.plot(xs, [r["rewards/real"] for r in m], color="tab:blue", label="real" if t == 0 else None)
+            ax.plot(xs, [r["rewards/synthetic"] for r in m], color="tab:red", label="synthetic" if t == 0 else None)
+            ax.axvline(offset, color="grey", lw=0.5)
+            offset = xs[-1]
+        t += 1
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(xlabel="optimizer step (iterations end to end)", ylabel="reward β·log(pθ/pθt)", title=run_dir.name)
+    ax.legend()
+    fig.tight_layout()
+    written.append(_save(fig, run_dir / "rewards.png"))
+    plt.close(fig)
+    # held-out metrics per iteration
+    evaluated = [r for r in rows if "nll" in r]
+    if evaluated:
+        fig, ax1 = plt.subplots(figsize=(6, 3.5))
+        xs = list(range(len(evaluated)))
+        labels = [r["iteration"] for r in evaluated]
+        ax1.plot(xs, [r["nll"] for r in evaluated], "o-", color="tab:purple", label="held-out NLL")
+        ax1.set_ylabel("held-out NLL (per token)")
+        if any("accuracy" in r for r in evaluated):
+            ax2 = ax1.twinx()
+            ax2.plot(xs, [r.get("accuracy", float("nan")) for r in evaluated], "s--", color="tab:green",
+                     label="held-out accuracy")  # fmt: skip
+            ax2.set_ylabel("held-out exact match")
+            ax2.legend(loc="upper right")
+        ax1.set_xticks(xs, labels)
+        ax1.set_xlabel("iteration")
+        ax1.legend(loc="upper left")
+        ax1.set_title(f"{run_dir.name}: evaluation")
+        fig.tight_layout()
+        written.append(_save(fig, run_dir / "eval.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def write_report(run_dir: Path) -> tuple[str, list[Path]]:
+    """Write report.md and the plots; return the table and the paths written."""
+    rows = collect(run_dir)
+    table = markdown_table(rows)
+    pngs = plot(run_dir, rows)
+    manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
+    cfg = manifest.get("config", {})
+    loss = cfg.get("train", {}).get("loss", "?")
+    body = [
+        f"# {run_dir.name}",
+        "",
+        f"Objective `{loss}`, model `{cfg.get('model', {}).get('name', '?')}`, "
+        f"start model `{manifest.get('start_model', '?')}`.",
+        "",
+        table,
+        "",
+        *[f"![{p.stem}]({p.name})" for p in pngs],
+        "",
+    ]
+    md = run_dir / "report.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text("\n".join(body), encoding="utf-8")
+    return table, [md, *pngs]

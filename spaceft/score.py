@@ -1,0 +1,179 @@
+"""Teacher-forced sequence log-probabilities, and the score stage that caches the opponent's.
+
+The opponent p_θt is frozen for a whole iteration, so log p_θt(y|x) and log p_θt(y'|x) are
+computed once, here, and saved to `iter_t/opponent_logps.parquet`; training never holds a second
+model (DESIGN.md, step 2). The same `sequence_logps` computes the policy's log-probs inside the
+training loop, so at the first step of an iteration (policy == opponent) every reward is 0.
+
+A sequence log-prob is the SUM of the response tokens' log-probs; prompt tokens are masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from spaceft.rundir import chunked_table, file_hash
+
+log = logging.getLogger(__name__)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """log_softmax(logits, -1).gather(-1, index) without a float32 [N, L, V] copy.
+
+    logits [N, L, V] (any float dtype), index [N, L] -> [N, L] float32.
+    Works one sequence at a time, so the temporary is [L, V], not [N, L, V]; low-precision logits
+    are up-cast row by row because log_softmax in bfloat16 loses ~2 digits.
+    """
+    out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
+    for row in range(logits.shape[0]):
+        row_logits = logits[row].float()  # [L, V]
+        picked = row_logits.gather(-1, index[row].unsqueeze(-1)).squeeze(-1)  # [L]
+        out[row] = picked - torch.logsumexp(row_logits, dim=-1)
+    return out
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # [N, L] right-padded prompt+response
+    attention_mask: Tensor  # [N, L]
+    response_mask: Tensor  # [N, L-1] 1 where target token L+1 is a response token
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
+    """Concatenate each prompt with its response, right-pad to the longest, mark response targets."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    n = len(prompts)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    response_mask = torch.zeros((n, length - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if len(r) == 0:
+            raise ValueError("empty response: every response has at least its end-of-turn token")
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        # target position k predicts token k+1: response tokens are targets len(p)-1 .. len(seq)-2
+        response_mask[i, len(p) - 1 : len(seq) - 1] = 1.0
+    return PackedBatch(input_ids, attention_mask, response_mask)
+
+
+def sequence_logps(model: torch.nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    token_logps = selective_log_softmax(logits[:, :-1], batch.input_ids[:, 1:])  # [N, L-1]
+    del logits
+    token_logps = token_logps * batch.response_mask
+    return token_logps.sum(-1), batch.response_mask.sum(-1)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "score",
+    progress: bool = True,
+) -> list[float]:
+    """Summed log p(response | prompt) under `model` (eval mode), in input order.
+
+    Sequences are batched in length order so padding is small; the result is put back in order.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = [0.0] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id).to(device)
+        logps, _ = sequence_logps(model, batch)
+        for i, v in zip(idx, logps.tolist(), strict=True):
+            out[i] = v
+    model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class ScoreItem:
+    """One response to score: `key` identifies it in opponent_logps.parquet."""
+
+    kind: str  # "real" | "synthetic"
+    prompt_index: int
+    sample: int
+    source_iteration: int  # iteration whose opponent generated it (-1 for real)
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+
+    @property
+    def key(self) -> tuple[str, int, int, int]:
+        return (self.kind, self.prompt_index, self.sample, self.source_iteration)
+
+
+def score_stage(
+    model: torch.nn.Module,
+    items: Sequence[ScoreItem],
+    out: Path,
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every item with the frozen opponent and write `out` (resumable in parts)."""
+    chunk = max(batch_size * 8, 1)
+    n_chunks = max((len(items) + chunk - 1) // chunk, 1)
+    bar = tqdm(total=len(items), desc="score opponent", disable=not progress)
+
+    def make_chunk(c: int) -> list[dict[str, Any]]:
+        part = items[c * chunk : (c + 1) * chunk]
+        logps = score_sequences(
+            model,
+            [it.prompt_ids for it in part],
+            [it.response_ids for it in part],
+            pad_id=pad_id,
+            batch_size=batch_size,
+            device=device,
+            progress=False,
+        )
+        return [
+            {
+                "kind": it.kind,
+                "prompt_index": it.prompt_index,
+                "sample": it.sample,
+                "source_iteration": it.source_iteration,
+                "length": len(it.response_ids),
+                "logp": lp,
+            }
+            for it, lp in zip(part, logps, strict=True)
+        ]
+
+    def advance(c: int) -> None:
+        bar.update(len(items[c * chunk : (c + 1) * chunk]))
+
+    rows = chunked_table(out, n_chunks, make_chunk, stage="score", on_chunk=advance)
+    bar.close()
+    return {"rows": len(rows), "hash": file_hash(out)}
+
+
+def logps_by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, int], float]:
+    return {(r["kind"], r["prompt_index"], r["sample"], r["source_iteration"]): r["logp"] for r in rows}

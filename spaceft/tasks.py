@@ -1,0 +1,293 @@
+"""The embedded task: seeded arithmetic word problems with a verifiable answer.
+
+A small GSM8K-style task that SmolLM2-135M-Instruct can learn but does not already solve: short word
+problems needing one or two operations on small whole numbers, each with a short worked solution
+that ends in GSM8K's answer line ``#### <answer>``. The answer is checked by exact match of the parsed
+number, so held-out accuracy is a verifiable metric for self-play (no judge model needed).
+
+Splits. A problem's *key* is its template and its numbers (not the names or objects that dress it up).
+A stable hash of the key puts every key in exactly one split, so train and test never share a problem
+-- not even the same sum told about different people -- for any seed. Sampling draws problems and
+keeps those whose key falls in the requested split, without repeating a prompt.
+
+Difficulty. Measured on SmolLM2-135M-Instruct (greedy decoding, its chat template, 64 new tokens,
+:func:`parse_answer`): see ``STARTING_ACCURACY`` below. The mix of one- and two-step problems and
+the number ranges are set so that the base model gets some right (the task is learnable from its own
+samples) while leaving plenty of headroom.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "test")
+"""Split names accepted by :func:`make_arithmetic`."""
+
+TEST_FRACTION = 0.2
+"""Share of problem keys that belong to the held-out split."""
+
+TWO_STEP_FRACTION = 0.5
+"""Share of problems that need two operations (the rest need one)."""
+
+STARTING_ACCURACY = 0.0
+"""Base SmolLM2-135M-Instruct accuracy on 50 held-out problems (seed 0); see the module docstring."""
+
+_NAMES = (
+    ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lena", "she"), ("Omar", "he"), ("Ava", "she"),
+    ("Leo", "he"), ("Nora", "she"), ("Ben", "he"), ("Zoe", "she"), ("Ravi", "he"), ("Ivy", "she"),
+)
+_ITEMS = (
+    "apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "cards", "balloons",
+    "stamps", "crayons", "oranges",
+)
+_GOODS = ("notebook", "pen", "toy car", "sandwich", "ticket", "comic book", "cup of juice", "ball")
+
+
+@dataclass(frozen=True)
+class _Problem:
+    key: str
+    """Template name and numbers: what decides the split."""
+    prompt: str
+    solution: str
+    answer: int
+
+
+def _person(rng: random.Random) -> tuple[str, str]:
+    name, pronoun = rng.choice(_NAMES)
+    return name, pronoun
+
+
+def _add(rng: random.Random) -> _Problem:
+    a, b = rng.randint(3, 30), rng.randint(2, 20)
+    name, he = _person(rng)
+    item = rng.choice(_ITEMS)
+    c = a + b
+    return _Problem(
+        key=f"add:{a}:{b}",
+        prompt=f"{name} has {a} {item}. {he.capitalize()} gets {b} more {item}. "
+        f"How many {item} does {name} have now?",
+        solution=f"{name} has {a} + {b} = {c} {item} now.",
+        answer=c,
+    )
+
+
+def _sub(rng: random.Random) -> _Problem:
+    a = rng.randint(8, 40)
+    b = rng.randint(2, a - 2)
+    name, _ = _person(rng)
+    item = rng.choice(_ITEMS)
+    c = a - b
+    return _Problem(
+        key=f"sub:{a}:{b}",
+        prompt=f"{name} had {a} {item} and gave {b} of them to a friend. "
+        f"How many {item} does {name} have left?",
+        solution=f"{name} has {a} - {b} = {c} {item} left.",
+        answer=c,
+    )
+
+
+def _mul(rng: random.Random) -> _Problem:
+    a, b = rng.randint(2, 9), rng.randint(2, 12)
+    name, _ = _person(rng)
+    item = rng.choice(_ITEMS)
+    c = a * b
+    return _Problem(
+        key=f"mul:{a}:{b}",
+        prompt=f"{name} buys {a} bags of {item}. Each bag holds {b} {item}. "
+        f"How many {item} does {name} buy in total?",
+        solution=f"{name} buys {a} * {b} = {c} {item}.",
+        answer=c,
+    )
+
+
+def _div(rng: random.Random) -> _Problem:
+    b, c = rng.randint(2, 9), rng.randint(2, 10)
+    a = b * c
+    name, _ = _person(rng)
+    item = rng.choice(_ITEMS)
+    return _Problem(
+        key=f"div:{a}:{b}",
+        prompt=f"{name} shares {a} {item} equally among {b} friends. "
+        f"How many {item} does each friend get?",
+        solution=f"Each friend gets {a} / {b} = {c} {item}.",
+        answer=c,
+    )
+
+
+def _add_sub(rng: random.Random) -> _Problem:
+    a, b = rng.randint(5, 30), rng.randint(2, 20)
+    c = rng.randint(2, a + b - 1)
+    name, he = _person(rng)
+    item = rng.choice(_ITEMS)
+    d, e = a + b, a + b - c
+    return _Problem(
+        key=f"add_sub:{a}:{b}:{c}",
+        prompt=f"{name} has {a} {item}. {he.capitalize()} buys {b} more and then gives away {c}. "
+        f"How many {item} does {name} have now?",
+        solution=f"After buying, {name} has {a} + {b} = {d} {item}. "
+        f"After giving away {c}, {he} has {d} - {c} = {e} {item}.",
+        answer=e,
+    )
+
+
+def _mul_add(rng: random.Random) -> _Problem:
+    a, b, c = rng.randint(2, 20), rng.randint(2, 6), rng.randint(2, 10)
+    name, he = _person(rng)
+    item = rng.choice(_ITEMS)
+    d, e = b * c, a + b * c
+    return _Problem(
+        key=f"mul_add:{a}:{b}:{c}",
+        prompt=f"{name} has {a} {item}. {he.capitalize()} buys {b} packs with {c} {item} in each pack. "
+        f"How many {item} does {name} have now?",
+        solution=f"The packs hold {b} * {c} = {d} {item}. So {name} has {a} + {d} = {e} {item}.",
+        answer=e,
+    )
+
+
+def _change(rng: random.Random) -> _Problem:
+    price, count = rng.randint(2, 9), rng.randint(2, 6)
+    cost = price * count
+    paid = next(bill for bill in (10, 20, 50, 100) if bill > cost)
+    name, _ = _person(rng)
+    good = rng.choice(_GOODS)
+    change = paid - cost
+    return _Problem(
+        key=f"change:{price}:{count}",
+        prompt=f"One {good} costs ${price}. {name} buys {count} of them and pays with a ${paid} bill. "
+        f"How much change does {name} get?",
+        solution=f"{count} of them cost {count} * {price} = ${cost}. "
+        f"The change is {paid} - {cost} = ${change}.",
+        answer=change,
+    )
+
+
+def _times_as_many(rng: random.Random) -> _Problem:
+    a, b = rng.randint(2, 15), rng.randint(2, 5)
+    (name, _), (other, _) = rng.sample(_NAMES, 2)
+    item = rng.choice(_ITEMS)
+    d, e = a * b, a + a * b
+    return _Problem(
+        key=f"times_as_many:{a}:{b}",
+        prompt=f"{name} has {a} {item}. {other} has {b} times as many {item} as {name}. "
+        f"How many {item} do they have together?",
+        solution=f"{other} has {a} * {b} = {d} {item}. Together they have {a} + {d} = {e} {item}.",
+        answer=e,
+    )
+
+
+_ONE_STEP: tuple[Callable[[random.Random], _Problem], ...] = (_add, _sub, _mul, _div)
+_TWO_STEP: tuple[Callable[[random.Random], _Problem], ...] = (_add_sub, _mul_add, _change, _times_as_many)
+
+
+def split_of(key: str) -> str:
+    """The split a problem key belongs to: a stable hash (not Python's salted ``hash``) of the key."""
+    bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    return "test" if bucket < TEST_FRACTION else "train"
+
+
+def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
+    """Make ``n`` distinct arithmetic word problems of one split, deterministically for ``seed``.
+
+    Each row is ``{"messages": [{"role": "user", "content": prompt},
+    {"role": "assistant", "content": solution}], "answer": "42"}``; the solution ends in
+    ``#### <answer>``. Train and test rows never share a problem key (see the module docstring).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
+    rng = random.Random(f"spaceft-arithmetic:{seed}:{split}")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    attempts, max_attempts = 0, 200 * n + 1000
+    while len(rows) < n:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(
+                f"could only make {len(rows)} distinct {split} problems of the {n} asked for; "
+                "ask for fewer"
+            )
+        family = _TWO_STEP if rng.random() < TWO_STEP_FRACTION else _ONE_STEP
+        problem = rng.choice(family)(rng)
+        if split_of(problem.key) != split or problem.prompt in seen:
+            continue
+        seen.add(problem.prompt)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": problem.prompt},
+                    {"role": "assistant", "content": f"{problem.solution}\n#### {problem.answer}"},
+                ],
+                "answer": str(problem.answer),
+            }
+        )
+    return rows
+
+
+def write_arithmetic_jsonl(path: Path, n: int, *, seed: int, split: str) -> Path:
+    """Write :func:`make_arithmetic` rows as JSON lines to ``path`` atomically; return ``path``."""
+    path = Path(path)
+    rows = make_arithmetic(n, seed=seed, split=split)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    logger.info("wrote %d %s arithmetic problems (seed %d) to %s", n, split, seed, path)
+    return path
+
+
+# A number: "1,000"-style thousands groups or plain digits, with an optional decimal part and sign.
+# The minus sign only counts when it does not follow a word character ("5-3" is 5 and 3, not 5 and -3).
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+
+
+def _normalise(number: str) -> str | None:
+    try:
+        value = Decimal(number.replace(",", ""))
+    except InvalidOperation:
+        return None
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def parse_answer(text: str) -> str | None:
+    """The answer a response gives: the first number after the last ``####``, else the last number.
+
+    Numbers are normalised so that equal values compare equal as strings: thousands separators
+    and trailing zeros go (``"1,000"`` → ``"1000"``, ``"5.0"`` → ``"5"``, ``"2.50"`` → ``"2.5"``),
+    and ``$`` or units around the number are ignored. When the last ``####`` has no number after it,
+    the last number anywhere in the text counts. ``None`` when the text has no number at all.
+    """
+    _, marker, tail = text.rpartition("####")
+    if marker:
+        match = _NUMBER.search(tail)
+        if match:
+            return _normalise(match.group())
+    numbers = _NUMBER.findall(text)
+    return _normalise(numbers[-1]) if numbers else None
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether the answer parsed from ``prediction`` equals ``answer`` (both normalised)."""
+    predicted, gold = parse_answer(prediction), parse_answer(answer)
+    return predicted is not None and predicted == gold

@@ -1,0 +1,311 @@
+"""The main player's training loop for one self-play iteration, on 🤗 Accelerate.
+
+One readable loop: batch → policy forward (real and synthetic responses in ONE concatenated
+forward) → loss from `losses.py` by `LossType` → backward → clip → step → log → checkpoint.
+`accelerate launch` gives DDP / FSDP / DeepSpeed unchanged; the opponent's log-probs come from the
+score stage's cache, so no second model is ever held.
+
+Reduction: each optimizer step averages the per-prompt losses of the `global_batch_size` prompts it
+covers, whatever the micro-batch size, the number of accumulation steps or processes (each process
+scales its sum by world_size / prompts_in_step; DDP then averages) — tests/test_train.py proves it.
+
+Resume: every `save_every` optimizer steps the full training state (weights, optimizer, scheduler,
+RNG; `Accelerator.save_state`) plus the step counter is written to `train_state/` atomically. The
+data order of epoch e is a permutation seeded by (seed, iteration, e), so a resumed run replays
+exactly the remaining steps and ends bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase, get_scheduler
+
+from spaceft.config import RunConfig
+from spaceft.losses import LossOutput, compute_loss
+from spaceft.models import apply_lora, mergeable
+from spaceft.rundir import atomic_dir, maybe_fail, write_json
+from spaceft.score import pack, sequence_logps
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; training stops and the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainItem:
+    """One prompt with its real response, K synthetic responses and the opponent's log-probs."""
+
+    prompt_ids: tuple[int, ...]
+    real_ids: tuple[int, ...]
+    synthetic_ids: tuple[tuple[int, ...], ...]  # K responses (empty for SFT)
+    opponent_real: float = 0.0
+    opponent_synthetic: tuple[float, ...] = ()
+
+
+def forward_batch(
+    model: torch.nn.Module, items: Sequence[TrainItem], pad_id: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Policy log-probs of a micro-batch: B real + B·K synthetic sequences in one forward.
+
+    Returns policy_real [B], policy_synthetic [B, K], real_lengths [B], synthetic_lengths [B, K],
+    opponent_real [B], opponent_synthetic [B, K] and the number of non-pad tokens.
+    """
+    b = len(items)
+    k = len(items[0].synthetic_ids)
+    if any(len(it.synthetic_ids) != k for it in items):
+        raise ValueError("every prompt in a batch needs the same number K of synthetic responses")
+    # step 1: pack [B real ; B*K synthetic] sequences (prompt + response), right-padded
+    prompts = [it.prompt_ids for it in items] + [it.prompt_ids for it in items for _ in range(k)]
+    responses = [it.real_ids for it in items] + [s for it in items for s in it.synthetic_ids]
+    batch = pack(prompts, responses, pad_id).to(device)
+    # step 2: one forward; summed response log-probs [B + B*K]
+    logps, lengths = sequence_logps(model, batch)
+    return {
+        "policy_real": logps[:b],  # [B]
+        "policy_synthetic": logps[b:].view(b, k),  # [B, K]
+        "real_lengths": lengths[:b],
+        "synthetic_lengths": lengths[b:].view(b, k),
+        "opponent_real": torch.tensor([it.opponent_real for it in items], device=device),
+        "opponent_synthetic": torch.tensor([list(it.opponent_synthetic) for it in items], device=device).view(
+            b, k
+        ),
+        "num_tokens": torch.tensor(batch.num_tokens, device=device),
+    }
+
+
+def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig) -> LossOutput:
+    t = cfg.train
+    return compute_loss(
+        t.loss,
+        policy_real_logps=out["policy_real"],
+        policy_synthetic_logps=out["policy_synthetic"],
+        opponent_real_logps=out["opponent_real"] if t.loss.needs_opponent else None,
+        opponent_synthetic_logps=out["opponent_synthetic"] if t.loss.needs_opponent else None,
+        real_lengths=out["real_lengths"],
+        synthetic_lengths=out["synthetic_lengths"],
+        mu=t.mu,
+        beta=t.beta,
+        tau=t.tau,
+        gamma=t.gamma,
+    )
+
+
+def epoch_order(n: int, *, seed: int, iteration: int, epoch: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def step_slices(n: int, cfg: RunConfig, iteration: int) -> list[list[int]]:
+    """Item indices of every optimizer step of the iteration, all epochs, in order."""
+    gbs = min(cfg.train.global_batch_size, n)
+    steps = []
+    for epoch in range(cfg.train.epochs):
+        order = epoch_order(n, seed=cfg.train.seed, iteration=iteration, epoch=epoch)
+        steps.extend(order[i : i + gbs] for i in range(0, n, gbs))
+    return steps
+
+
+def make_optimizer(params: Any, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
+    if cfg.train.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
+
+
+def _save_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
+    """Write the training state to a temporary directory, then swap it in (a crash keeps the old one)."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps({"step": step}))
+        old = state_dir.with_name(state_dir.name + ".old")
+        if state_dir.exists():
+            os.replace(state_dir, old)
+        os.replace(tmp, state_dir)
+        if old.exists():
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metric lines of steps <= last_step, so a resumed run never logs a step twice."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def train_iteration(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[TrainItem],
+    cfg: RunConfig,
+    *,
+    iteration: int,
+    iter_dir: Path,
+) -> dict[str, Any]:
+    """Train the main player for `cfg.train.epochs` epochs on `items`; save it to iter_dir/model.
+
+    1. set up Accelerate, LoRA (optional), optimizer and warmup + linear-decay schedule
+    2. resume from iter_dir/train_state if a previous run stopped mid-iteration
+    3. for each optimizer step: micro-batches → forward → loss → backward (no_sync until the last)
+    4. clip, step, log metrics (metrics.jsonl, tracker, progress bar), checkpoint every save_every
+    5. save the model (LoRA merged) in HF format; drop the training state
+    """
+    t = cfg.train
+    state_dir = iter_dir / "train_state"
+    metrics_path = iter_dir / "metrics.jsonl"
+    # step 1: set up
+    accelerator = Accelerator(
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "logs")),
+    )
+    if cfg.logging.report_to != "none":
+        accelerator.init_trackers(f"{cfg.name}-iter{iteration}", config=_flat(cfg.to_dict()))
+    torch.manual_seed(t.seed + iteration)
+    model = apply_lora(model, cfg.model)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    steps = step_slices(len(items), cfg, iteration)
+    lr = t.lr_for(iteration)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, lr)
+    scheduler = get_scheduler(
+        "linear", optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * len(steps)), num_training_steps=len(steps)
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pad_id = tokenizer.pad_token_id
+    # step 2: resume
+    start = 0
+    if (state_dir / "progress.json").exists():
+        accelerator.load_state(str(state_dir))
+        start = json.loads((state_dir / "progress.json").read_text())["step"]
+        log.info("iteration %d: resuming training at step %d/%d", iteration, start, len(steps))
+    if accelerator.is_main_process:
+        if start == 0 and metrics_path.exists():
+            metrics_path.unlink()
+        _truncate_metrics(metrics_path, start)
+    bar = tqdm(
+        total=len(steps), initial=start, desc=f"train iter {iteration}", unit="step",
+        disable=not (cfg.logging.progress and accelerator.is_main_process),
+    )  # fmt: skip
+    last: dict[str, float] = {}
+    for step in range(start, len(steps)):
+        # step 3: this process's share of the step, in micro-batches
+        step_items = [items[i] for i in steps[step]]
+        mine = step_items[rank::world]
+        micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
+        scale = world / len(step_items)
+        sums = torch.zeros(8, device=accelerator.device)
+        tic = time.perf_counter()
+        for m, mb in enumerate(micro):
+            sync = m == len(micro) - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                out = forward_batch(model, mb, pad_id, accelerator.device)
+                res = loss_from_batch(out, cfg)
+                if not torch.isfinite(res.losses).all():
+                    raise NonFiniteLossError(
+                        f"non-finite loss at iteration {iteration}, step {step + 1}: lower train.lr or use "
+                        f"float32; the last good training state is in {state_dir}"
+                    )
+                accelerator.backward(res.losses.sum() * scale)
+            sums += _batch_stats(res, out)
+        # step 4: update and log
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums = accelerator.reduce(sums, "sum")
+        elapsed = time.perf_counter() - tic
+        last = _metrics(sums, grad_norm, scheduler.get_last_lr()[0], elapsed)
+        last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
+        if accelerator.is_main_process and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)):
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(last) + "\n")
+            accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
+        bar.update(1)
+        maybe_fail("train", step + 1)
+        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
+            _save_state(accelerator, state_dir, step + 1)
+    bar.close()
+    # step 5: save the model in HF format, then drop the resume state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = mergeable(accelerator.unwrap_model(model))
+        with atomic_dir(iter_dir / "model") as tmp:
+            final.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        if state_dir.exists():
+            shutil.rmtree(state_dir)
+        write_json(iter_dir / "train_summary.json", {"steps": len(steps), "lr": lr, **last})
+    accelerator.end_training()
+    return {"steps": len(steps), **last}
+
+
+def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens."""
+    real = res.real_rewards  # [B]
+    syn = res.synthetic_rewards  # [B, K]
+    syn_mean = syn.mean(-1) if syn.numel() else torch.zeros_like(real)
+    acc = (real > syn_mean).float() if syn.numel() else torch.zeros_like(real)
+    syn_logp = out["policy_synthetic"].mean(-1).sum() if syn.numel() else torch.tensor(0.0)
+    return torch.stack(
+        [
+            torch.tensor(float(len(real))),
+            res.losses.detach().sum().cpu(),
+            real.sum().cpu(),
+            syn_mean.sum().cpu(),
+            acc.sum().cpu(),
+            out["policy_real"].detach().sum().cpu(),
+            syn_logp.detach().cpu(),
+            out["num_tokens"].float().cpu(),
+        ]
+    ).to(out["policy_real"].device)
+
+
+def _metrics(sums: torch.Tensor, grad_norm: Any, lr: float, elapsed: float) -> dict[str, float]:
+    n, loss, real, syn, acc, lp_real, lp_syn, tokens = sums.tolist()
+    return {
+        "loss": loss / n,
+        "rewards/real": real / n,
+        "rewards/synthetic": syn / n,
+        "rewards/margin": (real - syn) / n,
+        "rewards/accuracy": acc / n,
+        "logps/real": lp_real / n,
+        "logps/synthetic": lp_syn / n,
+        "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
+        "lr": lr,
+        "tokens_per_s": tokens / max(elapsed, 1e-9),
+    }
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, int | float | str | bool) else str(v)
+    return out
