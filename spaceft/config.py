@@ -103,8 +103,11 @@ class DataConfig:
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.overlong not in ("error", "skip", "truncate"):
             raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
-        if self.max_prompt_tokens <= 0 or self.max_response_tokens <= 0:
-            raise ValueError("data.max_prompt_tokens and data.max_response_tokens must be positive")
+        if self.max_prompt_tokens < 1 or self.max_response_tokens < 2:
+            raise ValueError(
+                "data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 "
+                "(one content token plus the end-of-turn token)"
+            )
 
 
 @dataclass
@@ -422,18 +425,28 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     return _build(RunConfig, data)
 
 
+def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level `base: other.yaml` (relative to this file) is read first and
+    this recipe's keys are merged over it, so a variant states only what it changes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    if path.resolve() in _seen:
+        raise ValueError(f"{path}: recipe 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = path.parent / (base if str(base).endswith(".yaml") else f"{base}.yaml")
+    return _merge(read_recipe(base_path, (*_seen, path.resolve())), data)
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML recipe (or none), apply dotted overrides and validate."""
-    data: dict[str, Any] = {}
-    if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    data = read_recipe(Path(recipe)) if recipe is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)

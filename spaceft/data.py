@@ -18,7 +18,7 @@ and three row formats, detected from the first row's keys when ``fmt="auto"``:
 * ``messages`` — TRL's conversational format: a list of ``{"role", "content"}`` turns; the final turn
   must be the assistant's and is the response, the turns before it are the prompt.
 * ``prompt_completion`` — TRL's prompt/completion columns, each either a string or (conversational) a
-  list of messages; with ``response_field="response"`` the same code reads prompt/response files.
+  list of messages; ``prompt_response`` (or ``response_field="response"``) reads prompt/response.
   When ``response_field`` is left at ``"completion"`` and a file has ``response`` instead, ``auto``
   reads ``response`` (and logs that it did).
 * an optional ``answer`` column (string or number) is kept for exact-match evaluation.
@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "messages", "prompt_completion")
+FORMATS = ("auto", "messages", "prompt_completion", "prompt_response")
 BAD_ROW_POLICIES = ("error", "skip")
 OVERLONG_POLICIES = ("error", "skip", "truncate")
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -176,10 +176,6 @@ def _iter_json_list(path: str, data: bytes) -> Iterator[tuple[int, _Row]]:
     yield from enumerate(rows, start=1)
 
 
-def _iter_dataset(dataset: Any) -> Iterator[tuple[int, _Row]]:
-    yield from enumerate(dataset, start=1)
-
-
 def _iter_parquet(path: str) -> Iterator[tuple[int, _Row]]:
     import pyarrow.parquet as pq
 
@@ -225,21 +221,18 @@ def _load_hub_dataset(name: str, split: str) -> Any:
 
 def _looks_local(path: str) -> bool:
     """Whether a path that does not exist was meant as a local file rather than a hub dataset name."""
-    return (
-        path.lower().endswith(JSON_SUFFIXES + PARQUET_SUFFIXES)
-        or path.startswith(("/", ".", "~"))
-    )
+    return path.lower().endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) or path.startswith(("/", ".", "~"))
 
 
 def _iter_source(path: str, split: str) -> Iterator[tuple[int, _Row]]:
-    lower = path.lower()
-    if os.path.isdir(path):
-        yield from _iter_dataset(_load_saved_dataset(path, split))
-    elif os.path.isfile(path):
+    local, lower = os.path.expanduser(path), path.lower()
+    if os.path.isdir(local):
+        yield from enumerate(_load_saved_dataset(local, split), start=1)
+    elif os.path.isfile(local):
         if lower.endswith(PARQUET_SUFFIXES):
-            yield from _iter_parquet(path)
+            yield from _iter_parquet(local)
         elif lower.endswith(JSON_SUFFIXES):
-            with open(path, "rb") as handle:
+            with open(local, "rb") as handle:
                 data = handle.read()
             if lower.endswith(".json") and data.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
                 yield from _iter_json_list(path, data)
@@ -253,7 +246,7 @@ def _iter_source(path: str, split: str) -> Iterator[tuple[int, _Row]]:
     elif _looks_local(path):
         raise DataError(f"{path}: no such file or directory")
     else:
-        yield from _iter_dataset(_load_hub_dataset(path, split))
+        yield from enumerate(_load_hub_dataset(path, split), start=1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -276,7 +269,8 @@ def _as_turns(value: Any, name: str) -> list[Mapping[str, Any]]:
         if isinstance(roles, list) and isinstance(contents, list) and len(roles) == len(contents):
             value = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
     if not isinstance(value, list):
-        raise _BadRow("malformed_row", f"field {name!r} must be a list of messages, got {type(value).__name__}")
+        kind = type(value).__name__
+        raise _BadRow("malformed_row", f"field {name!r} must be a list of messages, got {kind}")
     if not value:
         raise _BadRow("malformed_row", f"field {name!r} is an empty list of messages")
     return value
@@ -401,7 +395,8 @@ def load_examples(
 
     Args:
         path: a ``.jsonl``/``.json``/``.parquet`` file, a ``save_to_disk`` directory or a hub name.
-        fmt: ``"auto"`` (from the first row's keys), ``"messages"`` or ``"prompt_completion"``.
+        fmt: ``"auto"`` (from the first row's keys), ``"messages"``, ``"prompt_completion"`` or
+            ``"prompt_response"`` (prompt/completion reading the ``response`` column).
         prompt_field, response_field, messages_field: column names.
         system_prompt: prepended as a system turn to every prompt that has none.
         split: the split of a ``DatasetDict`` directory or a hub dataset.
@@ -425,6 +420,8 @@ def load_examples(
     report = LoadReport(path=path)
     examples: list[Example] = []
     detected: tuple[str, str] | None = None if fmt == "auto" else (fmt, response_field)
+    if fmt == "prompt_response":  # prompt/completion code, reading "response" unless told another name
+        detected = ("prompt_completion", "response" if response_field == "completion" else response_field)
     for number, row in _iter_source(path, split):
         report.rows += 1
         source = f"{path}:{number}"
@@ -579,8 +576,8 @@ def tokenize_examples(
         batch = examples[start:start + batch_size]
         # step 1
         prompt_ids = _render_prompt_batch(tokenizer, [example.prompt for example in batch])
-        response_ids = tokenizer([example.response for example in batch], add_special_tokens=False)["input_ids"]
-        for offset, (example, prompt, response) in enumerate(zip(batch, prompt_ids, response_ids, strict=True)):
+        responses = tokenizer([example.response for example in batch], add_special_tokens=False)["input_ids"]
+        for offset, (example, prompt, response) in enumerate(zip(batch, prompt_ids, responses, strict=True)):
             response = [*map(int, response), eot]
             # step 2
             if len(prompt) > max_prompt_tokens or len(response) > max_response_tokens:

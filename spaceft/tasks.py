@@ -38,7 +38,7 @@ SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
 """Share of problem keys that belong to the held-out split."""
 
-TWO_STEP_FRACTION = 0.5
+TWO_STEP_FRACTION = 0.4
 """Share of problems that need two operations (the rest need one)."""
 
 STARTING_ACCURACY = 0.0

@@ -203,6 +203,7 @@ def train_iteration(
         start = json.loads((state_dir / "progress.json").read_text())["step"]
         log.info("iteration %d: resuming training at step %d/%d", iteration, start, len(steps))
     if accelerator.is_main_process:
+        iter_dir.mkdir(parents=True, exist_ok=True)
         if start == 0 and metrics_path.exists():
             metrics_path.unlink()
         _truncate_metrics(metrics_path, start)
@@ -252,10 +253,12 @@ def train_iteration(
     bar.close()
     # step 5: save the model in HF format, then drop the resume state
     accelerator.wait_for_everyone()
+    # under ZeRO-3 / FSDP the weights are sharded: gather a full state dict on every rank first
+    state_dict = None if cfg.model.lora.r else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         final = mergeable(accelerator.unwrap_model(model))
         with atomic_dir(iter_dir / "model") as tmp:
-            final.save_pretrained(tmp, safe_serialization=True)
+            final.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
         if state_dir.exists():
             shutil.rmtree(state_dir)

@@ -94,8 +94,8 @@ def write_source(tmp_path: Path, kind: str, rows: list[dict[str, Any]]) -> str:
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
     else:  # a DatasetDict; the test asks for its "train" split
         path = tmp_path / "saved_dict"
-        other = datasets.Dataset.from_list(rows[:1])
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows), "test": other}).save_to_disk(str(path))
+        splits = {"train": datasets.Dataset.from_list(rows), "test": datasets.Dataset.from_list(rows[:1])}
+        datasets.DatasetDict(splits).save_to_disk(str(path))
     return str(path)
 
 
@@ -129,11 +129,16 @@ def test_every_format_from_every_source_gives_the_same_examples(tmp_path: Path, 
 def test_explicit_format_and_field_names(tmp_path: Path) -> None:
     rows = [{"question": "Q1?", "reply": "A1.", "answer": 12}, {"question": "Q2?", "reply": "A2."}]
     path = write_source(tmp_path, "jsonl", rows)
-    examples, _ = load_examples(path, fmt="prompt_completion", prompt_field="question", response_field="reply")
+    examples, _ = load_examples(path, fmt="prompt_completion", prompt_field="question",
+                                response_field="reply")
     assert examples == [
         Example(({"role": "user", "content": "Q1?"},), "A1.", "12", f"{path}:1"),
         Example(({"role": "user", "content": "Q2?"},), "A2.", None, f"{path}:2"),
     ]
+    path = write_source(tmp_path, "jsonl", rows_for("prompt_response"))
+    for kwargs in ({"fmt": "prompt_response"}, {"response_field": "response"}):
+        examples, _ = load_examples(path, **kwargs)
+        assert [(e.prompt, e.response, e.answer) for e in examples] == expected_for("prompt_response")
     chats = [{"conv": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]
     path = write_source(tmp_path, "jsonl", chats)
     examples, _ = load_examples(path, messages_field="conv")
@@ -272,7 +277,8 @@ def test_json_list_errors_name_the_line(tmp_path: Path) -> None:
     path.write_bytes(b'[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "p" "completion": "c"}\n]\n')
     with pytest.raises(DataError, match=rf"^{path}:3: malformed JSON"):
         load_examples(str(path))
-    path.write_bytes(b'[\n  {"prompt": "p", "completion": "c"},\n  {"prompt": "\xff", "completion": "c"}\n]\n')
+    path.write_bytes(b'[\n  {"prompt": "p", "completion": "c"},\n'
+                     b'  {"prompt": "\xff", "completion": "c"}\n]\n')
     with pytest.raises(DataError, match=rf"^{path}:3: not valid UTF-8"):
         load_examples(str(path))
 
@@ -360,7 +366,8 @@ def test_end_of_turn_id_is_the_token_that_closes_an_assistant_turn() -> None:
         eos="<|end_of_text|>",
         chat_template="{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
                       "{{ m['content'] }}<|eot_id|>{% endfor %}"
-                      "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+                      "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+                      "{% endif %}",
     )
     assert data.end_of_turn_id(llama_like) == llama_like.convert_tokens_to_ids("<|eot_id|>")
     assert data.end_of_turn_id(llama_like) != llama_like.eos_token_id
@@ -431,7 +438,8 @@ def test_no_chat_template_falls_back_to_plain_text(caplog: pytest.LogCaptureFixt
     bare.name_or_path = "bare-test-tokenizer"
     with caplog.at_level(logging.WARNING, logger="spaceft.data"):
         first = render_prompt_ids(bare, [{"role": "user", "content": "hi"}])
-        second = render_prompt_ids(bare, [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}])
+        two_turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+        second = render_prompt_ids(bare, two_turns)
     assert first == ids(bare, "hi\n")
     assert second == ids(bare, "s\nq\n")
     warnings = [r for r in caplog.records if "no chat template" in r.getMessage()]

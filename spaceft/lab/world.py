@@ -57,7 +57,9 @@ class WorldConfig:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         size = sum(self.alphabet_size**n for n in range(self.max_len + 1))
         if size > 20_000:
-            raise ValueError(f"{size} responses per prompt is too many to enumerate; lower max_len or alphabet_size")
+            raise ValueError(
+                f"{size} responses per prompt is too many to enumerate; lower max_len or alphabet_size"
+            )
         if not (math.isfinite(self.teacher_scale) and self.teacher_scale >= 0):
             raise ValueError(f"teacher_scale must be finite and >= 0, got {self.teacher_scale}")
         if self.teacher_rank < 0:
@@ -76,7 +78,7 @@ class World:
         node_of = {p: i for i, p in enumerate(prefixes)}
         self.num_nodes = len(prefixes)
         # step 2: responses: every prefix followed by the end token, and every cut string of max_len letters
-        responses: list[tuple[int, ...]] = [p + (END,) for p in prefixes]
+        responses: list[tuple[int, ...]] = [(*p, END) for p in prefixes]
         responses += list(itertools.product(range(1, a + 1), repeat=n_max))
         self.responses = responses
         self.num_responses = len(responses)
@@ -91,7 +93,9 @@ class World:
         self.lengths = mask.sum(-1).to(torch.float64)  # [R] generated tokens per response
         self.teacher_logits = self._draw_teacher()  # [P, Nn, V]
         self.data_logps = self.sequence_logps(self.teacher_logits)  # [P, R]
-        logger.debug("world: %d prompts, %d nodes, %d responses", config.num_prompts, self.num_nodes, len(responses))
+        logger.debug(
+            "world: %d prompts, %d nodes, %d responses", config.num_prompts, self.num_nodes, len(responses)
+        )
 
     @property
     def num_prompts(self) -> int:

@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make test   create .venv, install torch (pinned CPU build) and spaceft, run the tests
+#   make demo   the same install, then SPACE self-play on the embedded SmolLM2-135M (about 15 min on 2 cores)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+
+.PHONY: install test demo lab lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)   # first, pinned: a looser torch pulls a multi-GB CUDA build
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/spaceft demo
+
+lab: install
+	$(BIN)/spaceft lab
+
+lint: install
+	$(BIN)/ruff check spaceft tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs lab_out

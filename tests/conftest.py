@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny random Llama with a byte-level tokenizer, built on the spot (no download)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from spaceft.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir: Path):
+    from spaceft.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def tiny_overrides(tmp: Path, model_dir: Path, **extra: object) -> list[str]:
+    """Overrides that make the shipped `tiny` recipe fast and self-contained under `tmp`."""
+    base = {
+        "output_dir": str(tmp / "runs"),
+        "model.name": str(model_dir),
+        "data.train_size": 8,
+        "data.eval_size": 4,
+        "generation.max_new_tokens": 12,
+        "generation.batch_size": 4,
+        "train.global_batch_size": 4,
+        "train.micro_batch_size": 2,
+        "train.save_every": 1,
+        "eval.max_new_tokens": 8,
+        "logging.progress": False,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,0 +1,101 @@
+"""Config: defaults, YAML + dotted overrides, errors that name the key, and every shipped recipe."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import pytest
+import yaml
+
+from spaceft.cli import shipped_recipes
+from spaceft.config import config_from_dict, load_config, parse_overrides
+from spaceft.losses import LossType
+
+MIN = {"data": {"train": "x.jsonl"}}
+
+
+def test_defaults_follow_the_seed_and_spin() -> None:
+    cfg = config_from_dict(MIN)
+    assert cfg.train.loss is LossType.SPACE
+    assert cfg.train.mu == 1.0 and cfg.train.optimizer == "rmsprop"
+    assert cfg.train.global_batch_size == 64 and cfg.train.epochs == 2
+    # SPIN's schedule: 5e-7 for iterations 0-1, then 1e-7
+    assert [cfg.train.lr_for(t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
+
+
+def test_overrides_are_typed_and_nested() -> None:
+    assert parse_overrides(["train.lr=1e-7", "model.name=gpt2", "eval.lm_eval_tasks=[a, b]"]) == {
+        "train": {"lr": "1e-7"},  # YAML 1.1 scalar; the dataclass field's type coerces it
+        "model": {"name": "gpt2"},
+        "eval": {"lm_eval_tasks": ["a", "b"]},
+    }
+
+
+def test_recipe_plus_overrides(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"name": "x", "data": {"train": "t.jsonl"}, "train": {"lr": "5e-7"}}))
+    cfg = load_config(recipe, ["train.loss=spin", "selfplay.iterations=5"])
+    assert cfg.train.lr == 5e-7  # YAML 1.1 reads 5e-7 as a string; it is coerced
+    assert cfg.train.loss is LossType.SPIN and cfg.selfplay.iterations == 5
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.lrr=1"], "unknown config key 'train.lrr' (did you mean 'train.lr'?)"),
+        (["bogus.x=1"], "unknown config key 'bogus'"),
+        (["train.epochs=two"], "train.epochs: expected an integer"),
+        (["train.loss=dpo"], "train.loss: unknown loss 'dpo'"),
+        (["train.mu=0"], "train.mu must be > 0"),
+        (["train.global_batch_size=10", "train.micro_batch_size=4"], "must be a multiple"),
+        (["generation.temperature=0", "generation.num_samples=2"], "greedy"),
+        (["data.overlong=cut"], "data.overlong"),
+        (["logging.report_to=mlflow"], "logging.report_to"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=None) as err:
+        load_config(None, ["data.train=x.jsonl", *overrides])
+    assert message in str(err.value)
+
+
+def test_train_data_is_required() -> None:
+    with pytest.raises(ValueError, match=r"data\.train is required"):
+        config_from_dict({})
+
+
+def test_fingerprint_tracks_results_not_iterations() -> None:
+    a = config_from_dict(MIN)
+    b = config_from_dict({**MIN, "selfplay": {"iterations": 9}, "eval": {"max_new_tokens": 3}})
+    c = config_from_dict({**MIN, "train": {"lr": 1e-6}})
+    assert a.training_fingerprint() == b.training_fingerprint()
+    assert a.eval_fingerprint() != b.eval_fingerprint()
+    assert a.training_fingerprint() != c.training_fingerprint()
+
+
+def test_resolved_config_round_trips() -> None:
+    cfg = config_from_dict({**MIN, "train": {"loss": "ipo"}})
+    again = config_from_dict(yaml.safe_load(cfg.to_yaml()))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("name", shipped_recipes())
+def test_every_shipped_recipe_validates(name: str) -> None:
+    path = Path(str(resources.files("spaceft.recipes") / f"{name}.yaml"))
+    text = path.read_text()
+    header = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    assert header, f"{name}.yaml must start with a comment showing how to run it"
+    assert f"run {name}" in "\n".join(header), f"{name}.yaml's header must show the command that runs it"
+    cfg = load_config(path)
+    assert cfg.data.train
+
+
+def test_shipped_recipes_cover_the_baselines() -> None:
+    losses = {load_config(Path(str(resources.files("spaceft.recipes") / f"{n}.yaml"))).train.loss
+              for n in shipped_recipes()}  # fmt: skip
+    assert {LossType.SPACE, LossType.SPIN, LossType.SFT} <= losses

@@ -1,0 +1,70 @@
+"""Teacher-forced log-probs: the chunked helper against its naive one-liner, masks, and the stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from spaceft.score import ScoreItem, pack, score_sequences, score_stage, selective_log_softmax, sequence_logps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_selective_log_softmax_matches_naive(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 7, 50, generator=g) * 4).to(dtype)
+    index = torch.randint(0, 50, (3, 7), generator=g)
+    naive = torch.log_softmax(logits.float(), -1).gather(-1, index.unsqueeze(-1)).squeeze(-1)
+    got = selective_log_softmax(logits, index)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, naive, rtol=1e-6, atol=1e-6)
+
+
+def test_pack_masks_exactly_the_response_targets() -> None:
+    b = pack([[1, 2, 3], [4]], [[5, 6], [7, 8, 9]], pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 5, 6], [4, 7, 8, 9, 0]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    # target k is token k+1: responses start at target len(prompt)-1
+    assert b.response_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+    with pytest.raises(ValueError, match="empty response"):
+        pack([[1]], [[]], pad_id=0)
+
+
+def test_sequence_logps_equal_a_direct_sum(tiny_model_dir: Path) -> None:
+    from spaceft.config import ModelConfig
+    from spaceft.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    prompt, response = [10, 11, 12], [20, 21, 22, 23]
+    logps, lengths = sequence_logps(model, pack([prompt, [5]], [response, [6, 7]], pad_id=0))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0].float()
+    logp_all = torch.log_softmax(logits, -1)
+    direct = sum(logp_all[len(prompt) - 1 + i, tok] for i, tok in enumerate(response))
+    assert lengths.tolist() == [4.0, 2.0]
+    torch.testing.assert_close(logps[0].detach(), direct, rtol=1e-5, atol=1e-5)
+    # padding and batch neighbours do not change a sequence's score
+    alone = score_sequences(model, [prompt], [response], pad_id=0, batch_size=1, device=torch.device("cpu"))
+    assert alone[0] == pytest.approx(float(direct), abs=1e-4)
+
+
+def test_score_stage_resumes_without_duplicates(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    from spaceft.config import ModelConfig
+    from spaceft.models import load_model
+    from spaceft.rundir import InjectedFault, read_table
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = [ScoreItem("real", i, 0, -1, (1, 2, i + 3), (4, 5)) for i in range(40)]
+    kwargs = {"pad_id": 0, "batch_size": 2, "device": torch.device("cpu"), "progress": False}
+    full = tmp_path / "full.parquet"
+    score_stage(model, items, full, **kwargs)
+    out = tmp_path / "resumed.parquet"
+    monkeypatch.setenv("SPACEFT_FAULT", "score:1")
+    with pytest.raises(InjectedFault):
+        score_stage(model, items, out, **kwargs)
+    assert not out.exists() and len(list((tmp_path / "resumed.parts").iterdir())) == 1
+    monkeypatch.delenv("SPACEFT_FAULT")
+    score_stage(model, items, out, **kwargs)
+    assert read_table(out) == read_table(full)
+    assert sorted(r["prompt_index"] for r in read_table(out)) == list(range(40))

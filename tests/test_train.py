@@ -1,0 +1,110 @@
+"""The training loop: rewards start at 0, reduction independent of micro-batching, loss falls, NaN stops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spaceft import train as train_mod
+from spaceft.config import ModelConfig, config_from_dict
+from spaceft.losses import LossOutput
+from spaceft.models import load_model
+from spaceft.score import score_sequences
+from spaceft.train import NonFiniteLossError, TrainItem, forward_batch, train_iteration
+
+CPU = torch.device("cpu")
+
+
+def _items(model, n: int = 8, k: int = 2) -> list[TrainItem]:
+    g = torch.Generator().manual_seed(1)
+    raw = []
+    for i in range(n):
+        prompt = tuple(torch.randint(3, 250, (3 + i % 3,), generator=g).tolist())
+        real = tuple(torch.randint(3, 250, (4 + i % 2,), generator=g).tolist())
+        syn = tuple(tuple(torch.randint(3, 250, (2 + j + i % 3,), generator=g).tolist()) for j in range(k))
+        raw.append((prompt, real, syn))
+    opp_real = score_sequences(model, [p for p, _, _ in raw], [r for _, r, _ in raw], pad_id=0, batch_size=3,
+                               device=CPU, progress=False)  # fmt: skip
+    opp_syn = score_sequences(model, [p for p, _, s in raw for _ in s], [y for _, _, s in raw for y in s],
+                              pad_id=0, batch_size=5, device=CPU, progress=False)  # fmt: skip
+    return [TrainItem(p, r, s, opp_real[i], tuple(opp_syn[i * k : (i + 1) * k])) for i, (p, r, s) in enumerate(raw)]
+
+
+def _cfg(tmp: Path, **train) -> object:
+    t = {"lr": 1e-3, "lr_after": None, "epochs": 1, "global_batch_size": 8, "micro_batch_size": 2,
+         "save_every": 0, "max_grad_norm": 1e9, "warmup_ratio": 0.0, **train}  # fmt: skip
+    return config_from_dict({"name": "t", "output_dir": str(tmp), "data": {"train": "x"}, "train": t,
+                             "logging": {"progress": False}})  # fmt: skip
+
+
+def test_rewards_start_at_zero(tiny_model_dir: Path) -> None:
+    """At the first step the policy IS the opponent: every reward is 0 (to 1e-5 in float32)."""
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    model.train()
+    out = forward_batch(model, items, pad_id=0, device=CPU)
+    real = (out["policy_real"] - out["opponent_real"]).detach()
+    syn = (out["policy_synthetic"] - out["opponent_synthetic"]).detach()
+    assert real.abs().max() < 1e-5 and syn.abs().max() < 1e-5
+    assert out["policy_synthetic"].shape == (8, 2)
+
+
+def _first_step_grad_norm(tiny_model_dir: Path, tmp: Path, **train) -> float:
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    info = train_iteration(model, _Tok(), items, _cfg(tmp, **train), iteration=0, iter_dir=tmp / "it")
+    assert info["steps"] == 1
+    return info["grad_norm"]
+
+
+class _Tok:
+    pad_token_id = 0
+
+    def save_pretrained(self, path: str) -> None:
+        Path(path, "tokenizer_stub.json").write_text("{}")
+
+
+def test_loss_reduction_does_not_depend_on_micro_batching(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """One optimizer step over 8 prompts: micro-batches of 1, 2 or 8 give the same gradient."""
+    norms = [_first_step_grad_norm(tiny_model_dir, tmp_path / f"m{m}", micro_batch_size=m) for m in (1, 2, 8)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5) and norms[1] == pytest.approx(norms[2], rel=1e-5)
+    # and it is the gradient of the MEAN per-prompt loss (a sum would be 8x larger)
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    cfg = _cfg(tmp_path)
+    loss = train_mod.loss_from_batch(forward_batch(model, items, 0, CPU), cfg).losses.mean()
+    loss.backward()
+    direct = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    assert norms[0] == pytest.approx(float(direct), rel=1e-4)
+
+
+@pytest.mark.parametrize("loss", ["space", "spin", "ipo", "simpo", "sft"])
+def test_training_loss_falls(tiny_model_dir: Path, tmp_path: Path, loss: str) -> None:
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    cfg = _cfg(tmp_path, loss=loss, epochs=6, global_batch_size=4, lr=3e-3)
+    info = train_iteration(model, _Tok(), items, cfg, iteration=0, iter_dir=tmp_path / "it")
+    lines = [json.loads(x) for x in (tmp_path / "it" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == info["steps"] == 12
+    first = (lines[0]["loss"] + lines[1]["loss"]) / 2
+    last = (lines[-1]["loss"] + lines[-2]["loss"]) / 2
+    assert last < first, (loss, first, last)
+    assert (tmp_path / "it" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "it" / "train_state").exists()
+
+
+def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+
+    def nan_loss(out, cfg) -> LossOutput:
+        b = out["policy_real"].shape[0]
+        return LossOutput(out["policy_real"] * float("nan"), torch.zeros(b), torch.zeros(b, 2))
+
+    monkeypatch.setattr(train_mod, "loss_from_batch", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 0, step 1"):
+        train_iteration(model, _Tok(), items, _cfg(tmp_path), iteration=0, iter_dir=tmp_path / "it")
+    assert not (tmp_path / "it" / "model").exists()
