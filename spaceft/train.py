@@ -193,7 +193,10 @@ def train_iteration(
     scheduler = get_scheduler(
         "linear", optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * len(steps)), num_training_steps=len(steps)
     )
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler is NOT prepared: Accelerate's wrapper steps it once per process per call (it
+    # assumes per-process step counts), while `steps` already counts global optimizer steps.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = tokenizer.pad_token_id
     # step 2: resume

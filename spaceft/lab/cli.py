@@ -46,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("lab_out"), help="output directory (default: lab_out/)")
     p.add_argument("--mode", choices=MODES, default=d_lab.mode, help="which modes to run (default: both)")
-    p.add_argument("--seeds", type=int, nargs="+", default=list(d_lab.seeds), help="seeds (default: 0 1 2)")
-    p.add_argument("--iterations", type=int, default=d_sampled.iterations, help="sampled-mode iterations T")
+    p.add_argument("--seeds", type=int, default=len(d_lab.seeds), help="number of seeds (%(default)s)")
+    p.add_argument("--seed-start", type=int, default=0, help="first seed; runs seed-start .. +seeds-1 (0)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=d_sampled.iterations,
+        help="sampled-mode self-play iterations T (%(default)s)",
+    )
     p.add_argument(
         "--methods",
         nargs="+",
@@ -60,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log every method and seed")
 
     m = p.add_argument_group("method hyper-parameters")
-    m.add_argument("--mu", type=float, nargs="+", default=list(d_lab.mus), help="SPACE noise ratios (1 3 7)")
+    m.add_argument(
+        "--mu", type=float, nargs="+", default=list(d_lab.mus), help="SPACE noise ratios (%(default)s)"
+    )
     m.add_argument(
         "--K",
         type=int,
@@ -69,11 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="synthetic responses per real pair for every method (default: round(mu) for "
         "SPACE, 1 for the pairwise losses)",
     )
-    m.add_argument("--spin-beta", type=float, default=d_lab.spin_beta, help="SPIN's lambda (0.1)")
-    m.add_argument("--space-beta", type=float, default=d_lab.space_beta, help="SPACE's beta (1 = the paper)")
-    m.add_argument("--tau", type=float, default=d_lab.tau, help="S-IPO's tau (0.1)")
-    m.add_argument("--simpo-beta", type=float, default=d_lab.simpo_beta, help="S-SimPO's beta (2.0)")
-    m.add_argument("--gamma", type=float, default=d_lab.gamma, help="S-SimPO's margin gamma (1.0)")
+    m.add_argument("--spin-beta", type=float, default=d_lab.spin_beta, help="SPIN's lambda (%(default)s)")
+    m.add_argument(
+        "--space-beta",
+        type=float,
+        default=d_lab.space_beta,
+        help="SPACE's beta (%(default)s; 1 is the paper's objective)",
+    )
+    m.add_argument("--tau", type=float, default=d_lab.tau, help="S-IPO's tau (%(default)s)")
+    m.add_argument("--simpo-beta", type=float, default=d_lab.simpo_beta, help="S-SimPO's beta (%(default)s)")
+    m.add_argument("--gamma", type=float, default=d_lab.gamma, help="S-SimPO's margin gamma (%(default)s)")
 
     s = p.add_argument_group("sampled mode")
     s.add_argument(
@@ -81,44 +94,68 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d_sampled.num_real,
         dest="num_real",
-        help=f"real responses per prompt ({d_sampled.num_real})",
+        help="real responses per prompt (%(default)s)",
+    )
+    s.add_argument("--epochs", type=int, default=d_sampled.epochs, help="epochs per iteration (%(default)s)")
+    s.add_argument("--lr", type=float, default=d_sampled.lr, help="peak RMSProp learning rate (%(default)s)")
+    s.add_argument(
+        "--warmup-ratio",
+        type=float,
+        default=d_sampled.warmup_ratio,
+        help="warm-up fraction of each iteration's steps, then linear decay (%(default)s)",
     )
     s.add_argument(
-        "--epochs", type=int, default=d_sampled.epochs, help=f"epochs per iteration ({d_sampled.epochs})"
+        "--batch-size", type=int, default=d_sampled.batch_size, help="pairs per step (%(default)s)"
     )
-    s.add_argument("--lr", type=float, default=d_sampled.lr, help=f"RMSProp learning rate ({d_sampled.lr})")
-    s.add_argument("--batch-size", type=int, default=d_sampled.batch_size, help="pairs per step (32)")
     s.add_argument(
         "--sft-start-epochs",
         type=int,
         default=d_sampled.sft_start_epochs,
-        help="epochs of SFT that make the starting model (2)",
+        help="epochs of SFT that make the starting model (%(default)s)",
     )
-    s.add_argument("--model", choices=POLICY_KINDS, default=d_sampled.policy, help="model family (tabular)")
-    s.add_argument("--rank", type=int, default=d_sampled.rank, help="rank of the factored model (4)")
     s.add_argument(
-        "--init-scale", type=float, default=d_sampled.init_scale, help="std of initial logits (0.5)"
+        "--model", choices=POLICY_KINDS, default=d_sampled.policy, help="model family (%(default)s)"
+    )
+    s.add_argument(
+        "--rank", type=int, default=d_sampled.rank, help="rank of the factored model (%(default)s)"
+    )
+    s.add_argument(
+        "--init-scale", type=float, default=d_sampled.init_scale, help="std of initial logits (%(default)s)"
     )
 
     q = p.add_argument_group("population mode")
-    q.add_argument("--pop-iterations", type=int, default=d_pop.iterations, help="iterations (3)")
-    q.add_argument("--pop-steps", type=int, default=d_pop.max_steps, help="L-BFGS steps per iteration (200)")
+    q.add_argument("--pop-iterations", type=int, default=d_pop.iterations, help="iterations (%(default)s)")
     q.add_argument(
-        "--pop-start", choices=STARTS, default=d_pop.start, help="random logits, or p_data itself (Theorem 3)"
+        "--pop-steps", type=int, default=d_pop.max_steps, help="L-BFGS steps per iteration (%(default)s)"
+    )
+    q.add_argument(
+        "--pop-start",
+        choices=STARTS,
+        default=d_pop.start,
+        help="random logits, or p_data itself for Theorem 3 (%(default)s)",
     )
 
     w = p.add_argument_group("world")
-    w.add_argument("--prompts", type=int, default=d_world.num_prompts, help="number of prompts P (8)")
-    w.add_argument("--alphabet", type=int, default=d_world.alphabet_size, help="letters A (3)")
-    w.add_argument("--max-len", type=int, default=d_world.max_len, help="maximum response letters (3)")
-    w.add_argument("--teacher-scale", type=float, default=d_world.teacher_scale, help="std of p_data logits")
+    w.add_argument(
+        "--prompts", type=int, default=d_world.num_prompts, help="number of prompts P (%(default)s)"
+    )
+    w.add_argument("--alphabet", type=int, default=d_world.alphabet_size, help="letters A (%(default)s)")
+    w.add_argument(
+        "--max-len", type=int, default=d_world.max_len, help="maximum response letters (%(default)s)"
+    )
+    w.add_argument(
+        "--teacher-scale",
+        type=float,
+        default=d_world.teacher_scale,
+        help="std of the p_data logits (%(default)s)",
+    )
     w.add_argument(
         "--teacher-rank",
         type=int,
         default=d_world.teacher_rank,
-        help="0: free teacher table; r > 0: rank-r structure shared across prompts",
+        help="0: free teacher table; r > 0: rank-r structure shared across prompts (%(default)s)",
     )
-    w.add_argument("--world-seed", type=int, default=d_world.seed, help="seed of the teacher (0)")
+    w.add_argument("--world-seed", type=int, default=d_world.seed, help="seed of the teacher (%(default)s)")
     return p
 
 
@@ -138,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> LabConfig:
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
+        warmup_ratio=args.warmup_ratio,
         sft_start_epochs=args.sft_start_epochs,
         policy=args.model,
         rank=args.rank,
@@ -158,7 +196,7 @@ def config_from_args(args: argparse.Namespace) -> LabConfig:
         tau=args.tau,
         simpo_beta=args.simpo_beta,
         gamma=args.gamma,
-        seeds=tuple(args.seeds),
+        seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
         mode=args.mode,
     )
 
@@ -170,19 +208,25 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         level = logging.INFO if args.verbose else logging.WARNING
         logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
     try:
         config = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
     if args.threads < 1:
         parser.error("--threads must be >= 1")
-    torch.set_num_threads(args.threads)
-    command = "spaceft lab " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = ("spaceft lab " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
     logger.info("lab config: %s", config)
 
-    result = run_lab(config)
-    result["command"] = command.strip()
-    report = markdown_report(result, command.strip())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        result = run_lab(config)
+    finally:
+        torch.set_num_threads(threads)
+    result["command"] = command
+    report = markdown_report(result, command)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(result, args.out / "lab.json")
     write_text(report, args.out / "lab.md")

@@ -1,7 +1,7 @@
 """The methods the lab compares, and their objectives on the lab's exact log-prob tables.
 
 A :class:`Method` is a :class:`~spaceft.losses.LossType` plus its hyper-parameters and K. Its
-:meth:`Method.objective` gathers the log-probs of a batch of (prompt, real, synthetic) response indices
+:meth:`Method.outputs` gathers the log-probs of a batch of (prompt, real, synthetic) response indices
 from full ``[P, R]`` tables and calls :func:`spaceft.losses.compute_loss`, so the lab exercises the
 library's real losses. The reduction is a weighted mean: weights 1 in sampled mode, the exact
 probabilities p_data(y)·p_θt(y') in population mode; SFT weights each sequence by its length as well,
@@ -31,12 +31,17 @@ class Method:
     label: str
     """Name in tables and plots, e.g. ``SPACE μ=3``."""
     loss_type: LossType
+    """The objective (:mod:`spaceft.losses`)."""
     num_synthetic: int = 1
     """K, synthetic responses per real one (0 for SFT)."""
     mu: float = 1.0
+    """SPACE's noise ratio μ."""
     beta: float | None = None
+    """β (None: the loss's default, :attr:`~spaceft.losses.LossType.default_beta`)."""
     tau: float = 0.1
+    """S-IPO's τ."""
     gamma: float = 1.0
+    """S-SimPO's margin γ."""
 
     def outputs(
         self,

@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 Summary = dict[str, tuple[list[float], list[float]]]
 """method key → (mean per iteration, std per iteration) over seeds."""
@@ -76,6 +77,7 @@ _FINAL_COLUMNS = (
     ("tv", "TV"),
     ("unseen_mass", "mass on unseen y"),
     ("logp_real", "mean log p_θ(y)"),
+    ("kl_from_opponent", "KL(p_θt‖p_θ)"),
     ("frac_synthetic_equals_real", "frac y′=y"),
     ("reward_real", "reward real"),
     ("reward_synthetic", "reward synthetic"),
@@ -124,7 +126,8 @@ def markdown_report(result: dict, command: str | None = None) -> str:
     if "sampled" in result:
         s = cfg["sampled"]
         setting = (
-            f"N={s['num_real']} real per prompt, E={s['epochs']} epochs/iteration, RMSProp lr={s['lr']}, "
+            f"N={s['num_real']} real per prompt, E={s['epochs']} epochs/iteration, RMSProp lr={s['lr']} "
+            f"(warm-up {s['warmup_ratio']:g}, linear decay), "
             f"batch {s['batch_size']}, {s['policy']} model, SFT start {s['sft_start_epochs']} epochs"
         )
         out += [
@@ -166,6 +169,7 @@ def plot(result: dict, path: Path) -> None:
             ax.fill_between(xs, lo, hi, color=colors[key], alpha=0.2, linewidth=0)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("self-play iteration")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

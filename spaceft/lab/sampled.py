@@ -6,10 +6,12 @@ the SPACE seed, as in ``spaceft.selfplay``):
 
 1. opponent p_θt ← the current model (its log-probs of every response, detached);
 2. draw K synthetic responses per real pair from p_θt;
-3. E epochs of RMSProp (a fresh optimiser per iteration) on the method's loss over the N·P pairs;
+3. E epochs of RMSProp (a fresh optimiser per iteration, 10% linear warm-up then linear decay, as
+   ``spaceft.train``) on the method's loss over the N·P pairs;
 4. record exact KL(p_data‖p_θ), KL(p̂‖p_θ) to the empirical distribution p̂ of the real responses,
-   TV(p_data, p_θ), the p_θ mass on responses never seen in the real set, the fraction of pairs with
-   y' = y, and the mean real and synthetic rewards of the iteration's pairs under the final θ.
+   TV(p_data, p_θ), the p_θ mass on responses never seen in the real set, KL(p_θt‖p_θ) (how far the
+   iteration moved the model), the fraction of pairs with y' = y, and the mean real and synthetic
+   rewards of the iteration's pairs under the final θ.
 
 SFT is the same loop without synthetic responses (more epochs on the real set). All methods of a seed
 share the real set and the starting model; each draws its synthetic responses from its own generator
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +52,10 @@ class SampledConfig:
     """E, epochs per iteration over the N·P real pairs (the seed's 2)."""
     batch_size: int = 32
     """Pairs per RMSProp step."""
-    lr: float = 0.01
-    """RMSProp learning rate, also for the SFT start."""
+    lr: float = 0.02
+    """Peak RMSProp learning rate, also for the SFT start."""
+    warmup_ratio: float = 0.1
+    """Linear warm-up over this fraction of an iteration's steps, then linear decay to 0 (as the trainer)."""
     sft_start_epochs: int = 2
     """Epochs of SFT on the real set that make the starting model."""
     policy: str = "tabular"
@@ -68,6 +73,8 @@ class SampledConfig:
             raise ValueError(f"sft_start_epochs must be >= 0, got {self.sft_start_epochs}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.policy not in POLICY_KINDS:
             raise ValueError(f"policy must be one of {POLICY_KINDS}, got {self.policy!r}")
 
@@ -82,11 +89,27 @@ def train_epochs(
     epochs: int,
     batch_size: int,
     lr: float,
+    warmup_ratio: float,
     generator: torch.Generator,
 ) -> None:
-    """E epochs of RMSProp on ``method``'s loss over ``pairs`` = (prompt [B], real [B], synthetic [B, K])."""
+    """E epochs of RMSProp on ``method``'s loss over ``pairs`` = (prompt [B], real [B], synthetic [B, K]).
+
+    A fresh optimiser with linear warm-up and linear decay, like one iteration of ``spaceft.train``
+    (and ``transformers``' ``linear`` schedule). A cold RMSProp has no bias correction: its first steps
+    are sign steps of up to ~10·lr whatever the gradient's size; the warm-up (whose first step has
+    learning rate 0 and only primes the second-moment estimate) and the decay soften them.
+    """
     prompt, real, synthetic = pairs
+    total = epochs * math.ceil(prompt.shape[0] / batch_size)
+    warmup = math.ceil(warmup_ratio * total)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
     optimizer = torch.optim.RMSprop(policy.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     for _ in range(epochs):
         order = torch.randperm(prompt.shape[0], generator=generator)
         for start in range(0, len(order), batch_size):
@@ -97,6 +120,7 @@ def train_epochs(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
 
 
 def _record(world: World, logps: Tensor, emp_logps: Tensor, real: Tensor, iteration: int) -> Record:
@@ -109,6 +133,7 @@ def _record(world: World, logps: Tensor, emp_logps: Tensor, real: Tensor, iterat
         "tv": total_variation(world.data_logps, logps).mean().item(),
         "unseen_mass": (logps.exp() * unseen).sum(-1).mean().item(),
         "logp_real": logps[prompts, real].mean().item(),
+        "kl_from_opponent": None,
         "frac_synthetic_equals_real": None,
         "reward_real": None,
         "reward_synthetic": None,
@@ -146,6 +171,7 @@ def run_sampled_seed(
         epochs=config.sft_start_epochs,
         batch_size=config.batch_size,
         lr=config.lr,
+        warmup_ratio=config.warmup_ratio,
         generator=g,
     )
     results: dict[str, list[Record]] = {}
@@ -201,12 +227,15 @@ def _run_method(
             epochs=config.epochs,
             batch_size=config.batch_size,
             lr=config.lr,
+            warmup_ratio=config.warmup_ratio,
             generator=g,
         )
         # step 4: exact metrics of the new model, rewards of this iteration's pairs
         with torch.no_grad():
             logps = world.sequence_logps(policy())
             rec = _record(world, logps, emp, real, t)
+            # how far this iteration moved the model
+            rec["kl_from_opponent"] = kl_divergence(opponent, logps).mean().item()
             if method.loss_type.uses_synthetic:
                 out = method.outputs(logps, opponent, world.lengths, *pairs)
                 rec["frac_synthetic_equals_real"] = (
