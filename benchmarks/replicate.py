@@ -35,7 +35,17 @@ METHODS = {
 def run(name: str, overrides: list[str], out: Path, timings: dict[str, float]) -> Path:
     """`spaceft run demo` with overrides, in a subprocess; returns the run directory."""
     run_dir = out / name
-    cmd = [sys.executable, "-m", "spaceft", "-q", "run", "demo", f"name={name}", f"output_dir={out}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spaceft",
+        "-q",
+        "run",
+        "demo",
+        f"name={name}",
+        f"output_dir={out}",
+        *overrides,
+    ]
     print(f"[replicate] {name}: {' '.join(cmd[3:])}", flush=True)
     tic = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -92,8 +102,13 @@ def plot(groups: dict[str, list[Path]], out: Path, iterations: int) -> None:
                     mu.append(statistics.mean(vals))
                     sd.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             line = ax.plot(xs, mu, "o-", label=label)[0]
-            ax.fill_between(xs, [m - s for m, s in zip(mu, sd, strict=True)],
-                            [m + s for m, s in zip(mu, sd, strict=True)], color=line.get_color(), alpha=0.15)
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(mu, sd, strict=True)],
+                [m + s for m, s in zip(mu, sd, strict=True)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
     axes[0].set(title="held-out exact match", xlabel="self-play iteration (0 = SFT start)", ylabel="accuracy")
     axes[1].set(title="held-out NLL per token", xlabel="self-play iteration (0 = SFT start)", ylabel="NLL")
     axes[0].legend(fontsize=8)
@@ -122,7 +137,9 @@ def main() -> int:
         timings_path.write_text(json.dumps(timings, indent=2))
 
     # step 1: the SFT start, shared by every method
-    start = run("sft-start", [*common, "train.loss=sft", "selfplay.iterations=1", "eval.enabled=false"], out, timings)
+    start = run(
+        "sft-start", [*common, "train.loss=sft", "selfplay.iterations=1", "eval.enabled=false"], out, timings
+    )
     save_timings()
     start_model = f"model.name={start / 'iter_0' / 'model'}"
     # step 2: T self-play iterations of every method, every seed

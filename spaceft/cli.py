@@ -20,7 +20,9 @@ shipped recipes: {recipes}
 
 
 def shipped_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("spaceft.recipes").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[:-5] for p in resources.files("spaceft.recipes").iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def resolve_recipe(name: str) -> Path:
@@ -31,13 +33,17 @@ def resolve_recipe(name: str) -> Path:
     shipped = resources.files("spaceft.recipes") / f"{name.removesuffix('.yaml')}.yaml"
     if shipped.is_file():
         return Path(str(shipped))
-    raise FileNotFoundError(f"recipe {name!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())})")
+    raise FileNotFoundError(
+        f"recipe {name!r} is neither a file nor a shipped recipe ({', '.join(shipped_recipes())})"
+    )
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file or shipped recipe name")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-7")
-    p.add_argument("--force", action="store_true", help="discard finished work that the new config makes stale")
+    p.add_argument(
+        "--force", action="store_true", help="discard finished work that the new config makes stale"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -222,7 +222,9 @@ class SelfPlayConfig:
         if self.iterations < 1:
             raise ValueError("selfplay.iterations must be >= 1")
         if self.mix_previous and not self.resample:
-            raise ValueError("selfplay.mix_previous needs selfplay.resample=true (there is no previous sample)")
+            raise ValueError(
+                "selfplay.mix_previous needs selfplay.resample=true (there is no previous sample)"
+            )
 
 
 @dataclass

@@ -74,7 +74,9 @@ def evaluate(
         outputs: dict[int, str] = {}
         from tqdm.auto import tqdm
 
-        for s in tqdm(range(0, len(order), cfg.batch_size), desc="eval generate", disable=not progress, leave=False):
+        for s in tqdm(
+            range(0, len(order), cfg.batch_size), desc="eval generate", disable=not progress, leave=False
+        ):
             idx = order[s : s + cfg.batch_size]
             comps = gen.generate([tokenized[i].prompt_ids for i in idx], num_samples=1, seed=0)
             for i, c in zip(idx, comps, strict=True):
@@ -101,7 +103,9 @@ def run_lm_eval(model_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     try:
         import lm_eval
     except ImportError as e:
-        raise RuntimeError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'spaceft[eval]'") from e
+        raise RuntimeError(
+            "eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'spaceft[eval]'"
+        ) from e
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={model_dir}",
@@ -111,5 +115,6 @@ def run_lm_eval(model_dir: str, cfg: EvalConfig) -> dict[str, Any]:
     )
     results = out.get("results", {}) if out else {}
     return {
-        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)} for task, metrics in results.items()
+        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        for task, metrics in results.items()
     }

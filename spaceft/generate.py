@@ -127,7 +127,9 @@ class VLLMGenerator:
     (the `spaceft` console script is).
     """
 
-    def __init__(self, model_path: str, cfg: GenerationConfig, *, stop_ids: Sequence[int], dtype: str) -> None:
+    def __init__(
+        self, model_path: str, cfg: GenerationConfig, *, stop_ids: Sequence[int], dtype: str
+    ) -> None:
         try:
             from vllm import LLM
         except ImportError as e:

@@ -105,9 +105,9 @@ def resolve_model_path(spec: str, cache_dir: Path | None = None) -> str:
     return spec
 
 
-def load_tokenizer(path: str, *, revision: str | None = None, trust_remote_code: bool = False) -> (
-    PreTrainedTokenizerBase
-):
+def load_tokenizer(
+    path: str, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         # Padding is always masked out; reusing eos keeps the vocabulary (and embeddings) unchanged.

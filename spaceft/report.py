@@ -103,7 +103,12 @@ def plot(run_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
         if m:
             xs = [offset + r["step"] for r in m]
             ax.plot(xs, [r["rewards/real"] for r in m], color="tab:blue", label="real" if t == 0 else None)
-            ax.plot(xs, [r["rewards/synthetic"] for r in m], color="tab:red", label="synthetic" if t == 0 else None)
+            ax.plot(
+                xs,
+                [r["rewards/synthetic"] for r in m],
+                color="tab:red",
+                label="synthetic" if t == 0 else None,
+            )
             ax.axvline(offset, color="grey", lw=0.5)
             offset = xs[-1]
         t += 1

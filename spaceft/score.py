@@ -47,7 +47,9 @@ class PackedBatch:
     response_mask: Tensor  # [N, L-1] 1 where target token L+1 is a response token
 
     def to(self, device: torch.device) -> PackedBatch:
-        return PackedBatch(self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
+        return PackedBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -75,11 +77,22 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
 
 
 def sequence_logps(model: torch.nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
-    """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    token_logps = selective_log_softmax(logits[:, :-1], batch.input_ids[:, 1:])  # [N, L-1]
+    """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch.
+
+    Only the positions from the first response target on get logits (`logits_to_keep`): the
+    [N, L, V] vocabulary projection is the largest tensor of the step and prompt positions need none.
+    Models whose forward ignores `logits_to_keep` return all positions, which is handled too.
+    """
+    length = batch.input_ids.shape[1]
+    first = int(batch.response_mask.any(0).float().argmax())  # first target position with a response token
+    keep = length - first  # positions first .. L-1 (the last one predicts nothing and is dropped)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep
+    ).logits
+    start = length - logits.shape[1]  # == first if honoured, 0 if the model returned every position
+    token_logps = selective_log_softmax(logits[:, :-1], batch.input_ids[:, start + 1 :])  # [N, L-1-start]
     del logits
-    token_logps = token_logps * batch.response_mask
+    token_logps = token_logps * batch.response_mask[:, start:]
     return token_logps.sum(-1), batch.response_mask.sum(-1)
 
 

@@ -86,9 +86,9 @@ def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
     return str(path)
 
 
-def _load_split(path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None) -> tuple[
-    list[Example], list[TokenizedExample], dict[str, Any]
-]:
+def _load_split(
+    path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None
+) -> tuple[list[Example], list[TokenizedExample], dict[str, Any]]:
     d = cfg.data
     examples, report = data_mod.load_examples(
         path,
@@ -159,7 +159,9 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     """Resolve the model, load and tokenize the data, check and update the manifest."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     start = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(
+        start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
     train_path = _materialise(cfg.data.train, cfg, "train")
     assert train_path is not None
     train_ex, train_tok, train_info = _load_split(
@@ -217,7 +219,9 @@ def run_generate(ws: Workspace, t: int, model: torch.nn.Module | None) -> dict[s
     cfg = ws.cfg
     prompts = [(tok.index, tok.prompt_ids) for tok in ws.train_tok]
     if cfg.generation.backend == "vllm":
-        gen: Any = VLLMGenerator(ws.opponent_path(t), cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype)
+        gen: Any = VLLMGenerator(
+            ws.opponent_path(t), cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype
+        )
     else:
         assert model is not None
         gen = HFGenerator(model, cfg.generation, stop_ids=ws.stop_ids, pad_id=ws.tokenizer.pad_token_id,
@@ -329,7 +333,12 @@ def run(
             return False
         return not m.is_done(t, stage)
 
-    if cfg.eval.enabled and ws.eval_tok and wanted("eval", "base") and (only_stage is None or only_iteration == -1):
+    if (
+        cfg.eval.enabled
+        and ws.eval_tok
+        and wanted("eval", "base")
+        and (only_stage is None or only_iteration == -1)
+    ):
         log.info("evaluating the start model")
         m.mark_done("base", "eval", **run_eval(ws, "base", ws.start_model))
     for t in iterations:

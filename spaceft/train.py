@@ -18,13 +18,13 @@ exactly the remaining steps and ends bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 import logging
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,7 +178,9 @@ def train_iteration(
     # step 1: set up
     accelerator = Accelerator(
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
-        project_config=ProjectConfiguration(project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "logs")),
+        project_config=ProjectConfiguration(
+            project_dir=str(cfg.run_dir), logging_dir=str(cfg.run_dir / "logs")
+        ),
     )
     if cfg.logging.report_to != "none":
         accelerator.init_trackers(f"{cfg.name}-iter{iteration}", config=_flat(cfg.to_dict()))
@@ -191,7 +193,10 @@ def train_iteration(
     lr = t.lr_for(iteration)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, lr)
     scheduler = get_scheduler(
-        "linear", optimizer, num_warmup_steps=math.ceil(t.warmup_ratio * len(steps)), num_training_steps=len(steps)
+        "linear",
+        optimizer,
+        num_warmup_steps=math.ceil(t.warmup_ratio * len(steps)),
+        num_training_steps=len(steps),
     )
     # The scheduler is NOT prepared: Accelerate's wrapper steps it once per process per call (it
     # assumes per-process step counts), while `steps` already counts global optimizer steps.
@@ -236,7 +241,9 @@ def train_iteration(
                 accelerator.backward(res.losses.sum() * scale)
             sums += _batch_stats(res, out)
         # step 4: update and log
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        grad_norm = (
+            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
+        )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -244,7 +251,9 @@ def train_iteration(
         elapsed = time.perf_counter() - tic
         last = _metrics(sums, grad_norm, scheduler.get_last_lr()[0], elapsed)
         last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
-        if accelerator.is_main_process and ((step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)):
+        if accelerator.is_main_process and (
+            (step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)
+        ):
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(last) + "\n")
             accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)

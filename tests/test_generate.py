@@ -47,13 +47,15 @@ def test_greedy_is_argmax_and_ignores_padding(model, tiny_tokenizer) -> None:
     gen = _gen(model, tiny_tokenizer, temperature=0.0, max_new_tokens=5)
     prompt = [40, 41, 42, 43]
     alone = gen.generate([prompt], num_samples=1, seed=0)[0][0]
-    padded = gen.generate([prompt, [7] * 9], num_samples=1, seed=123)[0][0]  # left-padded next to a longer one
+    padded = gen.generate([prompt, [7] * 9], num_samples=1, seed=123)[0][
+        0
+    ]  # left-padded next to a longer one
     assert alone == padded
     ids = list(prompt)
     with torch.no_grad():
         for _ in range(len(alone.response_ids)):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert tuple(ids[len(prompt):]) == alone.response_ids
+    assert tuple(ids[len(prompt) :]) == alone.response_ids
 
 
 def test_stage_resumes_and_overwrites(model, tiny_tokenizer, tmp_path: Path, monkeypatch) -> None:
@@ -71,7 +73,9 @@ def test_stage_resumes_and_overwrites(model, tiny_tokenizer, tmp_path: Path, mon
     monkeypatch.delenv("SPACEFT_FAULT")
     run(out)
     rows = read_table(out)
-    assert sorted((r["prompt_index"], r["sample"]) for r in rows) == [(i, j) for i in range(10) for j in range(2)]
+    assert sorted((r["prompt_index"], r["sample"]) for r in rows) == [
+        (i, j) for i in range(10) for j in range(2)
+    ]
     assert rows == read_table(ref)  # a resumed stage equals an uninterrupted one
     run(out)  # re-running overwrites, never appends
     assert len(read_table(out)) == 20

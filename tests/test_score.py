@@ -68,3 +68,25 @@ def test_score_stage_resumes_without_duplicates(tiny_model_dir: Path, tmp_path: 
     score_stage(model, items, out, **kwargs)
     assert read_table(out) == read_table(full)
     assert sorted(r["prompt_index"] for r in read_table(out)) == list(range(40))
+
+
+def test_logits_to_keep_path_equals_the_full_projection(tiny_model_dir: Path) -> None:
+    """Long prompts: only response positions are projected; the sums equal the all-positions ones."""
+    from spaceft.config import ModelConfig
+    from spaceft.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    batch = pack([list(range(30, 42)), list(range(50, 59))], [[60, 61, 62], [70, 71, 72, 73, 74]], pad_id=0)
+    fast, _ = sequence_logps(model, batch)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    full = selective_log_softmax(logits[:, :-1], batch.input_ids[:, 1:]) * batch.response_mask
+    torch.testing.assert_close(fast.detach(), full.sum(-1), rtol=1e-5, atol=1e-5)
+
+    class NoKeep(torch.nn.Module):  # a model whose forward ignores logits_to_keep
+        def forward(self, **kw):
+            kw.pop("logits_to_keep")
+            return model(**kw)
+
+    ignored, _ = sequence_logps(NoKeep(), batch)
+    torch.testing.assert_close(ignored.detach(), full.sum(-1), rtol=1e-5, atol=1e-5)

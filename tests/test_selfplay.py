@@ -87,7 +87,9 @@ def test_resume_after_a_crash_is_bit_identical(
         assert read_table(run_dir / f"iter_{t}" / "synthetic.parquet") == read_table(
             reference / f"iter_{t}" / "synthetic.parquet"
         )
-        steps = [json.loads(x)["step"] for x in (run_dir / f"iter_{t}" / "metrics.jsonl").read_text().splitlines()]
+        steps = [
+            json.loads(x)["step"] for x in (run_dir / f"iter_{t}" / "metrics.jsonl").read_text().splitlines()
+        ]
         assert steps == [1, 2, 3, 4]  # a resumed epoch logs no step twice
 
 
@@ -109,7 +111,9 @@ def test_stale_config_is_refused_unless_forced(
 
 def test_sft_skips_generation_and_scoring(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
     caplog.set_level(logging.INFO)
-    assert _run(tmp_path, tiny_model_dir, **{"train.loss": "sft", "selfplay.iterations": 1, "name": "sft"}) == 0
+    assert (
+        _run(tmp_path, tiny_model_dir, **{"train.loss": "sft", "selfplay.iterations": 1, "name": "sft"}) == 0
+    )
     d = tmp_path / "runs" / "sft" / "iter_0"
     assert (d / "model" / "model.safetensors").exists()
     assert not (d / "synthetic.parquet").exists() and not (d / "opponent_logps.parquet").exists()

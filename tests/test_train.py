@@ -30,7 +30,10 @@ def _items(model, n: int = 8, k: int = 2) -> list[TrainItem]:
                                device=CPU, progress=False)  # fmt: skip
     opp_syn = score_sequences(model, [p for p, _, s in raw for _ in s], [y for _, _, s in raw for y in s],
                               pad_id=0, batch_size=5, device=CPU, progress=False)  # fmt: skip
-    return [TrainItem(p, r, s, opp_real[i], tuple(opp_syn[i * k : (i + 1) * k])) for i, (p, r, s) in enumerate(raw)]
+    return [
+        TrainItem(p, r, s, opp_real[i], tuple(opp_syn[i * k : (i + 1) * k]))
+        for i, (p, r, s) in enumerate(raw)
+    ]
 
 
 def _cfg(tmp: Path, **train) -> object:
@@ -96,7 +99,9 @@ def test_training_loss_falls(tiny_model_dir: Path, tmp_path: Path, loss: str) ->
     assert not (tmp_path / "it" / "train_state").exists()
 
 
-def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_non_finite_loss_stops_with_a_clear_message(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = _items(model)
 
