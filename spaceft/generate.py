@@ -48,17 +48,38 @@ def derive_seed(*parts: int) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def cut_at_stop(ids: Sequence[int], stop_ids: set[int], pad_id: int | None) -> Completion:
-    """Keep tokens up to and including the first stop token; drop what follows (padding)."""
+def cut_at_stop(ids: Sequence[int], stop_ids: set[int]) -> Completion:
+    """Keep tokens up to and including the first stop token; what follows is padding.
+
+    A sequence without a stop token ran to max_new_tokens and is kept whole: HF pads only finished
+    sequences, so every token of an unfinished one was sampled (even if it equals the pad id).
+    """
     out: list[int] = []
     for tok in ids:
         out.append(int(tok))
         if tok in stop_ids:
             return Completion(tuple(out), hit_cap=False)
-    if pad_id is not None and pad_id not in stop_ids:
-        while out and out[-1] == pad_id:
-            out.pop()
     return Completion(tuple(out), hit_cap=True)
+
+
+# Decoding settings that a model's generation_config may carry and that would make samples differ
+# from p_θt(·|x) (the objective assumes plain ancestral sampling); generate() is given them neutral.
+NEUTRAL_DECODING: dict[str, Any] = {
+    "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_p": None,
+    "typical_p": 1.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "bad_words_ids": None,
+    "min_new_tokens": None,
+    "min_length": 0,
+    "length_penalty": 1.0,
+    "num_beams": 1,
+}
 
 
 class HFGenerator:
@@ -100,6 +121,7 @@ class HFGenerator:
             "num_return_sequences": num_samples,
             "eos_token_id": sorted(self.stop_ids),
             "pad_token_id": self.pad_id,
+            **NEUTRAL_DECODING,
         }
         if not greedy:
             kwargs.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k)
@@ -116,7 +138,7 @@ class HFGenerator:
         result: list[list[Completion]] = []
         for i in range(len(prompts)):
             rows = new_tokens[i * num_samples : (i + 1) * num_samples]
-            result.append([cut_at_stop(r, self.stop_ids, self.pad_id) for r in rows])
+            result.append([cut_at_stop(r, self.stop_ids) for r in rows])
         return result
 
 

@@ -41,8 +41,9 @@ TEST_FRACTION = 0.2
 TWO_STEP_FRACTION = 0.4
 """Share of problems that need two operations (the rest need one)."""
 
-STARTING_ACCURACY = 0.0
-"""Base SmolLM2-135M-Instruct accuracy on 50 held-out problems (seed 0); see the module docstring."""
+STARTING_ACCURACY = 0.12
+"""Base SmolLM2-135M-Instruct held-out accuracy, measured as the module docstring says: 25/200 (seed 1);
+8/50 on seed 0. With 128 new tokens instead of 64 it is no better (6/50 on seed 0)."""
 
 _NAMES = (
     ("Tom", "he"),

@@ -244,12 +244,13 @@ def train_iteration(
         grad_norm = (
             accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
         )
+        step_lr = scheduler.get_last_lr()[0]  # the rate this step used (before the schedule advances)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         sums = accelerator.reduce(sums, "sum")
         elapsed = time.perf_counter() - tic
-        last = _metrics(sums, grad_norm, scheduler.get_last_lr()[0], elapsed)
+        last = _metrics(sums, grad_norm, step_lr, elapsed)
         last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
         if accelerator.is_main_process and (
             (step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)

@@ -16,10 +16,11 @@ CPU = torch.device("cpu")
 
 
 def test_cut_at_stop() -> None:
-    assert cut_at_stop([5, 6, 9, 0, 0], {9}, pad_id=0).response_ids == (5, 6, 9)
-    capped = cut_at_stop([5, 6, 7], {9}, pad_id=0)
+    assert cut_at_stop([5, 6, 9, 0, 0], {9}).response_ids == (5, 6, 9)
+    capped = cut_at_stop([5, 6, 7], {9})
     assert capped.hit_cap and capped.response_ids == (5, 6, 7)
-    assert cut_at_stop([5, 0, 0], {9}, pad_id=0) == cut_at_stop([5], {9}, pad_id=0)
+    # an unfinished sample keeps every sampled token, even ones equal to the pad id
+    assert cut_at_stop([5, 0, 0], {9}).response_ids == (5, 0, 0)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,19 @@ def test_sampling_is_seeded_and_gives_k_samples(model, tiny_tokenizer) -> None:
     assert a == b and a != c
     assert [len(x) for x in a] == [3, 3]
     assert all(1 <= len(s.response_ids) <= 10 for x in a for s in x)
+
+
+def test_model_generation_config_does_not_change_sampling(model, tiny_tokenizer) -> None:
+    """A repetition penalty shipped in generation_config must not alter samples from p_θt."""
+    gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=8)
+    before = gen.generate([[40, 41, 42]], num_samples=2, seed=3)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.no_repeat_ngram_size = 1
+    try:
+        assert gen.generate([[40, 41, 42]], num_samples=2, seed=3) == before
+    finally:
+        model.generation_config.repetition_penalty = 1.0
+        model.generation_config.no_repeat_ngram_size = 0
 
 
 def test_greedy_is_argmax_and_ignores_padding(model, tiny_tokenizer) -> None:
