@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings, no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("run", help="run or resume all self-play iterations of a recipe")
     _add_run_args(p)
@@ -96,15 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        from spaceft.selfplay import StaleRunError
+        from spaceft.rundir import InjectedFault
 
-        if isinstance(e, ValueError | FileNotFoundError | StaleRunError) or type(e).__name__ in (
-            "DataError",
-            "NonFiniteLossError",
-        ):
-            print(f"spaceft: error: {e}", file=sys.stderr)
-            return 2
-        raise
+        if args.debug or isinstance(e, InjectedFault):
+            raise
+        print(f"spaceft: error: {e}\n(run with --debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -137,11 +135,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in ("run", "demo"):
         ws = selfplay.run(cfg, force=args.force)
-        from spaceft.report import write_report
+        from accelerate import PartialState
 
-        table, paths = write_report(ws.cfg.run_dir)
-        print(f"\n{table}\n")
-        print("\n".join(f"wrote {p}" for p in paths))
+        from spaceft.report import collect, markdown_table
+
+        if PartialState().is_main_process:
+            run_dir = ws.cfg.run_dir
+            print(f"\n{markdown_table(collect(run_dir))}\n")
+            print("\n".join(f"wrote {run_dir / n}" for n in ("report.md", "rewards.png", "eval.png")
+                            if (run_dir / n).exists()))  # fmt: skip
         return 0
     selfplay.run(cfg, force=args.force, only_stage=args.command, only_iteration=args.iteration)
     return 0

@@ -195,6 +195,10 @@ class TrainConfig:
             raise ValueError("train.warmup_ratio must be in [0, 1)")
         if self.epochs < 1 or self.global_batch_size < 1 or self.micro_batch_size < 1:
             raise ValueError("train.epochs, train.global_batch_size and train.micro_batch_size must be >= 1")
+        if self.tau <= 0 or self.gamma < 0:
+            raise ValueError("train.tau must be > 0 and train.gamma >= 0")
+        if self.save_every < 0 or self.max_grad_norm < 0:
+            raise ValueError("train.save_every and train.max_grad_norm must be >= 0 (0 disables)")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -257,6 +261,8 @@ class LoggingConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise ValueError("logging.log_every must be >= 1")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ValueError("logging.report_to must be none, tensorboard or wandb")
 
@@ -300,10 +306,17 @@ class RunConfig:
         for key in ("name", "output_dir", "eval", "logging"):
             d.pop(key)
         d["selfplay"].pop("iterations")
+        for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
+            d["data"].pop(key)
         return _hash(d)
 
     def eval_fingerprint(self) -> str:
-        return _hash({"eval": self.to_dict()["eval"], "train": self.training_fingerprint()})
+        d = self.to_dict()
+        held_out = {key: d["data"][key] for key in EVAL_DATA_KEYS}
+        return _hash({"eval": d["eval"], "data": held_out, "train": self.training_fingerprint()})
+
+
+EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
 
 
 def _to_plain(obj: Any) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 
 from spaceft import data as data_mod
 from spaceft.config import RunConfig
@@ -57,11 +58,15 @@ class Workspace:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return PartialState().device  # this process's device (cuda:LOCAL_RANK under accelerate launch)
 
     @property
     def stop_ids(self) -> list[int]:
-        return [data_mod.end_of_turn_id(self.tokenizer)]
+        """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
+        ids = {data_mod.end_of_turn_id(self.tokenizer)}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
 
     def iter_dir(self, t: int) -> Path:
         return self.cfg.run_dir / f"iter_{t}"
@@ -128,7 +133,12 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: bool) -> None:
     """Refuse to mix finished work from another config (or data) with this one, unless forced."""
     old = manifest.data.get("fingerprint")
-    if old is None or not manifest.data["iterations"]:
+    if old is None:
+        return
+    if not manifest.data["iterations"]:
+        if old != cfg.training_fingerprint():  # nothing finished: drop partial parts of the old config
+            for child in cfg.run_dir.glob("iter_*"):
+                shutil.rmtree(child)
         return
     stale_train = old != cfg.training_fingerprint() or manifest.data.get("data_hash") != data_hash
     stale_eval = manifest.data.get("eval_fingerprint") != cfg.eval_fingerprint()
@@ -157,12 +167,15 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
 
 def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     """Resolve the model, load and tokenize the data, check and update the manifest."""
+    state = PartialState()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    start = resolve_model_path(cfg.model.name)
+    with state.main_process_first():  # one process converts the default model / writes the task data
+        start = resolve_model_path(cfg.model.name)
+        train_path = _materialise(cfg.data.train, cfg, "train")
+        eval_path = _materialise(cfg.data.eval, cfg, "test")
     tokenizer = load_tokenizer(
         start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
     )
-    train_path = _materialise(cfg.data.train, cfg, "train")
     assert train_path is not None
     train_ex, train_tok, train_info = _load_split(
         train_path, cfg, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
@@ -170,13 +183,15 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     eval_ex: list[Example] = []
     eval_tok: list[TokenizedExample] = []
     eval_info: dict[str, Any] | None = None
-    eval_path = _materialise(cfg.data.eval, cfg, "test")
     if eval_path:
         eval_ex, eval_tok, eval_info = _load_split(
             eval_path, cfg, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
         )
     data_hash = file_hash(Path(train_path)) if Path(train_path).exists() else train_path
     manifest = Manifest.open(cfg.run_dir)
+    state.wait_for_everyone()
+    if not state.is_main_process:  # only the main process writes the manifest and deletes stale work
+        return Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
     _check_resume(manifest, cfg, data_hash, force)
     manifest.data.update(
         config=cfg.to_dict(),
@@ -184,7 +199,8 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
         eval_fingerprint=cfg.eval_fingerprint(),
         data_hash=data_hash,
         start_model=start,
-        versions=library_versions(),
+        versions={**manifest.data.get("versions", {}), **library_versions()},
+        effective_beta=cfg.train.beta if cfg.train.beta is not None else cfg.train.loss.default_beta,
         data={"train": train_info, "eval": eval_info},
     )
     manifest.save()
@@ -271,18 +287,29 @@ def train_items(ws: Workspace, t: int) -> list[TrainItem]:
                     tok.prompt_ids,
                     tok.response_ids,
                     tuple(samples),
-                    opp.get(("real", tok.index, 0, -1), 0.0),
-                    tuple(opp.get(("synthetic", tok.index, j, src), 0.0) for j in range(len(samples))),
+                    _opp(opp, ("real", tok.index, 0, -1), loss.needs_opponent),
+                    tuple(
+                        _opp(opp, ("synthetic", tok.index, j, src), loss.needs_opponent)
+                        for j in range(len(samples))
+                    ),
                 )
             )
     return items
+
+
+def _opp(opp: dict[tuple[str, int, int, int], float], key: tuple[str, int, int, int], needed: bool) -> float:
+    if not needed:
+        return 0.0
+    if key not in opp:
+        raise RuntimeError(f"opponent_logps.parquet has no score for {key}: re-run `spaceft score` for it")
+    return opp[key]
 
 
 def run_train(ws: Workspace, t: int, model: torch.nn.Module) -> dict[str, Any]:
     info = train_iteration(
         model, ws.tokenizer, train_items(ws, t), ws.cfg, iteration=t, iter_dir=ws.iter_dir(t)
     )
-    return {**info, "hash": file_hash(ws.iter_dir(t) / "model" / "model.safetensors")}
+    return {**info, "hash": file_hash(ws.iter_dir(t) / "model")}
 
 
 def run_eval(ws: Workspace, key: str, model_dir: str) -> dict[str, Any]:
@@ -312,62 +339,132 @@ def run(
     only_stage: str | None = None,
     only_iteration: int | None = None,
 ) -> Workspace:
-    """Run (or resume) all iterations; with `only_stage`, re-run that one stage of one iteration."""
+    """Run (or resume) all iterations; with `only_stage`, re-run that one stage of one iteration
+    (which also invalidates everything built on it: its later stages and all later iterations).
+
+    Under `accelerate launch` every process trains; generation, scoring and evaluation run on the main
+    process while the others wait (the vLLM backend already uses every GPU it is given).
+    """
     ws = prepare(cfg, force=force)
+    state = PartialState()
+    main = state.is_main_process
     m = ws.manifest
-    loss = cfg.train.loss
-    log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, loss,
+    log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, cfg.train.loss,
              cfg.selfplay.iterations, len(ws.train_tok), len(ws.eval_tok))  # fmt: skip
     if only_stage is not None:
         t = only_iteration if only_iteration is not None else 0
-        if only_stage == "eval" and t < 0:
-            m.clear("base", "eval")
-        else:
-            m.clear(t, only_stage)
+        if main:
+            if t < 0:
+                m.clear("base", "eval")
+            else:
+                _invalidate_from(m, t, only_stage)
         iterations = [t] if t >= 0 else []
     else:
         iterations = list(range(cfg.selfplay.iterations))
+    if main:
+        for t in iterations:
+            if _applies("score", ws, t) and _score_is_stale(ws, t):
+                _invalidate_from(m, t, "score")
+
+    def sync() -> None:
+        """Barrier; then the other processes re-read what the main process recorded."""
+        state.wait_for_everyone()
+        if not main:
+            m.data = Manifest.open(cfg.run_dir).data
+
+    sync()
 
     def wanted(stage: str, t: int | str) -> bool:
         if only_stage is not None and stage != only_stage:
             return False
         return not m.is_done(t, stage)
 
-    if (
-        cfg.eval.enabled
-        and ws.eval_tok
-        and wanted("eval", "base")
-        and (only_stage is None or only_iteration == -1)
-    ):
+    def on_main(stage: str, t: int | str, work: Any) -> None:
+        """Run `work` (called at once, so closing over the loop variable is safe) on the main process."""
+        if main:
+            m.mark_done(t, stage, **work())
+        sync()
+
+    if cfg.eval.enabled and ws.eval_tok and wanted("eval", "base") and only_iteration in (None, -1):
         log.info("evaluating the start model")
-        m.mark_done("base", "eval", **run_eval(ws, "base", ws.start_model))
+        on_main("eval", "base", lambda: run_eval(ws, "base", ws.start_model))
     for t in iterations:
-        if only_stage is None and all(
-            m.is_done(t, s) or not _applies(s, ws, t) for s in ("generate", "score", "train", "eval")
-        ):
+        if only_stage is None and all(m.is_done(t, s) or not _applies(s, ws, t) for s in STAGES):
             continue
         for prev in range(t):
             if not m.is_done(prev, "train"):
-                raise RuntimeError(f"iteration {t} needs iteration {prev}'s model: run it first")
+                raise RuntimeError(f"iteration {t} needs iteration {prev}'s model: run `spaceft run` first")
         model: torch.nn.Module | None = None
+
+        def opponent(t: int = t) -> torch.nn.Module:
+            """The opponent θt, loaded once per iteration and trained in place into the main player."""
+            nonlocal model
+            model = model or _load(ws, ws.opponent_path(t))
+            return model
+
         if wanted("generate", t) and _applies("generate", ws, t):
-            if cfg.generation.backend == "hf":
-                model = _load(ws, ws.opponent_path(t))
-            m.mark_done(t, "generate", **run_generate(ws, t, model))
+            on_main(
+                "generate",
+                t,
+                lambda t=t: run_generate(ws, t, opponent() if cfg.generation.backend == "hf" else None),
+            )
         if wanted("score", t) and _applies("score", ws, t):
-            model = model or _load(ws, ws.opponent_path(t))
-            m.mark_done(t, "score", **run_score(ws, t, model))
+            _require(m, t, "score", [(src, "generate") for src in _sources(ws, t)])
+            on_main(
+                "score", t, lambda t=t: {**run_score(ws, t, opponent()), "inputs": _synthetic_hashes(ws, t)}
+            )
         if wanted("train", t):
-            model = model or _load(ws, ws.opponent_path(t))
-            m.mark_done(t, "train", **run_train(ws, t, model))
-        del model
+            if _applies("score", ws, t):
+                _require(m, t, "train", [(t, "score")])
+            elif _applies("generate", ws, t) or cfg.train.loss.uses_synthetic:
+                _require(m, t, "train", [(src, "generate") for src in _sources(ws, t)])
+            info = run_train(ws, t, opponent())
+            if main:
+                m.mark_done(t, "train", **info)
+            sync()
+        model = None
         if wanted("eval", t) and _applies("eval", ws, t):
-            m.mark_done(t, "eval", **run_eval(ws, f"iter_{t}", str(ws.iter_dir(t) / "model")))
-    if only_stage is None:
+            _require(m, t, "eval", [(t, "train")])
+            on_main("eval", t, lambda t=t: run_eval(ws, f"iter_{t}", str(ws.iter_dir(t) / "model")))
+    if only_stage is None and main:
         from spaceft.report import write_report
 
         write_report(cfg.run_dir)
     return ws
+
+
+STAGES = ("generate", "score", "train", "eval")
+
+
+def _invalidate_from(m: Manifest, t: int, stage: str) -> None:
+    """Forget `stage` of iteration t and everything computed from it."""
+    for s in STAGES[STAGES.index(stage) :]:
+        m.clear(t, s)
+    later = [k for k in m.data["iterations"] if k.isdigit() and int(k) > t]
+    if later:
+        log.warning("re-running %s of iteration %d invalidates iteration(s) %s", stage, t, ", ".join(later))
+    for k in later:
+        m.data["iterations"].pop(k)
+    m.save()
+
+
+def _require(m: Manifest, t: int, stage: str, needs: list[tuple[int, str]]) -> None:
+    missing = [f"{s} of iteration {i}" for i, s in needs if not m.is_done(i, s)]
+    if missing:
+        raise RuntimeError(f"{stage} of iteration {t} needs {', '.join(missing)}: run `spaceft run` first")
+
+
+def _synthetic_hashes(ws: Workspace, t: int) -> dict[str, str]:
+    return {str(src): (ws.manifest.stage(src, "generate") or {}).get("hash", "") for src in _sources(ws, t)}
+
+
+def _score_is_stale(ws: Workspace, t: int) -> bool:
+    """Scores made for other synthetic samples (e.g. after `spaceft generate -t T`) are recomputed."""
+    entry = ws.manifest.stage(t, "score")
+    if entry is None or entry.get("inputs") == _synthetic_hashes(ws, t):
+        return False
+    log.warning("iteration %d: synthetic samples changed since scoring; re-scoring", t)
+    return True
 
 
 def _applies(stage: str, ws: Workspace, t: int) -> bool:

@@ -112,13 +112,22 @@ def epoch_order(n: int, *, seed: int, iteration: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def step_slices(n: int, cfg: RunConfig, iteration: int) -> list[list[int]]:
-    """Item indices of every optimizer step of the iteration, all epochs, in order."""
+def step_slices(n: int, cfg: RunConfig, iteration: int, world: int = 1) -> list[list[int]]:
+    """Item indices of every optimizer step of the iteration, all epochs, in order.
+
+    With several processes every step is cut to a multiple of `world` prompts, so each rank runs the
+    same number of micro-batches (an idle rank would deadlock DDP's all-reduce or FSDP's gathers);
+    the few prompts cut from an epoch's last step differ from epoch to epoch.
+    """
     gbs = min(cfg.train.global_batch_size, n)
     steps = []
     for epoch in range(cfg.train.epochs):
         order = epoch_order(n, seed=cfg.train.seed, iteration=iteration, epoch=epoch)
-        steps.extend(order[i : i + gbs] for i in range(0, n, gbs))
+        for i in range(0, n, gbs):
+            chunk = order[i : i + gbs]
+            chunk = chunk[: len(chunk) - len(chunk) % world]
+            if chunk:
+                steps.append(chunk)
     return steps
 
 
@@ -139,6 +148,8 @@ def _save_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps({"step": step}))
         old = state_dir.with_name(state_dir.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)  # left by a crash between the two renames of an earlier save
         if state_dir.exists():
             os.replace(state_dir, old)
         os.replace(tmp, state_dir)
@@ -189,7 +200,21 @@ def train_iteration(
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    steps = step_slices(len(items), cfg, iteration)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    steps = step_slices(len(items), cfg, iteration, world)
+    if not steps:
+        raise ValueError(f"{len(items)} training prompts cannot be split across {world} processes")
+    n_micro = math.ceil(len(steps[0]) / world / t.micro_batch_size)  # micro-batches per rank per step
+    ds = accelerator.state.deepspeed_plugin
+    if ds is not None:
+        # DeepSpeed needs concrete sizes without a prepared dataloader; its backward divides the
+        # loss by gradient_accumulation_steps, which the loop undoes (it normalises by prompts itself)
+        ds.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=t.micro_batch_size,
+            gradient_accumulation_steps=n_micro,
+            train_batch_size=t.micro_batch_size * n_micro * world,
+            gradient_clipping=t.max_grad_norm,
+        )
     lr = t.lr_for(iteration)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, lr)
     scheduler = get_scheduler(
@@ -202,7 +227,6 @@ def train_iteration(
     # assumes per-process step counts), while `steps` already counts global optimizer steps.
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    world, rank = accelerator.num_processes, accelerator.process_index
     pad_id = tokenizer.pad_token_id
     # step 2: resume
     start = 0
@@ -225,25 +249,28 @@ def train_iteration(
         step_items = [items[i] for i in steps[step]]
         mine = step_items[rank::world]
         micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        scale = world / len(step_items)
+        scale = world / len(step_items) * (n_micro if ds is not None else 1)
         sums = torch.zeros(8, device=accelerator.device)
         tic = time.perf_counter()
         for m, mb in enumerate(micro):
             sync = m == len(micro) - 1
+            accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
             with nullcontext() if sync else accelerator.no_sync(model):
                 out = forward_batch(model, mb, pad_id, accelerator.device)
-                res = loss_from_batch(out, cfg)
-                if not torch.isfinite(res.losses).all():
-                    raise NonFiniteLossError(
-                        f"non-finite loss at iteration {iteration}, step {step + 1}: lower train.lr or use "
-                        f"float32; the last good training state is in {state_dir}"
-                    )
+                try:
+                    res = loss_from_batch(out, cfg)
+                    finite = bool(torch.isfinite(res.losses).all())
+                except ValueError as e:  # the losses reject non-finite log-probs
+                    if "non-finite" not in str(e):
+                        raise
+                    finite = False
+                _stop_if(not finite, accelerator, "loss", iteration, step, state_dir)
                 accelerator.backward(res.losses.sum() * scale)
             sums += _batch_stats(res, out)
-        # step 4: update and log
-        grad_norm = (
-            accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm > 0 else None
-        )
+        # step 4: update (unless a gradient is not finite: the weights and saved state stay good) and log
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+        _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",
+                 iteration, step, state_dir)  # fmt: skip
         step_lr = scheduler.get_last_lr()[0]  # the rate this step used (before the schedule advances)
         optimizer.step()
         scheduler.step()
@@ -276,8 +303,22 @@ def train_iteration(
         if state_dir.exists():
             shutil.rmtree(state_dir)
         write_json(iter_dir / "train_summary.json", {"steps": len(steps), "lr": lr, **last})
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # no rank reads the model before it is written
+    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
+        tracker.finish()
     return {"steps": len(steps), **last}
+
+
+def _stop_if(
+    bad: bool, accelerator: Accelerator, what: str, iteration: int, step: int, state_dir: Path
+) -> None:
+    """Raise NonFiniteLossError on every rank if any rank saw a non-finite value (no rank hangs)."""
+    flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum")
+    if float(flag.item()) > 0:
+        raise NonFiniteLossError(
+            f"non-finite {what} at iteration {iteration}, step {step + 1}: lower train.lr, or train in "
+            f"float32; the weights were not updated and the last good training state is in {state_dir}"
+        )
 
 
 def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:

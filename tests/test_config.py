@@ -52,6 +52,9 @@ def test_recipe_plus_overrides(tmp_path: Path) -> None:
         (["generation.temperature=0", "generation.num_samples=2"], "greedy"),
         (["data.overlong=cut"], "data.overlong"),
         (["logging.report_to=mlflow"], "logging.report_to"),
+        (["logging.log_every=0"], "logging.log_every"),
+        (["train.tau=0"], "train.tau"),
+        (["train.save_every=-1"], "train.save_every"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
@@ -72,6 +75,9 @@ def test_fingerprint_tracks_results_not_iterations() -> None:
     assert a.training_fingerprint() == b.training_fingerprint()
     assert a.eval_fingerprint() != b.eval_fingerprint()
     assert a.training_fingerprint() != c.training_fingerprint()
+    d = config_from_dict({"data": {"train": "x.jsonl", "eval": "held_out.jsonl", "eval_size": 10}})
+    assert a.training_fingerprint() == d.training_fingerprint()  # a new held-out set re-runs evals only
+    assert a.eval_fingerprint() != d.eval_fingerprint()
 
 
 def test_resolved_config_round_trips() -> None:

@@ -126,3 +126,18 @@ def test_report_command(reference: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "| iter | held-out acc | held-out NLL |" in out
     assert "| base |" in out and "| 1 |" in out
     assert main(["report", str(reference / "nope")]) == 2
+
+
+def test_rerunning_a_stage_invalidates_what_was_built_on_it(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    over = {"selfplay.iterations": 2, "eval.enabled": False}
+    assert _run(tmp_path, tiny_model_dir, **over) == 0
+    manifest = tmp_path / "runs" / RUN / "manifest.json"
+    assert set(read_json(manifest)["iterations"]) == {"0", "1"}
+    assert _run(tmp_path, tiny_model_dir, "--iteration", "0", command="generate", **over) == 0
+    its = read_json(manifest)["iterations"]
+    assert set(its) == {"0"} and set(its["0"]) == {"generate"}  # score, train and iteration 1 are stale
+    capsys.readouterr()
+    assert _run(tmp_path, tiny_model_dir, "--iteration", "0", command="train", **over) == 2
+    assert "train of iteration 0 needs score of iteration 0" in capsys.readouterr().err

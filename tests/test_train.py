@@ -113,3 +113,22 @@ def test_non_finite_loss_stops_with_a_clear_message(
     with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 0, step 1"):
         train_iteration(model, _Tok(), items, _cfg(tmp_path), iteration=0, iter_dir=tmp_path / "it")
     assert not (tmp_path / "it" / "model").exists()
+
+
+def test_nan_weights_stop_through_the_real_loss_path(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """NaN log-probs are rejected by the losses' own validation and reported as a training stop."""
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at iteration 0, step 1"):
+        train_iteration(model, _Tok(), items, _cfg(tmp_path), iteration=0, iter_dir=tmp_path / "it")
+
+
+def test_steps_are_cut_to_a_multiple_of_the_world_size(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, global_batch_size=4, micro_batch_size=2, epochs=2)
+    one = train_mod.step_slices(10, cfg, 0, world=1)
+    assert [len(s) for s in one] == [4, 4, 2, 4, 4, 2]
+    three = train_mod.step_slices(10, cfg, 0, world=3)
+    assert [len(s) for s in three] == [3, 3, 3, 3]  # every rank gets the same number of prompts
+    assert sorted(i for s in one[:3] for i in s) == list(range(10))  # one epoch covers every prompt once
