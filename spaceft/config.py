@@ -240,15 +240,19 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per generate / forward call during evaluation."""
     task_metric: str = "auto"
-    """auto (exact match when held-out rows carry an 'answer') | exact_match | none."""
+    """auto (exact match when held-out rows carry an 'answer') | exact_match | none |
+    'package.module:function', a callable (output_text, Example) -> bool."""
     lm_eval_tasks: list[str] = field(default_factory=list)
     """lm-evaluation-harness task names run on each saved model (pip install 'spaceft[eval]')."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
 
     def __post_init__(self) -> None:
-        if self.task_metric not in ("auto", "exact_match", "none"):
-            raise ValueError("eval.task_metric must be auto, exact_match or none")
+        if self.task_metric not in ("auto", "exact_match", "none") and ":" not in self.task_metric:
+            raise ValueError(
+                "eval.task_metric must be auto, exact_match, none or 'package.module:function' "
+                "(a callable (output_text, example) -> bool)"
+            )
 
 
 @dataclass

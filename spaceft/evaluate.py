@@ -10,9 +10,10 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,31 @@ log = logging.getLogger(__name__)
 
 def reference_answer(example: Example) -> str | None:
     return example.answer if example.answer is not None else parse_answer(example.response)
+
+
+Metric = Callable[[str, Example], bool]
+
+
+def answer_exact_match(output: str, example: Example) -> bool:
+    """The default task metric: the parsed final answer equals the reference answer."""
+    pred, ref = parse_answer(output), reference_answer(example)
+    return pred is not None and ref is not None and exact_match(pred, ref)
+
+
+def resolve_metric(name: str) -> Metric | None:
+    """'exact_match' | 'none' | 'package.module:function' (a callable (output_text, Example) -> bool)."""
+    if name in ("auto", "exact_match"):
+        return answer_exact_match
+    if name == "none":
+        return None
+    module, _, attr = name.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"eval.task_metric={name!r}: cannot import {attr!r} from {module!r} ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"eval.task_metric={name!r} is not callable")
+    return fn
 
 
 def evaluate(
@@ -64,10 +90,10 @@ def evaluate(
     result["nll"] = -sum(logps) / max(tokens, 1)
     # task metric by greedy decoding
     answers = [reference_answer(examples[t.index]) for t in tokenized]
-    use_task = cfg.task_metric == "exact_match" or (
-        cfg.task_metric == "auto" and all(a is not None for a in answers) and answers
-    )
-    if use_task:
+    metric = resolve_metric(cfg.task_metric)
+    if cfg.task_metric == "auto" and not (answers and all(a is not None for a in answers)):
+        metric = None  # no verifiable answers in the held-out rows
+    if metric is not None:
         greedy = GenerationConfig(temperature=0.0, num_samples=1, max_new_tokens=cfg.max_new_tokens)
         gen = HFGenerator(model, greedy, stop_ids=stop_ids, pad_id=pad_id, device=device)
         order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids))
@@ -85,7 +111,7 @@ def evaluate(
         with atomic_path(out_dir / "eval_samples.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
             for i in range(len(tokenized)):
                 pred = parse_answer(outputs[i])
-                ok = pred is not None and answers[i] is not None and exact_match(pred, answers[i])
+                ok = bool(metric(outputs[i], examples[tokenized[i].index]))
                 correct += ok
                 fh.write(json.dumps({"index": i, "output": outputs[i], "parsed": pred, "answer": answers[i],
                                      "correct": ok}) + "\n")  # fmt: skip

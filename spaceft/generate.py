@@ -162,29 +162,41 @@ class VLLMGenerator:
         self.stop_ids = set(stop_ids)
         self.llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed)
 
+    def close(self) -> None:
+        """Free the engine's GPU memory before the HF opponent is loaded for scoring."""
+        import gc
+
+        del self.llm
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def generate(
         self, prompts: Sequence[Sequence[int]], *, num_samples: int, seed: int
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            n=num_samples,
-            temperature=self.cfg.temperature,
-            top_p=self.cfg.top_p,
-            top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
-            max_tokens=self.cfg.max_new_tokens,
-            stop_token_ids=sorted(self.stop_ids),
-            seed=seed,
-        )
+        params = [  # one seed per prompt: a shared seed would correlate the samples of different prompts
+            SamplingParams(
+                n=num_samples,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
+                max_tokens=self.cfg.max_new_tokens,
+                stop_token_ids=sorted(self.stop_ids),
+                seed=derive_seed(seed, i),
+            )
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         result = []
-        for req in outputs:
+        for req in outputs:  # vLLM may or may not return the stop token; training needs it
             comps = []
             for o in req.outputs:
                 ids = list(o.token_ids)
                 stopped = o.finish_reason == "stop"
                 if stopped and (not ids or ids[-1] not in self.stop_ids):
-                    ids.append(min(self.stop_ids))  # vLLM may drop the stop token; training needs it
+                    ids.append(o.stop_reason if o.stop_reason in self.stop_ids else min(self.stop_ids))
                 comps.append(Completion(tuple(ids), hit_cap=not stopped))
             result.append(comps)
         return result

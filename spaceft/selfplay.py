@@ -242,15 +242,19 @@ def run_generate(ws: Workspace, t: int, model: torch.nn.Module | None) -> dict[s
         assert model is not None
         gen = HFGenerator(model, cfg.generation, stop_ids=ws.stop_ids, pad_id=ws.tokenizer.pad_token_id,
                           device=ws.device)  # fmt: skip
-    return generate_stage(
-        gen,
-        prompts,
-        ws.iter_dir(t) / "synthetic.parquet",
-        cfg.generation,
-        iteration=t,
-        decode=lambda ids: ws.tokenizer.decode(ids, skip_special_tokens=True),
-        progress=cfg.logging.progress,
-    )
+    try:
+        return generate_stage(
+            gen,
+            prompts,
+            ws.iter_dir(t) / "synthetic.parquet",
+            cfg.generation,
+            iteration=t,
+            decode=lambda ids: ws.tokenizer.decode(ids, skip_special_tokens=True),
+            progress=cfg.logging.progress,
+        )
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()
 
 
 def run_score(ws: Workspace, t: int, model: torch.nn.Module) -> dict[str, Any]:

@@ -200,6 +200,7 @@ def train_iteration(
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
+    _check_precision(model, accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps = step_slices(len(items), cfg, iteration, world)
     if not steps:
@@ -307,6 +308,29 @@ def train_iteration(
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
     return {"steps": len(steps), **last}
+
+
+def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunConfig) -> None:
+    """Refuse settings under which rewards would not start at 0, warn where updates would vanish."""
+    if accelerator.mixed_precision != "no" and accelerator.state.deepspeed_plugin is None:
+        if cfg.model.dtype == "float32":
+            raise ValueError(
+                f"accelerate mixed_precision={accelerator.mixed_precision} would train under autocast while "
+                "the opponent was scored in float32, so rewards would not start at 0: set "
+                "model.dtype to match, or launch without mixed precision"
+            )
+    low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+    if (
+        low
+        and accelerator.state.deepspeed_plugin is None
+        and cfg.train.lr_for(0) < 1e-5
+        and not cfg.model.lora.r
+    ):
+        log.warning(
+            "training %s weights without fp32 master weights at lr %.1e: most updates are below the "
+            "format's resolution and round away. Use model.dtype=float32, LoRA, or DeepSpeed (which keeps "
+            "fp32 master weights).", sorted(str(d) for d in low), cfg.train.lr_for(0),
+        )  # fmt: skip
 
 
 def _stop_if(
