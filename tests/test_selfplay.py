@@ -141,3 +141,18 @@ def test_rerunning_a_stage_invalidates_what_was_built_on_it(
     capsys.readouterr()
     assert _run(tmp_path, tiny_model_dir, "--iteration", "0", command="train", **over) == 2
     assert "train of iteration 0 needs score of iteration 0" in capsys.readouterr().err
+
+
+def test_demo_recipe_smoke_run_on_a_tiny_model(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`spaceft demo` (the recipe `make demo` runs) end to end, with the tiny model in place of SmolLM2."""
+    over = tiny_overrides(tmp_path, tiny_model_dir, **{"selfplay.iterations": 1, "data.train_size": 4,
+                                                        "data.max_prompt_tokens": 512})  # fmt: skip
+    assert main(["demo", *over]) == 0
+    out = capsys.readouterr().out
+    assert "# spaceft demo" in out and "name: demo-space" in out  # the resolved config is printed
+    assert "| base |" in out and "| 0 |" in out
+    run_dir = tmp_path / "runs" / "demo-space"
+    assert read_json(run_dir / "manifest.json")["config"]["train"]["loss"] == "space"
+    assert (run_dir / "report.md").exists() and (run_dir / "iter_0" / "eval.json").exists()
