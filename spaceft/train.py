@@ -6,8 +6,9 @@ forward) → loss from `losses.py` by `LossType` → backward → clip → step 
 score stage's cache, so no second model is ever held.
 
 Reduction: each optimizer step averages the per-prompt losses of the `global_batch_size` prompts it
-covers, whatever the micro-batch size, the number of accumulation steps or processes (each process
-scales its sum by world_size / prompts_in_step; DDP then averages) — tests/test_train.py proves it.
+covers (SFT: the per-token NLL over all their response tokens, i.e. maximum likelihood), whatever the
+micro-batch size, the number of accumulation steps or processes (each process scales its sum by
+world_size / prompts_in_step; DDP then averages) — tests/test_train.py proves it.
 
 Resume: every `save_every` optimizer steps the full training state (weights, optimizer, scheduler,
 RNG; `Accelerator.save_state`) plus the step counter is written to `train_state/` atomically. The
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, get_scheduler
 
 from spaceft.config import RunConfig
-from spaceft.losses import LossOutput, compute_loss
+from spaceft.losses import LossOutput, LossType, compute_loss
 from spaceft.models import apply_lora, mergeable
 from spaceft.rundir import atomic_dir, maybe_fail, write_json
 from spaceft.score import pack, sequence_logps
@@ -250,7 +251,11 @@ def train_iteration(
         step_items = [items[i] for i in steps[step]]
         mine = step_items[rank::world]
         micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        scale = world / len(step_items) * (n_micro if ds is not None else 1)
+        # SFT is maximum likelihood: token NLL summed over the step / its response tokens; the pairwise
+        # losses average per prompt. Either way the step's gradient ignores how it is split.
+        sft = t.loss is LossType.SFT
+        denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
+        scale = world / denom * (n_micro if ds is not None else 1)
         sums = torch.zeros(8, device=accelerator.device)
         tic = time.perf_counter()
         for m, mb in enumerate(micro):
@@ -266,7 +271,8 @@ def train_iteration(
                         raise
                     finite = False
                 _stop_if(not finite, accelerator, "loss", iteration, step, state_dir)
-                accelerator.backward(res.losses.sum() * scale)
+                weights = out["real_lengths"] if sft else 1.0  # SFT's per-prompt loss is a token mean
+                accelerator.backward((res.losses * weights).sum() * scale)
             sums += _batch_stats(res, out)
         # step 4: update (unless a gradient is not finite: the weights and saved state stay good) and log
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))

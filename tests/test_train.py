@@ -70,6 +70,21 @@ class _Tok:
         Path(path, "tokenizer_stub.json").write_text("{}")
 
 
+def test_sft_reduction_is_maximum_likelihood(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """SFT: the step's gradient is that of (total response-token NLL) / (number of tokens), for any split."""
+    norms = [
+        _first_step_grad_norm(tiny_model_dir, tmp_path / f"m{m}", micro_batch_size=m, loss="sft")
+        for m in (1, 8)
+    ]
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    out = forward_batch(model, items, 0, CPU)
+    (-out["policy_real"].sum() / out["real_lengths"].sum()).backward()
+    direct = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
+    assert norms[0] == pytest.approx(float(direct), rel=1e-4)
+    assert norms[1] == pytest.approx(float(direct), rel=1e-4)
+
+
 def test_loss_reduction_does_not_depend_on_micro_batching(tiny_model_dir: Path, tmp_path: Path) -> None:
     """One optimizer step over 8 prompts: micro-batches of 1, 2 or 8 give the same gradient."""
     norms = [_first_step_grad_norm(tiny_model_dir, tmp_path / f"m{m}", micro_batch_size=m) for m in (1, 2, 8)]
