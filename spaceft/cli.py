@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown the stage progress bars
     try:
         return _dispatch(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
