@@ -147,6 +147,27 @@ def _check_lengths(lengths: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be > 0 everywhere (number of response tokens)")
 
 
+def _check_opponent_inputs(
+    what: str,
+    policy_real: Tensor,
+    policy_synthetic: Tensor,
+    opponent_real: Tensor,
+    opponent_synthetic: Tensor,
+) -> None:
+    """Shapes ([B] and [B, K], policy and opponent alike) and finiteness of a reward-based loss's inputs."""
+    _check_pair_shapes(policy_real, policy_synthetic, f"{what}(policy)")
+    _check_same_shape(policy_real, opponent_real, "policy_real_logps", "opponent_real_logps")
+    _check_same_shape(
+        policy_synthetic, opponent_synthetic, "policy_synthetic_logps", "opponent_synthetic_logps"
+    )
+    _check_finite(
+        policy_real_logps=policy_real,
+        policy_synthetic_logps=policy_synthetic,
+        opponent_real_logps=opponent_real,
+        opponent_synthetic_logps=opponent_synthetic,
+    )
+
+
 def _softplus(z: Tensor) -> Tensor:
     """log(1 + e^z), exact and stable for any |z| (no threshold switch as in ``F.softplus``)."""
     return -F.logsigmoid(-z)
@@ -185,17 +206,9 @@ def space_loss(
         mu: noise ratio μ > 0 (the seed recommends 1; K = μ samples per prompt by default).
         beta: scale of the log-ratio, > 0 (1 is the paper's objective).
     """
-    _check_pair_shapes(policy_real_logps, policy_synthetic_logps, "space_loss(policy)")
-    _check_same_shape(policy_real_logps, opponent_real_logps, "policy_real_logps", "opponent_real_logps")
-    _check_same_shape(
-        policy_synthetic_logps, opponent_synthetic_logps, "policy_synthetic_logps", "opponent_synthetic_logps"
-    )
     _check_positive(mu=mu, beta=beta)
-    _check_finite(
-        policy_real_logps=policy_real_logps,
-        policy_synthetic_logps=policy_synthetic_logps,
-        opponent_real_logps=opponent_real_logps,
-        opponent_synthetic_logps=opponent_synthetic_logps,
+    _check_opponent_inputs(
+        "space_loss", policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps
     )
     real_rewards = beta * (policy_real_logps - opponent_real_logps)  # [B]
     synthetic_rewards = beta * (policy_synthetic_logps - opponent_synthetic_logps)  # [B, K]
@@ -231,17 +244,9 @@ def spin_loss(
     """
     if kind not in ("sigmoid", "hinge"):
         raise ValueError(f"spin_loss: kind must be 'sigmoid' or 'hinge', got {kind!r}")
-    _check_pair_shapes(policy_real_logps, policy_synthetic_logps, "spin_loss(policy)")
-    _check_same_shape(policy_real_logps, opponent_real_logps, "policy_real_logps", "opponent_real_logps")
-    _check_same_shape(
-        policy_synthetic_logps, opponent_synthetic_logps, "policy_synthetic_logps", "opponent_synthetic_logps"
-    )
     _check_positive(beta=beta)
-    _check_finite(
-        policy_real_logps=policy_real_logps,
-        policy_synthetic_logps=policy_synthetic_logps,
-        opponent_real_logps=opponent_real_logps,
-        opponent_synthetic_logps=opponent_synthetic_logps,
+    _check_opponent_inputs(
+        "spin_loss", policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps
     )
     real_rewards = beta * (policy_real_logps - opponent_real_logps)  # [B]
     synthetic_rewards = beta * (policy_synthetic_logps - opponent_synthetic_logps)  # [B, K]
@@ -272,17 +277,9 @@ def ipo_loss(
         opponent_synthetic_logps: [B, K] summed log p_θt(y'_j|x).
         tau: regularisation τ > 0.
     """
-    _check_pair_shapes(policy_real_logps, policy_synthetic_logps, "ipo_loss(policy)")
-    _check_same_shape(policy_real_logps, opponent_real_logps, "policy_real_logps", "opponent_real_logps")
-    _check_same_shape(
-        policy_synthetic_logps, opponent_synthetic_logps, "policy_synthetic_logps", "opponent_synthetic_logps"
-    )
     _check_positive(tau=tau)
-    _check_finite(
-        policy_real_logps=policy_real_logps,
-        policy_synthetic_logps=policy_synthetic_logps,
-        opponent_real_logps=opponent_real_logps,
-        opponent_synthetic_logps=opponent_synthetic_logps,
+    _check_opponent_inputs(
+        "ipo_loss", policy_real_logps, policy_synthetic_logps, opponent_real_logps, opponent_synthetic_logps
     )
     real_rewards = policy_real_logps - opponent_real_logps  # [B]
     synthetic_rewards = policy_synthetic_logps - opponent_synthetic_logps  # [B, K]
