@@ -147,3 +147,19 @@ def test_steps_are_cut_to_a_multiple_of_the_world_size(tmp_path: Path) -> None:
     three = train_mod.step_slices(10, cfg, 0, world=3)
     assert [len(s) for s in three] == [3, 3, 3, 3]  # every rank gets the same number of prompts
     assert sorted(i for s in one[:3] for i in s) == list(range(10))  # one epoch covers every prompt once
+
+
+def test_tensorboard_receives_the_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    cfg = _cfg(tmp_path, epochs=2, global_batch_size=4)
+    cfg.logging.report_to = "tensorboard"
+    train_iteration(model, _Tok(), _items(model), cfg, iteration=0, iter_dir=tmp_path / "it")
+    events = list((tmp_path / "t" / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no tensorboard event file written"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert {"loss", "rewards/real", "rewards/synthetic"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("loss")) == 4
