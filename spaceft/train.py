@@ -199,7 +199,9 @@ def train_iteration(
     torch.manual_seed(t.seed + iteration)
     model = apply_lora(model, cfg.model)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers >= 5.x names it activation checkpointing; older releases only have the old name
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     _check_precision(model, accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index

@@ -163,3 +163,30 @@ def test_tensorboard_receives_the_metrics(tiny_model_dir: Path, tmp_path: Path) 
     acc.Reload()
     assert {"loss", "rewards/real", "rewards/synthetic"} <= set(acc.Tags()["scalars"])
     assert len(acc.Scalars("loss")) == 4
+
+
+def test_lora_trains_and_saves_a_merged_plain_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    items = _items(model)
+    cfg = _cfg(tmp_path, epochs=2, global_batch_size=4)
+    cfg.model.lora.r = 4
+    cfg.model.lora.alpha = 8
+    train_iteration(model, _Tok(), items, cfg, iteration=0, iter_dir=tmp_path / "it")
+    saved = load_file(tmp_path / "it" / "model" / "model.safetensors")
+    assert not any("lora" in k for k in saved), "adapter weights must be merged, not saved separately"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "it" / "model")
+    changed = [k for k, v in reloaded.state_dict().items() if k in before and not torch.equal(v, before[k])]
+    assert changed and all(any(m in k for m in ("q_proj", "k_proj", "v_proj", "o_proj")) for k in changed)
+
+
+def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = _first_step_grad_norm(tiny_model_dir, tmp_path / "plain")
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    cfg = _cfg(tmp_path / "ckpt")
+    cfg.model.gradient_checkpointing = True
+    info = train_iteration(model, _Tok(), _items(model), cfg, iteration=0, iter_dir=tmp_path / "ckpt" / "it")
+    assert info["grad_norm"] == pytest.approx(plain, rel=1e-5)
