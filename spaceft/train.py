@@ -200,8 +200,8 @@ def train_iteration(
     model = apply_lora(model, cfg.model)
     if cfg.model.gradient_checkpointing:
         # transformers >= 5.x names it activation checkpointing; older releases only have the old name
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     model.train()
     _check_precision(model, accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
