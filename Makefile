@@ -18,6 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
+	$(BIN)/ruff check spaceft tests benchmarks
 	$(BIN)/python -m pytest -q
 
 demo: install
