@@ -309,6 +309,7 @@ def train_iteration(
         with atomic_dir(iter_dir / "model") as tmp:
             final.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / "spaceft_config.yaml").write_text(cfg.to_yaml())  # the config travels with the weights
         if state_dir.exists():
             shutil.rmtree(state_dir)
         write_json(iter_dir / "train_summary.json", {"steps": len(steps), "lr": lr, **last})

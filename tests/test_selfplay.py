@@ -53,6 +53,7 @@ def test_run_writes_every_artefact(reference: Path) -> None:
         assert len(opp) == 16 and all(math.isfinite(r["logp"]) and r["logp"] < 0 for r in opp)
         assert {"nll", "accuracy", "n"} <= set(read_json(d / "eval.json"))
         AutoModelForCausalLM.from_pretrained(d / "model")  # a normal HF model directory
+        assert "loss: space" in (d / "model" / "spaceft_config.yaml").read_text()
         assert not (d / "train_state").exists()
     for name in ("report.md", "rewards.png", "eval.png"):
         assert (reference / name).stat().st_size > 0
