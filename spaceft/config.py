@@ -128,6 +128,8 @@ class GenerationConfig:
     """Prompts per generate call (also the resume granularity of the stage)."""
     seed: int = 0
     """Base seed; iteration t, chunk c samples with a seed derived from (seed, t, c)."""
+    vllm_memory_fraction: float = 0.85
+    """vLLM only: fraction of GPU memory (on the CPU backend: of RAM) its engine may reserve."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -140,6 +142,8 @@ class GenerationConfig:
             raise ValueError("greedy decoding (temperature 0) gives identical samples: set num_samples=1")
         if not 0 < self.top_p <= 1:
             raise ValueError("generation.top_p must be in (0, 1]")
+        if not 0 < self.vllm_memory_fraction <= 1:
+            raise ValueError("generation.vllm_memory_fraction must be in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
 

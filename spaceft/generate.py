@@ -160,7 +160,9 @@ class VLLMGenerator:
             ) from e
         self.cfg = cfg
         self.stop_ids = set(stop_ids)
-        self.llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed)
+        self.llm = LLM(
+            model=model_path, dtype=dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction
+        )
 
     def close(self) -> None:
         """Free the engine's GPU memory before the HF opponent is loaded for scoring."""
