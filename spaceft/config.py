@@ -306,22 +306,29 @@ class RunConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def training_fingerprint(self) -> str:
-        """Hash of every field that changes the trained models (not `iterations`, eval or logging).
-
-        A finished stage whose fingerprint differs from the current config is stale.
-        """
-        d = self.to_dict()
-        for key in ("name", "output_dir", "eval", "logging"):
-            d.pop(key)
-        d["selfplay"].pop("iterations")
-        for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
-            d["data"].pop(key)
-        return _hash(d)
+        """Hash of every field that changes the trained models (not `iterations`, eval or logging)."""
+        return _hash(training_view(self.to_dict()))
 
     def eval_fingerprint(self) -> str:
-        d = self.to_dict()
-        held_out = {key: d["data"][key] for key in EVAL_DATA_KEYS}
-        return _hash({"eval": d["eval"], "data": held_out, "train": self.training_fingerprint()})
+        return _hash(eval_view(self.to_dict()))
+
+
+def training_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (as a dict) that decides the trained models."""
+    d = json.loads(json.dumps(config))
+    for key in ("name", "output_dir", "eval", "logging"):
+        d.pop(key, None)
+    d.get("selfplay", {}).pop("iterations", None)  # raising it continues a run
+    d.get("generation", {}).pop("vllm_memory_fraction", None)  # memory, not results
+    for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
+        d.get("data", {}).pop(key, None)
+    return d
+
+
+def eval_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that decides the evaluations (besides the models)."""
+    data = config.get("data", {})
+    return {"eval": config.get("eval", {}), "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
 
 
 EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")

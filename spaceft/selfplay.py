@@ -24,7 +24,7 @@ import torch
 from accelerate import PartialState
 
 from spaceft import data as data_mod
-from spaceft.config import RunConfig
+from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example, TokenizedExample
 from spaceft.evaluate import evaluate
 from spaceft.generate import HFGenerator, VLLMGenerator, generate_stage
@@ -120,9 +120,11 @@ def _load_split(
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Changed values of the keys both configs have (a field added in a newer spaceft, at its default,
+    or one since removed, does not make a run stale)."""
     keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k], new[k]
         if isinstance(a, dict) and isinstance(b, dict):
             keys.extend(_diff(a, b, f"{prefix}{k}."))
         elif a != b:
@@ -132,28 +134,28 @@ def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[st
 
 def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: bool) -> None:
     """Refuse to mix finished work from another config (or data) with this one, unless forced."""
-    old = manifest.data.get("fingerprint")
-    if old is None:
+    stored = manifest.data.get("config")
+    if stored is None:
         return
+    new = cfg.to_dict()
+    train_changes = _diff(training_view(stored), training_view(new))
+    if manifest.data.get("data_hash") != data_hash:
+        train_changes.append("the training data changed")
+    eval_changes = _diff(eval_view(stored), eval_view(new))
     if not manifest.data["iterations"]:
-        if old != cfg.training_fingerprint():  # nothing finished: drop partial parts of the old config
+        if train_changes:  # nothing finished: just drop the partial parts of the old config
             for child in cfg.run_dir.glob("iter_*"):
                 shutil.rmtree(child)
         return
-    stale_train = old != cfg.training_fingerprint() or manifest.data.get("data_hash") != data_hash
-    stale_eval = manifest.data.get("eval_fingerprint") != cfg.eval_fingerprint()
-    if not (stale_train or stale_eval):
+    if not (train_changes or eval_changes):
         return
-    changes = _diff(manifest.data.get("config", {}), cfg.to_dict())
-    if manifest.data.get("data_hash") != data_hash:
-        changes.append("the training data changed")
     if not force:
         raise StaleRunError(
             f"{cfg.run_dir} holds finished work made with a different config:\n  "
-            + "\n  ".join(changes or ["(unknown)"])
+            + "\n  ".join(train_changes + eval_changes)
             + "\nUse another run name, or pass --force to discard the stale work."
         )
-    if stale_train:
+    if train_changes:
         log.warning("--force: discarding all finished work in %s", cfg.run_dir)
         for child in cfg.run_dir.iterdir():
             if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):

@@ -107,7 +107,16 @@ def test_stale_config_is_refused_unless_forced(
     err = capsys.readouterr().err
     assert "different config" in err and "train.lr: 0.0003 -> 0.01" in err and "--force" in err
     assert _run(tmp_path, tiny_model_dir, "--force", **{"selfplay.iterations": 1, "train.lr": 0.01}) == 0
-    assert read_json(tmp_path / "runs" / RUN / "manifest.json")["config"]["train"]["lr"] == 0.01
+    manifest_path = tmp_path / "runs" / RUN / "manifest.json"
+    assert read_json(manifest_path)["config"]["train"]["lr"] == 0.01
+    # a run made by an older spaceft that lacked a field (here train.gamma) is not stale
+    manifest = read_json(manifest_path)
+    del manifest["config"]["train"]["gamma"]
+    manifest_path.write_text(json.dumps(manifest))
+    model_file = tmp_path / "runs" / RUN / "iter_0" / "model" / "model.safetensors"
+    mtime = model_file.stat().st_mtime_ns
+    assert _run(tmp_path, tiny_model_dir, **{"selfplay.iterations": 1, "train.lr": 0.01}) == 0
+    assert model_file.stat().st_mtime_ns == mtime
 
 
 def test_sft_skips_generation_and_scoring(tmp_path: Path, tiny_model_dir: Path, caplog) -> None:
