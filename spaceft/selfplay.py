@@ -113,7 +113,7 @@ def _load_split(
         max_response_tokens=d.max_response_tokens,
         overlong=d.overlong,
     )
-    log.info("%s: %s; tokenized %s", path, report.summary(), counts)
+    log.info("%s; tokenized %s", report.summary(), counts)
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
     return examples, tokenized, {"path": path, "load": report.summary(), "tokenize": counts}
