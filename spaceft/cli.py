@@ -83,10 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "lab":
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if first is not None and argv[first] == "lab":  # the lab has its own parser (spaceft lab --help)
         from spaceft.lab.cli import main as lab_main
 
-        return lab_main(argv[1:])
+        lab_flags = ["-q"] if any(a in ("-q", "--quiet") for a in argv[:first]) else []
+        return lab_main(lab_flags + argv[first + 1 :])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,

@@ -105,3 +105,13 @@ def test_shipped_recipes_cover_the_baselines() -> None:
     losses = {load_config(Path(str(resources.files("spaceft.recipes") / f"{n}.yaml"))).train.loss
               for n in shipped_recipes()}  # fmt: skip
     assert {LossType.SPACE, LossType.SPIN, LossType.SFT} <= losses
+
+
+def test_lab_subcommand_is_routed_even_after_global_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from spaceft.cli import main
+
+    for argv in (["lab", "--help"], ["-q", "lab", "--help"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        assert "usage: spaceft lab" in capsys.readouterr().out
