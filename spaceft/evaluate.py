@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from spaceft.config import EvalConfig, GenerationConfig
@@ -98,8 +99,6 @@ def evaluate(
         gen = HFGenerator(model, greedy, stop_ids=stop_ids, pad_id=pad_id, device=device)
         order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids))
         outputs: dict[int, str] = {}
-        from tqdm.auto import tqdm
-
         for s in tqdm(
             range(0, len(order), cfg.batch_size), desc="eval generate", disable=not progress, leave=False
         ):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import shutil
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ class Workspace:
     def device(self) -> torch.device:
         return PartialState().device  # this process's device (cuda:LOCAL_RANK under accelerate launch)
 
-    @property
+    @cached_property
     def stop_ids(self) -> list[int]:
         """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
         ids = {data_mod.end_of_turn_id(self.tokenizer)}

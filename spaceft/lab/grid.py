@@ -113,17 +113,14 @@ def run_lab(config: LabConfig) -> dict:
         ],
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
-    if config.mode in ("both", "population"):
-        seeds = {}
-        for seed in config.seeds:
-            seeds[str(seed)] = run_population_seed(world, methods, config.population, seed)
-        result["population"] = {"seeds": seeds}
-        logger.info("population mode done after %.1f s", time.perf_counter() - start)
-    if config.mode in ("both", "sampled"):
-        seeds = {}
-        for seed in config.seeds:
-            seeds[str(seed)] = run_sampled_seed(world, methods, config.sampled, seed)
-        result["sampled"] = {"seeds": seeds}
-        logger.info("sampled mode done after %.1f s", time.perf_counter() - start)
+    modes = (
+        ("population", run_population_seed, config.population),
+        ("sampled", run_sampled_seed, config.sampled),
+    )
+    for mode, run_seed, mode_config in modes:
+        if config.mode in ("both", mode):
+            seeds = {str(seed): run_seed(world, methods, mode_config, seed) for seed in config.seeds}
+            result[mode] = {"seeds": seeds}
+            logger.info("%s mode done after %.1f s", mode, time.perf_counter() - start)
     result["wall_time_s"] = time.perf_counter() - start
     return result
