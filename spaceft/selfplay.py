@@ -114,7 +114,6 @@ def _load_split(
         max_response_tokens=d.max_response_tokens,
         overlong=d.overlong,
     )
-    log.info("%s; tokenized %s", report.summary(), counts)
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
     return examples, tokenized, {"path": path, "load": report.summary(), "tokenize": counts}
