@@ -1,10 +1,8 @@
-"""Real SFT pairs: loading, validation and tokenization with the model's own chat template.
+"""Real SFT pairs: loading and validation (token ids come from `spaceft.chat`).
 
 Self-play needs the real pairs (x, y) of the SFT set twice: the prompts x are what the opponent answers
-when it generates synthetic responses, and (x, y) are the "real" side of every loss. Both uses must see
-the *same* prompt tokens, rendered by the model's chat template with the generation prompt appended;
-SPIN's released code generated with one template and trained with another, which this module exists to
-rule out: `render_prompt_ids` is the only place a prompt becomes token ids.
+when it generates synthetic responses, and (x, y) are the "real" side of every loss. This module reads
+and checks them; `spaceft.chat` is the only place a conversation becomes token ids.
 
 Loading (`load_examples`) accepts
 
@@ -36,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,17 +45,12 @@ __all__ = [
     "DataError",
     "Example",
     "LoadReport",
-    "TokenizedExample",
-    "end_of_turn_id",
     "load_examples",
-    "render_prompt_ids",
-    "tokenize_examples",
 ]
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("auto", "messages", "prompt_completion", "prompt_response")
 BAD_ROW_POLICIES = ("error", "skip")
-OVERLONG_POLICIES = ("error", "skip", "truncate")
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -114,18 +107,6 @@ class LoadReport:
             reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(self.skipped.items()))
             text += f" (skipped: {reasons})"
         return text
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """An `Example` as token ids, ready for scoring and training."""
-
-    prompt_ids: tuple[int, ...]
-    """The prompt rendered by the chat template with the assistant generation prompt appended."""
-    response_ids: tuple[int, ...]
-    """``tokenizer(response, add_special_tokens=False)`` followed by the end-of-turn id."""
-    index: int
-    """Position in the examples list: the stable prompt id used across stages."""
 
 
 class _BadRow(Exception):
@@ -460,147 +441,13 @@ def load_examples(
     return examples, report
 
 
-# ----------------------------------------------------------------------------------------------------
-# Tokenization: the chat template is the single source of prompt tokens.
-# ----------------------------------------------------------------------------------------------------
-
-_warned_no_template: set[str] = set()
-_PROBE = "spaceft end-of-turn probe"
+# The chat-template tokenization that used to live here has its own module; the old names still work.
+_MOVED_TO_CHAT = ("TokenizedExample", "end_of_turn_id", "render_prompt_ids", "tokenize_examples")
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_CHAT:
+        from spaceft import chat
 
-
-def _special_ids(tokenizer: Any) -> set[int]:
-    ids = set(tokenizer.all_special_ids)
-    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
-        if getattr(token, "special", False):
-            ids.add(int(token_id))
-    return ids
-
-
-def end_of_turn_id(tokenizer: Any) -> int:
-    """The token id that closes an assistant turn, which generation stops on and responses end with.
-
-    The rule: render a probe conversation (user, assistant) with the chat template and take the first
-    special token that follows the assistant's text. For ChatML models (SmolLM2, Qwen) that is
-    ``<|im_end|>``, which is also their ``eos_token``; for Llama 3 it is ``<|eot_id|>``, for Mistral and
-    Zephyr ``</s>``, for Gemma ``<end_of_turn>`` — the token a chat model was trained to end a turn with,
-    whatever the tokenizer calls eos. Without a chat template (or one that closes turns with no special
-    token) it is ``tokenizer.eos_token_id``.
-
-    Raises:
-        ValueError: when neither rule gives an id.
-    """
-    if _has_chat_template(tokenizer):
-        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
-        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
-        at = rendered.rfind(_PROBE)
-        if at >= 0:
-            suffix = rendered[at + len(_PROBE):]
-            special = _special_ids(tokenizer)
-            for token_id in tokenizer(suffix, add_special_tokens=False)["input_ids"]:
-                if token_id in special:
-                    return int(token_id)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("cannot tell the end-of-turn token: the chat template closes an assistant turn with "
-                         "no special token and the tokenizer has no eos_token")
-    return int(tokenizer.eos_token_id)
-
-
-def _fallback_prompt_text(prompt: Sequence[dict[str, str]]) -> str:
-    # Plain text for a tokenizer without a chat template: the turns' contents, one per line.
-    return "\n".join(turn["content"] for turn in prompt) + "\n"
-
-
-def _render_prompt_batch(tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
-    if not _has_chat_template(tokenizer):
-        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        if name not in _warned_no_template:
-            _warned_no_template.add(name)
-            logger.warning("tokenizer %s has no chat template; prompts are rendered as plain text "
-                           "'<prompt>\\n' and responses end with eos", name)
-        texts = [_fallback_prompt_text(prompt) for prompt in prompts]
-        return [list(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
-    conversations = [list(prompt) for prompt in prompts]
-    ids = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
-    return [list(map(int, one)) for one in ids]
-
-
-def render_prompt_ids(tokenizer: Any, prompt: Sequence[dict[str, str]]) -> list[int]:
-    """The prompt's token ids as the model sees them before it answers.
-
-    ``apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)``, so the ids end with the
-    assistant header the model continues from. Without a chat template the prompt is plain text
-    (contents joined by newlines, then ``"\\n"``) with the tokenizer's own special tokens (e.g. BOS); a
-    warning says so once per tokenizer.
-    """
-    return _render_prompt_batch(tokenizer, [prompt])[0]
-
-
-def tokenize_examples(
-    tokenizer: Any,
-    examples: Sequence[Example],
-    *,
-    max_prompt_tokens: int,
-    max_response_tokens: int,
-    overlong: str = "error",
-    batch_size: int = 512,
-) -> tuple[list[TokenizedExample], dict[str, int]]:
-    """Tokenizes examples with the chat template and applies the over-long policy.
-
-    1. Render each prompt with `render_prompt_ids` (in batches) and tokenize each response without
-       special tokens, appending `end_of_turn_id`.
-    2. An example whose prompt has more than ``max_prompt_tokens`` ids or whose response (end-of-turn
-       included) has more than ``max_response_tokens`` is over-long, and ``overlong`` decides:
-       ``"error"`` raises `DataError` naming its source; ``"skip"`` drops it; ``"truncate"`` keeps the
-       *last* ``max_prompt_tokens`` prompt ids (the question and the assistant header survive, the
-       start of a long context does not) and the *first* ``max_response_tokens - 1`` response ids
-       followed by the end-of-turn id.
-
-    Returns:
-        The kept examples (``index`` is the position in ``examples``) and the counts
-        ``{"kept", "skipped_overlong", "truncated"}``; truncated examples are also counted as kept.
-    """
-    if overlong not in OVERLONG_POLICIES:
-        raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
-    if max_prompt_tokens < 1 or max_response_tokens < 2:
-        raise ValueError("max_prompt_tokens must be >= 1 and max_response_tokens >= 2 (one content token and "
-                         f"the end-of-turn), got {max_prompt_tokens} and {max_response_tokens}")
-    eot = end_of_turn_id(tokenizer)
-    counts = {"kept": 0, "skipped_overlong": 0, "truncated": 0}
-    tokenized: list[TokenizedExample] = []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        # step 1
-        prompt_ids = _render_prompt_batch(tokenizer, [example.prompt for example in batch])
-        responses = tokenizer([example.response for example in batch], add_special_tokens=False)["input_ids"]
-        for offset, (example, prompt, response) in enumerate(zip(batch, prompt_ids, responses, strict=True)):
-            response = [*map(int, response), eot]
-            # step 2
-            if len(prompt) > max_prompt_tokens or len(response) > max_response_tokens:
-                if overlong == "error":
-                    raise DataError(
-                        f"{example.source or f'example {start + offset}'}: over-long: prompt {len(prompt)} "
-                        f"tokens (max_prompt_tokens={max_prompt_tokens}), response {len(response)} tokens "
-                        f"with end-of-turn (max_response_tokens={max_response_tokens}); raise the limits or "
-                        "set overlong to 'skip' or 'truncate'"
-                    )
-                if overlong == "skip":
-                    counts["skipped_overlong"] += 1
-                    continue
-                prompt = prompt[-max_prompt_tokens:]
-                if len(response) > max_response_tokens:
-                    response = [*response[:max_response_tokens - 1], eot]
-                counts["truncated"] += 1
-            tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset))
-            counts["kept"] += 1
-    logger.info("tokenized %d examples: kept %d (truncated %d), skipped %d over-long", len(examples),
-                counts["kept"], counts["truncated"], counts["skipped_overlong"])
-    if examples and not tokenized:
-        raise DataError(f"every one of the {len(examples)} examples is over-long (max_prompt_tokens="
-                        f"{max_prompt_tokens}, max_response_tokens={max_response_tokens}); raise the limits "
-                        "or set overlong='truncate'")
-    return tokenized, counts
+        return getattr(chat, name)
+    raise AttributeError(f"module 'spaceft.data' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Tests for spaceft.data: every format from every source, every bad input, and tokenization.
+"""Tests for spaceft.data: every format from every source and every bad input (tokenization: test_chat.py).
 
 All offline: files are written to tmp_path and the tokenizer is a byte-level BPE with no merges, built
 on the spot, with a ChatML chat template like SmolLM2's.
@@ -7,7 +7,6 @@ on the spot, with a ChatML chat template like SmolLM2's.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from spaceft import data
-from spaceft.data import DataError, Example, load_examples, render_prompt_ids, tokenize_examples
+from spaceft.data import DataError, Example, load_examples
 
 CHATML = (
     "{% for message in messages %}"
@@ -333,118 +332,3 @@ def test_bad_arguments_are_value_errors(tmp_path: Path) -> None:
     for kwargs in ({"fmt": "sharegpt"}, {"on_bad_row": "ignore"}, {"limit": 0}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             load_examples(path, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# Tokenization
-# ------------------------------------------------------------------------------------------------
-
-
-def ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def test_render_prompt_ids_ends_with_the_generation_prompt(tokenizer: PreTrainedTokenizerFast) -> None:
-    prompt = PAIRS[2][0]
-    rendered = render_prompt_ids(tokenizer, prompt)
-    header = ids(tokenizer, "<|im_start|>assistant\n")
-    assert rendered[-len(header):] == header
-    assert rendered == tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                     return_dict=False)
-    assert tokenizer.decode(rendered) == (
-        "<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\nBlue.<|im_end|>\n"
-        "<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\n"
-    )
-
-
-def test_end_of_turn_id_is_the_token_that_closes_an_assistant_turn() -> None:
-    chatml = make_tokenizer()
-    assert data.end_of_turn_id(chatml) == chatml.eos_token_id == chatml.convert_tokens_to_ids("<|im_end|>")
-    # a Llama-3-like template ends turns with <|eot_id|>, which is not the eos token
-    llama_like = make_tokenizer(
-        special=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>", "<pad>"),
-        eos="<|end_of_text|>",
-        chat_template="{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-                      "{{ m['content'] }}<|eot_id|>{% endfor %}"
-                      "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
-                      "{% endif %}",
-    )
-    assert data.end_of_turn_id(llama_like) == llama_like.convert_tokens_to_ids("<|eot_id|>")
-    assert data.end_of_turn_id(llama_like) != llama_like.eos_token_id
-    # a template that closes turns with no special token falls back to eos
-    plain = make_tokenizer(chat_template="{% for m in messages %}{{ m['content'] }}\n{% endfor %}")
-    assert data.end_of_turn_id(plain) == plain.eos_token_id
-
-
-def test_tokenize_examples_within_limits(tokenizer: PreTrainedTokenizerFast) -> None:
-    examples = [Example(p, r, a, f"f.jsonl:{i + 1}") for i, (p, r, a) in enumerate(PAIRS)]
-    tokenized, counts = tokenize_examples(tokenizer, examples, max_prompt_tokens=512, max_response_tokens=64)
-    assert counts == {"kept": 3, "skipped_overlong": 0, "truncated": 0}
-    eot = data.end_of_turn_id(tokenizer)
-    for position, (example, item) in enumerate(zip(examples, tokenized, strict=True)):
-        assert item.index == position
-        assert list(item.prompt_ids) == render_prompt_ids(tokenizer, example.prompt)
-        assert item.response_ids[-1] == eot
-        assert tokenizer.decode(item.response_ids[:-1]) == example.response
-
-
-def overlong_examples() -> list[Example]:
-    """Byte-level tokens: 'ok' renders to 21 prompt ids and 'fine' to 4 + 1 response ids."""
-    return [
-        Example(({"role": "user", "content": "ok"},), "fine", None, "f.jsonl:1"),
-        Example(({"role": "user", "content": "a much longer question"},), "fine", None, "f.jsonl:2"),
-        Example(({"role": "user", "content": "ok"},), "a much longer answer", None, "f.jsonl:3"),
-    ]
-
-
-def test_overlong_error_names_the_source(tokenizer: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(DataError, match=r"^f\.jsonl:2: over-long: prompt 41 tokens \(max_prompt_tokens=21\)"):
-        tokenize_examples(tokenizer, overlong_examples(), max_prompt_tokens=21, max_response_tokens=5)
-
-
-def test_overlong_skip_keeps_stable_indices(tokenizer: PreTrainedTokenizerFast) -> None:
-    tokenized, counts = tokenize_examples(tokenizer, overlong_examples(), max_prompt_tokens=21,
-                                          max_response_tokens=5, overlong="skip")
-    assert counts == {"kept": 1, "skipped_overlong": 2, "truncated": 0}
-    assert [item.index for item in tokenized] == [0]
-    with pytest.raises(DataError, match="every one of the 3 examples is over-long"):
-        tokenize_examples(tokenizer, overlong_examples(), max_prompt_tokens=3, max_response_tokens=2,
-                          overlong="skip")
-
-
-def test_overlong_truncate_keeps_prompt_end_and_response_start(tokenizer: PreTrainedTokenizerFast) -> None:
-    examples = overlong_examples()
-    tokenized, counts = tokenize_examples(tokenizer, examples, max_prompt_tokens=21, max_response_tokens=5,
-                                          overlong="truncate")
-    assert counts == {"kept": 3, "skipped_overlong": 0, "truncated": 2}
-    eot = data.end_of_turn_id(tokenizer)
-    full_prompt = render_prompt_ids(tokenizer, examples[1].prompt)
-    assert tokenized[1].prompt_ids == tuple(full_prompt[-21:])
-    assert tokenizer.decode(tokenized[1].prompt_ids).endswith("question<|im_end|>\n<|im_start|>assistant\n")
-    assert tokenized[2].response_ids == (*ids(tokenizer, "a mu"), eot)
-    assert all(len(t.prompt_ids) <= 21 and len(t.response_ids) <= 5 for t in tokenized)
-
-
-def test_tokenize_bad_arguments(tokenizer: PreTrainedTokenizerFast) -> None:
-    with pytest.raises(ValueError, match="overlong must be one of"):
-        tokenize_examples(tokenizer, overlong_examples(), max_prompt_tokens=8, max_response_tokens=8,
-                          overlong="clip")
-    with pytest.raises(ValueError, match="max_response_tokens >= 2"):
-        tokenize_examples(tokenizer, overlong_examples(), max_prompt_tokens=8, max_response_tokens=1)
-
-
-def test_no_chat_template_falls_back_to_plain_text(caplog: pytest.LogCaptureFixture) -> None:
-    bare = make_tokenizer(chat_template=None)
-    bare.name_or_path = "bare-test-tokenizer"
-    with caplog.at_level(logging.WARNING, logger="spaceft.data"):
-        first = render_prompt_ids(bare, [{"role": "user", "content": "hi"}])
-        two_turns = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
-        second = render_prompt_ids(bare, two_turns)
-    assert first == ids(bare, "hi\n")
-    assert second == ids(bare, "s\nq\n")
-    warnings = [r for r in caplog.records if "no chat template" in r.getMessage()]
-    assert len(warnings) == 1
-    assert data.end_of_turn_id(bare) == bare.eos_token_id
-    tokenized, _ = tokenize_examples(bare, [Example(({"role": "user", "content": "hi"},), "yo")],
-                                     max_prompt_tokens=8, max_response_tokens=8)
-    assert tokenized[0].response_ids == (*ids(bare, "yo"), bare.eos_token_id)

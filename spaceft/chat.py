@@ -1,0 +1,361 @@
+"""Chat-template tokenization: the one rule by which a (prompt, response) pair becomes token ids.
+
+SPACE's reward compares log p_θ and log p_θt of the *same token sequences the model itself writes*.
+A synthetic response is stored as the ids the opponent sampled after the generation prompt, so a real
+response must be tokenized the way the model would have written it in the same place. Tokenizing the
+response text on its own does not do that for most chat models: a SentencePiece (Metaspace) tokenizer
+encodes a standalone "Hello" as ``▁Hello`` while after zephyr's ``<|assistant|>`` the model writes
+``\\n``, ``Hello``; Llama-2's template ends an answer with ``' ' + eos`` (``… 12. ▁ </s>``). Any token that
+every real response has and no synthetic one has is a marker the real-vs-synthetic classifier can learn
+instead of the data (SPIN's released code had such a template mismatch).
+
+The rule (`ChatTokenizer.pair_ids`):
+
+1. Render the whole conversation — prompt turns plus the assistant's response — with the chat template,
+   and the prompt alone with the generation prompt; tokenize both texts once, the same way.
+2. The prompt ids must be a prefix of the conversation's ids. When they are not (a merge across the
+   boundary, or a template that renders the last assistant turn differently from the generation prompt)
+   the pair is refused with an error naming the row.
+3. The response ids are what follows the prompt ids, up to and including the first end-of-turn token
+   (`end_of_turn_id`); what the template puts after it (ChatML's ``\\n``) belongs to the next turn.
+4. BOS exactly once, as the model was trained: texts are encoded without special tokens, and the BOS is
+   prepended only when the tokenizer's normal encoding adds one and the template did not render it
+   (zephyr: added; Llama-2, Llama-3, Gemma: rendered by the template, never doubled; ChatML: none).
+
+A template without a system role (Gemma's raises on one) gets the system turn merged into the first user
+turn, separated by a blank line, with a warning once per tokenizer. Without any chat template the
+prompt is plain text (the turns' contents, one per line) and the response ends with eos.
+
+Over-long pairs (`tokenize_examples`): a real response longer than ``max_response_tokens`` is cut to
+exactly that many tokens *without* an end-of-turn token and flagged ``truncated`` — the same shape as a
+synthetic sample capped at ``max_new_tokens``, so truncation adds no marker. A prompt longer than
+``max_prompt_tokens`` loses its oldest turns (whole user/assistant exchanges after the system turn) until
+it fits, keeping BOS, the system turn and the question; a prompt whose last user turn alone is too long
+is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spaceft.data import Example
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ChatTemplateError",
+    "ChatTokenizer",
+    "TokenizedExample",
+    "end_of_turn_id",
+    "render_prompt_ids",
+    "tokenize_examples",
+]
+
+OVERLONG_POLICIES = ("error", "skip", "truncate")
+_PROBE = "spaceft end-of-turn probe"
+_warned: set[str] = set()
+
+
+class ChatTemplateError(ValueError):
+    """A conversation the chat template cannot turn into consistent prompt and response ids."""
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """An `Example` as token ids, ready for scoring and training."""
+
+    prompt_ids: tuple[int, ...]
+    """The prompt rendered by the chat template with the assistant generation prompt appended."""
+    response_ids: tuple[int, ...]
+    """What follows the prompt in the rendered conversation, up to and including the end-of-turn id."""
+    index: int
+    """Position in the examples list: the stable prompt id used across stages."""
+    truncated: bool = False
+    """The response was cut to ``max_response_tokens`` (and so has no end-of-turn id, like a capped
+    synthetic sample)."""
+
+
+def _name(tokenizer: Any) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def _warn_once(tokenizer: Any, what: str, message: str) -> None:
+    key = f"{_name(tokenizer)}:{what}"
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message)
+
+
+def _special_ids(tokenizer: Any) -> set[int]:
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return ids
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token id that closes an assistant turn, which generation stops on and responses end with.
+
+    The rule: render a probe conversation (user, assistant) with the chat template and take the first
+    special token that follows the assistant's text. For ChatML models (SmolLM2, Qwen) that is
+    ``<|im_end|>``, which is also their ``eos_token``; for Llama 3 it is ``<|eot_id|>``, for Mistral and
+    Zephyr ``</s>``, for Gemma ``<end_of_turn>`` — the token a chat model was trained to end a turn with,
+    whatever the tokenizer calls eos. Without a chat template (or one that closes turns with no special
+    token) it is ``tokenizer.eos_token_id``.
+
+    Raises:
+        ValueError: when neither rule gives an id.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+        at = rendered.rfind(_PROBE)
+        if at >= 0:
+            special = _special_ids(tokenizer)
+            for token_id in tokenizer(rendered[at + len(_PROBE) :], add_special_tokens=False)["input_ids"]:
+                if token_id in special:
+                    return int(token_id)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            "cannot tell the end-of-turn token: the chat template closes an assistant turn with "
+            "no special token and the tokenizer has no eos_token"
+        )
+    return int(tokenizer.eos_token_id)
+
+
+def _bos_added_by_encoding(tokenizer: Any) -> int | None:
+    """The BOS id when the tokenizer's normal encoding (``add_special_tokens=True``) prepends one."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return int(bos) if with_special[:1] == [bos] and without[:1] != [bos] else None
+
+
+class ChatTokenizer:
+    """A tokenizer plus the facts the tokenization rule needs, worked out once (see the module doc)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.has_template = bool(getattr(tokenizer, "chat_template", None))
+        self.eot = end_of_turn_id(tokenizer)
+        self.bos = _bos_added_by_encoding(tokenizer)
+        self.supports_system = self._probe_system() if self.has_template else True
+        if not self.has_template:
+            _warn_once(
+                tokenizer,
+                "template",
+                f"tokenizer {_name(tokenizer)} has no chat template; prompts are "
+                "rendered as plain text '<turns>\\n' and responses end with eos",
+            )
+
+    def _probe_system(self) -> bool:
+        import jinja2
+
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+        try:
+            self.tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError:
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------ text
+
+    def _turns(self, messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+        turns = [dict(m) for m in messages]
+        if turns and turns[0]["role"] == "system" and not self.supports_system:
+            _warn_once(
+                self.tokenizer,
+                "system",
+                f"the chat template of {_name(self.tokenizer)} has no system "
+                "role: each system turn is merged into the first user turn (a blank line between)",
+            )
+            system = turns.pop(0)
+            if turns and turns[0]["role"] == "user":
+                turns[0]["content"] = f"{system['content']}\n\n{turns[0]['content']}"
+            else:
+                turns.insert(0, {"role": "user", "content": system["content"]})
+        return turns
+
+    def prompt_text(self, prompt: Sequence[dict[str, str]]) -> str:
+        """The prompt as the model sees it before it answers (generation prompt included)."""
+        if not self.has_template:
+            return "\n".join(turn["content"] for turn in prompt) + "\n"
+        return self.tokenizer.apply_chat_template(
+            self._turns(prompt), tokenize=False, add_generation_prompt=True
+        )
+
+    def conversation_text(self, prompt: Sequence[dict[str, str]], response: str) -> str:
+        """The prompt and the assistant's response, rendered as one conversation."""
+        if not self.has_template:
+            return self.prompt_text(prompt) + response
+        turns = self._turns([*prompt, {"role": "assistant", "content": response}])
+        return self.tokenizer.apply_chat_template(turns, tokenize=False)
+
+    # ------------------------------------------------------------------------------------------ ids
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Rendered texts to ids: no special tokens added, BOS prepended only where rule 4 says so."""
+        out = []
+        for ids in self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+            ids = [int(i) for i in ids]
+            if self.bos is not None and ids[:1] != [self.bos]:
+                ids.insert(0, self.bos)
+            out.append(ids)
+        return out
+
+    def prompt_ids(self, prompt: Sequence[dict[str, str]]) -> list[int]:
+        return self.encode([self.prompt_text(prompt)])[0]
+
+    def split(self, prompt_ids: list[int], whole: list[int], source: str) -> list[int]:
+        """Rules 2 and 3: the response ids that follow `prompt_ids` in the conversation's ids `whole`."""
+        n = len(prompt_ids)
+        if whole[:n] != prompt_ids:
+            at = next((i for i, (a, b) in enumerate(zip(prompt_ids, whole, strict=False)) if a != b), n)
+            convert = self.tokenizer.convert_ids_to_tokens
+            raise ChatTemplateError(
+                f"{source}: the prompt's tokens are not a prefix of the whole conversation's tokens, so "
+                f"the response cannot be cut out exactly (from token {at}: prompt "
+                f"{convert(prompt_ids[at : at + 4])} vs conversation {convert(whole[at : at + 4])}). The "
+                "chat template renders the assistant turn differently from its generation prompt, or a "
+                "token merges across the boundary; fix the tokenizer's chat template or the row"
+            )
+        tail = whole[n:]
+        if self.eot in tail:
+            return tail[: tail.index(self.eot) + 1]
+        return [*tail, self.eot]  # no template, or one that closes turns without a special token
+
+    def pair_ids(
+        self, prompt: Sequence[dict[str, str]], response: str, source: str = "example"
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids) of one pair by the module's rule."""
+        prompt_ids, whole = self.encode([self.prompt_text(prompt), self.conversation_text(prompt, response)])
+        response_ids = self.split(prompt_ids, whole, source)
+        if not any(i != self.eot for i in response_ids):
+            raise ChatTemplateError(
+                f"{source}: the response has no tokens once rendered by the chat template"
+            )
+        return prompt_ids, response_ids
+
+
+def render_prompt_ids(tokenizer: Any, prompt: Sequence[dict[str, str]]) -> list[int]:
+    """The prompt's token ids as the model sees them before it answers (see `ChatTokenizer`)."""
+    return ChatTokenizer(tokenizer).prompt_ids(prompt)
+
+
+def _shorter_prompts(prompt: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
+    """The prompt without its oldest exchanges, longest first: the system turn (if any) plus the turns
+    from each later user turn on."""
+    system = [dict(prompt[0])] if prompt and prompt[0]["role"] == "system" else []
+    turns = [dict(t) for t in prompt[len(system) :]]
+    starts = [i for i, t in enumerate(turns) if t["role"] == "user" and i > 0]
+    return [system + turns[i:] for i in starts]
+
+
+def tokenize_examples(
+    tokenizer: Any,
+    examples: Sequence[Example],
+    *,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
+    overlong: str = "error",
+    batch_size: int = 512,
+) -> tuple[list[TokenizedExample], dict[str, int]]:
+    """Tokenizes examples by the module's rule and applies the over-long policy.
+
+    1. Render each prompt (with the generation prompt) and each whole conversation; encode them in
+       batches; cut the response ids out (`ChatTokenizer.split`).
+    2. An example whose prompt has more than ``max_prompt_tokens`` ids or whose response (end-of-turn
+       included) has more than ``max_response_tokens`` is over-long, and ``overlong`` decides:
+       ``"error"`` raises `DataError` naming its source; ``"skip"`` drops it; ``"truncate"`` drops the
+       prompt's oldest exchanges until it fits (skipping the example if even its last user turn does
+       not) and cuts the response to its first ``max_response_tokens`` ids, without end-of-turn.
+
+    Returns:
+        The kept examples (``index`` is the position in ``examples``) and the counts ``{"kept",
+        "skipped_overlong", "truncated", "prompt_turns_dropped"}``; truncated examples count as kept.
+    """
+    from spaceft.data import DataError
+
+    if overlong not in OVERLONG_POLICIES:
+        raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
+    if max_prompt_tokens < 1 or max_response_tokens < 2:
+        raise ValueError(
+            "max_prompt_tokens must be >= 1 and max_response_tokens >= 2 (one content token and "
+            f"the end-of-turn), got {max_prompt_tokens} and {max_response_tokens}"
+        )
+    chat = ChatTokenizer(tokenizer)
+    counts = {"kept": 0, "skipped_overlong": 0, "truncated": 0, "prompt_turns_dropped": 0}
+    tokenized: list[TokenizedExample] = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        # step 1
+        texts = [chat.prompt_text(ex.prompt) for ex in batch]
+        texts += [chat.conversation_text(ex.prompt, ex.response) for ex in batch]
+        encoded = chat.encode(texts)
+        for offset, example in enumerate(batch):
+            source = example.source or f"example {start + offset}"
+            try:
+                prompt = encoded[offset]
+                response = chat.split(prompt, encoded[len(batch) + offset], source)
+            except ChatTemplateError as exc:
+                raise DataError(str(exc)) from None
+            # step 2
+            if len(prompt) <= max_prompt_tokens and len(response) <= max_response_tokens:
+                tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset))
+                counts["kept"] += 1
+                continue
+            if overlong == "error":
+                raise DataError(
+                    f"{source}: over-long: prompt {len(prompt)} tokens "
+                    f"(max_prompt_tokens={max_prompt_tokens}), response {len(response)} tokens with "
+                    f"end-of-turn (max_response_tokens={max_response_tokens}); raise the limits or set "
+                    "data.overlong to 'skip' or 'truncate'"
+                )
+            if overlong == "skip":
+                counts["skipped_overlong"] += 1
+                continue
+            if len(prompt) > max_prompt_tokens:
+                fitted = None
+                for shorter in _shorter_prompts(example.prompt):
+                    ids, whole = chat.encode(
+                        [chat.prompt_text(shorter), chat.conversation_text(shorter, example.response)]
+                    )
+                    if len(ids) <= max_prompt_tokens:
+                        fitted = (ids, chat.split(ids, whole, source))
+                        break
+                if fitted is None:  # even the last question does not fit: no honest way to cut it
+                    counts["skipped_overlong"] += 1
+                    continue
+                prompt, response = fitted
+                counts["prompt_turns_dropped"] += 1
+            cut = len(response) > max_response_tokens
+            if cut:
+                response = response[:max_response_tokens]
+            tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset, truncated=cut))
+            counts["kept"] += 1
+            counts["truncated"] += 1
+    level = logging.WARNING if counts["skipped_overlong"] or counts["truncated"] else logging.INFO
+    logger.log(
+        level,
+        "tokenized %d examples: kept %d (truncated %d, of which %d lost old prompt turns), "
+        "skipped %d over-long",
+        len(examples),
+        counts["kept"],
+        counts["truncated"],
+        counts["prompt_turns_dropped"],
+        counts["skipped_overlong"],
+    )
+    if examples and not tokenized:
+        raise DataError(
+            f"every one of the {len(examples)} examples is over-long (max_prompt_tokens="
+            f"{max_prompt_tokens}, max_response_tokens={max_response_tokens}); raise the limits "
+            "or set overlong='truncate'"
+        )
+    return tokenized, counts
