@@ -116,21 +116,57 @@ def load_tokenizer(
 
 
 def load_model(path: str, cfg: ModelConfig) -> PreTrainedModel:
-    """Load a causal LM in the configured dtype. Dropout is disabled: the seed's objective compares
-    the policy with a frozen copy of itself, and dropout noise would make rewards non-zero at step 0."""
+    """Load a causal LM in the configured dtype, with every dropout switched off.
+
+    The seed's objective compares the policy with a frozen copy of itself: dropout noise would make
+    rewards non-zero at step 0 and the training-mode log-probs differ from the scores. Attention
+    modules copy ``config.attention_dropout`` into a float attribute when they are built, so the config
+    is cleared *before* the model is built, and the built modules are cleared too (`disable_dropout`).
+    """
+    from transformers import AutoConfig
+
     kwargs: dict = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.revision:
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    for attr in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if isinstance(getattr(model.config, attr, None), float):
-            setattr(model.config, attr, 0.0)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    _zero_dropout_fields(config)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    disable_dropout(model)
+    return model
+
+
+def _is_dropout_name(name: str) -> bool:
+    return "dropout" in name or name.endswith("pdrop")
+
+
+def _zero_dropout_fields(obj: object) -> list[str]:
+    """Set every float field named like a dropout rate (``attention_dropout``, ``resid_pdrop``, ...) of
+    a config or module to 0; returns the names that were non-zero. Nested configs (``text_config``)
+    are handled."""
+    changed = []
+    for name, value in list(vars(obj).items()):
+        if _is_dropout_name(name) and isinstance(value, float) and not isinstance(value, bool):
+            if value != 0.0:
+                changed.append(name)
+            setattr(obj, name, 0.0)
+        elif hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
+            changed += [f"{name}.{n}" for n in _zero_dropout_fields(value)]
+    return changed
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: `nn.Dropout` modules, float rates modules copied from the config, and
+    the config itself (so modules built later, e.g. by peft, start at 0 too)."""
+    config = getattr(model, "config", None)
+    if config is not None:
+        _zero_dropout_fields(config)
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    return model
+        elif not isinstance(module, PreTrainedModel):
+            _zero_dropout_fields(module)
 
 
 def apply_lora(model: PreTrainedModel, cfg: ModelConfig) -> torch.nn.Module:
