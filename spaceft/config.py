@@ -130,6 +130,15 @@ class GenerationConfig:
     """Base seed; iteration t, chunk c samples with a seed derived from (seed, t, c)."""
     vllm_memory_fraction: float = 0.85
     """vLLM only: fraction of GPU memory (on the CPU backend: of RAM) its engine may reserve."""
+    allow_biased_sampling: bool = False
+    """Let SPACE / SPIN / S-IPO sample with temperature != 1, top_p < 1 or top_k > 0. Their losses take
+    the opponent's untempered log-probs as the density of the synthetic samples, which such decoding
+    no longer is; opting in is recorded in the manifest and the report."""
+
+    @property
+    def is_ancestral(self) -> bool:
+        """Whether samples follow the model's own distribution (temperature 1, no top-p/top-k cut)."""
+        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -142,6 +151,8 @@ class GenerationConfig:
             raise ValueError("greedy decoding (temperature 0) gives identical samples: set num_samples=1")
         if not 0 < self.top_p <= 1:
             raise ValueError("generation.top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError(f"generation.top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.vllm_memory_fraction <= 1:
             raise ValueError("generation.vllm_memory_fraction must be in (0, 1]")
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -294,6 +305,21 @@ class RunConfig:
             raise ValueError("data.train is required: a file, a dataset directory or 'builtin:arithmetic'")
         if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
             raise ValueError("selfplay.mix_previous needs synthetic samples")
+        g = self.generation
+        if (
+            self.train.loss.uses_synthetic
+            and self.train.loss.needs_opponent
+            and not g.is_ancestral
+            and not g.allow_biased_sampling
+        ):
+            raise ValueError(
+                f"generation.temperature={g.temperature}, top_p={g.top_p}, top_k={g.top_k}: the "
+                f"{self.train.loss} loss treats the opponent's own (untempered) log-probs as the density of "
+                "the synthetic samples, which this decoding changes, so the objective would no longer have "
+                "the real data as its optimum. Use temperature=1.0, top_p=1.0, top_k=0, or set "
+                "generation.allow_biased_sampling=true to accept the bias (recorded in the manifest and "
+                "report)"
+            )
 
     @property
     def run_dir(self) -> Path:

@@ -186,22 +186,21 @@ class VLLMGenerator:
                 top_k=self.cfg.top_k if self.cfg.top_k > 0 else -1,
                 max_tokens=self.cfg.max_new_tokens,
                 stop_token_ids=sorted(self.stop_ids),
+                ignore_eos=True,  # stop on our stop ids only, exactly as the HF backend does
                 seed=derive_seed(seed, i),
             )
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
-        result = []
-        for req in outputs:  # vLLM may or may not return the stop token; training needs it
-            comps = []
-            for o in req.outputs:
-                ids = list(o.token_ids)
-                stopped = o.finish_reason == "stop"
-                if stopped and (not ids or ids[-1] not in self.stop_ids):
-                    ids.append(o.stop_reason if o.stop_reason in self.stop_ids else min(self.stop_ids))
-                comps.append(Completion(tuple(ids), hit_cap=not stopped))
-            result.append(comps)
-        return result
+        return [[vllm_completion(o.token_ids, self.stop_ids) for o in req.outputs] for req in outputs]
+
+
+def vllm_completion(token_ids: Sequence[int], stop_ids: set[int]) -> Completion:
+    """A vLLM output by the HF backend's rule (`cut_at_stop`): the sampled ids up to and including the
+    first stop id, or all of them (capped) when none was sampled. Nothing is appended: vLLM keeps a
+    `stop_token_ids` token in `token_ids`, and `ignore_eos=True` stops it from ending on an eos that is
+    not one of ours — so a sequence without a stop id ran to `max_tokens`, as with HF."""
+    return cut_at_stop(list(token_ids), stop_ids)
 
 
 def generate_stage(

@@ -148,6 +148,18 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+def _sampling_note(gen: dict[str, Any]) -> list[str]:
+    """A warning paragraph when the run opted into decoding that is not the model's own distribution."""
+    if not gen.get("allow_biased_sampling"):
+        return []
+    return [
+        f"**Biased sampling:** synthetic responses were sampled with temperature {gen.get('temperature')}, "
+        f"top_p {gen.get('top_p')}, top_k {gen.get('top_k')} (generation.allow_biased_sampling=true); the "
+        "loss still used the opponent's untempered log-probs as their density.",
+        "",
+    ]
+
+
 def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     """Write report.md and the plots; return the table and the paths written."""
     rows = collect(run_dir)
@@ -162,6 +174,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
         f"Objective `{loss}`, model `{cfg.get('model', {}).get('name', '?')}`, "
         f"start model `{manifest.get('start_model', '?')}`.",
         "",
+        *_sampling_note(cfg.get("generation", {})),
         table,
         "",
         *[f"![{p.stem}]({p.name})" for p in pngs],

@@ -115,3 +115,25 @@ def test_lab_subcommand_is_routed_even_after_global_flags(capsys: pytest.Capture
             main(argv)
         assert exit_.value.code == 0
         assert "usage: spaceft lab" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "decoding", [["generation.temperature=0.7"], ["generation.top_p=0.9"], ["generation.top_k=50"]]
+)
+def test_decoding_that_changes_the_noise_distribution_is_refused(decoding: list[str]) -> None:
+    """SPACE, SPIN and S-IPO use the opponent's untempered log-probs as the samples' density."""
+    for loss in ("space", "spin", "ipo"):
+        with pytest.raises(ValueError, match=r"allow_biased_sampling=true") as err:
+            load_config(None, ["data.train=x.jsonl", f"train.loss={loss}", *decoding])
+        assert "untempered" in str(err.value)
+    # reference-free S-SimPO and SFT make no such assumption; an explicit opt-in is recorded
+    for loss in ("simpo", "sft"):
+        load_config(None, ["data.train=x.jsonl", f"train.loss={loss}", *decoding])
+    cfg = load_config(None, ["data.train=x.jsonl", "generation.allow_biased_sampling=true", *decoding])
+    assert cfg.to_dict()["generation"]["allow_biased_sampling"] is True
+    assert not cfg.generation.is_ancestral
+
+
+def test_negative_top_k_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"generation\.top_k must be >= 0"):
+        load_config(None, ["data.train=x.jsonl", "generation.top_k=-5"])

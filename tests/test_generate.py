@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spaceft.config import GenerationConfig, ModelConfig
-from spaceft.generate import HFGenerator, cut_at_stop, generate_stage
+from spaceft.generate import Completion, HFGenerator, cut_at_stop, generate_stage, vllm_completion
 from spaceft.models import load_model
 from spaceft.rundir import InjectedFault, read_table
 
@@ -21,6 +21,46 @@ def test_cut_at_stop() -> None:
     assert capped.hit_cap and capped.response_ids == (5, 6, 7)
     # an unfinished sample keeps every sampled token, even ones equal to the pad id
     assert cut_at_stop([5, 0, 0], {9}).response_ids == (5, 0, 0)
+
+
+def check_stop_rule(samples: list[list[Completion]], stop_ids: set[int], max_new_tokens: int) -> None:
+    """The one way a sample may end, whatever the backend: its first stop id (which was sampled, and is
+    kept) and nothing after it; or, capped, exactly max_new_tokens ids with no stop id among them."""
+    for comps in samples:
+        for c in comps:
+            ids = list(c.response_ids)
+            stops = [i for i, tok in enumerate(ids) if tok in stop_ids]
+            if c.hit_cap:
+                assert not stops and len(ids) == max_new_tokens, ids
+            else:
+                assert stops == [len(ids) - 1] and len(ids) <= max_new_tokens, ids
+
+
+def test_vllm_outputs_follow_the_hf_rule_and_nothing_is_appended() -> None:
+    """vLLM's token_ids (stop id kept) become the same Completion as HF's padded rows; a sequence that
+    ran out of tokens is capped as it is, never given a stop id that was not sampled."""
+    stop = {9, 11}
+    for sampled in ([5, 6, 9], [5, 6, 11], [5, 6, 7], [9]):
+        padded = [*sampled, 0, 0]  # what HF returns for a finished row of a longer batch
+        assert vllm_completion(sampled, stop) == cut_at_stop(padded if set(sampled) & stop else sampled, stop)
+    assert vllm_completion([5, 6, 7], stop) == Completion((5, 6, 7), hit_cap=True)
+    check_stop_rule([[vllm_completion(s, stop) for s in ([5, 9], [5, 6, 7])]], stop, max_new_tokens=3)
+
+
+def test_hf_samples_end_by_the_stop_rule(model, tiny_tokenizer) -> None:
+    eos = tiny_tokenizer.eos_token_id
+    gen = _gen(model, tiny_tokenizer, num_samples=4, max_new_tokens=6)
+    # a model that favours eos stops early in some samples; the tiny random one usually runs to the cap
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 2.5
+    handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
+    try:
+        samples = gen.generate([[40, 41, 42], [50, 51], [60]], num_samples=4, seed=1)
+    finally:
+        handle.remove()
+    check_stop_rule(samples, {eos}, max_new_tokens=6)
+    flat = [c for comps in samples for c in comps]
+    assert any(c.hit_cap for c in flat) and any(not c.hit_cap for c in flat)  # both endings occurred
 
 
 @pytest.fixture(scope="module")
