@@ -41,6 +41,8 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
                     "steps": last["step"],
                 }
             )
+            if "rewards/abs_mean" in first:  # 0 unless the score and training passes disagree
+                row["reward_abs_first"] = first["rewards/abs_mean"]
         rows.append(row)
         t += 1
     return rows
@@ -69,6 +71,7 @@ COLUMNS = [
     ("reward_real", "reward real", "{:+.4f}"),
     ("reward_synthetic", "reward synthetic", "{:+.4f}"),
     ("reward_accuracy", "reward acc", "{:.2f}"),
+    ("reward_abs_first", "mean |reward| step 1", "{:.1e}"),
     ("steps", "steps", "{}"),
 ]
 

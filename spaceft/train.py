@@ -258,7 +258,7 @@ def train_iteration(
         sft = t.loss is LossType.SFT
         denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
         scale = world / denom * (n_micro if ds is not None else 1)
-        sums = torch.zeros(8, device=accelerator.device)
+        sums = torch.zeros(9, device=accelerator.device)
         tic = time.perf_counter()
         for m, mb in enumerate(micro):
             sync = m == len(micro) - 1
@@ -288,6 +288,8 @@ def train_iteration(
         elapsed = time.perf_counter() - tic
         last = _metrics(sums, grad_norm, step_lr, elapsed)
         last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
+        if step == 0 and t.loss.needs_opponent:
+            _check_start_rewards(last["rewards/abs_mean"], iteration, accelerator.is_main_process)
         if accelerator.is_main_process and (
             (step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)
         ):
@@ -342,6 +344,23 @@ def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunC
         )  # fmt: skip
 
 
+# At the first step of an iteration the policy IS the opponent, so every reward should be 0 up to float
+# rounding (~1e-5 nats in float32). More means the score pass and the training pass compute different
+# log-probs (batching, precision, a module that behaves differently in training mode): every reward of
+# the iteration is then off by about that much.
+START_REWARD_TOLERANCE = 1e-2
+
+
+def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:
+    if abs_mean > START_REWARD_TOLERANCE and main:
+        log.warning(
+            "iteration %d: mean |reward| at the first step is %.3g nats (tolerance %.0e): the opponent's "
+            "cached scores and the policy's training forward disagree, so every reward carries that bias. "
+            "Score and train in the same precision (model.dtype / mixed precision) and check the "
+            "attention implementation.", iteration, abs_mean, START_REWARD_TOLERANCE,
+        )  # fmt: skip
+
+
 def _stop_if(
     bad: bool, accelerator: Accelerator, what: str, iteration: int, step: int, state_dir: Path
 ) -> None:
@@ -355,12 +374,15 @@ def _stop_if(
 
 
 def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens."""
+    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens, and
+    the mean |reward| of each prompt's 1 + K responses."""
     real = res.real_rewards  # [B]
     syn = res.synthetic_rewards  # [B, K]
     syn_mean = syn.mean(-1) if syn.numel() else torch.zeros_like(real)
     acc = (real > syn_mean).float() if syn.numel() else torch.zeros_like(real)
     syn_logp = out["policy_synthetic"].mean(-1).sum() if syn.numel() else torch.tensor(0.0)
+    both = torch.cat([real.unsqueeze(-1), syn], dim=-1) if syn.numel() else real.unsqueeze(-1)  # [B, 1+K]
+    abs_mean = both.abs().mean(-1)
     return torch.stack(
         [
             torch.tensor(float(len(real))),
@@ -371,16 +393,18 @@ def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
             out["policy_real"].detach().sum().cpu(),
             syn_logp.detach().cpu(),
             out["num_tokens"].float().cpu(),
+            abs_mean.sum().cpu(),
         ]
     ).to(out["policy_real"].device)
 
 
 def _metrics(sums: torch.Tensor, grad_norm: Any, lr: float, elapsed: float) -> dict[str, float]:
-    n, loss, real, syn, acc, lp_real, lp_syn, tokens = sums.tolist()
+    n, loss, real, syn, acc, lp_real, lp_syn, tokens, abs_reward = sums.tolist()
     return {
         "loss": loss / n,
         "rewards/real": real / n,
         "rewards/synthetic": syn / n,
+        "rewards/abs_mean": abs_reward / n,
         "rewards/margin": (real - syn) / n,
         "rewards/accuracy": acc / n,
         "logps/real": lp_real / n,

@@ -330,6 +330,7 @@ def test_rewards_start_at_zero_for_every_template(
     run_dir = tmp_path / "runs" / f"chat-{name}"
     first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/real"]) < 1e-5 and abs(first["rewards/synthetic"]) < 1e-5
+    assert first["rewards/abs_mean"] < 1e-5
     eot = end_of_turn_id(tokenizer)
     for sample in read_table(run_dir / "iter_0" / "synthetic.parquet"):
         ids = sample["response_ids"]

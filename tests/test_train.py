@@ -190,3 +190,37 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir: Path, tm
     cfg.model.gradient_checkpointing = True
     info = train_iteration(model, _Tok(), _items(model), cfg, iteration=0, iter_dir=tmp_path / "ckpt" / "it")
     assert info["grad_norm"] == pytest.approx(plain, rel=1e-5)
+
+
+def test_first_step_reward_bias_is_recorded_and_warned(
+    tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mean |reward| at step 1 is logged every iteration; cached scores that disagree with the training
+    forward by 0.5 nats (as a precision or batching mismatch would) are reported, agreeing ones are not."""
+    import logging
+    from dataclasses import replace
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    with caplog.at_level(logging.WARNING, logger="spaceft.train"):
+        info = train_iteration(
+            model, _Tok(), items, _cfg(tmp_path / "ok"), iteration=0, iter_dir=tmp_path / "a"
+        )
+    first = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/abs_mean"] < 1e-5 and "rewards/abs_mean" in info
+    assert not [r for r in caplog.records if "first step" in r.getMessage()]
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    shifted = [
+        replace(
+            it,
+            opponent_real=it.opponent_real + 0.5,
+            opponent_synthetic=tuple(v - 0.5 for v in it.opponent_synthetic),
+        )
+        for it in items
+    ]
+    with caplog.at_level(logging.WARNING, logger="spaceft.train"):
+        train_iteration(model, _Tok(), shifted, _cfg(tmp_path / "bad"), iteration=3, iter_dir=tmp_path / "b")
+    first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["rewards/abs_mean"] - 0.5) < 1e-4
+    [warning] = [r.getMessage() for r in caplog.records if "first step" in r.getMessage()]
+    assert "iteration 3" in warning and "0.5 nats" in warning
