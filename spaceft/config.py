@@ -96,7 +96,8 @@ class DataConfig:
     max_response_tokens: int = 256
     """Real responses longer than this follow `overlong`."""
     overlong: str = "error"
-    """error | skip | truncate (keep the end of the prompt and the start of the response)."""
+    """error | skip | truncate (drop the prompt's oldest exchanges; cut the response to
+    max_response_tokens without end-of-turn, like a sample capped at generation.max_new_tokens)."""
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("error", "skip"):
