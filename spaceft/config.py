@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,6 +39,12 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if self.r < 0:
             raise ValueError(f"model.lora.r must be >= 0, got {self.r}")
+        if self.r and self.alpha <= 0:
+            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        if self.r and not self.target_modules:
+            raise ValueError("model.lora.target_modules must name at least one module when model.lora.r > 0")
 
 
 @dataclass
@@ -60,6 +67,15 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not self.name.strip():
+            raise ValueError(
+                "model.name is empty: give a local model directory, a hub id, 'default' or 'tiny'"
+            )
+        if self.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3"):
+            raise ValueError(
+                "model.attn_implementation must be eager, sdpa, flash_attention_2, flash_attention_3 "
+                f"or null, got {self.attn_implementation!r}"
+            )
 
 
 @dataclass
@@ -109,6 +125,15 @@ class DataConfig:
                 "data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 "
                 "(one content token plus the end-of-turn token)"
             )
+        for key in ("train_size", "eval_size"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{key} must be >= 1 (or null for every row), got {value}")
+        if self.format not in ("auto", "messages", "prompt_completion", "prompt_response"):
+            raise ValueError(
+                "data.format must be auto, messages, prompt_completion or prompt_response, "
+                f"got {self.format!r}"
+            )
 
 
 @dataclass
@@ -146,12 +171,13 @@ class GenerationConfig:
             raise ValueError(f"generation.backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.num_samples < 1:
             raise ValueError("generation.num_samples (K) must be >= 1")
+        _finite("generation", self, "temperature", "top_p", "vllm_memory_fraction")
         if self.temperature < 0:
-            raise ValueError("generation.temperature must be >= 0 (0 = greedy)")
+            raise ValueError(f"generation.temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.temperature == 0 and self.num_samples > 1:
             raise ValueError("greedy decoding (temperature 0) gives identical samples: set num_samples=1")
         if not 0 < self.top_p <= 1:
-            raise ValueError("generation.top_p must be in (0, 1]")
+            raise ValueError(f"generation.top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"generation.top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.vllm_memory_fraction <= 1:
@@ -175,11 +201,12 @@ class TrainConfig:
     optimizer: str = "rmsprop"
     """rmsprop (the seed's choice) | adamw."""
     lr: float = 5e-7
-    """Peak learning rate for the first `lr_switch_iteration` iterations (SPIN: 5e-7)."""
-    lr_after: float | None = 1e-7
-    """Peak learning rate from iteration `lr_switch_iteration` on (SPIN: 1e-7); None keeps `lr`."""
+    """Peak learning rate of every iteration (of the first `lr_switch_iteration` when `lr_after` is set)."""
+    lr_after: float | None = None
+    """Peak learning rate from iteration `lr_switch_iteration` on; null (the default) keeps `lr`.
+    SPIN's schedule is lr 5e-7 then lr_after 1e-7 (see paper_space.yaml)."""
     lr_switch_iteration: int = 2
-    """First iteration that uses `lr_after`."""
+    """First iteration that uses `lr_after` (ignored while `lr_after` is null)."""
     warmup_ratio: float = 0.1
     """Fraction of each iteration's optimizer steps spent in linear warmup; then linear decay to 0."""
     weight_decay: float = 0.0
@@ -199,14 +226,22 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.loss = LossType(self.loss)
+        _finite("train", self, "mu", "beta", "tau", "gamma", "lr", "lr_after", "warmup_ratio", "weight_decay",
+                "max_grad_norm")  # fmt: skip
         if self.mu <= 0:
             raise ValueError(f"train.mu must be > 0 (the noise ratio), got {self.mu}")
         if self.beta is not None and self.beta <= 0:
             raise ValueError(f"train.beta must be > 0, got {self.beta}")
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"train.optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
-        if self.lr <= 0 or (self.lr_after is not None and self.lr_after <= 0):
-            raise ValueError("train.lr and train.lr_after must be > 0")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if self.lr_after is not None and self.lr_after <= 0:
+            raise ValueError(f"train.lr_after must be > 0 (or null to keep train.lr), got {self.lr_after}")
+        if self.lr_switch_iteration < 0:
+            raise ValueError(f"train.lr_switch_iteration must be >= 0, got {self.lr_switch_iteration}")
+        if self.weight_decay < 0:
+            raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("train.warmup_ratio must be in [0, 1)")
         if self.epochs < 1 or self.global_batch_size < 1 or self.micro_batch_size < 1:
@@ -222,7 +257,7 @@ class TrainConfig:
             )
 
     def lr_for(self, iteration: int) -> float:
-        """Peak learning rate of `iteration` (SPIN's schedule: 5e-7 for iterations 0-1, then 1e-7)."""
+        """Peak learning rate of `iteration`: `lr`, or `lr_after` from `lr_switch_iteration` on when set."""
         if self.lr_after is not None and iteration >= self.lr_switch_iteration:
             return self.lr_after
         return self.lr
@@ -264,6 +299,10 @@ class EvalConfig:
     """Examples per lm-eval task (None = all)."""
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1")
+        if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
+            raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
         if self.task_metric not in ("auto", "exact_match", "none") and ":" not in self.task_metric:
             raise ValueError(
                 "eval.task_metric must be auto, exact_match, none or 'package.module:function' "
@@ -302,6 +341,14 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self) -> None:
+        name = self.name.strip()
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(
+                "name must be a plain directory name (the run goes to <output_dir>/<name>), "
+                f"got {self.name!r}"
+            )
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: give the parent directory of runs (default 'runs')")
         if not self.data.train:
             raise ValueError("data.train is required: a file, a dataset directory or 'builtin:arithmetic'")
         if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
@@ -338,6 +385,14 @@ class RunConfig:
 
     def eval_fingerprint(self) -> str:
         return _hash(eval_view(self.to_dict()))
+
+
+def _finite(section: str, obj: Any, *names: str) -> None:
+    """NaN and infinity pass every `<` and `>` check silently, so each float field is tested first."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{section}.{name} must be a finite number, got {value}")
 
 
 def training_view(config: dict[str, Any]) -> dict[str, Any]:
@@ -441,9 +496,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
-            raise ValueError(f"unknown config key '{prefix}{key}'{hint}")
+            raise ValueError(f"unknown config key '{prefix}{key}'{_suggest(cls, str(key), prefix)}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
@@ -453,6 +506,44 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         return cls(**kwargs)
     except ValueError as e:
         raise ValueError(f"invalid config: {e}") from None
+
+
+# Names that other trainers use for a spaceft key, so a typo of them still finds the right key.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "batch_size": "global_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size",
+    "max_length": "max_new_tokens",
+    "model_name_or_path": "name",
+    "dataset": "train",
+    "output": "output_dir",
+}
+
+
+def _suggest(cls: type, key: str, prefix: str) -> str:
+    """' (did you mean 'train.lr'?)' for the nearest key of the same section, or ''."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    sections = [name for name in names if dataclasses.is_dataclass(hints[name])]
+    if not prefix:  # a section key given without its section: `lr=1e-7` for `train.lr=1e-7`
+        for name in sections:
+            inner = {f.name for f in dataclasses.fields(hints[name])}
+            exact = key if key in inner else SYNONYMS.get(key)
+            if exact in inner:
+                return f" (did you mean '{name}.{exact}'?)"
+    candidates = {name: name for name in names}
+    candidates.update({alias: name for alias, name in SYNONYMS.items() if name in names})
+    close = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{candidates[close[0]]}'?)"
+    for name in sections if not prefix else []:
+        found = _suggest(hints[name], key, f"{name}.")
+        if found:
+            return found
+    return ""
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -503,8 +594,38 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     base = data.pop("base", None)
     if base is None:
         return data
-    base_path = path.parent / (base if str(base).endswith(".yaml") else f"{base}.yaml")
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path}: 'base' must name a recipe file or a shipped recipe, got {base!r}")
+    base_path = path.parent / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    if not base_path.is_file():
+        shipped = shipped_recipe(base)
+        if shipped is None:
+            raise FileNotFoundError(
+                f"{path}: base recipe {base!r} is neither a file next to it ({base_path}) nor a shipped "
+                f"recipe ({', '.join(shipped_recipe_names())})"
+            )
+        base_path = shipped
     return _merge(read_recipe(base_path, (*_seen, path.resolve())), data)
+
+
+def shipped_recipe_names() -> list[str]:
+    """Names of the recipes shipped inside the package (`spaceft/recipes/*.yaml`)."""
+    from importlib import resources
+
+    return sorted(
+        p.name[:-5] for p in resources.files("spaceft.recipes").iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def shipped_recipe(name: str) -> Path | None:
+    """The path of the shipped recipe `name` (with or without `.yaml`), or None."""
+    from importlib import resources
+
+    stem = name.removesuffix(".yaml")
+    if not stem or "/" in stem or "\\" in stem:
+        return None
+    candidate = resources.files("spaceft.recipes") / f"{stem}.yaml"
+    return Path(str(candidate)) if candidate.is_file() else None
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:

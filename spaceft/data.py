@@ -437,7 +437,8 @@ def load_examples(
         raise DataError(f"{path}: empty, no rows to read")
     if not examples:
         raise DataError(f"{path}: no usable rows; {report.summary()}")
-    logger.info("%s", report.summary())
+    # skipped rows are a warning (they survive -q): the user asked to skip, not to be told nothing
+    (logger.warning if report.skipped else logger.info)("%s", report.summary())
     return examples, report
 
 

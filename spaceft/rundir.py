@@ -10,17 +10,28 @@ Every file is written under a temporary name and renamed, so a crash leaves eith
 the new one, never half of one. A stage that produces a table writes it in numbered parts first;
 a re-run skips the parts that exist and the stage ends by joining them into one file, so a crash in
 the middle of a stage loses at most one part of work and never duplicates a row.
+
+A crash can still leave the temporary names behind (`.model.tmp-1a2b3c4d/` holding a full model);
+`clean_leftovers` removes them at the next start, under the run directory's lock (`lock_run_dir`), which
+also keeps a second run from writing into the same directory. Temporary files are created by the code
+that writes them, not by `mkstemp`, so their mode follows the umask like every other output.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import platform
+import re
+import secrets
 import shutil
-import tempfile
+import socket
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,13 +57,17 @@ def maybe_fail(stage: str, count: int) -> None:
         raise InjectedFault(f"injected fault in {stage} after {count} unit(s) of work")
 
 
+def temp_name(path: Path) -> Path:
+    """A fresh temporary name next to `path`, of the form `clean_leftovers` recognises."""
+    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; rename it onto `path` if the block succeeds."""
+    """Yield a temporary path next to `path` (not yet created); rename it onto `path` if the block
+    succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = temp_name(path)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -65,7 +80,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def atomic_dir(path: Path) -> Iterator[Path]:
     """Yield a temporary directory; it replaces `path` (removing an old one) if the block succeeds."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = temp_name(path)
+    tmp.mkdir()
     try:
         yield tmp
         if path.exists():
@@ -88,7 +104,42 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """Read a JSON file; a damaged one raises `DamagedFileError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFileError(path, f"not valid JSON ({e})") from None
+
+
+class DamagedFileError(ValueError):
+    """A file of the run directory cannot be read back; the message names it and what to do."""
+
+    def __init__(self, path: Path, problem: str, remedy: str = "") -> None:
+        self.path = path
+        super().__init__(f"{path} is damaged: {problem}" + (f"; {remedy}" if remedy else ""))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Read a JSON-lines log such as metrics.jsonl. A torn last line (a crash while appending) is
+    dropped with a warning; a damaged line before it raises `DamagedFileError`."""
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines):
+                log.warning("%s: dropping its torn last line %d (left by an interrupted run)", path, i)
+                break
+            raise DamagedFileError(
+                path, f"line {i} is not a JSON object ({e})", "delete the file (only its log lines are lost)"
+            ) from None
+        rows.append(row)
+    return rows
 
 
 def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -158,6 +209,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+MANIFEST_REMEDY = (
+    "rerun with --force to start this run over (its finished work is discarded), or use another name"
+)
+
+
 @dataclass
 class Manifest:
     """runs/NAME/manifest.json: what was asked, with what, and which stages are done."""
@@ -168,7 +224,18 @@ class Manifest:
     @classmethod
     def open(cls, run_dir: Path) -> Manifest:
         path = run_dir / "manifest.json"
-        data = read_json(path) if path.exists() else {"iterations": {}}
+        if not path.exists():
+            return cls(path, {"iterations": {}})
+        problem = ""
+        try:
+            data = read_json(path)
+        except DamagedFileError as e:
+            problem = "empty" if path.stat().st_size == 0 else str(e).split(": ", 1)[1]
+        else:
+            if not (isinstance(data, dict) and isinstance(data.get("iterations"), dict)):
+                problem = "not a spaceft manifest (no 'iterations' mapping)"
+        if problem:
+            raise DamagedFileError(path, problem, MANIFEST_REMEDY)
         return cls(path, data)
 
     def save(self) -> None:
@@ -188,3 +255,116 @@ class Manifest:
     def clear(self, iteration: int | str, stage: str) -> None:
         self.data["iterations"].get(str(iteration), {}).pop(stage, None)
         self.save()
+
+
+# ----------------------------------------------------------------------------- integrity on read-back
+
+# What each stage writes (relative to iter_T/) and whose hash the manifest records.
+STAGE_OUTPUTS = {"generate": "synthetic.parquet", "score": "opponent_logps.parquet", "train": "model"}
+
+
+def verify_output(run_dir: Path, iteration: int | str, stage: str, entry: dict[str, Any]) -> None:
+    """Check a finished stage's output against the hash recorded in the manifest when it was written."""
+    path = run_dir / f"iter_{iteration}" / STAGE_OUTPUTS[stage]
+    expected = entry.get("hash")
+    if not expected:
+        return
+    redo = (
+        f"redo that stage with `spaceft {stage} <recipe> -t {iteration}` (it also redoes what depends on it)"
+    )
+    if not path.exists():
+        raise DamagedFileError(path, f"missing, though manifest.json records {stage} as done", redo)
+    if file_hash(path) != expected:
+        raise DamagedFileError(
+            path, "it does not match the hash recorded in manifest.json (truncated or changed since)", redo
+        )
+
+
+# ----------------------------------------------------------------------------------- crash leftovers
+
+_LEFTOVER = re.compile(
+    r"^\..+\.tmp-[0-9a-f]{8}$"  # atomic_path / atomic_dir
+    r"|^\..+\.[a-z0-9_]{8}(\.tmp)?$"  # the mkstemp names of earlier versions and of tasks.py
+    r"|^\..+\.old$"  # atomic_dir's swap
+    r"|^train_state\.(tmp|old)$"  # train.py's state swap
+)
+
+
+def clean_leftovers(run_dir: Path) -> list[Path]:
+    """Remove the temporary files and directories an interrupted write left in `run_dir`.
+
+    Call only while holding the run's lock: another live run's temporaries look the same. A complete
+    `train_state.tmp` (it holds its resume marker) without a `train_state` beside it is the newest
+    state, caught between the two renames of its swap: it is promoted instead of removed.
+    """
+    removed = []
+    for root, dirs, files in os.walk(run_dir):
+        for name in [*dirs, *files]:
+            if not _LEFTOVER.match(name):
+                continue
+            path = Path(root) / name
+            live = path.with_name("train_state")
+            if name == "train_state.tmp" and not live.exists() and (path / "progress.json").exists():
+                os.replace(path, live)
+                log.warning("recovered the training state %s from an interrupted save", live)
+                continue
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            removed.append(path)
+        dirs[:] = [d for d in dirs if (Path(root) / d).exists()]
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted run in %s", len(removed), run_dir)
+    return removed
+
+
+# ------------------------------------------------------------------------------------------- locking
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+_HELD: dict[Path, int] = {}
+
+
+def lock_run_dir(run_dir: Path, command: str | None = None) -> None:
+    """Take `run_dir/spaceft.lock` for this process (again: a no-op), or raise `RunDirBusyError`
+    naming its holder. The kernel drops the lock when the process ends, however it ends, so a crashed
+    run never leaves the directory locked."""
+    key = run_dir.resolve()
+    if key in _HELD:
+        return
+    path = run_dir / "spaceft.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise
+        raise RunDirBusyError(
+            f"{run_dir} is in use by {_holder(path)}: wait for that run to end, or give this one another "
+            "name (name=...)"
+        ) from None
+    holder = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "command": command or " ".join(["spaceft", *sys.argv[1:]]),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    os.ftruncate(fd, 0)
+    os.write(fd, (json.dumps(holder) + "\n").encode())
+    _HELD[key] = fd
+
+
+def unlock_run_dir(run_dir: Path) -> None:
+    fd = _HELD.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text(encoding="utf-8"))
+        return f"process {h['pid']} on {h['host']} ({h['command']}, since {h['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"

@@ -25,6 +25,7 @@ import torch
 from accelerate import PartialState
 
 from spaceft import data as data_mod
+from spaceft import preflight
 from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example, TokenizedExample
 from spaceft.evaluate import evaluate
@@ -170,6 +171,7 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
 def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     """Resolve the model, load and tokenize the data, check and update the manifest."""
     state = PartialState()
+    preflight.check(cfg, force=force, main_process=state.is_main_process)  # issue 9: fail before any work
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.main_process_first():  # one process converts the default model / writes the task data
         start = resolve_model_path(cfg.model.name)

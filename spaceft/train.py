@@ -10,10 +10,13 @@ covers (SFT: the per-token NLL over all their response tokens, i.e. maximum like
 micro-batch size, the number of accumulation steps or processes (each process scales its sum by
 world_size / prompts_in_step; DDP then averages) — tests/test_train.py proves it.
 
-Resume: every `save_every` optimizer steps the full training state (weights, optimizer, scheduler,
-RNG; `Accelerator.save_state`) plus the step counter is written to `train_state/` atomically. The
-data order of epoch e is a permutation seeded by (seed, iteration, e), so a resumed run replays
-exactly the remaining steps and ends bit-identical to an uninterrupted one.
+Resume: every `save_every` optimizer steps the full training state (weights, optimizer and RNG via
+`Accelerator.save_state`; the scheduler and step counter as JSON in `progress.json`) is written to
+`train_state/` atomically. The data order of epoch e is a permutation seeded by (seed, iteration, e),
+so a resumed run replays exactly the remaining steps and ends bit-identical to an uninterrupted one.
+`progress.json` is the resume marker: written last, removed first. Nothing in the state is unpickled:
+the scheduler is not registered with Accelerate (whose custom states load with `weights_only=False`)
+and Accelerate loads the rest with `weights_only=True`; a state holding any other pickle is refused.
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ from transformers import PreTrainedTokenizerBase, get_scheduler
 from spaceft.config import RunConfig
 from spaceft.losses import LossOutput, LossType, compute_loss
 from spaceft.models import apply_lora, mergeable
-from spaceft.rundir import atomic_dir, maybe_fail, write_json
+from spaceft.rundir import (
+    DamagedFileError,
+    atomic_dir,
+    atomic_path,
+    maybe_fail,
+    read_json,
+    read_jsonl,
+    write_json,
+)
 from spaceft.score import pack, sequence_logps
 
 log = logging.getLogger(__name__)
@@ -138,20 +149,32 @@ def make_optimizer(params: Any, cfg: RunConfig, lr: float) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
 
 
-def _save_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
-    """Write the training state to a temporary directory, then swap it in (a crash keeps the old one)."""
+STATE_FORMAT = 2  # 1: scheduler pickled by Accelerate (custom_checkpoint_0.pkl), never loaded again
+
+
+def _save_state(accelerator: Accelerator, state_dir: Path, step: int, scheduler: Any) -> None:
+    """Write the training state to a temporary directory, then swap it in (a crash keeps the old one).
+
+    The resume marker `progress.json` (step and scheduler state, as JSON) is written last, and the old
+    state loses its marker before it is renamed away, so no interruption leaves a marker beside an
+    incomplete state.
+    """
     tmp = state_dir.with_name(state_dir.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    accelerator.save_state(str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "progress.json").write_text(json.dumps({"step": step}))
+        scheduler_state = json.loads(json.dumps(scheduler.state_dict()))  # plain JSON, or this raises
+        write_json(
+            tmp / "progress.json", {"format": STATE_FORMAT, "step": step, "scheduler": scheduler_state}
+        )
         old = state_dir.with_name(state_dir.name + ".old")
         if old.exists():
             shutil.rmtree(old)  # left by a crash between the two renames of an earlier save
         if state_dir.exists():
+            _drop_state(state_dir, keep_dir=True)
             os.replace(state_dir, old)
         os.replace(tmp, state_dir)
         if old.exists():
@@ -159,12 +182,56 @@ def _save_state(accelerator: Accelerator, state_dir: Path, step: int) -> None:
     accelerator.wait_for_everyone()
 
 
+def _drop_state(state_dir: Path, *, keep_dir: bool = False) -> None:
+    """Remove the resume marker first, then (unless `keep_dir`) the rest of the state."""
+    (state_dir / "progress.json").unlink(missing_ok=True)
+    if not keep_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _load_state(accelerator: Accelerator, state_dir: Path, scheduler: Any, iteration: int) -> int:
+    """Restore a saved training state; return its step (0: no usable state, start the iteration over)."""
+    marker = state_dir / "progress.json"
+    if not marker.exists():
+        if state_dir.exists() and accelerator.is_main_process:
+            shutil.rmtree(state_dir)  # an incomplete state: its save was interrupted before the marker
+        accelerator.wait_for_everyone()
+        return 0
+    restart = f"delete {state_dir} to restart iteration {iteration}'s training from its first step"
+    progress = read_json(marker)
+    if not isinstance(progress, dict) or progress.get("format") != STATE_FORMAT:
+        log.warning(
+            "%s was written by an earlier spaceft (its scheduler is a pickle, which is never loaded): "
+            "iteration %d's training restarts from its first step", state_dir, iteration,
+        )  # fmt: skip
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _drop_state(state_dir)
+        accelerator.wait_for_everyone()
+        return 0
+    pickles = sorted(p.name for p in state_dir.glob("*.pkl") if not p.name.startswith("random_states_"))
+    if pickles:
+        raise DamagedFileError(state_dir, f"it holds {', '.join(pickles)}, which spaceft never writes "
+                               "(a pickle runs code when loaded, so it is not)", restart)  # fmt: skip
+    try:
+        accelerator.load_state(str(state_dir))  # model and optimizer; Accelerate uses weights_only=True
+        scheduler.load_state_dict(progress["scheduler"])
+        step = int(progress["step"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+        raise DamagedFileError(
+            state_dir, f"cannot load it ({type(e).__name__}: {str(e)[:200]})", restart
+        ) from None
+    return step
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep the metric lines of steps <= last_step, so a resumed run never logs a step twice."""
+    """Keep the metric lines of steps <= last_step, so a resumed run never logs a step twice (a torn last
+    line left by a crash is dropped with a warning)."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [row for row in read_jsonl(path) if int(row.get("step", 0)) <= last_step]
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
 
 
 def train_iteration(
@@ -230,13 +297,10 @@ def train_iteration(
     # The scheduler is NOT prepared: Accelerate's wrapper steps it once per process per call (it
     # assumes per-process step counts), while `steps` already counts global optimizer steps.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     pad_id = tokenizer.pad_token_id
-    # step 2: resume
-    start = 0
-    if (state_dir / "progress.json").exists():
-        accelerator.load_state(str(state_dir))
-        start = json.loads((state_dir / "progress.json").read_text())["step"]
+    # step 2: resume (the scheduler is not registered with Accelerate: its state travels as JSON)
+    start = _load_state(accelerator, state_dir, scheduler, iteration)
+    if start:
         log.info("iteration %d: resuming training at step %d/%d", iteration, start, len(steps))
     if accelerator.is_main_process:
         iter_dir.mkdir(parents=True, exist_ok=True)
@@ -300,7 +364,7 @@ def train_iteration(
         bar.update(1)
         maybe_fail("train", step + 1)
         if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
-            _save_state(accelerator, state_dir, step + 1)
+            _save_state(accelerator, state_dir, step + 1, scheduler)
     bar.close()
     # step 5: save the model in HF format, then drop the resume state
     accelerator.wait_for_everyone()
@@ -313,7 +377,7 @@ def train_iteration(
             tokenizer.save_pretrained(tmp)
             (tmp / "spaceft_config.yaml").write_text(cfg.to_yaml())  # the config travels with the weights
         if state_dir.exists():
-            shutil.rmtree(state_dir)
+            _drop_state(state_dir)
         write_json(iter_dir / "train_summary.json", {"steps": len(steps), "lr": lr, **last})
     accelerator.wait_for_everyone()  # no rank reads the model before it is written
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
@@ -367,9 +431,14 @@ def _stop_if(
     """Raise NonFiniteLossError on every rank if any rank saw a non-finite value (no rank hangs)."""
     flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum")
     if float(flag.item()) > 0:
+        saved = (
+            f"the last good training state is in {state_dir}"
+            if (state_dir / "progress.json").exists()
+            else f"no training state was saved yet, so iteration {iteration} will start over"
+        )
         raise NonFiniteLossError(
             f"non-finite {what} at iteration {iteration}, step {step + 1}: lower train.lr, or train in "
-            f"float32; the weights were not updated and the last good training state is in {state_dir}"
+            f"float32; the weights were not updated and {saved}"
         )
 
 

@@ -1,0 +1,292 @@
+"""Checks made before the first stage, so that a bad setting fails in seconds, not after an hour.
+
+`RunConfig.__post_init__` already checks each value and each cross-field rule that needs nothing but
+the config. What needs the outside world is checked here, before any model is loaded:
+
+- the run directory: creatable, writable, not a file; then locked for this run (`rundir.lock_run_dir`),
+  cleaned of what an interrupted run left behind, its manifest readable, and the finished outputs
+  that the remaining stages will read checked against the hashes recorded when they were written;
+- the data paths that are local files;
+- the model: a local directory with a config, weights and a tokenizer, or a hub id that is cached
+  or can be found on the Hub; and the sequence budgets against the model's positions.
+
+Every failure is a `ValueError` (or `FileNotFoundError`) whose message names the key or the path and
+says what to do; the CLI prints it as one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from spaceft.config import RunConfig
+from spaceft.rundir import (
+    STAGE_OUTPUTS,
+    DamagedFileError,
+    Manifest,
+    clean_leftovers,
+    lock_run_dir,
+    temp_name,
+    verify_output,
+)
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json", "*.gguf")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
+
+
+def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> None:
+    """Every check of this module, in order; the run directory's lock is held from here on.
+
+    Only the main process locks, cleans and repairs the run directory (under `accelerate launch`
+    the others only read it).
+    """
+    check_run_dir(cfg.run_dir)
+    if main_process:
+        lock_run_dir(cfg.run_dir)
+        clean_leftovers(cfg.run_dir)
+        manifest = open_manifest(cfg.run_dir, force=force)
+        verify_pending_inputs(manifest, cfg)
+    for key in ("train", "eval"):
+        check_data_path(f"data.{key}", getattr(cfg.data, key))
+    model_dir = check_model(cfg)
+    if model_dir is not None:
+        check_positions(cfg, model_dir)
+
+
+# ------------------------------------------------------------------------------------ run directory
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` if needed and prove it writable, naming the path that is in the way."""
+    for parent in [run_dir, *run_dir.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(
+                f"{parent} is a file, so the run directory {run_dir} cannot be made there: "
+                "choose another output_dir or name"
+            )
+        if parent.exists():
+            break
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = temp_name(run_dir / "write-probe")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(describe_os_error(e, run_dir, "the run directory")) from None
+
+
+def describe_os_error(e: OSError, path: Path, what: str) -> str:
+    """One line for an OS error met while writing `path`."""
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on device: {path} ({free_space(path)}): free space or choose another output_dir"
+        )
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{what} {path} is not writable ({reason}): fix its permissions or choose another output_dir"
+    return f"cannot write {what} {path}: {reason}"
+
+
+def free_space(path: Path) -> str:
+    for p in [path, *path.parents]:
+        if p.exists():
+            return f"{shutil.disk_usage(p).free / 2**20:.0f} MiB free"
+    return "free space unknown"
+
+
+def open_manifest(run_dir: Path, *, force: bool) -> Manifest:
+    """Read the manifest; with `force`, a damaged one is set aside and the run starts over."""
+    try:
+        return Manifest.open(run_dir)
+    except DamagedFileError as e:
+        if not force:
+            raise
+        aside = run_dir / f"manifest.json.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.replace(e.path, aside)
+        for child in run_dir.iterdir():
+            if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):
+                shutil.rmtree(child)
+        log.warning(
+            "--force: %s was damaged; moved it to %s and discarded the run's work", e.path, aside.name
+        )
+        return Manifest.open(run_dir)
+
+
+def verify_pending_inputs(manifest: Manifest, cfg: RunConfig) -> None:
+    """Check, against the manifest's hashes, each finished output that a stage still to run will read.
+
+    Outputs nothing will read again are not hashed (a 7B model takes a while), nor are the outputs of
+    a run whose training config changed (they are stale and handled by the resume check).
+    """
+    if manifest.data.get("fingerprint") != cfg.training_fingerprint():
+        return
+    total = cfg.selfplay.iterations
+
+    def done(t: int, stage: str) -> bool:
+        return manifest.is_done(t, stage)
+
+    for t in range(total):
+        for stage in STAGE_OUTPUTS:
+            entry = manifest.stage(t, stage)
+            if not (entry and entry.get("status") == "done"):
+                continue
+            if stage == "train":
+                eval_pending = cfg.eval.enabled and manifest.stage(t, "eval") is None and bool(cfg.data.eval)
+                needed = eval_pending or (t + 1 < total and not done(t + 1, "train"))
+            else:  # synthetic samples and scores feed this and (mixing, no resampling) later trainings
+                needed = any(not done(u, "train") for u in range(t, total))
+            if needed:
+                verify_output(cfg.run_dir, t, stage, entry)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def check_data_path(key: str, spec: str | None) -> None:
+    """A data spec that is evidently a local file must exist (hub datasets are checked when read)."""
+    if not spec or spec.startswith("builtin:"):
+        return
+    path = Path(spec).expanduser()
+    if path.exists():
+        return
+    if spec.endswith(DATA_SUFFIXES) or spec.startswith((".", "/", "~")):
+        raise FileNotFoundError(
+            f"{key}: no such file or directory: {spec} (a .jsonl/.json/.parquet file, a dataset directory, a "
+            "hub dataset name or builtin:arithmetic)"
+        )
+
+
+# -------------------------------------------------------------------------------------------- model
+
+
+def check_model(cfg: RunConfig) -> Path | None:
+    """Check `model.name`; return a directory holding its config.json when one is known locally."""
+    from spaceft import default_model
+    from spaceft.models import TINY_ALIASES
+
+    spec = cfg.model.name
+    if spec in default_model.DEFAULT_MODEL_ALIASES:
+        converted = default_model.default_cache_dir() / "models" / default_model.MODEL_DIRNAME
+        return converted if (converted / "config.json").exists() else None
+    if spec in TINY_ALIASES:
+        return None  # built on the spot, 1024 positions
+    path = Path(spec).expanduser()
+    if path.exists() or not HUB_ID.match(spec):
+        check_model_dir(path)
+        return path
+    return _check_hub_model(spec, cfg.model.revision)
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model directory must hold a config, weights and a tokenizer."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model.name: no such directory: {path} (give a local model directory, a hub id such as "
+            "org/name, 'default' or 'tiny')"
+        )
+    if not path.is_dir():
+        raise ValueError(
+            f"model.name: {path} is a file; give the directory that holds config.json and weights"
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"model.name: {path} has no config.json, so it is not a Hugging Face model directory"
+        )
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_FILES):
+        raise ValueError(f"model.name: {path} has config.json but no weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(
+            f"model.name: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save the tokenizer next "
+            "to the weights (tokenizer.save_pretrained)"
+        )
+
+
+def _check_hub_model(repo_id: str, revision: str | None) -> Path | None:
+    """A hub id must be cached (offline) or exist on the Hub (online). Returns the cached snapshot."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    snapshot = Path(cached).parent if isinstance(cached, str) else None
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        if snapshot is None:
+            raise ValueError(
+                f"model.name: {repo_id!r} is not a local directory, and the Hugging Face Hub is offline "
+                "(HF_HUB_OFFLINE=1) with no cached copy: give a local model directory, or unset "
+                "HF_HUB_OFFLINE"
+            )
+        return snapshot
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().model_info(repo_id, revision=revision, timeout=15)
+    except RevisionNotFoundError:
+        raise ValueError(
+            f"model.revision: {revision!r} is not a branch, tag or commit of {repo_id}"
+        ) from None
+    except GatedRepoError:
+        raise ValueError(
+            f"model.name: {repo_id} is gated: accept its licence on huggingface.co and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ValueError(
+            f"model.name: {repo_id!r} is neither a local directory nor a model on the Hugging Face Hub "
+            "(a private one needs `hf auth login`)"
+        ) from None
+    except Exception as e:  # no network, proxy, timeout: whatever the HTTP stack raises
+        if snapshot is not None:
+            log.warning(
+                "the Hugging Face Hub is unreachable (%s); using the cached %s", type(e).__name__, repo_id
+            )
+            return snapshot
+        raise ValueError(
+            f"model.name: {repo_id!r} is not a local directory, and the Hugging Face Hub could not be "
+            f"reached to fetch it ({type(e).__name__}): give a local model directory, or check the network"
+        ) from None
+    return snapshot
+
+
+def model_positions(model_dir: Path) -> tuple[int, str] | None:
+    """(positions, config key) from a model's config.json, or None when it does not say."""
+    try:
+        config: dict[str, Any] = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"model.name: cannot read {model_dir / 'config.json'}: {e}") from None
+    for section in (config, config.get("text_config") or {}):
+        for key in POSITION_KEYS:
+            if isinstance(section.get(key), int) and section[key] > 0:
+                return section[key], key
+    return None
+
+
+def check_positions(cfg: RunConfig, model_dir: Path) -> None:
+    """Longest prompt plus longest response must fit the model's positions, for every stage."""
+    found = model_positions(model_dir)
+    if found is None:
+        return
+    positions, key = found
+    d = cfg.data
+    budgets = [("data.max_response_tokens", d.max_response_tokens)]
+    if cfg.train.loss.uses_synthetic:
+        budgets.append(("generation.max_new_tokens", cfg.generation.max_new_tokens))
+    if cfg.eval.enabled and d.eval:
+        budgets.append(("eval.max_new_tokens", cfg.eval.max_new_tokens))
+    for name, tokens in budgets:
+        if d.max_prompt_tokens + tokens > positions:
+            raise ValueError(
+                f"{name} ({tokens}) + data.max_prompt_tokens ({d.max_prompt_tokens}) exceeds the {positions} "
+                f"positions of the model ({key} in {model_dir / 'config.json'}): lower {name} to at most "
+                f"{max(positions - d.max_prompt_tokens, 0)}, or data.max_prompt_tokens"
+            )
