@@ -35,6 +35,7 @@ from spaceft.rundir import (
     lock_run_dir,
     temp_name,
     verify_output,
+    write_text,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
         clean_leftovers(cfg.run_dir)
         manifest = open_manifest(cfg.run_dir, force=force)
         verify_pending_inputs(manifest, cfg)
+        write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())  # the resolved config, as this run uses it
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     model_dir = check_model(cfg)

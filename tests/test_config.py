@@ -20,8 +20,11 @@ def test_defaults_follow_the_seed_and_spin() -> None:
     assert cfg.train.loss is LossType.SPACE
     assert cfg.train.mu == 1.0 and cfg.train.optimizer == "rmsprop"
     assert cfg.train.global_batch_size == 64 and cfg.train.epochs == 2
-    # SPIN's schedule: 5e-7 for iterations 0-1, then 1e-7
-    assert [cfg.train.lr_for(t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
+    # the user's lr holds for every iteration unless the recipe asks for a switch (issue 9)
+    assert cfg.train.lr_after is None
+    assert [cfg.train.lr_for(t) for t in range(4)] == [5e-7] * 4
+    spin = config_from_dict({**MIN, "train": {"lr_after": 1e-7}})  # SPIN's schedule, stated
+    assert [spin.train.lr_for(t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
 
 
 def test_overrides_are_typed_and_nested() -> None:

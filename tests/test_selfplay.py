@@ -159,9 +159,9 @@ def test_demo_recipe_smoke_run_on_a_tiny_model(
     """`spaceft demo` (the recipe `make demo` runs) end to end, with the tiny model in place of SmolLM2."""
     over = tiny_overrides(tmp_path, tiny_model_dir, **{"selfplay.iterations": 1, "data.train_size": 4,
                                                         "data.max_prompt_tokens": 512})  # fmt: skip
-    assert main(["demo", *over]) == 0
+    assert main(["demo", *over, "-v"]) == 0  # global flags may follow the overrides
     out = capsys.readouterr().out
-    assert "# spaceft demo" in out and "name: demo-space" in out  # the resolved config is printed
+    assert "# spaceft demo" in out and "name: demo-space" in out  # -v prints the resolved config
     assert "| base |" in out and "| 0 |" in out
     run_dir = tmp_path / "runs" / "demo-space"
     assert read_json(run_dir / "manifest.json")["config"]["train"]["loss"] == "space"
