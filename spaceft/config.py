@@ -4,7 +4,9 @@ A recipe is a YAML file whose top-level sections mirror the dataclasses below
 (`model`, `data`, `generation`, `train`, `selfplay`, `eval`, `logging`). Any field can be
 overridden on the command line as `section.field=value`; values are parsed as YAML scalars
 (`train.lr=1e-7`, `eval.tasks=[a,b]`). Unknown keys and ill-typed values are errors that
-name the key. The resolved config is printed at start and stored in the run's manifest.
+name the key (an unknown one with the nearest key of its section). The resolved config is written to
+the run directory (`config.yaml`, and the manifest) and printed with `spaceft -v`. What needs more than
+the config (paths, the model, the run directory) is checked in `preflight.py`.
 """
 
 from __future__ import annotations

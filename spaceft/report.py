@@ -6,12 +6,11 @@ reward over training steps, iterations side by side) and RUN/eval.png (held-out 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from spaceft.rundir import atomic_path, read_json
+from spaceft.rundir import atomic_path, read_json, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def _eval_cols(ev: dict[str, Any]) -> dict[str, Any]:
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)  # a torn last line (a crash mid-append) is dropped with a warning
 
 
 COLUMNS = [
