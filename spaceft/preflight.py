@@ -127,7 +127,8 @@ def open_manifest(run_dir: Path, *, force: bool) -> Manifest:
 
 
 def verify_pending_inputs(manifest: Manifest, cfg: RunConfig) -> None:
-    """Check, against the manifest's hashes, each finished output that a stage still to run will read.
+    """Check, against the manifest's hashes, each finished output that a stage still to run will read;
+    a damaged one is redone, with what was built on it, instead of failing the run (or every re-run).
 
     Outputs nothing will read again are not hashed (a 7B model takes a while), nor are the outputs of
     a run whose training config changed (they are stale and handled by the resume check).
@@ -139,18 +140,34 @@ def verify_pending_inputs(manifest: Manifest, cfg: RunConfig) -> None:
     def done(t: int, stage: str) -> bool:
         return manifest.is_done(t, stage)
 
-    for t in range(total):
-        for stage in STAGE_OUTPUTS:
-            entry = manifest.stage(t, stage)
-            if not (entry and entry.get("status") == "done"):
-                continue
-            if stage == "train":
-                eval_pending = cfg.eval.enabled and manifest.stage(t, "eval") is None and bool(cfg.data.eval)
-                needed = eval_pending or (t + 1 < total and not done(t + 1, "train"))
-            else:  # synthetic samples and scores feed this and (mixing, no resampling) later trainings
-                needed = any(not done(u, "train") for u in range(t, total))
-            if needed:
-                verify_output(cfg.run_dir, t, stage, entry)
+    changed = True
+    while changed:  # redoing a stage makes its inputs needed again: check until nothing changes
+        changed = False
+        for t in range(total):
+            for stage in STAGE_OUTPUTS:
+                entry = manifest.stage(t, stage)
+                if not (entry and entry.get("status") == "done"):
+                    continue
+                if stage == "train":
+                    eval_pending = cfg.eval.enabled and bool(cfg.data.eval) and not done(t, "eval")
+                    needed = eval_pending or (t + 1 < total and not done(t + 1, "train"))
+                else:  # samples and scores feed this and (mixing, no resampling) later trainings
+                    needed = any(not done(u, "train") for u in range(t, total))
+                problem = verify_output(cfg.run_dir, t, stage, entry) if needed else None
+                if problem:
+                    log.warning("%s: redoing %s of iteration %d and what was built on it", problem, stage, t)
+                    _forget_from(manifest, t, stage)
+                    changed = True
+
+
+def _forget_from(manifest: Manifest, t: int, stage: str) -> None:
+    """Mark `stage` of iteration t, its later stages and every later iteration as not done."""
+    order = ("generate", "score", "train", "eval")
+    for s in order[order.index(stage) :]:
+        manifest.data["iterations"].get(str(t), {}).pop(s, None)
+    for key in [k for k in manifest.data["iterations"] if k.isdigit() and int(k) > t]:
+        manifest.data["iterations"].pop(key)
+    manifest.save()
 
 
 # --------------------------------------------------------------------------------------------- data

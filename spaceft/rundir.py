@@ -267,21 +267,18 @@ class Manifest:
 STAGE_OUTPUTS = {"generate": "synthetic.parquet", "score": "opponent_logps.parquet", "train": "model"}
 
 
-def verify_output(run_dir: Path, iteration: int | str, stage: str, entry: dict[str, Any]) -> None:
-    """Check a finished stage's output against the hash recorded in the manifest when it was written."""
+def verify_output(run_dir: Path, iteration: int | str, stage: str, entry: dict[str, Any]) -> str | None:
+    """Check a finished stage's output against the hash recorded in the manifest when it was written;
+    return what is wrong with it, or None."""
     path = run_dir / f"iter_{iteration}" / STAGE_OUTPUTS[stage]
     expected = entry.get("hash")
     if not expected:
-        return
-    redo = (
-        f"redo that stage with `spaceft {stage} <recipe> -t {iteration}` (it also redoes what depends on it)"
-    )
+        return None
     if not path.exists():
-        raise DamagedFileError(path, f"missing, though manifest.json records {stage} as done", redo)
+        return f"{path} is missing, though manifest.json records {stage} as done"
     if file_hash(path) != expected:
-        raise DamagedFileError(
-            path, "it does not match the hash recorded in manifest.json (truncated or changed since)", redo
-        )
+        return f"{path} does not match the hash recorded in manifest.json (truncated or changed since)"
+    return None
 
 
 # ----------------------------------------------------------------------------------- crash leftovers

@@ -332,22 +332,27 @@ def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path: Path, caplog
         _truncate_metrics(path, 2)
 
 
-def test_outputs_are_checked_against_the_manifests_hashes(tmp_path: Path) -> None:
-    cfg = load_config(None, ["data.train=x.jsonl", f"output_dir={tmp_path}", "selfplay.iterations=2"])
+def test_damaged_outputs_are_found_by_their_hash_and_redone(tmp_path: Path, caplog) -> None:
+    cfg = load_config(None, ["data.train=x.jsonl", f"output_dir={tmp_path}", "selfplay.iterations=3"])
     model = cfg.run_dir / "iter_0" / "model"
     model.mkdir(parents=True)
     (model / "model.safetensors").write_bytes(b"x" * 1000)
     manifest = Manifest.open(cfg.run_dir)
     manifest.data["fingerprint"] = cfg.training_fingerprint()
     manifest.mark_done(0, "train", hash=file_hash(model))
-    preflight.verify_pending_inputs(manifest, cfg)  # intact: iteration 1 will read it, and passes
+    manifest.mark_done(0, "eval")
+    manifest.mark_done(1, "generate")  # iteration 1 reads iteration 0's model
+    preflight.verify_pending_inputs(manifest, cfg)  # intact: nothing changes
+    assert manifest.is_done(0, "train") and manifest.is_done(1, "generate")
     (model / "model.safetensors").write_bytes(b"x" * 500)  # truncated
-    with pytest.raises(DamagedFileError) as err:
+    with caplog.at_level(logging.WARNING):
         preflight.verify_pending_inputs(manifest, cfg)
-    assert str(err.value) == (
-        f"{model} is damaged: it does not match the hash recorded in manifest.json (truncated or changed "
-        "since); redo that stage with `spaceft train <recipe> -t 0` (it also redoes what depends on it)"
+    assert (
+        f"{model} does not match the hash recorded in manifest.json (truncated or changed since): redoing "
+        "train of iteration 0 and what was built on it" in caplog.text
     )
+    assert not manifest.is_done(0, "train") and not manifest.is_done(0, "eval")
+    assert "1" not in Manifest.open(cfg.run_dir).data["iterations"]  # saved: built on the damaged model
 
 
 def test_leftovers_of_an_interrupted_save_are_removed(tmp_path: Path) -> None:
