@@ -21,10 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -260,16 +258,11 @@ def write_arithmetic_jsonl(path: Path, n: int, *, seed: int, split: str) -> Path
     """Write :func:`make_arithmetic` rows as JSON lines to ``path`` atomically; return ``path``."""
     path = Path(path)
     rows = make_arithmetic(n, seed=seed, split=split)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from spaceft.rundir import atomic_path  # its temporary file follows the umask, unlike mkstemp's
+
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     logger.info("wrote %d %s arithmetic problems (seed %d) to %s", n, split, seed, path)
     return path
 

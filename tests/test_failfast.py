@@ -36,6 +36,7 @@ from spaceft.rundir import (
     unlock_run_dir,
     write_json,
 )
+from spaceft.tasks import write_arithmetic_jsonl
 
 from .conftest import tiny_overrides
 
@@ -384,9 +385,11 @@ def test_files_written_through_temporary_names_follow_the_umask(tmp_path: Path) 
             tmp.write_text("{}")
         with atomic_dir(tmp_path / "d") as tmp:
             (tmp / "f").write_text("x")
+        write_arithmetic_jsonl(tmp_path / "task.jsonl", 2, seed=0, split="train")
     finally:
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "task.jsonl").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
 
 
