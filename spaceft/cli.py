@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from spaceft.config import shipped_recipe, shipped_recipe_names
+from spaceft.recipes import shipped_recipe, shipped_recipe_names
 
 log = logging.getLogger(__name__)
 

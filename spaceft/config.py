@@ -600,6 +600,8 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ValueError(f"{path}: 'base' must name a recipe file or a shipped recipe, got {base!r}")
     base_path = path.parent / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
     if not base_path.is_file():
+        from spaceft.recipes import shipped_recipe, shipped_recipe_names
+
         shipped = shipped_recipe(base)
         if shipped is None:
             raise FileNotFoundError(
@@ -608,26 +610,6 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
             )
         base_path = shipped
     return _merge(read_recipe(base_path, (*_seen, path.resolve())), data)
-
-
-def shipped_recipe_names() -> list[str]:
-    """Names of the recipes shipped inside the package (`spaceft/recipes/*.yaml`)."""
-    from importlib import resources
-
-    return sorted(
-        p.name[:-5] for p in resources.files("spaceft.recipes").iterdir() if p.name.endswith(".yaml")
-    )
-
-
-def shipped_recipe(name: str) -> Path | None:
-    """The path of the shipped recipe `name` (with or without `.yaml`), or None."""
-    from importlib import resources
-
-    stem = name.removesuffix(".yaml")
-    if not stem or "/" in stem or "\\" in stem:
-        return None
-    candidate = resources.files("spaceft.recipes") / f"{stem}.yaml"
-    return Path(str(candidate)) if candidate.is_file() else None
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
