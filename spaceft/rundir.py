@@ -349,7 +349,7 @@ def lock_run_dir(run_dir: Path, command: str | None = None) -> None:
     holder = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
-        "command": command or " ".join(["spaceft", *sys.argv[1:]]),
+        "command": _shorten(command or " ".join(["spaceft", *sys.argv[1:]])),
         "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     os.ftruncate(fd, 0)
@@ -361,6 +361,10 @@ def unlock_run_dir(run_dir: Path) -> None:
     fd = _HELD.pop(run_dir.resolve(), None)
     if fd is not None:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _holder(path: Path) -> str:
