@@ -61,7 +61,7 @@ def _run_argv(tmp: Path, model_dir: Path | str, *extra: str, **over: object) -> 
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("generation.top_k=-5", "generation.top_k must be >= 0 (0 disables top-k), got -5"),
+        ("generation.top_k=-5", "generation.top_k must be >= 0 (0 disables it), got -5"),
         ("generation.temperature=nan", "generation.temperature must be a finite number, got nan"),
         ("generation.top_p=.nan", "generation.top_p must be a finite number, got nan"),
         ("train.lr=inf", "train.lr must be a finite number, got inf"),
@@ -256,7 +256,9 @@ def test_a_directory_without_a_model(
     assert message in _fail(capsys, _run_argv(tmp_path, model))
 
 
-def test_max_new_tokens_beyond_the_models_positions(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
+def test_max_new_tokens_beyond_the_models_positions(
+    tmp_path: Path, tiny_model_dir: Path, capsys, caplog
+) -> None:
     model = tmp_path / "model512"
     shutil.copytree(tiny_model_dir, model)
     config = json.loads((model / "config.json").read_text())
@@ -264,10 +266,17 @@ def test_max_new_tokens_beyond_the_models_positions(tmp_path: Path, tiny_model_d
     over = {"generation.max_new_tokens": 2000, "data.max_prompt_tokens": 256, "data.max_response_tokens": 128}
     line = _fail(capsys, _run_argv(tmp_path, model, **over))
     assert (
-        "generation.max_new_tokens (2000) + data.max_prompt_tokens (256) exceeds the 512 positions of the "
-        "model (max_position_embeddings in" in line
+        "generation.max_new_tokens (2000) does not fit the 512 positions of the model "
+        f"(max_position_embeddings in {model / 'config.json'}): lower it below 512 (prompt and response "
+        "share the positions)" in line
     )
-    assert "lower generation.max_new_tokens to at most 256" in line
+    over = ["data.train=x.jsonl", "data.max_prompt_tokens=400", "generation.max_new_tokens=200"]
+    cfg = load_config(None, over)
+    with caplog.at_level(logging.WARNING):
+        preflight.check_positions(cfg, model)  # each fits alone, not both at their longest: a warning
+    assert "generation.max_new_tokens (200) + data.max_prompt_tokens (400) exceeds the 512 positions" in (
+        caplog.text
+    )
 
 
 def test_missing_data_file(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
