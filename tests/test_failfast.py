@@ -312,11 +312,14 @@ def test_damaged_manifest_names_itself_and_the_way_out(
     content: str, tmp_path: Path, tiny_model_dir: Path, capsys
 ) -> None:
     run_dir = tmp_path / "runs" / "tiny-space"
-    run_dir.mkdir(parents=True)
+    leftover = run_dir / "iter_0" / ".model.tmp-0123abcd" / "model.safetensors"  # a kill in the final save
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"weights")
     (run_dir / "manifest.json").write_text(content)
     line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir))
     assert f"{run_dir / 'manifest.json'} is damaged: " in line
     assert "rerun with --force to start this run over" in line
+    assert not leftover.parent.exists()  # the run's start removed it, under the lock, before the manifest
 
 
 def test_force_sets_a_damaged_manifest_aside(tmp_path: Path) -> None:
