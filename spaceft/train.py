@@ -218,9 +218,9 @@ def _load_state(accelerator: Accelerator, state_dir: Path, scheduler: Any, itera
         scheduler.load_state_dict(progress["scheduler"])
         step = int(progress["step"])
     except Exception as e:  # unpickling refused, truncated safetensors, shapes that do not fit: all damage
-        raise DamagedFileError(
-            state_dir, f"cannot load it ({type(e).__name__}: {str(e)[:200]})", restart
-        ) from None
+        first_line = (str(e).strip().splitlines() or [""])[0][:160]
+        problem = f"cannot load it ({type(e).__name__}: {first_line})"
+        raise DamagedFileError(state_dir, problem, restart) from None
     return step
 
 
