@@ -220,6 +220,8 @@ def _load_state(accelerator: Accelerator, state_dir: Path, scheduler: Any, itera
     except Exception as e:  # unpickling refused, truncated safetensors, shapes that do not fit: all damage
         first_line = (str(e).strip().splitlines() or [""])[0][:160]
         problem = f"cannot load it ({type(e).__name__}: {first_line})"
+        if type(e).__name__ == "UnpicklingError":  # torch's weights_only refusal
+            problem = "a file in it is a pickle of more than tensors: refused, loading it could run code"
         raise DamagedFileError(state_dir, problem, restart) from None
     return step
 
