@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ EPILOG = """examples:
   spaceft run my.yaml train.lr=1e-7 selfplay.iterations=5
   spaceft run my.yaml train.loss=spin --force       # discard stale work after a config change
   accelerate launch -m spaceft run paper_space      # multi-GPU: DDP / FSDP / DeepSpeed from accelerate
+  torchrun --nproc_per_node 2 -m spaceft run tiny   # 2 processes (gloo on CPU): same result as one
   spaceft report runs/demo-space
   spaceft lab --iterations 10 --seeds 3
 shipped recipes: {recipes}
@@ -156,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or isinstance(e, InjectedFault):
             raise
         message = describe_error(e, args.active_run_dir)
-        print(f"spaceft: error: {message}\n(run with --debug for the traceback)", file=sys.stderr)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        who = f" (process {os.environ.get('RANK', '0')} of {world})" if world > 1 else ""
+        print(f"spaceft: error{who}: {message}\n(run with --debug for the traceback)", file=sys.stderr)
         return 2
     finally:
         if args.active_run_dir is not None:

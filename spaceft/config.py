@@ -155,13 +155,16 @@ class GenerationConfig:
     batch_size: int = 16
     """Prompts per generate call (also the resume granularity of the stage)."""
     seed: int = 0
-    """Base seed; iteration t, chunk c samples with a seed derived from (seed, t, c)."""
+    """Base seed; prompt i of iteration t samples under a seed derived from (seed, t, i), so samples do
+    not depend on the batch size or the number of processes."""
     vllm_memory_fraction: float = 0.85
     """vLLM only: fraction of GPU memory (on the CPU backend: of RAM) its engine may reserve."""
     allow_biased_sampling: bool = False
     """Let SPACE / SPIN / S-IPO sample with temperature != 1, top_p < 1 or top_k > 0. Their losses take
     the opponent's untempered log-probs as the density of the synthetic samples, which such decoding
     no longer is; opting in is recorded in the manifest and the report."""
+    tensor_parallel_size: int = 1
+    """vLLM only: GPUs per engine, for a model that does not fit one; must divide the process count."""
 
     @property
     def is_ancestral(self) -> bool:
@@ -184,6 +187,10 @@ class GenerationConfig:
             raise ValueError(f"generation.top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.vllm_memory_fraction <= 1:
             raise ValueError("generation.vllm_memory_fraction must be in (0, 1]")
+        if self.tensor_parallel_size < 1:
+            raise ValueError("generation.tensor_parallel_size must be >= 1")
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
 
@@ -274,10 +281,15 @@ class SelfPlayConfig:
     resample: bool = True
     """Sample fresh synthetic responses each iteration; false reuses iteration 0's (an ablation:
     more epochs on fixed data, re-scored by each new opponent)."""
+    distributed_timeout_s: int = 1800
+    """With several processes: seconds any collective may wait for the others before the run stops
+    with an error (a process that died or hangs never leaves the others waiting longer)."""
 
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise ValueError("selfplay.iterations must be >= 1")
+        if self.distributed_timeout_s < 1:
+            raise ValueError("selfplay.distributed_timeout_s must be >= 1")
         if self.mix_previous and not self.resample:
             raise ValueError(
                 "selfplay.mix_previous needs selfplay.resample=true (there is no previous sample)"
@@ -403,7 +415,9 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
     for key in ("name", "output_dir", "eval", "logging"):
         d.pop(key, None)
     d.get("selfplay", {}).pop("iterations", None)  # raising it continues a run
-    d.get("generation", {}).pop("vllm_memory_fraction", None)  # memory, not results
+    d.get("selfplay", {}).pop("distributed_timeout_s", None)  # how long to wait, not results
+    for key in ("vllm_memory_fraction", "tensor_parallel_size"):  # memory and GPUs, not results
+        d.get("generation", {}).pop(key, None)
     for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
         d.get("data", {}).pop(key, None)
     return d

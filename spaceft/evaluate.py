@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from spaceft.config import EvalConfig, GenerationConfig
 from spaceft.data import Example, TokenizedExample
 from spaceft.generate import HFGenerator
-from spaceft.rundir import atomic_path, write_json
+from spaceft.rundir import ONE_PROCESS, Shard, atomic_path, merge_parts, write_json, write_parts
 from spaceft.score import score_sequences
 from spaceft.tasks import exact_match, parse_answer
 
@@ -73,47 +73,96 @@ def evaluate(
     model_dir: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate `model` on held-out pairs; write out_dir/eval.json (and eval_samples.jsonl)."""
-    result: dict[str, Any] = {"n": len(tokenized)}
-    pad_id = tokenizer.pad_token_id
-    # held-out NLL
-    logps = score_sequences(
-        model,
-        [t.prompt_ids for t in tokenized],
-        [t.response_ids for t in tokenized],
-        pad_id=pad_id,
-        batch_size=cfg.batch_size,
-        device=device,
-        desc="eval nll",
-        progress=progress,
-    )
-    tokens = sum(len(t.response_ids) for t in tokenized)
-    result["nll"] = -sum(logps) / max(tokens, 1)
-    # task metric by greedy decoding
+    """One process: evaluate `model` on held-out pairs; write out_dir/eval.json (and eval_samples.jsonl)."""
+    write_eval_parts(model, tokenizer, examples, tokenized, cfg, out_dir, stop_ids=stop_ids, device=device,
+                     progress=progress)  # fmt: skip
+    return finish_eval(examples, tokenized, cfg, out_dir, model_dir=model_dir)
+
+
+def _task_metric(
+    examples: Sequence[Example], tokenized: Sequence[TokenizedExample], cfg: EvalConfig
+) -> Metric | None:
     answers = [reference_answer(examples[t.index]) for t in tokenized]
-    metric = resolve_metric(cfg.task_metric)
     if cfg.task_metric == "auto" and not (answers and all(a is not None for a in answers)):
-        metric = None  # no verifiable answers in the held-out rows
+        return None  # no verifiable answers in the held-out rows
+    return resolve_metric(cfg.task_metric)
+
+
+def _chunks(tokenized: Sequence[TokenizedExample], cfg: EvalConfig) -> list[list[int]]:
+    """Positions of held-out examples in batches of similar prompt length (the same for any process count)."""
+    order = sorted(range(len(tokenized)), key=lambda i: (len(tokenized[i].prompt_ids), i))
+    return [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)] or [[]]
+
+
+def write_eval_parts(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    tokenized: Sequence[TokenizedExample],
+    cfg: EvalConfig,
+    out_dir: Path,
+    *,
+    stop_ids: Sequence[int],
+    device: torch.device,
+    shard: Shard = ONE_PROCESS,
+    progress: bool = True,
+    tag: str = "",
+) -> None:
+    """This shard's batches: each example's held-out log-prob and (with a task metric) greedy output."""
+    pad_id = tokenizer.pad_token_id
+    generate = _task_metric(examples, tokenized, cfg) is not None
+    greedy = GenerationConfig(temperature=0.0, num_samples=1, max_new_tokens=cfg.max_new_tokens)
+    gen = HFGenerator(model, greedy, stop_ids=stop_ids, pad_id=pad_id, device=device)
+    chunks = _chunks(tokenized, cfg)
+    bar = tqdm(total=sum(len(chunks[c]) for c in shard.units(len(chunks))), desc="eval",
+               disable=not progress, leave=False)  # fmt: skip
+
+    def make_chunk(c: int) -> list[dict[str, Any]]:
+        idx = chunks[c]
+        prompts = [tokenized[i].prompt_ids for i in idx]
+        logps = score_sequences(model, prompts, [tokenized[i].response_ids for i in idx], pad_id=pad_id,
+                                batch_size=cfg.batch_size, device=device, progress=False)  # fmt: skip
+        outputs: list[str | None] = [None] * len(idx)
+        if generate:
+            comps = gen.generate(prompts, num_samples=1, seeds=[0] * len(idx))
+            outputs = [tokenizer.decode(c[0].response_ids, skip_special_tokens=True) for c in comps]
+        bar.update(len(idx))
+        return [
+            {"position": i, "logp": lp, "output": o} for i, lp, o in zip(idx, logps, outputs, strict=True)
+        ]
+
+    write_parts(out_dir / "eval_outputs.parquet", len(chunks), make_chunk, stage="eval", tag=tag, shard=shard)
+    bar.close()
+
+
+def finish_eval(
+    examples: Sequence[Example],
+    tokenized: Sequence[TokenizedExample],
+    cfg: EvalConfig,
+    out_dir: Path,
+    *,
+    model_dir: str | None = None,
+    tag: str = "",
+) -> dict[str, Any]:
+    """Join the parts; held-out NLL, task accuracy (and lm-eval) into out_dir/eval.json."""
+    rows = merge_parts(out_dir / "eval_outputs.parquet", len(_chunks(tokenized, cfg)), tag=tag)
+    by_position = {r["position"]: r for r in rows}
+    result: dict[str, Any] = {"n": len(tokenized)}
+    # held-out NLL: summed over every response token, divided by their number
+    tokens = sum(len(t.response_ids) for t in tokenized)
+    result["nll"] = -sum(r["logp"] for r in rows) / max(tokens, 1)
+    # task metric on the greedy outputs
+    metric = _task_metric(examples, tokenized, cfg)
     if metric is not None:
-        greedy = GenerationConfig(temperature=0.0, num_samples=1, max_new_tokens=cfg.max_new_tokens)
-        gen = HFGenerator(model, greedy, stop_ids=stop_ids, pad_id=pad_id, device=device)
-        order = sorted(range(len(tokenized)), key=lambda i: len(tokenized[i].prompt_ids))
-        outputs: dict[int, str] = {}
-        for s in tqdm(
-            range(0, len(order), cfg.batch_size), desc="eval generate", disable=not progress, leave=False
-        ):
-            idx = order[s : s + cfg.batch_size]
-            comps = gen.generate([tokenized[i].prompt_ids for i in idx], num_samples=1, seed=0)
-            for i, c in zip(idx, comps, strict=True):
-                outputs[i] = tokenizer.decode(c[0].response_ids, skip_special_tokens=True)
         correct = 0
         with atomic_path(out_dir / "eval_samples.jsonl") as tmp, tmp.open("w", encoding="utf-8") as fh:
             for i in range(len(tokenized)):
-                pred = parse_answer(outputs[i])
-                ok = bool(metric(outputs[i], examples[tokenized[i].index]))
+                output = by_position[i]["output"]
+                example = examples[tokenized[i].index]
+                ok = bool(metric(output, example))
                 correct += ok
-                fh.write(json.dumps({"index": i, "output": outputs[i], "parsed": pred, "answer": answers[i],
-                                     "correct": ok}) + "\n")  # fmt: skip
+                fh.write(json.dumps({"index": i, "output": output, "parsed": parse_answer(output),
+                                     "answer": reference_answer(example), "correct": ok}) + "\n")  # fmt: skip
         result["accuracy"] = correct / max(len(tokenized), 1)
     if cfg.lm_eval_tasks:
         if model_dir is None:

@@ -5,8 +5,14 @@ left-padded, prompts sorted by length) and `VLLMGenerator` (optional extra). Pro
 chat-template token ids that training uses, so generation and training never disagree on the template
 (SPIN's released code generated with one template and trained with another).
 
-Determinism: each chunk of prompts is sampled under a seed derived from (seed, iteration, chunk),
-so the stage gives the same samples whether it runs in one go or resumes after a crash. Every response
+Determinism: every prompt has its own seed, derived from (seed, iteration, prompt index), and sample j
+of it draws its random numbers from its own generator seeded from (that seed, j). The HF backend samples
+with the exponential race (argmax of p / E with E ~ Exp(1) drawn per row, the Gumbel-max trick), which
+picks token v with probability p_v exactly as multinomial sampling does, but consumes only the row's own
+random stream: a sample does not depend on which other prompts share its batch, on the batch size, on
+the number of processes or on a resume. (Its logits can still differ in the last float bits between
+batch shapes; the stage therefore also cuts its batches the same way whatever the number of processes,
+so that samples are bit-identical.) The vLLM backend gives each prompt its seed too. Every response
 keeps its token ids (ending in the end-of-turn token unless it hit `max_new_tokens`), so scoring and
 training use exactly the sampled tokens, never a re-tokenisation of decoded text.
 """
@@ -22,9 +28,10 @@ from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from spaceft.config import GenerationConfig
-from spaceft.rundir import chunked_table, file_hash
+from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +44,9 @@ class Completion:
 
 class Generator(Protocol):
     def generate(
-        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seed: int
+        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seeds: Sequence[int]
     ) -> list[list[Completion]]:
-        """K completions for each prompt, in input order."""
+        """K completions for each prompt (prompt i sampled under seeds[i]), in input order."""
         ...
 
 
@@ -60,6 +67,46 @@ def cut_at_stop(ids: Sequence[int], stop_ids: set[int]) -> Completion:
         if tok in stop_ids:
             return Completion(tuple(out), hit_cap=False)
     return Completion(tuple(out), hit_cap=True)
+
+
+def prompt_seed(seed: int, iteration: int, prompt_index: int) -> int:
+    """The seed of one prompt's K samples in one iteration."""
+    return derive_seed(seed, iteration, prompt_index)
+
+
+class RowSampler:
+    """A logits processor that samples each row from its own random stream (run under greedy search).
+
+    scores [R, V] -> [R, V] with 0 at the sampled token and -inf elsewhere, so generate's argmax
+    returns it. Temperature, top-k and top-p shape the distribution first, as in HF sampling.
+    """
+
+    def __init__(self, seeds: Sequence[int], cfg: GenerationConfig, device: torch.device) -> None:
+        from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.temperature = cfg.temperature
+        self.warpers: list[Any] = []
+        if cfg.top_k > 0:
+            self.warpers.append(TopKLogitsWarper(cfg.top_k))
+        if cfg.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(cfg.top_p))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)  # [R, V]
+        noise = torch.stack(  # [R, V], one Exp(1) per token, from each row's own stream
+            [
+                torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
+                for g in self.generators
+            ]
+        )
+        choice = (probs / noise).argmax(-1)  # [R]: argmax p_v / E_v is a sample from p
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(out.shape[0], device=out.device), choice] = 0.0
+        return out
 
 
 # Decoding settings that a model's generation_config may carry and that would make samples differ
@@ -104,30 +151,32 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(
-        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seed: int
+        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seeds: Sequence[int]
     ) -> list[list[Completion]]:
         if not prompts:
             return []
         width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        rows = len(prompts) * num_samples  # row i*K + j is sample j of prompt i
+        input_ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        for i, p in enumerate(prompts):  # left padding keeps every prompt's last token at the end
-            input_ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            attention_mask[i, width - len(p) :] = 1
-        greedy = self.cfg.temperature == 0
+        for r in range(rows):  # left padding keeps every prompt's last token at the end
+            p = prompts[r // num_samples]
+            input_ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+            attention_mask[r, width - len(p) :] = 1
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
-            "do_sample": not greedy,
-            "num_return_sequences": num_samples,
+            "do_sample": False,  # sampling, when wanted, is RowSampler's: argmax of its one-hot scores
             "eos_token_id": sorted(self.stop_ids),
             "pad_token_id": self.pad_id,
+            # sampling settings inherited from generation_config are ignored (RowSampler applies ours)
             **NEUTRAL_DECODING,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
         }
-        if not greedy:
-            kwargs.update(temperature=self.cfg.temperature, top_p=self.cfg.top_p, top_k=self.cfg.top_k)
-        else:  # silence warnings about sampling settings inherited from generation_config
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        torch.manual_seed(seed)
+        if self.cfg.temperature > 0:
+            row_seeds = [derive_seed(seeds[r // num_samples], r % num_samples) for r in range(rows)]
+            kwargs["logits_processor"] = LogitsProcessorList([RowSampler(row_seeds, self.cfg, self.device)])
         was_training = self.model.training
         self.model.eval()
         out = self.model.generate(
@@ -145,12 +194,32 @@ class HFGenerator:
 class VLLMGenerator:
     """vLLM backend (pip install 'spaceft[vllm]'). Loads the opponent's saved directory.
 
-    vLLM spawns worker processes: call it from a script guarded by `if __name__ == "__main__":`
-    (the `spaceft` console script is).
+    One process: one engine over `generation.tensor_parallel_size` GPUs. Under `torchrun` /
+    `accelerate launch`: one engine per process on that process's GPU, built with vLLM's
+    `external_launcher` executor (the torchrun-compatible one: it joins the existing process group
+    instead of spawning workers); with tensor_parallel_size = n, each n consecutive processes hold one
+    engine together and must ask it for the same prompts (`generate_stage` gives a group one shard).
+    This is the arrangement TRL's "colocate" vLLM mode uses. Never run on a GPU here (no GPU and no vLLM
+    on the machines this was written on); benchmarks/gpu_check.py exercises it.
+
+    The engine's log-probs are never used as the opponent's scores: the score stage recomputes them with
+    the same HF forward that training uses, so that at the first step of an iteration policy and
+    opponent log-probs are computed by the same code in the same precision and every reward is exactly
+    0; vLLM's kernels (and its bf16/fp8 paths, prefix caching, batch-dependent reductions) give values
+    that differ in the low digits, which would show up as spurious rewards.
+
+    A one-process engine spawns worker processes: call it from a script guarded by
+    `if __name__ == "__main__":` (the `spaceft` console script is).
     """
 
     def __init__(
-        self, model_path: str, cfg: GenerationConfig, *, stop_ids: Sequence[int], dtype: str
+        self,
+        model_path: str,
+        cfg: GenerationConfig,
+        *,
+        stop_ids: Sequence[int],
+        dtype: str,
+        num_processes: int = 1,
     ) -> None:
         try:
             from vllm import LLM
@@ -160,21 +229,37 @@ class VLLMGenerator:
             ) from e
         self.cfg = cfg
         self.stop_ids = set(stop_ids)
+        extra: dict[str, Any] = {}
+        if num_processes > 1:
+            extra["distributed_executor_backend"] = "external_launcher"
         self.llm = LLM(
-            model=model_path, dtype=dtype, seed=cfg.seed, gpu_memory_utilization=cfg.vllm_memory_fraction
+            model=model_path,
+            dtype=dtype,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.vllm_memory_fraction,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            **extra,
         )
+        self.external = num_processes > 1
 
     def close(self) -> None:
-        """Free the engine's GPU memory before the HF opponent is loaded for scoring."""
+        """Tear the engine down and free its GPU memory before the HF opponent is loaded for scoring."""
         import gc
 
         del self.llm
+        if self.external:  # the engine's own model-parallel groups; the launcher's process group stays
+            try:
+                from vllm.distributed.parallel_state import destroy_model_parallel
+
+                destroy_model_parallel()
+            except ImportError:  # pragma: no cover - depends on the vLLM release
+                log.warning("could not tear down vLLM's model-parallel groups; continuing")
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seed: int
+        self, prompts: Sequence[Sequence[int]], *, num_samples: int, seeds: Sequence[int]
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
@@ -187,7 +272,7 @@ class VLLMGenerator:
                 max_tokens=self.cfg.max_new_tokens,
                 stop_token_ids=sorted(self.stop_ids),
                 ignore_eos=True,  # stop on our stop ids only, exactly as the HF backend does
-                seed=derive_seed(seed, i),
+                seed=seeds[i],
             )
             for i in range(len(prompts))
         ]
@@ -212,19 +297,48 @@ def generate_stage(
     iteration: int,
     decode: Any,
     progress: bool = True,
+    tag: str = "",
 ) -> dict[str, Any]:
-    """Sample K responses for every (prompt_index, prompt_ids) and write `out` (resumable in parts).
+    """One process: sample K responses for every (prompt_index, prompt_ids) and write `out`."""
+    write_generate_parts(generator, prompts, out, cfg, iteration=iteration, decode=decode,
+                         progress=progress, tag=tag)  # fmt: skip
+    return merge_generate_parts(out, len(prompts), cfg, tag=tag)
 
-    Returns stage info for the manifest: rows, mean length, fraction capped, output hash.
+
+def _chunks(
+    prompts: Sequence[tuple[int, Sequence[int]]], cfg: GenerationConfig
+) -> list[list[tuple[int, Any]]]:
+    """Batches of prompts of similar length, cut the same way whatever the number of processes."""
+    order = sorted(prompts, key=lambda p: (len(p[1]), p[0]))
+    return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)] or [[]]
+
+
+def write_generate_parts(
+    generator: Generator,
+    prompts: Sequence[tuple[int, Sequence[int]]],
+    out: Path,
+    cfg: GenerationConfig,
+    *,
+    iteration: int,
+    decode: Any,
+    shard: Shard = ONE_PROCESS,
+    write: bool = True,
+    progress: bool = True,
+    tag: str = "",
+) -> None:
+    """Sample this shard's batches of prompts and write their parts of `out` (resumable).
+
+    `write=False`: a helper of a tensor-parallel vLLM group; it takes part in generation, and its
+    group's first process writes the parts.
     """
-    order = sorted(prompts, key=lambda p: (len(p[1]), p[0]))  # similar lengths share a batch
-    n_chunks = max((len(order) + cfg.batch_size - 1) // cfg.batch_size, 1)
-    bar = tqdm(total=len(order), desc=f"generate iter {iteration}", unit="prompt", disable=not progress)
+    chunks = _chunks(prompts, cfg)
+    mine = sum(len(chunks[c]) for c in shard.units(len(chunks)))
+    bar = tqdm(total=mine, desc=f"generate iter {iteration}", unit="prompt", disable=not progress)
 
     def make_chunk(c: int) -> list[dict[str, Any]]:
-        chunk = order[c * cfg.batch_size : (c + 1) * cfg.batch_size]
-        seed = derive_seed(cfg.seed, iteration, c)
-        completions = generator.generate([p for _, p in chunk], num_samples=cfg.num_samples, seed=seed)
+        chunk = chunks[c]
+        seeds = [prompt_seed(cfg.seed, iteration, index) for index, _ in chunk]
+        completions = generator.generate([p for _, p in chunk], num_samples=cfg.num_samples, seeds=seeds)
         rows = []
         for (index, _), comps in zip(chunk, completions, strict=True):
             for j, comp in enumerate(comps):
@@ -238,13 +352,19 @@ def generate_stage(
                         "hit_cap": comp.hit_cap,
                     }
                 )
+        bar.update(len(chunk))
         return rows
 
-    def advance(c: int) -> None:
-        bar.update(len(order[c * cfg.batch_size : (c + 1) * cfg.batch_size]))
-
-    rows = chunked_table(out, n_chunks, make_chunk, stage="generate", on_chunk=advance)
+    write_parts(out, len(chunks), make_chunk, stage="generate", tag=tag, shard=shard, write=write)
     bar.close()
+
+
+def merge_generate_parts(
+    out: Path, n_prompts: int, cfg: GenerationConfig, *, tag: str = ""
+) -> dict[str, Any]:
+    """Join the parts into `out`; returns the stage's manifest entry (rows, lengths, hash)."""
+    n_chunks = max((n_prompts + cfg.batch_size - 1) // cfg.batch_size, 1)
+    rows = merge_parts(out, n_chunks, tag=tag)
     rows.sort(key=lambda r: (r["prompt_index"], r["sample"]))
     lengths = [r["length"] for r in rows]
     return {

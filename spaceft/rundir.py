@@ -15,6 +15,12 @@ A crash can still leave the temporary names behind (`.model.tmp-1a2b3c4d/` holdi
 `clean_leftovers` removes them at the next start, under the run directory's lock (`lock_run_dir`), which
 also keeps a second run from writing into the same directory. Temporary files are created by the code
 that writes them, not by `mkstemp`, so their mode follows the umask like every other output.
+
+Parts are the unit of data parallelism too: with several processes, part c is written by the process
+whose `Shard` owns it (c mod the number of shards), and the main process joins them. The parts are
+cut the same way whatever the number of processes, so the joined table does not depend on it and a
+stage resumed with another number of processes reuses every finished part. A part's file name carries
+a tag (a hash of everything its content depends on), so a part left by an older input is never read.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import platform
 import re
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -43,18 +50,29 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "score", "train", "eval")
-
 
 class InjectedFault(RuntimeError):
     """Raised by `maybe_fail` to test resume (SPACEFT_FAULT=stage:count)."""
 
 
 def maybe_fail(stage: str, count: int) -> None:
-    """Fault injection for resume tests: SPACEFT_FAULT=generate:2 fails after 2 generation parts."""
+    """Fault injection for resume tests: SPACEFT_FAULT=generate:2 fails after 2 generation parts.
+
+    `stage:count:kill` ends the process with SIGKILL instead (a kill -9 at a known point), and a
+    trailing `@R` limits the fault to the process of rank R (`generate:1@1`).
+    """
     spec = os.environ.get("SPACEFT_FAULT", "")
-    if spec and spec == f"{stage}:{count}":
-        raise InjectedFault(f"injected fault in {stage} after {count} unit(s) of work")
+    if not spec:
+        return
+    spec, _, rank = spec.partition("@")
+    if rank and rank != os.environ.get("RANK", "0"):
+        return
+    kill = spec.endswith(":kill")
+    if spec.removesuffix(":kill") != f"{stage}:{count}":
+        return
+    if kill:
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault in {stage} after {count} unit(s) of work")
 
 
 def temp_name(path: Path) -> Path:
@@ -168,37 +186,93 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The work units of one process: unit u belongs to shard u mod `count`."""
+
+    index: int = 0
+    count: int = 1
+
+    def units(self, n: int) -> range:
+        return range(self.index, n, self.count)
+
+
+ONE_PROCESS = Shard()
+
+
+def parts_dir(out: Path) -> Path:
+    return out.with_name(out.stem + ".parts")
+
+
+def _part(out: Path, tag: str, c: int) -> Path:
+    return parts_dir(out) / f"part-{tag}-{c:05d}.parquet" if tag else parts_dir(out) / f"part-{c:05d}.parquet"
+
+
+def write_parts(
+    out: Path,
+    n_chunks: int,
+    make_chunk: Callable[[int], list[dict[str, Any]]],
+    *,
+    stage: str,
+    tag: str = "",
+    shard: Shard = ONE_PROCESS,
+    write: bool = True,
+    on_chunk: Callable[[int], None] | None = None,
+) -> None:
+    """Write this shard's parts of `out`, skipping the ones a previous (crashed) run finished.
+
+    `make_chunk(c)` must be deterministic in `c` so that a resumed stage equals an uninterrupted one.
+    `write=False` runs `make_chunk` without keeping its rows (a process that helps another compute).
+    """
+    parts_dir(out).mkdir(parents=True, exist_ok=True)
+    done = 0
+    for c in shard.units(n_chunks):
+        part = _part(out, tag, c)
+        if part.exists():
+            log.info("%s: part %d/%d already done, skipping", stage, c + 1, n_chunks)
+        else:
+            rows = make_chunk(c)
+            if write:
+                write_table(part, rows)
+            done += 1
+            maybe_fail(stage, done)
+        if on_chunk is not None:
+            on_chunk(c)
+
+
+def merge_parts(out: Path, n_chunks: int, *, tag: str = "") -> list[dict[str, Any]]:
+    """Join the parts of `out` in order into `out`, then remove them (and any stale ones)."""
+    rows: list[dict[str, Any]] = []
+    for c in range(n_chunks):
+        part = _part(out, tag, c)
+        if not part.exists():
+            raise RuntimeError(f"{part} is missing: a process did not finish its share; run the stage again")
+        rows.extend(read_table(part))
+    write_table(out, rows)
+    shutil.rmtree(parts_dir(out))
+    return rows
+
+
 def chunked_table(
     out: Path,
     n_chunks: int,
     make_chunk: Callable[[int], list[dict[str, Any]]],
     *,
     stage: str,
+    tag: str = "",
     on_chunk: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Build `out` from `n_chunks` parts, skipping the parts a previous (crashed) run finished.
+    """One process: write every part of `out`, then join them."""
+    write_parts(out, n_chunks, make_chunk, stage=stage, tag=tag, on_chunk=on_chunk)
+    return merge_parts(out, n_chunks, tag=tag)
 
-    `make_chunk(c)` must be deterministic in `c` so that a resumed stage equals an uninterrupted one.
-    """
-    parts_dir = out.with_name(out.stem + ".parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    done = 0
-    for c in range(n_chunks):
-        part = parts_dir / f"part-{c:05d}.parquet"
-        if part.exists():
-            log.info("%s: part %d/%d already done, skipping", stage, c + 1, n_chunks)
-        else:
-            write_table(part, make_chunk(c))
-            done += 1
-            maybe_fail(stage, done)
-        if on_chunk is not None:
-            on_chunk(c)
-    rows: list[dict[str, Any]] = []
-    for c in range(n_chunks):
-        rows.extend(read_table(parts_dir / f"part-{c:05d}.parquet"))
-    write_table(out, rows)
-    shutil.rmtree(parts_dir)
-    return rows
+
+def content_hash(*parts: Any) -> str:
+    """A short sha256 of values (ints, strings, sequences of ints) that identify some content."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode() + b"\x00")
+    return h.hexdigest()[:16]
 
 
 def library_versions() -> dict[str, str]:

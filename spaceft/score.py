@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from spaceft.rundir import chunked_table, file_hash
+from spaceft.rundir import ONE_PROCESS, Shard, content_hash, file_hash, merge_parts, write_parts
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,12 @@ class ScoreItem:
         return (self.kind, self.prompt_index, self.sample, self.source_iteration)
 
 
+def score_key(opponent: str, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> str:
+    """What a cached score is looked up by: the opponent's weights hash and the exact token ids, so a
+    score computed by another opponent or for other tokens can never be read."""
+    return content_hash(opponent, tuple(prompt_ids), tuple(response_ids))
+
+
 def score_stage(
     model: torch.nn.Module,
     items: Sequence[ScoreItem],
@@ -151,11 +157,40 @@ def score_stage(
     batch_size: int,
     device: torch.device,
     progress: bool = True,
+    opponent: str = "",
 ) -> dict[str, Any]:
-    """Score every item with the frozen opponent and write `out` (resumable in parts)."""
-    chunk = max(batch_size * 8, 1)
+    """One process: score every item with the frozen opponent and write `out` (resumable in parts)."""
+    write_score_parts(model, items, out, pad_id=pad_id, batch_size=batch_size, device=device,
+                      opponent=opponent, progress=progress)  # fmt: skip
+    return merge_score_parts(out, items, batch_size=batch_size, opponent=opponent)
+
+
+def _chunk_size(batch_size: int) -> int:
+    return max(batch_size * 8, 1)
+
+
+def parts_tag(items: Sequence[ScoreItem], opponent: str) -> str:
+    """Names this item list's parts: parts made for other items or another opponent are never joined."""
+    return content_hash(opponent, [(it.key, it.prompt_ids, it.response_ids) for it in items])
+
+
+def write_score_parts(
+    model: torch.nn.Module,
+    items: Sequence[ScoreItem],
+    out: Path,
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    opponent: str = "",
+    shard: Shard = ONE_PROCESS,
+    progress: bool = True,
+) -> None:
+    """Score this shard's chunks of `items` and write their parts of `out` (resumable)."""
+    chunk = _chunk_size(batch_size)
     n_chunks = max((len(items) + chunk - 1) // chunk, 1)
-    bar = tqdm(total=len(items), desc="score opponent", disable=not progress)
+    bar = tqdm(total=sum(len(items[c * chunk : (c + 1) * chunk]) for c in shard.units(n_chunks)),
+               desc="score opponent", disable=not progress)  # fmt: skip
 
     def make_chunk(c: int) -> list[dict[str, Any]]:
         part = items[c * chunk : (c + 1) * chunk]
@@ -168,6 +203,7 @@ def score_stage(
             device=device,
             progress=False,
         )
+        bar.update(len(part))
         return [
             {
                 "kind": it.kind,
@@ -176,17 +212,29 @@ def score_stage(
                 "source_iteration": it.source_iteration,
                 "length": len(it.response_ids),
                 "logp": lp,
+                "key": score_key(opponent, it.prompt_ids, it.response_ids),
             }
             for it, lp in zip(part, logps, strict=True)
         ]
 
-    def advance(c: int) -> None:
-        bar.update(len(items[c * chunk : (c + 1) * chunk]))
-
-    rows = chunked_table(out, n_chunks, make_chunk, stage="score", on_chunk=advance)
+    write_parts(out, n_chunks, make_chunk, stage="score", tag=parts_tag(items, opponent), shard=shard)
     bar.close()
-    return {"rows": len(rows), "hash": file_hash(out)}
+
+
+def merge_score_parts(
+    out: Path, items: Sequence[ScoreItem], *, batch_size: int, opponent: str = ""
+) -> dict[str, Any]:
+    """Join the parts into `out`; returns the stage's manifest entry."""
+    chunk = _chunk_size(batch_size)
+    n_chunks = max((len(items) + chunk - 1) // chunk, 1)
+    rows = merge_parts(out, n_chunks, tag=parts_tag(items, opponent))
+    return {"rows": len(rows), "hash": file_hash(out), "opponent": opponent}
 
 
 def logps_by_key(rows: list[dict[str, Any]]) -> dict[tuple[str, int, int, int], float]:
     return {(r["kind"], r["prompt_index"], r["sample"], r["source_iteration"]): r["logp"] for r in rows}
+
+
+def logps_by_content(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """score_key -> log-prob, for rows written with a `key` column."""
+    return {r["key"]: r["logp"] for r in rows if "key" in r}

@@ -1,4 +1,4 @@
-"""The self-play driver: Algorithm 1 of the SPACE paper, iterated and resumable.
+"""The self-play driver: Algorithm 1 of the SPACE paper, iterated and resumable, on one process or many.
 
     for t in 0 .. T-1:
         generate  y'_j ~ p_θt(·|x), K per prompt               -> iter_t/synthetic.parquet
@@ -7,215 +7,81 @@
         evaluate  held-out NLL, task accuracy                    -> iter_t/eval.json
         θt+1 ← θ (the opponent of the next iteration is the trained model itself)
 
-Each stage is recorded in runs/NAME/manifest.json when it finishes; running the same command again
-skips finished stages and resumes an unfinished one where it stopped. A config change that would make
-finished work stale is refused unless `force=True`, which discards the stale work.
+`run` makes a plan (the list of (stage, iteration) steps still to do) and runs each step with
+`run_step`: every stage is three functions in `STAGE_FNS` — `load` its inputs (every process), `work`
+(every process, see `RANKS`), `finish` (the main process: join the parts, record the manifest entry).
+Under `torchrun` / `accelerate launch` every process takes part in every stage (`RANKS` states how);
+the result does not depend on the number of processes (docs/ARCHITECTURE.md, "Several processes").
+
+Each step is recorded in runs/NAME/manifest.json when it finishes; running the same command again
+skips finished steps and resumes an unfinished one where it stopped, with any number of processes.
+Re-running a stage removes, on disk too, everything derived from it (its later stages and all later
+iterations). A config change that would make finished work stale is refused unless `force=True`,
+which discards the stale work.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from accelerate import PartialState
-
-from spaceft import data as data_mod
-from spaceft import preflight
-from spaceft.config import RunConfig, eval_view, training_view
-from spaceft.data import Example, TokenizedExample
-from spaceft.evaluate import evaluate
-from spaceft.generate import HFGenerator, VLLMGenerator, generate_stage
-from spaceft.models import load_model, load_tokenizer, resolve_model_path
-from spaceft.rundir import Manifest, file_hash, library_versions, read_table
-from spaceft.score import ScoreItem, logps_by_key, score_stage
+from spaceft.config import RunConfig
+from spaceft.distributed import agree, attempt, leads_group, shard_of
+from spaceft.evaluate import finish_eval, write_eval_parts
+from spaceft.generate import HFGenerator, VLLMGenerator, merge_generate_parts, write_generate_parts
+from spaceft.rundir import Manifest, content_hash, file_hash, read_table
+from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
 from spaceft.train import TrainItem, train_iteration
+from spaceft.workspace import StaleRunError, Workspace, loaded_model, prepare, release_models
 
 log = logging.getLogger(__name__)
 
-BUILTIN_ARITHMETIC = "builtin:arithmetic"
-DEFAULT_BUILTIN_SIZE = 64
+__all__ = ["STAGES", "StaleRunError", "Workspace", "plan", "prepare", "run", "run_step"]
+
+STAGES = ("generate", "score", "train", "eval")
+
+# What each process does in each stage: the one place that says it.
+RANKS = {
+    "generate": "every process samples its shard of the prompt batches (batch c: process c mod N; a vLLM "
+    "tensor-parallel group of processes shares one shard); the main process joins the parts",
+    "score": "every process scores its shard of the item chunks; the main process joins the parts",
+    "train": "every process trains on its slice of each optimizer step (data parallel through Accelerate); "
+    "the main process saves the model",
+    "eval": "every process evaluates its shard of the held-out batches; the main process joins them and "
+    "computes the metrics",
+}
+
+# Files of an iteration's directory that each stage writes: re-running the stage removes them.
+OUTPUTS = {
+    "generate": ("synthetic.parquet", "synthetic.parts"),
+    "score": ("opponent_logps.parquet", "opponent_logps.parts"),
+    "train": (
+        "model",
+        "train_state",
+        "train_state.tmp",
+        "train_state.old",
+        "metrics.jsonl",
+        "train_summary.json",
+    ),
+    "eval": ("eval.json", "eval_samples.jsonl", "eval_outputs.parquet", "eval_outputs.parts"),
+}
 
 
-class StaleRunError(RuntimeError):
-    """The run directory holds finished work made with a different config."""
+@dataclass(frozen=True)
+class Step:
+    """One stage of one iteration ("base": the start model, evaluated before iteration 0)."""
+
+    stage: str
+    iteration: int | str
+
+    def __str__(self) -> str:
+        return f"{self.stage} of iteration {self.iteration}"
 
 
-@dataclass
-class Workspace:
-    """What every stage needs: config, paths, tokenizer and the tokenized data."""
-
-    cfg: RunConfig
-    manifest: Manifest
-    start_model: str
-    tokenizer: Any
-    train_examples: list[Example]
-    train_tok: list[TokenizedExample]
-    eval_examples: list[Example] = field(default_factory=list)
-    eval_tok: list[TokenizedExample] = field(default_factory=list)
-
-    @property
-    def device(self) -> torch.device:
-        return PartialState().device  # this process's device (cuda:LOCAL_RANK under accelerate launch)
-
-    @cached_property
-    def stop_ids(self) -> list[int]:
-        """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
-        ids = {data_mod.end_of_turn_id(self.tokenizer)}
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
-
-    def iter_dir(self, t: int) -> Path:
-        return self.cfg.run_dir / f"iter_{t}"
-
-    def opponent_path(self, t: int) -> str:
-        return self.start_model if t == 0 else str(self.iter_dir(t - 1) / "model")
-
-
-# ----------------------------------------------------------------------------------------- set-up
-
-
-def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
-    """Write the builtin task into the run directory; other specs pass through unchanged."""
-    if spec != BUILTIN_ARITHMETIC:
-        return spec
-    from spaceft.tasks import write_arithmetic_jsonl
-
-    n = (cfg.data.train_size if split == "train" else cfg.data.eval_size) or DEFAULT_BUILTIN_SIZE
-    path = cfg.run_dir / "data" / f"arithmetic_{split}_{n}_seed{cfg.data.seed}.jsonl"
-    if not path.exists():
-        write_arithmetic_jsonl(path, n, seed=cfg.data.seed, split=split)
-    return str(path)
-
-
-def _load_split(
-    path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None
-) -> tuple[list[Example], list[TokenizedExample], dict[str, Any]]:
-    d = cfg.data
-    examples, report = data_mod.load_examples(
-        path,
-        fmt=d.format,
-        prompt_field=d.prompt_field,
-        response_field=d.response_field,
-        messages_field=d.messages_field,
-        system_prompt=d.system_prompt,
-        split=split,
-        on_bad_row=d.on_bad_row,
-        limit=limit,
-    )
-    tokenized, counts = data_mod.tokenize_examples(
-        tokenizer,
-        examples,
-        max_prompt_tokens=d.max_prompt_tokens,
-        max_response_tokens=d.max_response_tokens,
-        overlong=d.overlong,
-    )
-    if not tokenized:
-        raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
-    return examples, tokenized, {"path": path, "load": report.summary(), "tokenize": counts}
-
-
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Changed values of the keys both configs have (a field added in a newer spaceft, at its default,
-    or one since removed, does not make a run stale)."""
-    keys = []
-    for k in sorted(set(old) & set(new)):
-        a, b = old[k], new[k]
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys.extend(_diff(a, b, f"{prefix}{k}."))
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
-
-
-def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: bool) -> None:
-    """Refuse to mix finished work from another config (or data) with this one, unless forced."""
-    stored = manifest.data.get("config")
-    if stored is None:
-        return
-    new = cfg.to_dict()
-    train_changes = _diff(training_view(stored), training_view(new))
-    if manifest.data.get("data_hash") != data_hash:
-        train_changes.append("the training data changed")
-    eval_changes = _diff(eval_view(stored), eval_view(new))
-    if not manifest.data["iterations"]:
-        if train_changes:  # nothing finished: just drop the partial parts of the old config
-            for child in cfg.run_dir.glob("iter_*"):
-                shutil.rmtree(child)
-        return
-    if not (train_changes or eval_changes):
-        return
-    if not force:
-        raise StaleRunError(
-            f"{cfg.run_dir} holds finished work made with a different config:\n  "
-            + "\n  ".join(train_changes + eval_changes)
-            + "\nUse another run name, or pass --force to discard the stale work."
-        )
-    if train_changes:
-        log.warning("--force: discarding all finished work in %s", cfg.run_dir)
-        for child in cfg.run_dir.iterdir():
-            if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):
-                shutil.rmtree(child)
-        manifest.data["iterations"] = {}
-    else:
-        log.warning("--force: eval settings changed; re-running evaluations only")
-        for it in manifest.data["iterations"].values():
-            it.pop("eval", None)
-
-
-def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
-    """Resolve the model, load and tokenize the data, check and update the manifest."""
-    state = PartialState()
-    preflight.check(cfg, force=force, main_process=state.is_main_process)  # issue 9: fail before any work
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    with state.main_process_first():  # one process converts the default model / writes the task data
-        start = resolve_model_path(cfg.model.name)
-        train_path = _materialise(cfg.data.train, cfg, "train")
-        eval_path = _materialise(cfg.data.eval, cfg, "test")
-    tokenizer = load_tokenizer(
-        start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
-    assert train_path is not None
-    train_ex, train_tok, train_info = _load_split(
-        train_path, cfg, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
-    )
-    eval_ex: list[Example] = []
-    eval_tok: list[TokenizedExample] = []
-    eval_info: dict[str, Any] | None = None
-    if eval_path:
-        eval_ex, eval_tok, eval_info = _load_split(
-            eval_path, cfg, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
-        )
-    data_hash = file_hash(Path(train_path)) if Path(train_path).exists() else train_path
-    manifest = Manifest.open(cfg.run_dir)
-    state.wait_for_everyone()
-    if not state.is_main_process:  # only the main process writes the manifest and deletes stale work
-        return Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
-    _check_resume(manifest, cfg, data_hash, force)
-    manifest.data.update(
-        config=cfg.to_dict(),
-        fingerprint=cfg.training_fingerprint(),
-        eval_fingerprint=cfg.eval_fingerprint(),
-        data_hash=data_hash,
-        start_model=start,
-        versions={**manifest.data.get("versions", {}), **library_versions()},
-        effective_beta=cfg.train.beta if cfg.train.beta is not None else cfg.train.loss.default_beta,
-        data={"train": train_info, "eval": eval_info},
-    )
-    manifest.save()
-    return Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
-
-
-# ----------------------------------------------------------------------------------------- stages
-
-
-def _load(ws: Workspace, path: str) -> torch.nn.Module:
-    return load_model(path, ws.cfg.model).to(ws.device)
+# ----------------------------------------------------------------------------------------- helpers
 
 
 def _synthetic(ws: Workspace, t: int) -> dict[int, list[tuple[int, ...]]]:
@@ -235,109 +101,357 @@ def _sources(ws: Workspace, t: int) -> list[int]:
     return [t, t - 1] if ws.cfg.selfplay.mix_previous and t > 0 else [t]
 
 
-def run_generate(ws: Workspace, t: int, model: torch.nn.Module | None) -> dict[str, Any]:
-    cfg = ws.cfg
-    prompts = [(tok.index, tok.prompt_ids) for tok in ws.train_tok]
-    if cfg.generation.backend == "vllm":
-        gen: Any = VLLMGenerator(
-            ws.opponent_path(t), cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype
-        )
-    else:
-        assert model is not None
-        gen = HFGenerator(model, cfg.generation, stop_ids=ws.stop_ids, pad_id=ws.tokenizer.pad_token_id,
-                          device=ws.device)  # fmt: skip
-    try:
-        return generate_stage(
-            gen,
-            prompts,
-            ws.iter_dir(t) / "synthetic.parquet",
-            cfg.generation,
-            iteration=t,
-            decode=lambda ids: ws.tokenizer.decode(ids, skip_special_tokens=True),
-            progress=cfg.logging.progress,
-        )
-    finally:
-        if hasattr(gen, "close"):
-            gen.close()
-
-
-def run_score(ws: Workspace, t: int, model: torch.nn.Module) -> dict[str, Any]:
+def _score_items(ws: Workspace, t: int) -> list[ScoreItem]:
     items = [ScoreItem("real", tok.index, 0, -1, tok.prompt_ids, tok.response_ids) for tok in ws.train_tok]
     by_index = {tok.index: tok for tok in ws.train_tok}
     for src in _sources(ws, t):
         for index, samples in sorted(_synthetic(ws, src).items()):
             for j, ids in enumerate(samples):
                 items.append(ScoreItem("synthetic", index, j, src, by_index[index].prompt_ids, ids))
-    return score_stage(
-        model,
-        items,
-        ws.iter_dir(t) / "opponent_logps.parquet",
-        pad_id=ws.tokenizer.pad_token_id,
-        batch_size=ws.cfg.train.micro_batch_size * (1 + ws.cfg.generation.num_samples),
-        device=ws.device,
-        progress=ws.cfg.logging.progress,
-    )
+    return items
 
 
 def train_items(ws: Workspace, t: int) -> list[TrainItem]:
-    """Assemble (prompt, real, K synthetic, opponent log-probs) for iteration t."""
+    """Assemble (prompt, real, K synthetic, opponent log-probs) for iteration t.
+
+    Opponent scores are looked up by (θt's weights hash, token ids): a score of other tokens or from
+    another opponent cannot be found, and its absence is an error, never a silent reuse.
+    """
     loss = ws.cfg.train.loss
     if not loss.uses_synthetic:
         return [TrainItem(tok.prompt_ids, tok.response_ids, ()) for tok in ws.train_tok]
-    opp = logps_by_key(read_table(ws.iter_dir(t) / "opponent_logps.parquet")) if loss.needs_opponent else {}
+    scores = OpponentScores(ws, t) if loss.needs_opponent else None
     items = []
     for src in _sources(ws, t):
         synthetic = _synthetic(ws, src)
         for tok in ws.train_tok:
             samples = synthetic[tok.index]
-            items.append(
-                TrainItem(
-                    tok.prompt_ids,
-                    tok.response_ids,
-                    tuple(samples),
-                    _opp(opp, ("real", tok.index, 0, -1), loss.needs_opponent),
-                    tuple(
-                        _opp(opp, ("synthetic", tok.index, j, src), loss.needs_opponent)
-                        for j in range(len(samples))
-                    ),
+            if scores is None:
+                opp_real, opp_syn = 0.0, tuple(0.0 for _ in samples)
+            else:
+                opp_real = scores.get(tok.prompt_ids, tok.response_ids, f"prompt {tok.index}'s real response")
+                opp_syn = tuple(
+                    scores.get(tok.prompt_ids, s, f"prompt {tok.index}'s sample {j} of iteration {src}")
+                    for j, s in enumerate(samples)
                 )
-            )
+            items.append(TrainItem(tok.prompt_ids, tok.response_ids, tuple(samples), opp_real, opp_syn))
     return items
 
 
-def _opp(opp: dict[tuple[str, int, int, int], float], key: tuple[str, int, int, int], needed: bool) -> float:
-    if not needed:
-        return 0.0
-    if key not in opp:
-        raise RuntimeError(f"opponent_logps.parquet has no score for {key}: re-run `spaceft score` for it")
-    return opp[key]
+class OpponentScores:
+    """iter_t/opponent_logps.parquet, looked up by (opponent weights hash, prompt ids, response ids)."""
+
+    def __init__(self, ws: Workspace, t: int) -> None:
+        self.path = ws.iter_dir(t) / "opponent_logps.parquet"
+        self.t = t
+        self.opponent = ws.opponent_hash(t)
+        self.logps = logps_by_content(read_table(self.path))
+
+    def get(self, prompt: tuple[int, ...], response: tuple[int, ...], what: str) -> float:
+        key = score_key(self.opponent, prompt, response)
+        if key not in self.logps:
+            raise RuntimeError(
+                f"{self.path} has no score of {what} by this opponent: re-run `spaceft score -t {self.t}`"
+            )
+        return self.logps[key]
 
 
-def run_train(ws: Workspace, t: int, model: torch.nn.Module) -> dict[str, Any]:
-    info = train_iteration(
-        model, ws.tokenizer, train_items(ws, t), ws.cfg, iteration=t, iter_dir=ws.iter_dir(t)
+def _synthetic_hashes(ws: Workspace, t: int) -> dict[str, str]:
+    return {str(src): (ws.manifest.stage(src, "generate") or {}).get("hash", "") for src in _sources(ws, t)}
+
+
+def _score_is_stale(ws: Workspace, t: int) -> bool:
+    """Scores made for other synthetic samples (e.g. after `spaceft generate -t T`) or by another
+    opponent are recomputed."""
+    entry = ws.manifest.stage(t, "score")
+    if entry is None:
+        return False
+    if entry.get("inputs") != _synthetic_hashes(ws, t):
+        log.warning("iteration %d: synthetic samples changed since scoring; re-scoring", t)
+        return True
+    if entry.get("opponent", ws.opponent_hash(t)) != ws.opponent_hash(t):
+        log.warning("iteration %d: the opponent's weights changed since scoring; re-scoring", t)
+        return True
+    return False
+
+
+def _applies(stage: str, ws: Workspace, t: int | str) -> bool:
+    loss = ws.cfg.train.loss
+    if stage == "generate":
+        return loss.uses_synthetic and (t == 0 or ws.cfg.selfplay.resample)
+    if stage == "score":
+        return loss.needs_opponent
+    if stage == "eval":
+        return ws.cfg.eval.enabled and bool(ws.eval_tok)
+    return True
+
+
+def _needs(ws: Workspace, step: Step) -> list[tuple[int, str]]:
+    """The (iteration, stage) entries a step reads."""
+    if step.iteration == "base":
+        return []
+    t = int(step.iteration)
+    if step.stage == "eval":
+        return [(t, "train")]
+    needs = [(t - 1, "train")] if t > 0 else []  # the opponent θt
+    synthetic = [(src, "generate") for src in _sources(ws, t)]
+    if step.stage == "score":
+        needs += synthetic
+    elif step.stage == "train" and _applies("score", ws, t):
+        needs.append((t, "score"))
+    elif step.stage == "train" and ws.cfg.train.loss.uses_synthetic:
+        needs += synthetic
+    return needs
+
+
+def _tag(*parts: Any) -> str:
+    return content_hash(*parts)
+
+
+# ----------------------------------------------------------------------------------------- stages
+# Each stage: load(ws, step) -> inputs on every process; work(ws, step, inputs) -> result on every
+# process (see RANKS); finish(ws, step, inputs, result) -> manifest entry on the main process.
+
+
+def load_generate(ws: Workspace, step: Step) -> str:
+    t = int(step.iteration)
+    if ws.cfg.generation.backend == "vllm":
+        release_models(ws)  # the engine needs the GPU memory the HF model holds
+    memory = ("vllm_memory_fraction", "tensor_parallel_size")  # where it runs, not what it samples
+    gen = {k: v for k, v in ws.cfg.to_dict()["generation"].items() if k not in memory}
+    return _tag(ws.opponent_hash(t), t, gen, [tok.prompt_ids for tok in ws.train_tok])
+
+
+def work_generate(ws: Workspace, step: Step, tag: str) -> None:
+    t, cfg, state = int(step.iteration), ws.cfg, ws.state
+    vllm = cfg.generation.backend == "vllm"
+    group = cfg.generation.tensor_parallel_size if vllm else 1  # processes that share one engine
+    shard = shard_of(state, group)
+    if vllm:
+        gen: Any = VLLMGenerator(ws.opponent_path(t), cfg.generation, stop_ids=ws.stop_ids,
+                                 dtype=cfg.model.dtype, num_processes=state.num_processes)  # fmt: skip
+    else:
+        gen = HFGenerator(loaded_model(ws, ws.opponent_path(t)), cfg.generation, stop_ids=ws.stop_ids,
+                          pad_id=ws.tokenizer.pad_token_id, device=ws.device)  # fmt: skip
+    try:
+        write_generate_parts(
+            gen,
+            [(tok.index, tok.prompt_ids) for tok in ws.train_tok],
+            ws.iter_dir(t) / "synthetic.parquet",
+            cfg.generation,
+            iteration=t,
+            decode=ws.decode,
+            shard=shard,
+            write=leads_group(state, group),
+            progress=cfg.logging.progress and state.is_main_process,
+            tag=tag,
+        )
+    finally:
+        if hasattr(gen, "close"):
+            gen.close()  # the engine goes before scoring and training need the memory
+
+
+def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
+    t = int(step.iteration)
+    out = ws.iter_dir(t) / "synthetic.parquet"
+    return {**merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag),
+            "opponent": ws.opponent_hash(t)}  # fmt: skip
+
+
+def load_score(ws: Workspace, step: Step) -> list[ScoreItem]:
+    return _score_items(ws, int(step.iteration))
+
+
+def _score_batch(ws: Workspace) -> int:
+    return ws.cfg.train.micro_batch_size * (1 + ws.cfg.generation.num_samples)
+
+
+def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> None:
+    t = int(step.iteration)
+    write_score_parts(
+        loaded_model(ws, ws.opponent_path(t)),
+        items,
+        ws.iter_dir(t) / "opponent_logps.parquet",
+        pad_id=ws.tokenizer.pad_token_id,
+        batch_size=_score_batch(ws),
+        device=ws.device,
+        opponent=ws.opponent_hash(t),
+        shard=shard_of(ws.state),
+        progress=ws.cfg.logging.progress and ws.state.is_main_process,
     )
-    return {**info, "hash": file_hash(ws.iter_dir(t) / "model")}
 
 
-def run_eval(ws: Workspace, key: str, model_dir: str) -> dict[str, Any]:
-    out_dir = ws.cfg.run_dir / key
-    model = _load(ws, model_dir)
-    return evaluate(
-        model,
+def finish_score(ws: Workspace, step: Step, items: list[ScoreItem], _: None) -> dict[str, Any]:
+    t = int(step.iteration)
+    out = ws.iter_dir(t) / "opponent_logps.parquet"
+    info = merge_score_parts(out, items, batch_size=_score_batch(ws), opponent=ws.opponent_hash(t))
+    return {**info, "inputs": _synthetic_hashes(ws, t)}
+
+
+def load_train(ws: Workspace, step: Step) -> list[TrainItem]:
+    """The training items; a training state saved by another number of processes is dropped (its data
+    slices and random states belong to that number)."""
+    t, state = int(step.iteration), ws.state
+    if state.is_main_process:
+        entry = ws.manifest.stage(t, "train") or {}
+        state_dir = ws.iter_dir(t) / "train_state"
+        if state_dir.exists() and entry.get("processes", 1) != state.num_processes:
+            log.warning("iteration %d: the saved training state is from %s process(es), this run has %d; "
+                        "training the iteration from its start", t, entry.get("processes", 1),
+                        state.num_processes)  # fmt: skip
+            shutil.rmtree(state_dir)
+        ws.manifest.data["iterations"].setdefault(str(t), {})["train"] = {
+            "status": "running",
+            "processes": state.num_processes,
+        }
+        ws.manifest.save()
+    return train_items(ws, t)
+
+
+def work_train(ws: Workspace, step: Step, items: list[TrainItem]) -> dict[str, Any]:
+    t = int(step.iteration)
+    model = loaded_model(ws, ws.opponent_path(t))
+    ws.models.clear()  # trained in place: from here on it is no longer the opponent saved at that path
+    return train_iteration(model, ws.tokenizer, items, ws.cfg, iteration=t, iter_dir=ws.iter_dir(t))
+
+
+def finish_train(ws: Workspace, step: Step, _: list[TrainItem], info: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **info,
+        "processes": ws.state.num_processes,
+        "hash": file_hash(ws.iter_dir(step.iteration) / "model"),
+    }
+
+
+def _eval_model_dir(ws: Workspace, step: Step) -> str:
+    return ws.start_model if step.iteration == "base" else str(ws.iter_dir(step.iteration) / "model")
+
+
+def load_eval(ws: Workspace, step: Step) -> str:
+    model = ws.opponent_hash(0) if step.iteration == "base" else ws.opponent_hash(int(step.iteration) + 1)
+    return _tag(model, ws.cfg.to_dict()["eval"], [(t.prompt_ids, t.response_ids) for t in ws.eval_tok])
+
+
+def work_eval(ws: Workspace, step: Step, tag: str) -> None:
+    write_eval_parts(
+        loaded_model(ws, _eval_model_dir(ws, step)),
         ws.tokenizer,
         ws.eval_examples,
         ws.eval_tok,
         ws.cfg.eval,
-        out_dir,
+        ws.iter_dir(step.iteration),
         stop_ids=ws.stop_ids,
         device=ws.device,
-        model_dir=model_dir,
-        progress=ws.cfg.logging.progress,
+        shard=shard_of(ws.state),
+        progress=ws.cfg.logging.progress and ws.state.is_main_process,
+        tag=tag,
     )
 
 
+def finish_eval_step(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
+    return finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, ws.iter_dir(step.iteration),
+                       model_dir=_eval_model_dir(ws, step), tag=tag)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StageFns:
+    load: Callable[[Workspace, Step], Any]
+    work: Callable[[Workspace, Step, Any], Any]
+    finish: Callable[[Workspace, Step, Any, Any], dict[str, Any]]
+    collective: bool = False
+    """work() runs collectives (DDP): a failure there ends its process and the launcher stops the rest."""
+
+
+STAGE_FNS = {
+    "generate": StageFns(load_generate, work_generate, finish_generate),
+    "score": StageFns(load_score, work_score, finish_score),
+    "train": StageFns(load_train, work_train, finish_train, collective=True),
+    "eval": StageFns(load_eval, work_eval, finish_eval_step),
+}
+assert tuple(STAGE_FNS) == STAGES == tuple(RANKS) == tuple(OUTPUTS)
+
+
 # ----------------------------------------------------------------------------------------- driver
+
+
+def run_step(ws: Workspace, step: Step) -> None:
+    """Run one step on every process; every process ends it together, or all raise.
+
+    1. check its inputs and load them (every process; agreed)
+    2. work (every process, as RANKS says; agreed unless the work is collective)
+    3. finish on the main process (join parts, manifest entry; agreed), then every process re-reads
+       the manifest
+    """
+    state, fns, m = ws.state, STAGE_FNS[step.stage], ws.manifest
+    # step 1
+    missing = [f"{s} of iteration {i}" for i, s in _needs(ws, step) if not m.is_done(i, s)]
+    if missing:
+        raise RuntimeError(f"{step} needs {', '.join(missing)}: run `spaceft run` first")
+    inputs, error = attempt(fns.load, ws, step)
+    agree(state, error, f"loading the inputs of {step}")
+    # step 2
+    if fns.collective:
+        result = fns.work(ws, step, inputs)
+    else:
+        result, error = attempt(fns.work, ws, step, inputs)
+        agree(state, error, str(step))
+    # step 3
+    error = None
+    if state.is_main_process:
+        info, error = attempt(fns.finish, ws, step, inputs, result)
+        if error is None:
+            m.mark_done(step.iteration, step.stage, **info)
+    agree(state, error, f"finishing {step}")
+    if not state.is_main_process:
+        m.data = Manifest.open(ws.cfg.run_dir).data
+
+
+def invalidate_from(ws: Workspace, t: int | str, stage: str) -> None:
+    """Forget `stage` of iteration t and everything computed from it, in the manifest and on disk: its
+    later stages, and (unless it is an evaluation, which nothing reads) every later iteration."""
+    m = ws.manifest
+    for s in STAGES[STAGES.index(stage) :]:
+        m.clear(t, s)
+        for name in OUTPUTS[s]:
+            path = ws.iter_dir(t) / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if stage != "eval":
+        on_disk = {int(p.name[5:]) for p in ws.cfg.run_dir.glob("iter_*") if p.name[5:].isdigit()}
+        recorded = {int(k) for k in m.data["iterations"] if k.isdigit()}
+        later = sorted(k for k in on_disk | recorded if k > int(t))
+        if later:
+            log.warning("re-running %s of iteration %s invalidates iteration(s) %s", stage, t,
+                        ", ".join(map(str, later)))  # fmt: skip
+        for k in later:
+            m.data["iterations"].pop(str(k), None)
+            shutil.rmtree(ws.iter_dir(k), ignore_errors=True)
+    m.save()
+
+
+def drop_stale_work(ws: Workspace, only_stage: str | None, only_iteration: int | None) -> None:
+    """Main process: what a stage re-run (`spaceft generate -t T`) or changed inputs make stale."""
+    if only_stage is not None:
+        t = only_iteration if only_iteration is not None else 0
+        invalidate_from(ws, "base" if t < 0 else t, "eval" if t < 0 else only_stage)
+    for t in range(ws.cfg.selfplay.iterations):
+        if _applies("score", ws, t) and _score_is_stale(ws, t):
+            invalidate_from(ws, t, "score")
+
+
+def plan(ws: Workspace, only_stage: str | None = None, only_iteration: int | None = None) -> list[Step]:
+    """The steps still to do, in order."""
+    if only_stage is not None:
+        t = only_iteration if only_iteration is not None else 0
+        if t < 0:
+            return [Step("eval", "base")]
+        return [Step(only_stage, t)] if _applies(only_stage, ws, t) else []
+    steps = [Step("eval", "base")] if _applies("eval", ws, "base") else []
+    for t in range(ws.cfg.selfplay.iterations):
+        steps += [Step(s, t) for s in STAGES if _applies(s, ws, t)]
+    return [s for s in steps if not ws.manifest.is_done(s.iteration, s.stage)]
 
 
 def run(
@@ -348,139 +462,23 @@ def run(
     only_iteration: int | None = None,
 ) -> Workspace:
     """Run (or resume) all iterations; with `only_stage`, re-run that one stage of one iteration
-    (which also invalidates everything built on it: its later stages and all later iterations).
-
-    Under `accelerate launch` every process trains; generation, scoring and evaluation run on the main
-    process while the others wait (the vLLM backend already uses every GPU it is given).
-    """
+    (which also invalidates everything built on it: its later stages and all later iterations)."""
     ws = prepare(cfg, force=force)
-    state = PartialState()
-    main = state.is_main_process
-    m = ws.manifest
+    state, m = ws.state, ws.manifest
     log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, cfg.train.loss,
              cfg.selfplay.iterations, len(ws.train_tok), len(ws.eval_tok))  # fmt: skip
-    if only_stage is not None:
-        t = only_iteration if only_iteration is not None else 0
-        if main:
-            if t < 0:
-                m.clear("base", "eval")
-            else:
-                _invalidate_from(m, t, only_stage)
-        iterations = [t] if t >= 0 else []
-    else:
-        iterations = list(range(cfg.selfplay.iterations))
-    if main:
-        for t in iterations:
-            if _applies("score", ws, t) and _score_is_stale(ws, t):
-                _invalidate_from(m, t, "score")
-
-    def sync() -> None:
-        """Barrier; then the other processes re-read what the main process recorded."""
-        state.wait_for_everyone()
-        if not main:
-            m.data = Manifest.open(cfg.run_dir).data
-
-    sync()
-
-    def wanted(stage: str, t: int | str) -> bool:
-        if only_stage is not None and stage != only_stage:
-            return False
-        return not m.is_done(t, stage)
-
-    def on_main(stage: str, t: int | str, work: Any) -> None:
-        """Run `work` (called at once, so closing over the loop variable is safe) on the main process."""
-        if main:
-            m.mark_done(t, stage, **work())
-        sync()
-
-    if cfg.eval.enabled and ws.eval_tok and wanted("eval", "base") and only_iteration in (None, -1):
-        log.info("evaluating the start model")
-        on_main("eval", "base", lambda: run_eval(ws, "base", ws.start_model))
-    for t in iterations:
-        if only_stage is None and all(m.is_done(t, s) or not _applies(s, ws, t) for s in STAGES):
-            continue
-        for prev in range(t):
-            if not m.is_done(prev, "train"):
-                raise RuntimeError(f"iteration {t} needs iteration {prev}'s model: run `spaceft run` first")
-        model: torch.nn.Module | None = None
-
-        def opponent(t: int = t) -> torch.nn.Module:
-            """The opponent θt, loaded once per iteration and trained in place into the main player."""
-            nonlocal model
-            model = model or _load(ws, ws.opponent_path(t))
-            return model
-
-        if wanted("generate", t) and _applies("generate", ws, t):
-            on_main(
-                "generate",
-                t,
-                lambda t=t: run_generate(ws, t, opponent() if cfg.generation.backend == "hf" else None),
-            )
-        if wanted("score", t) and _applies("score", ws, t):
-            _require(m, t, "score", [(src, "generate") for src in _sources(ws, t)])
-            on_main(
-                "score", t, lambda t=t: {**run_score(ws, t, opponent()), "inputs": _synthetic_hashes(ws, t)}
-            )
-        if wanted("train", t):
-            if _applies("score", ws, t):
-                _require(m, t, "train", [(t, "score")])
-            elif _applies("generate", ws, t) or cfg.train.loss.uses_synthetic:
-                _require(m, t, "train", [(src, "generate") for src in _sources(ws, t)])
-            info = run_train(ws, t, opponent())
-            if main:
-                m.mark_done(t, "train", **info)
-            sync()
-        model = None
-        if wanted("eval", t) and _applies("eval", ws, t):
-            _require(m, t, "eval", [(t, "train")])
-            on_main("eval", t, lambda t=t: run_eval(ws, f"iter_{t}", str(ws.iter_dir(t) / "model")))
-    if only_stage is None and main:
+    error = None
+    if state.is_main_process:
+        _, error = attempt(drop_stale_work, ws, only_stage, only_iteration)
+    agree(state, error, "preparing the run")
+    if not state.is_main_process:
+        m.data = Manifest.open(cfg.run_dir).data
+    for step in plan(ws, only_stage, only_iteration):
+        log.info("%s (%s)", step, RANKS[step.stage] if state.num_processes > 1 else "one process")
+        run_step(ws, step)
+    release_models(ws)
+    if only_stage is None and state.is_main_process:
         from spaceft.report import write_report
 
         write_report(cfg.run_dir)
     return ws
-
-
-STAGES = ("generate", "score", "train", "eval")
-
-
-def _invalidate_from(m: Manifest, t: int, stage: str) -> None:
-    """Forget `stage` of iteration t and everything computed from it."""
-    for s in STAGES[STAGES.index(stage) :]:
-        m.clear(t, s)
-    later = [k for k in m.data["iterations"] if k.isdigit() and int(k) > t]
-    if later:
-        log.warning("re-running %s of iteration %d invalidates iteration(s) %s", stage, t, ", ".join(later))
-    for k in later:
-        m.data["iterations"].pop(k)
-    m.save()
-
-
-def _require(m: Manifest, t: int, stage: str, needs: list[tuple[int, str]]) -> None:
-    missing = [f"{s} of iteration {i}" for i, s in needs if not m.is_done(i, s)]
-    if missing:
-        raise RuntimeError(f"{stage} of iteration {t} needs {', '.join(missing)}: run `spaceft run` first")
-
-
-def _synthetic_hashes(ws: Workspace, t: int) -> dict[str, str]:
-    return {str(src): (ws.manifest.stage(src, "generate") or {}).get("hash", "") for src in _sources(ws, t)}
-
-
-def _score_is_stale(ws: Workspace, t: int) -> bool:
-    """Scores made for other synthetic samples (e.g. after `spaceft generate -t T`) are recomputed."""
-    entry = ws.manifest.stage(t, "score")
-    if entry is None or entry.get("inputs") == _synthetic_hashes(ws, t):
-        return False
-    log.warning("iteration %d: synthetic samples changed since scoring; re-scoring", t)
-    return True
-
-
-def _applies(stage: str, ws: Workspace, t: int) -> bool:
-    loss = ws.cfg.train.loss
-    if stage == "generate":
-        return loss.uses_synthetic and (t == 0 or ws.cfg.selfplay.resample)
-    if stage == "score":
-        return loss.needs_opponent
-    if stage == "eval":
-        return ws.cfg.eval.enabled and bool(ws.eval_tok)
-    return True

@@ -345,7 +345,7 @@ def train_iteration(
         # step 4: update (unless a gradient is not finite: the weights and saved state stay good) and log
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
         _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",
-                 iteration, step, state_dir)  # fmt: skip
+                 iteration, step, state_dir, stepped=ds is not None)  # fmt: skip
         step_lr = scheduler.get_last_lr()[0]  # the rate this step used (before the schedule advances)
         optimizer.step()
         scheduler.step()
@@ -428,9 +428,20 @@ def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:
 
 
 def _stop_if(
-    bad: bool, accelerator: Accelerator, what: str, iteration: int, step: int, state_dir: Path
+    bad: bool,
+    accelerator: Accelerator,
+    what: str,
+    iteration: int,
+    step: int,
+    state_dir: Path,
+    *,
+    stepped: bool = False,
 ) -> None:
-    """Raise NonFiniteLossError on every rank if any rank saw a non-finite value (no rank hangs)."""
+    """Raise NonFiniteLossError on every rank if any rank saw a non-finite value (no rank hangs).
+
+    `stepped`: the optimizer already stepped (DeepSpeed steps inside `backward`), so the message must
+    not claim that the weights were spared.
+    """
     flag = accelerator.reduce(torch.tensor([float(bad)], device=accelerator.device), "sum")
     if float(flag.item()) > 0:
         saved = (
@@ -438,9 +449,15 @@ def _stop_if(
             if (state_dir / "progress.json").exists()
             else f"no training state was saved yet, so iteration {iteration} will start over"
         )
+        happened = (
+            "under DeepSpeed the optimizer steps inside backward, so this update was already applied "
+            "(unless DeepSpeed's fp16 loss scaler skipped it) and the weights in memory are not used"
+            if stepped
+            else "the weights were not updated"
+        )
         raise NonFiniteLossError(
             f"non-finite {what} at iteration {iteration}, step {step + 1}: lower train.lr, or train in "
-            f"float32; the weights were not updated and {saved}"
+            f"float32; {happened} and {saved}"
         )
 
 

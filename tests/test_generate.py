@@ -55,7 +55,7 @@ def test_hf_samples_end_by_the_stop_rule(model, tiny_tokenizer) -> None:
     bias[eos] = 2.5
     handle = model.lm_head.register_forward_hook(lambda _m, _i, out: out + bias)
     try:
-        samples = gen.generate([[40, 41, 42], [50, 51], [60]], num_samples=4, seed=1)
+        samples = gen.generate([[40, 41, 42], [50, 51], [60]], num_samples=4, seeds=[1, 2, 3])
     finally:
         handle.remove()
     check_stop_rule(samples, {eos}, max_new_tokens=6)
@@ -76,9 +76,9 @@ def _gen(model, tiny_tokenizer, **cfg) -> HFGenerator:
 def test_sampling_is_seeded_and_gives_k_samples(model, tiny_tokenizer) -> None:
     gen = _gen(model, tiny_tokenizer, num_samples=3, max_new_tokens=10)
     prompts = [[40, 41, 42], [50, 51]]
-    a = gen.generate(prompts, num_samples=3, seed=7)
-    b = gen.generate(prompts, num_samples=3, seed=7)
-    c = gen.generate(prompts, num_samples=3, seed=8)
+    a = gen.generate(prompts, num_samples=3, seeds=[7, 1])
+    b = gen.generate(prompts, num_samples=3, seeds=[7, 1])
+    c = gen.generate(prompts, num_samples=3, seeds=[8, 1])
     assert a == b and a != c
     assert [len(x) for x in a] == [3, 3]
     assert all(1 <= len(s.response_ids) <= 10 for x in a for s in x)
@@ -87,11 +87,11 @@ def test_sampling_is_seeded_and_gives_k_samples(model, tiny_tokenizer) -> None:
 def test_model_generation_config_does_not_change_sampling(model, tiny_tokenizer) -> None:
     """A repetition penalty shipped in generation_config must not alter samples from p_θt."""
     gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=8)
-    before = gen.generate([[40, 41, 42]], num_samples=2, seed=3)
+    before = gen.generate([[40, 41, 42]], num_samples=2, seeds=[3])
     model.generation_config.repetition_penalty = 5.0
     model.generation_config.no_repeat_ngram_size = 1
     try:
-        assert gen.generate([[40, 41, 42]], num_samples=2, seed=3) == before
+        assert gen.generate([[40, 41, 42]], num_samples=2, seeds=[3]) == before
     finally:
         model.generation_config.repetition_penalty = 1.0
         model.generation_config.no_repeat_ngram_size = 0
@@ -100,8 +100,8 @@ def test_model_generation_config_does_not_change_sampling(model, tiny_tokenizer)
 def test_greedy_is_argmax_and_ignores_padding(model, tiny_tokenizer) -> None:
     gen = _gen(model, tiny_tokenizer, temperature=0.0, max_new_tokens=5)
     prompt = [40, 41, 42, 43]
-    alone = gen.generate([prompt], num_samples=1, seed=0)[0][0]
-    padded = gen.generate([prompt, [7] * 9], num_samples=1, seed=123)[0][
+    alone = gen.generate([prompt], num_samples=1, seeds=[0])[0][0]
+    padded = gen.generate([prompt, [7] * 9], num_samples=1, seeds=[123, 4])[0][
         0
     ]  # left-padded next to a longer one
     assert alone == padded

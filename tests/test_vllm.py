@@ -28,8 +28,8 @@ def test_vllm_generator_samples_k_seeded_responses_ending_in_stop_ids() -> None:
     stop = sorted({end_of_turn_id(tok), tok.eos_token_id})
     gen = VLLMGenerator(path, cfg, stop_ids=stop, dtype="float32")
     try:
-        a = gen.generate(prompts, num_samples=2, seed=7)
-        assert gen.generate(prompts, num_samples=2, seed=7) == a
+        a = gen.generate(prompts, num_samples=2, seeds=[7, 8, 9, 10])
+        assert gen.generate(prompts, num_samples=2, seeds=[7, 8, 9, 10]) == a
         assert [len(x) for x in a] == [2, 2, 2, 2]
         check_stop_rule(a, set(stop), max_new_tokens=32)
     finally:

@@ -1,0 +1,120 @@
+"""Several processes (`torchrun` / `accelerate launch`): the process group, shards and agreed failures.
+
+Every stage runs on every process. Generation, scoring and evaluation split their work units (parts of
+a table, see `rundir.Shard`) across processes and the main process joins the parts; training is data
+parallel through Accelerate. Two rules keep a multi-process run from hanging:
+
+* the process group is created with the timeout `selfplay.distributed_timeout_s`, so a collective that
+  some process never reaches ends with an error instead of waiting forever (the defaults are 10 min
+  with NCCL and 30 min with gloo);
+* work that is not itself collective (a shard of a stage) ends in `agree`: every process reports
+  whether its share succeeded, and if one failed, every process raises, the others with the failed
+  process's message. A failure inside the training loop ends the failing process, and the launcher
+  (torchrun, which `accelerate launch` uses) then stops the others; a non-finite loss is agreed on
+  inside the loop (train.py) so that every process stops with the same message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+
+from spaceft.rundir import Shard
+
+log = logging.getLogger(__name__)
+
+
+class RankFailedError(RuntimeError):
+    """Another process failed; this one stops with that process's message."""
+
+
+def init_processes(timeout_s: int) -> PartialState:
+    """The process group (created on first use, with `timeout_s` for every collective)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # Accelerate joins CPU processes only when told it runs on CPU (otherwise each would run alone)
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
+        launched > 1 and not torch.cuda.is_available()
+    )
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+    if state.num_processes < launched:  # (mpirun sets no WORLD_SIZE: then there is nothing to compare)
+        raise RuntimeError(
+            f"the launcher started {launched} processes but {state.num_processes} joined the process group"
+        )
+    if state.num_processes > 1:
+        log.info("process %d of %d (%s)", state.process_index, state.num_processes, state.device)
+    return state
+
+
+def check_launch(*, lora_rank: int) -> None:
+    """Refuse, before any work, launch settings that would not do what they say.
+
+    * FSDP without GPUs: accelerate (1.15) applies FSDP only to GPU-type process groups; on CPU the
+      processes would silently train with plain DDP.
+    * LoRA under DeepSpeed ZeRO-3: the adapter would be merged into partitioned (empty) base weights on
+      save, so the saved model would be wrong.
+    """
+    flag = os.environ.get
+    if flag("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError(
+            "FSDP needs GPUs: accelerate applies FSDP only to GPU process groups, and on CPU these processes "
+            "would silently run plain DDP; launch on GPUs, or use spaceft/recipes/accelerate/multi_cpu.yaml"
+        )
+    if lora_rank and flag("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        if flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+            raise ValueError(
+                "model.lora.r > 0 with DeepSpeed ZeRO-3 is not supported (the adapter cannot be merged into "
+                "partitioned weights on save): use ZeRO-2 (zero_stage: 2) or DDP for LoRA, or model.lora.r=0"
+            )
+
+
+def shard_of(state: PartialState, group_size: int = 1) -> Shard:
+    """The shard of a stage's work units that this process works on.
+
+    With `group_size` > 1 (vLLM tensor parallelism) each `group_size` consecutive processes form one
+    group that works on one shard together; `leads_group` says which of them writes its parts.
+    """
+    if state.num_processes % group_size:
+        raise ValueError(
+            f"generation.tensor_parallel_size={group_size} must divide the number of processes "
+            f"({state.num_processes})"
+        )
+    return Shard(state.process_index // group_size, max(state.num_processes // group_size, 1))
+
+
+def leads_group(state: PartialState, group_size: int = 1) -> bool:
+    return state.process_index % group_size == 0
+
+
+def attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | None]:
+    """fn(*args) and no error, or no result and the error (for `agree` to re-raise on this process)."""
+    try:
+        return fn(*args), None
+    except Exception as e:
+        return None, e
+
+
+def agree(state: PartialState, error: BaseException | None, what: str) -> None:
+    """Barrier at which every process learns whether any failed; then all raise, or none does.
+
+    The failed process re-raises its own exception; the others raise `RankFailedError` naming it.
+    """
+    if state.num_processes == 1 or not dist.is_initialized():
+        if error is not None:
+            raise error
+        return
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[str | None] = [None] * state.num_processes
+    dist.all_gather_object(gathered, message)
+    if error is not None:
+        raise error
+    failed = [(rank, msg) for rank, msg in enumerate(gathered) if msg is not None]
+    if failed:
+        rank, msg = failed[0]
+        raise RankFailedError(f"{what} failed on process {rank} of {state.num_processes}: {msg}")

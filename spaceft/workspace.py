@@ -1,0 +1,258 @@
+"""A run's workspace: its config, start model, tokenized data, manifest and loaded model; preparing it.
+
+`prepare` starts the process group (with the configured timeout), resolves the start model, loads and
+tokenizes the data on every process, and — on the main process — checks the run directory against the
+config (finished work from another config is refused unless forced) and updates the manifest, including
+the hash of the start model's weights that keys the opponent's cached scores of iteration 0.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property, partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+
+from spaceft import data as data_mod
+from spaceft import preflight
+from spaceft.config import RunConfig, eval_view, training_view
+from spaceft.data import Example, TokenizedExample
+from spaceft.distributed import agree, attempt, check_launch, init_processes
+from spaceft.models import load_model, load_tokenizer, resolve_model_path
+from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
+
+log = logging.getLogger(__name__)
+
+BUILTIN_ARITHMETIC = "builtin:arithmetic"
+DEFAULT_BUILTIN_SIZE = 64
+
+
+class StaleRunError(RuntimeError):
+    """The run directory holds finished work made with a different config."""
+
+
+@dataclass
+class Workspace:
+    """What every stage needs: config, paths, tokenizer, the tokenized data and the loaded model."""
+
+    cfg: RunConfig
+    manifest: Manifest
+    start_model: str
+    tokenizer: Any
+    train_examples: list[Example]
+    train_tok: list[TokenizedExample]
+    eval_examples: list[Example] = field(default_factory=list)
+    eval_tok: list[TokenizedExample] = field(default_factory=list)
+    models: dict[str, torch.nn.Module] = field(default_factory=dict)
+    """At most one model, by the directory it was loaded from (the opponent, kept across stages)."""
+
+    @property
+    def state(self) -> PartialState:
+        return PartialState()
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device  # this process's device (cuda:LOCAL_RANK under accelerate launch)
+
+    @cached_property
+    def stop_ids(self) -> list[int]:
+        """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
+        ids = {data_mod.end_of_turn_id(self.tokenizer)}
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return sorted(ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """A response's text for people reading the tables (training uses the ids)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def iter_dir(self, t: int | str) -> Path:
+        return self.cfg.run_dir / ("base" if t == "base" else f"iter_{t}")
+
+    def opponent_path(self, t: int) -> str:
+        return self.start_model if t == 0 else str(self.iter_dir(t - 1) / "model")
+
+    def opponent_hash(self, t: int) -> str:
+        """Hash of θt's weights (the start model's, or the hash recorded when iteration t-1 trained)."""
+        if t == 0:
+            return str(self.manifest.data.get("start_model_hash", self.start_model))
+        return str((self.manifest.stage(t - 1, "train") or {}).get("hash", ""))
+
+
+def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
+    """Write the builtin task into the run directory; other specs pass through unchanged."""
+    if spec != BUILTIN_ARITHMETIC:
+        return spec
+    from spaceft.tasks import write_arithmetic_jsonl
+
+    n = (cfg.data.train_size if split == "train" else cfg.data.eval_size) or DEFAULT_BUILTIN_SIZE
+    path = cfg.run_dir / "data" / f"arithmetic_{split}_{n}_seed{cfg.data.seed}.jsonl"
+    if not path.exists():
+        write_arithmetic_jsonl(path, n, seed=cfg.data.seed, split=split)
+    return str(path)
+
+
+def _load_split(
+    path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None
+) -> tuple[list[Example], list[TokenizedExample], dict[str, Any]]:
+    d = cfg.data
+    examples, report = data_mod.load_examples(
+        path,
+        fmt=d.format,
+        prompt_field=d.prompt_field,
+        response_field=d.response_field,
+        messages_field=d.messages_field,
+        system_prompt=d.system_prompt,
+        split=split,
+        on_bad_row=d.on_bad_row,
+        limit=limit,
+    )
+    tokenized, counts = data_mod.tokenize_examples(
+        tokenizer,
+        examples,
+        max_prompt_tokens=d.max_prompt_tokens,
+        max_response_tokens=d.max_response_tokens,
+        overlong=d.overlong,
+    )
+    if not tokenized:
+        raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
+    return examples, tokenized, {"path": path, "load": report.summary(), "tokenize": counts}
+
+
+def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Changed values of the keys both configs have (a field added in a newer spaceft, at its default,
+    or one since removed, does not make a run stale)."""
+    keys = []
+    for k in sorted(set(old) & set(new)):
+        a, b = old[k], new[k]
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys.extend(_diff(a, b, f"{prefix}{k}."))
+        elif a != b:
+            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return keys
+
+
+def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: bool) -> None:
+    """Refuse to mix finished work from another config (or data) with this one, unless forced."""
+    stored = manifest.data.get("config")
+    if stored is None:
+        return
+    new = cfg.to_dict()
+    train_changes = _diff(training_view(stored), training_view(new))
+    if manifest.data.get("data_hash") != data_hash:
+        train_changes.append("the training data changed")
+    eval_changes = _diff(eval_view(stored), eval_view(new))
+    if not manifest.data["iterations"]:
+        if train_changes:  # nothing finished: just drop the partial parts of the old config
+            for child in cfg.run_dir.glob("iter_*"):
+                shutil.rmtree(child)
+        return
+    if not (train_changes or eval_changes):
+        return
+    if not force:
+        raise StaleRunError(
+            f"{cfg.run_dir} holds finished work made with a different config:\n  "
+            + "\n  ".join(train_changes + eval_changes)
+            + "\nUse another run name, or pass --force to discard the stale work."
+        )
+    if train_changes:
+        log.warning("--force: discarding all finished work in %s", cfg.run_dir)
+        for child in cfg.run_dir.iterdir():
+            if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):
+                shutil.rmtree(child)
+        manifest.data["iterations"] = {}
+    else:
+        log.warning("--force: eval settings changed; re-running evaluations only")
+        for it in manifest.data["iterations"].values():
+            it.pop("eval", None)
+
+
+def _start_model_hash(manifest: Manifest, start: str) -> str:
+    """Hash of the start model's files, recomputed only when their names, sizes or times change."""
+    path = Path(start)
+    if not path.is_dir():
+        return start  # a hub id: its revision is part of the config
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = content_hash([(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
+    cached = manifest.data.get("start_model_stamp")
+    if cached == stamp and manifest.data.get("start_model_hash"):
+        return str(manifest.data["start_model_hash"])
+    manifest.data["start_model_stamp"] = stamp
+    return file_hash(path)
+
+
+def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
+    """Start the process group, resolve the model, load and tokenize the data, update the manifest."""
+    check_launch(lora_rank=cfg.model.lora.r)
+    state = init_processes(cfg.selfplay.distributed_timeout_s)
+    check = partial(preflight.check, cfg, force=force, main_process=state.is_main_process)
+    agree(state, attempt(check)[1], "checking the run")  # issue 9: fail before any work, on every process
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with state.main_process_first():  # one process converts the default model / writes the task data
+        start = resolve_model_path(cfg.model.name)
+        train_path = _materialise(cfg.data.train, cfg, "train")
+        eval_path = _materialise(cfg.data.eval, cfg, "test")
+    tokenizer = load_tokenizer(
+        start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    assert train_path is not None
+    train_ex, train_tok, train_info = _load_split(
+        train_path, cfg, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
+    )
+    eval_ex: list[Example] = []
+    eval_tok: list[TokenizedExample] = []
+    eval_info: dict[str, Any] | None = None
+    if eval_path:
+        eval_ex, eval_tok, eval_info = _load_split(
+            eval_path, cfg, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
+        )
+    data_hash = file_hash(Path(train_path)) if Path(train_path).exists() else train_path
+    manifest = Manifest.open(cfg.run_dir)
+    ws = Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
+    error = None
+    if state.is_main_process:  # only the main process writes the manifest and deletes stale work
+        _, error = attempt(_update_manifest, ws, data_hash, {"train": train_info, "eval": eval_info}, force)
+    agree(state, error, "checking the run directory")
+    if not state.is_main_process:
+        manifest.data = Manifest.open(cfg.run_dir).data
+    return ws
+
+
+def _update_manifest(ws: Workspace, data_hash: str, data_info: dict[str, Any], force: bool) -> None:
+    cfg, manifest = ws.cfg, ws.manifest
+    _check_resume(manifest, cfg, data_hash, force)
+    manifest.data.update(
+        config=cfg.to_dict(),
+        fingerprint=cfg.training_fingerprint(),
+        eval_fingerprint=cfg.eval_fingerprint(),
+        data_hash=data_hash,
+        start_model=ws.start_model,
+        start_model_hash=_start_model_hash(manifest, ws.start_model),
+        versions={**manifest.data.get("versions", {}), **library_versions()},
+        effective_beta=cfg.train.beta if cfg.train.beta is not None else cfg.train.loss.default_beta,
+        data=data_info,
+    )
+    manifest.save()
+
+
+def loaded_model(ws: Workspace, path: str) -> torch.nn.Module:
+    """The model saved at `path`, loaded once and kept until another is needed (or training changes it)."""
+    if path not in ws.models:
+        release_models(ws)
+        ws.models[path] = load_model(path, ws.cfg.model).to(ws.device)
+    return ws.models[path]
+
+
+def release_models(ws: Workspace) -> None:
+    """Drop the loaded model and free its memory (before a vLLM engine starts, or another model loads)."""
+    ws.models.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

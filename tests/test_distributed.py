@@ -1,0 +1,284 @@
+"""Pieces of the multi-process path that run in one test process: per-prompt seeded sampling, sharded
+parts, and `agree` across two gloo processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from spaceft.config import GenerationConfig, ModelConfig
+from spaceft.distributed import RankFailedError, agree
+from spaceft.generate import (
+    HFGenerator,
+    RowSampler,
+    generate_stage,
+    merge_generate_parts,
+    write_generate_parts,
+)
+from spaceft.models import load_model
+from spaceft.rundir import Shard, read_table
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir: Path):
+    return load_model(str(tiny_model_dir), ModelConfig())
+
+
+def _gen(model, tok, **cfg) -> HFGenerator:
+    return HFGenerator(model, GenerationConfig(**cfg), stop_ids=[tok.eos_token_id], pad_id=tok.pad_token_id,
+                       device=CPU)  # fmt: skip
+
+
+def test_a_prompts_samples_do_not_depend_on_its_batch(model, tiny_tokenizer) -> None:
+    """Per-prompt seeds: the same prompt and seed give the same K samples alone, or in a batch of three
+    (other lengths, so other padding) in another position."""
+    gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=10)
+    p = [40, 41, 42, 43]
+    alone = gen.generate([p], num_samples=2, seeds=[11])[0]
+    batched = gen.generate([[50] * 7, p, [60, 61]], num_samples=2, seeds=[3, 11, 5])
+    assert batched[1] == alone
+    assert alone[0] != alone[1]  # sample j has its own stream: the K samples differ
+    assert gen.generate([p], num_samples=2, seeds=[12])[0] != alone
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (2.0, 0, 1.0), (1.0, 2, 1.0), (1.0, 0, 0.6)]
+)
+def test_row_sampler_draws_from_the_tempered_truncated_softmax(
+    temperature: float, top_k: int, top_p: float
+) -> None:
+    """Exponential-race sampling picks token v with probability p_v: frequencies over 20000 rows match
+    the distribution HF's own sampling uses (softmax of the warped logits) within 4 standard errors."""
+    logits = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0])
+    n = 20000
+    cfg = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampler = RowSampler(range(n), cfg, CPU)
+    out = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone())
+    picks = out.argmax(-1)
+    assert bool(((out == 0).sum(-1) == 1).all())  # exactly one token per row
+    freq = torch.bincount(picks, minlength=5).float() / n
+    # expected: temperature, then keep the top-k / the smallest set with mass >= top_p
+    probs = torch.softmax(logits / temperature, -1)
+    if top_k:
+        probs[probs < probs.topk(top_k).values[-1]] = 0
+    if top_p < 1:
+        order = probs.argsort(descending=True)
+        keep = (probs[order].cumsum(0) - probs[order]) < top_p
+        probs[order[~keep]] = 0
+    probs = probs / probs.sum()
+    stderr = (probs * (1 - probs) / n).sqrt()
+    assert bool(((freq - probs).abs() <= 4 * stderr + 1e-9).all()), (freq, probs)
+
+
+def test_sharded_parts_join_to_the_one_process_table(model, tiny_tokenizer, tmp_path: Path) -> None:
+    """Two shards (as two processes would write them) join to exactly what one process writes."""
+    cfg = GenerationConfig(num_samples=2, max_new_tokens=4, batch_size=3)
+    gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=4, batch_size=3)
+    prompts = [(i, [40 + i % 5] * (1 + i % 4)) for i in range(7)]
+    kw = {"iteration": 1, "decode": str, "progress": False, "tag": "t"}
+    one = tmp_path / "one.parquet"
+    generate_stage(gen, prompts, one, cfg, **kw)
+    two = tmp_path / "two.parquet"
+    for index in (1, 0):
+        write_generate_parts(gen, prompts, two, cfg, shard=Shard(index, 2), **kw)
+    parts = sorted(p.name for p in (tmp_path / "two.parts").iterdir())
+    assert parts == [f"part-t-{c:05d}.parquet" for c in range(3)]  # 7 prompts, 3 per batch
+    merge_generate_parts(two, len(prompts), cfg, tag="t")
+    assert read_table(two) == read_table(one)
+    # a third shard layout (e.g. after a resume with 4 processes) gives the same table too
+    four = tmp_path / "four.parquet"
+    for index in range(4):
+        write_generate_parts(gen, prompts, four, cfg, shard=Shard(index, 4), **kw)
+    merge_generate_parts(four, len(prompts), cfg, tag="t")
+    assert read_table(four) == read_table(one)
+
+
+def test_parts_of_another_input_are_never_joined(model, tiny_tokenizer, tmp_path: Path) -> None:
+    cfg = GenerationConfig(num_samples=1, max_new_tokens=4, batch_size=2)
+    gen = _gen(model, tiny_tokenizer, num_samples=1, max_new_tokens=4, batch_size=2)
+    prompts = [(i, [40 + i]) for i in range(4)]
+    out = tmp_path / "syn.parquet"
+    write_generate_parts(gen, prompts, out, cfg, iteration=0, decode=str, progress=False, tag="old")
+    with pytest.raises(RuntimeError, match=r"part-new-00000\.parquet is missing"):
+        merge_generate_parts(out, len(prompts), cfg, tag="new")
+
+
+def _agree_worker(rank: int, port: int, results: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    state = SimpleNamespace(num_processes=2)
+    try:
+        for round_, fail_rank in enumerate((-1, 1)):  # nobody fails, then process 1 fails
+            error = ValueError(f"bad row on {rank}") if rank == fail_rank else None
+            try:
+                agree(state, error, "generate of iteration 0")  # type: ignore[arg-type]
+                results[(round_, rank)] = "ok"
+            except RankFailedError as e:
+                results[(round_, rank)] = f"peer: {e}"
+            except ValueError as e:
+                results[(round_, rank)] = f"own: {e}"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_agree_stops_every_process_with_the_failed_ones_message() -> None:
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.start_processes(_agree_worker, args=(_free_port(), results), nprocs=2, start_method="fork")
+        got = dict(results)
+    assert got[(0, 0)] == got[(0, 1)] == "ok"
+    assert got[(1, 1)] == "own: bad row on 1"
+    assert got[(1, 0)] == "peer: generate of iteration 0 failed on process 1 of 2: ValueError: bad row on 1"
+
+
+@pytest.mark.parametrize(
+    ("env", "lora", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true"}, 0, "FSDP needs GPUs"),
+        (
+            {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"},
+            8,
+            "with DeepSpeed ZeRO-3",
+        ),
+    ],
+)
+def test_launch_settings_that_would_not_do_what_they_say_are_refused(
+    env: dict[str, str], lora: int, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spaceft.distributed import check_launch
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=message):
+        check_launch(lora_rank=lora)
+    if lora:  # ZeRO-2, or ZeRO-3 without LoRA, are fine
+        check_launch(lora_rank=0)
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+        check_launch(lora_rank=lora)
+
+
+def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_path: Path) -> None:
+    """DeepSpeed steps inside backward: the message must not claim the weights were spared."""
+    from accelerate import Accelerator
+
+    from spaceft.train import NonFiniteLossError, _stop_if
+
+    acc = Accelerator(cpu=True)
+    with pytest.raises(NonFiniteLossError, match="the weights were not updated"):
+        _stop_if(True, acc, "gradient", 0, 2, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="this update was already applied") as e:
+        _stop_if(True, acc, "gradient", 0, 2, tmp_path, stepped=True)
+    assert "not updated" not in str(e.value)
+    _stop_if(False, acc, "gradient", 0, 2, tmp_path, stepped=True)  # a finite gradient passes
+
+
+class _FakeVLLM:
+    """Stands in for the `vllm` package (not installed here): records what spaceft asks of it."""
+
+    def __init__(self) -> None:
+        self.llm_kwargs: dict = {}
+        self.params: list = []
+        self.torn_down = False
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs) -> None:
+                fake.llm_kwargs = kwargs
+
+            def generate(self, prompts, params, use_tqdm=False):
+                fake.params = params
+                out = SimpleNamespace(token_ids=[5, 9], finish_reason="stop")
+                return [SimpleNamespace(outputs=[out] * p.n) for p in params]
+
+        def sampling_params(**kwargs):
+            return SimpleNamespace(**kwargs)
+
+        def destroy_model_parallel() -> None:
+            fake.torn_down = True
+
+        self.modules = {
+            "vllm": SimpleNamespace(LLM=LLM, SamplingParams=sampling_params),
+            "vllm.distributed": SimpleNamespace(),
+            "vllm.distributed.parallel_state": SimpleNamespace(destroy_model_parallel=destroy_model_parallel),
+        }
+
+
+def test_vllm_engine_per_process_with_tensor_parallel_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under a launcher: vLLM's torchrun-compatible executor, the configured tensor-parallel size, each
+    prompt's own seed, and a teardown of the engine's groups only (not the launcher's)."""
+    import sys
+
+    from spaceft.generate import VLLMGenerator
+
+    fake = _FakeVLLM()
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    cfg = GenerationConfig(backend="vllm", num_samples=2, tensor_parallel_size=2)
+    gen = VLLMGenerator("m", cfg, stop_ids=[9], dtype="bfloat16", num_processes=4)
+    assert fake.llm_kwargs["distributed_executor_backend"] == "external_launcher"
+    assert fake.llm_kwargs["tensor_parallel_size"] == 2 and fake.llm_kwargs["dtype"] == "bfloat16"
+    comps = gen.generate([[1, 2], [3]], num_samples=2, seeds=[101, 202])
+    assert [p.seed for p in fake.params] == [101, 202] and all(p.n == 2 for p in fake.params)
+    assert comps[1][0].response_ids == (5, 9) and not comps[1][0].hit_cap
+    gen.close()
+    assert fake.torn_down
+    one = VLLMGenerator("m", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="float32")
+    assert "distributed_executor_backend" not in fake.llm_kwargs  # one process: vLLM's own executor
+    one.close()
+
+
+@pytest.mark.parametrize(
+    ("rank", "world", "group", "shard", "leads"),
+    [(0, 1, 1, Shard(0, 1), True), (3, 4, 1, Shard(3, 4), True), (3, 4, 2, Shard(1, 2), False),
+     (2, 4, 2, Shard(1, 2), True), (5, 8, 4, Shard(1, 2), False)],
+)  # fmt: skip
+def test_tensor_parallel_groups_share_a_shard(
+    rank: int, world: int, group: int, shard: Shard, leads: bool
+) -> None:
+    from spaceft.distributed import leads_group, shard_of
+
+    state = SimpleNamespace(process_index=rank, num_processes=world)
+    assert shard_of(state, group) == shard  # type: ignore[arg-type]
+    assert leads_group(state, group) is leads  # type: ignore[arg-type]
+
+
+def test_tensor_parallel_size_must_divide_the_processes() -> None:
+    from spaceft.distributed import shard_of
+
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide the number of processes"):
+        shard_of(SimpleNamespace(process_index=0, num_processes=4), 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"needs generation\.backend=vllm"):
+        GenerationConfig(tensor_parallel_size=2)
+
+
+def test_the_hf_model_is_released_before_a_vllm_engine_starts(tmp_path: Path) -> None:
+    from spaceft.config import config_from_dict
+    from spaceft.rundir import Manifest
+    from spaceft.selfplay import Step, load_generate
+    from spaceft.workspace import Workspace
+
+    cfg = config_from_dict({"data": {"train": "x.jsonl"}, "generation": {"backend": "vllm"}})
+    manifest = Manifest(tmp_path / "manifest.json", {"iterations": {}, "start_model_hash": "h0"})
+    ws = Workspace(cfg, manifest, "start", None, [], [])
+    ws.models["start"] = torch.nn.Linear(2, 2)  # the opponent kept from the previous stage
+    tag = load_generate(ws, Step("generate", 0))
+    assert ws.models == {}
+    cfg.generation.tensor_parallel_size = 2  # where the engine runs does not change what it samples
+    assert load_generate(ws, Step("generate", 0)) == tag
+    cfg.generation.seed = 1
+    assert load_generate(ws, Step("generate", 0)) != tag

@@ -1,0 +1,179 @@
+"""Two processes with gloo on CPU, end to end: `torchrun --nproc_per_node 2` and the shipped
+`accelerate launch` config give the one-process run's samples, take over a one-process run, resume
+after kill -9, and stop together on a non-finite loss.
+
+Tolerance for the weights: the two runs see identical data, samples and opponent scores, but DDP sums
+the gradient in another order (float32 rounding, ~1e-7 relative). RMSProp divides each gradient by
+its running RMS, so where a gradient is near 0 that rounding is magnified up to the size of a step
+(at most lr/sqrt(1 - alpha) = 10·lr on the first step). We require every weight within lr = 3e-4 of
+the one-process run (a tenth of one step's largest update; measured 1e-5 to 8e-5), and the logged per-step
+loss and gradient norm equal to 1e-4 relative (a wrong gradient scale or a missing all-reduce changes
+the gradient norm by a factor, and the weights by whole steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from spaceft.cli import main
+from spaceft.rundir import InjectedFault, read_json, read_table, write_table
+
+from .conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+RUN = "tiny-space"
+BIN = Path(sys.executable).parent
+ACCELERATE_CONFIG = Path(__file__).parents[1] / "spaceft" / "recipes" / "accelerate" / "multi_cpu.yaml"
+K2 = {"generation.num_samples": 2}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(launcher: str, tmp: Path, model: Path, *args: str, fault: str = "", **over: object):
+    """Run `spaceft` under torchrun or accelerate launch with 2 processes; returns (rc, output, seconds)."""
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    else:
+        cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE_CONFIG),
+               "--main_process_port", str(_free_port())]  # fmt: skip
+    command = args[0] if args else "run"
+    cmd += ["-m", "spaceft", command, "tiny", *tiny_overrides(tmp, model, **{**K2, **over}), *args[1:]]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SPACEFT_FAULT": fault}
+    tic = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - tic
+
+
+def _weights(run_dir: Path, t: int) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / f"iter_{t}" / "model" / "model.safetensors")
+
+
+def _metrics(run_dir: Path, t: int) -> list[dict[str, float]]:
+    return [json.loads(x) for x in (run_dir / f"iter_{t}" / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """SPACE, K = 2, 2 iterations, one process."""
+    tmp = tmp_path_factory.mktemp("one")
+    assert main(["run", "tiny", *tiny_overrides(tmp, tiny_model_dir, **K2)]) == 0
+    return tmp / "runs" / RUN
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The same run with `torchrun --nproc_per_node 2`."""
+    tmp = tmp_path_factory.mktemp("two")
+    rc, out, _ = _launch("torchrun", tmp, tiny_model_dir)
+    assert rc == 0, out[-3000:]
+    return tmp / "runs" / RUN
+
+
+def test_two_processes_give_the_one_process_result(one: Path, two: Path) -> None:
+    assert read_json(two / "manifest.json")["iterations"]["0"]["train"]["processes"] == 2
+    for t in (0, 1):
+        ids = [
+            (r["prompt_index"], r["sample"], r["response_ids"])
+            for r in read_table(one / f"iter_{t}" / "synthetic.parquet")
+        ]
+        assert len(ids) == 16  # 8 prompts x K = 2
+        assert ids == [(r["prompt_index"], r["sample"], r["response_ids"])
+                       for r in read_table(two / f"iter_{t}" / "synthetic.parquet")]  # fmt: skip
+        a, b = (
+            read_table(one / f"iter_{t}" / "opponent_logps.parquet"),
+            read_table(two / f"iter_{t}" / "opponent_logps.parquet"),
+        )
+        assert [r["logp"] for r in a] == pytest.approx([r["logp"] for r in b], rel=1e-6, abs=1e-4)
+        wa, wb = _weights(one, t), _weights(two, t)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4  # train.lr (see the docstring)
+        for ma, mb in zip(_metrics(one, t), _metrics(two, t), strict=True):
+            assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-4)
+            assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
+        ea, eb = read_json(one / f"iter_{t}" / "eval.json"), read_json(two / f"iter_{t}" / "eval.json")
+        assert ea["accuracy"] == eb["accuracy"] and ea["nll"] == pytest.approx(eb["nll"], rel=1e-5)
+    assert read_json(one / "base" / "eval.json") == pytest.approx(read_json(two / "base" / "eval.json"))
+
+
+def test_resume_with_another_number_of_processes_and_after_kill_9(
+    two: Path, tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1. one process stops mid-training; 2. two processes (torchrun) take over — generation and scores
+    are reused, the one-process training state is dropped (its data slices belong to one process) — and
+    are killed with SIGKILL mid-training; 3. the shipped `accelerate launch` config resumes from the
+    two-process training state and ends bit-identical to the uninterrupted two-process run."""
+    over = {"selfplay.iterations": 1, "eval.enabled": False}
+    run_dir = tmp_path / "runs" / RUN
+    it0 = run_dir / "iter_0"
+    # step 1
+    monkeypatch.setenv("SPACEFT_FAULT", "train:2")
+    with pytest.raises(InjectedFault):
+        main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **{**K2, **over})])
+    monkeypatch.delenv("SPACEFT_FAULT")
+    synthetic = (it0 / "synthetic.parquet").stat().st_mtime_ns
+    # step 2
+    rc, out, _ = _launch("torchrun", tmp_path, tiny_model_dir, fault="train:3:kill", **over)
+    assert rc != 0
+    assert "saved training state is from 1 process(es), this run has 2" in out
+    assert (it0 / "synthetic.parquet").stat().st_mtime_ns == synthetic  # not regenerated
+    assert json.loads((it0 / "train_state" / "progress.json").read_text())["step"] == 2
+    assert not (it0 / "model").exists()
+    # step 3
+    rc, out, _ = _launch("accelerate", tmp_path, tiny_model_dir, **over)
+    assert rc == 0, out[-3000:]
+    assert "iteration 0: resuming training at step 2/4" in out
+    wa, wb = _weights(two, 0), _weights(run_dir, 0)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # same number of processes as `two`: bit-identical
+    assert [m["step"] for m in _metrics(run_dir, 0)] == [1, 2, 3, 4]
+
+
+def test_a_non_finite_loss_on_one_process_stops_both(two: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A NaN opponent score of one prompt (bad data) reaches one process's micro-batch; both stop."""
+    run_dir = tmp_path / "runs" / RUN
+    shutil.copytree(two, run_dir)
+    path = run_dir / "iter_1" / "opponent_logps.parquet"
+    rows = read_table(path)
+    bad = rows[0]["prompt_index"]
+    for r in rows:
+        if r["kind"] == "real" and r["prompt_index"] == bad:
+            r["logp"] = float("nan")
+    write_table(path, rows)
+    rc, out, seconds = _launch("torchrun", tmp_path, tiny_model_dir, "train", "--iteration", "1")
+    assert rc != 0 and seconds < 120
+    for rank in (0, 1):
+        assert f"spaceft: error (process {rank} of 2): non-finite loss at iteration 1" in out
+    assert not (run_dir / "iter_1" / "model").exists()
+
+
+def test_an_error_on_one_process_stops_both_with_its_message(
+    two: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """Process 1 fails in its share of the generate stage (batch 1 of 2); process 0 finishes its own
+    share, then stops too with process 1's message instead of going on alone (or waiting for the
+    timeout)."""
+    run_dir = tmp_path / "runs" / RUN
+    shutil.copytree(two, run_dir)
+    rc, out, seconds = _launch(
+        "torchrun", tmp_path, tiny_model_dir, "generate", "--iteration", "1", fault="generate:1@1"
+    )
+    assert rc != 0 and seconds < 120
+    assert (
+        "spaceft: error (process 0 of 2): generate of iteration 1 failed on process 1 of 2: InjectedFault"
+        in out
+    )
+    assert not (run_dir / "iter_1" / "synthetic.parquet").exists()  # nothing half-joined
+    assert not (run_dir / "iter_1" / "model").exists()  # re-generating removed what was built on it
