@@ -367,6 +367,12 @@ class RunConfig:
             raise ValueError("data.train is required: a file, a dataset directory or 'builtin:arithmetic'")
         if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
             raise ValueError("selfplay.mix_previous needs synthetic samples")
+        if self.model.lora.r and self.model.lora.dropout and self.train.loss.needs_opponent:
+            raise ValueError(
+                f"model.lora.dropout={self.model.lora.dropout}: the {self.train.loss} loss compares the "
+                "policy's log-probs in training mode with the opponent's, scored without dropout, so "
+                "dropout would bias every reward; set model.lora.dropout=0"
+            )
         g = self.generation
         if (
             self.train.loss.uses_synthetic

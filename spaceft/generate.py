@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
+from transformers import GenerationConfig as TransformersGenerationConfig
 from transformers import LogitsProcessorList
 
 from spaceft.config import GenerationConfig
@@ -109,26 +110,6 @@ class RowSampler:
         return out
 
 
-# Decoding settings that a model's generation_config may carry and that would make samples differ
-# from p_θt(·|x) (the objective assumes plain ancestral sampling); generate() is given them neutral.
-NEUTRAL_DECODING: dict[str, Any] = {
-    "repetition_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "suppress_tokens": None,
-    "begin_suppress_tokens": None,
-    "bad_words_ids": None,
-    "min_new_tokens": None,
-    "min_length": 0,
-    "length_penalty": 1.0,
-    "num_beams": 1,
-}
-
-
 class HFGenerator:
     """transformers `generate`: left-padded batches; temperature 0 is greedy."""
 
@@ -163,26 +144,32 @@ class HFGenerator:
             p = prompts[r // num_samples]
             input_ids[r, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
             attention_mask[r, width - len(p) :] = 1
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": False,  # sampling, when wanted, is RowSampler's: argmax of its one-hot scores
-            "eos_token_id": sorted(self.stop_ids),
-            "pad_token_id": self.pad_id,
-            # sampling settings inherited from generation_config are ignored (RowSampler applies ours)
-            **NEUTRAL_DECODING,
-            "temperature": None,
-            "top_p": None,
-            "top_k": None,
-        }
+        # A fresh generation config, not the model's: a checkpoint's generation_config.json may carry
+        # settings (repetition penalty, forced_eos_token_id, sequence_bias, ...) that would make the
+        # samples differ from p_θt(·|x), which the objective takes them to be.
+        plain = TransformersGenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,  # sampling, when wanted, is RowSampler's: argmax of its one-hot scores
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.pad_id,
+            bos_token_id=None,
+            decoder_start_token_id=None,
+        )
+        kwargs: dict[str, Any] = {"generation_config": plain}
         if self.cfg.temperature > 0:
             row_seeds = [derive_seed(seeds[r // num_samples], r % num_samples) for r in range(rows)]
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler(row_seeds, self.cfg, self.device)])
-        was_training = self.model.training
+        was_training, shipped = self.model.training, self.model.generation_config
         self.model.eval()
-        out = self.model.generate(
-            input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
-        )
-        self.model.train(was_training)
+        # transformers fills what `plain` leaves at its defaults from the model's own config: hide it
+        self.model.generation_config = TransformersGenerationConfig()
+        try:
+            out = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device), **kwargs
+            )
+        finally:
+            self.model.generation_config = shipped
+            self.model.train(was_training)
         new_tokens = out[:, width:].tolist()  # [B*K, T]
         result: list[list[Completion]] = []
         for i in range(len(prompts)):

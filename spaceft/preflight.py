@@ -33,7 +33,6 @@ from spaceft.rundir import (
     Manifest,
     clean_leftovers,
     lock_run_dir,
-    temp_name,
     verify_output,
     write_text,
 )
@@ -82,9 +81,9 @@ def check_run_dir(run_dir: Path) -> None:
             break
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = temp_name(run_dir / "write-probe")
+        probe = run_dir / f"write-probe.{os.getpid()}"  # not a leftover name: clean-up leaves it alone
         probe.write_bytes(b"")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as e:
         raise ValueError(describe_os_error(e, run_dir, "the run directory")) from None
 

@@ -383,7 +383,10 @@ def clean_leftovers(run_dir: Path) -> list[Path]:
                 os.replace(path, live)
                 log.warning("recovered the training state %s from an interrupted save", live)
                 continue
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            try:  # another process's short-lived probe may already be gone
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except FileNotFoundError:
+                continue
             removed.append(path)
         dirs[:] = [d for d in dirs if (Path(root) / d).exists()]
     if removed:

@@ -32,7 +32,7 @@ from spaceft.config import RunConfig
 from spaceft.distributed import agree, attempt, leads_group, shard_of
 from spaceft.evaluate import finish_eval, write_eval_parts
 from spaceft.generate import HFGenerator, VLLMGenerator, merge_generate_parts, write_generate_parts
-from spaceft.rundir import Manifest, content_hash, file_hash, read_table
+from spaceft.rundir import Manifest, content_hash, file_hash, read_json, read_table
 from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
 from spaceft.train import TrainItem, train_iteration
 from spaceft.workspace import StaleRunError, Workspace, loaded_model, prepare, release_models
@@ -175,6 +175,17 @@ def _score_is_stale(ws: Workspace, t: int) -> bool:
     return False
 
 
+def _generate_is_stale(ws: Workspace, t: int) -> bool:
+    """Samples drawn by another opponent (e.g. the start model's files changed) are not samples of
+    p_θt: they are drawn again, and everything built on them redone."""
+    entry = ws.manifest.stage(t, "generate")
+    if entry is None or entry.get("opponent", ws.opponent_hash(t)) == ws.opponent_hash(t):
+        return False
+    log.warning("iteration %d: the opponent's weights changed since its samples were drawn; sampling again",
+                t)  # fmt: skip
+    return True
+
+
 def _applies(stage: str, ws: Workspace, t: int | str) -> bool:
     loss = ws.cfg.train.loss
     if stage == "generate":
@@ -310,6 +321,12 @@ def load_train(ws: Workspace, step: Step) -> list[TrainItem]:
 
 def work_train(ws: Workspace, step: Step, items: list[TrainItem]) -> dict[str, Any]:
     t = int(step.iteration)
+    d = ws.iter_dir(t)
+    # a run stopped after the model was saved (the summary is written after it) but before the manifest
+    # said so: the training is complete, do not train it again
+    if (d / "train_summary.json").exists() and (d / "model").is_dir() and not (d / "train_state").exists():
+        log.info("iteration %d: its trained model was saved before the last run stopped; not retraining", t)
+        return dict(read_json(d / "train_summary.json"))
     model = loaded_model(ws, ws.opponent_path(t))
     ws.models.clear()  # trained in place: from here on it is no longer the opponent saved at that path
     return train_iteration(model, ws.tokenizer, items, ws.cfg, iteration=t, iter_dir=ws.iter_dir(t))
@@ -437,7 +454,9 @@ def drop_stale_work(ws: Workspace, only_stage: str | None, only_iteration: int |
         t = only_iteration if only_iteration is not None else 0
         invalidate_from(ws, "base" if t < 0 else t, "eval" if t < 0 else only_stage)
     for t in range(ws.cfg.selfplay.iterations):
-        if _applies("score", ws, t) and _score_is_stale(ws, t):
+        if _applies("generate", ws, t) and _generate_is_stale(ws, t):
+            invalidate_from(ws, t, "generate")
+        elif _applies("score", ws, t) and _score_is_stale(ws, t):
             invalidate_from(ws, t, "score")
 
 

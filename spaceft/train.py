@@ -355,7 +355,8 @@ def train_iteration(
         last = _metrics(sums, grad_norm, step_lr, elapsed)
         last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
         if step == 0 and t.loss.needs_opponent:
-            _check_start_rewards(last["rewards/abs_mean"], iteration, accelerator.is_main_process)
+            beta = t.beta or t.loss.default_beta or 1.0  # rewards are β·(log-ratio), as in losses.py
+            _check_start_rewards(last["rewards/abs_mean"] / beta, iteration, accelerator.is_main_process)
         if accelerator.is_main_process and (
             (step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)
         ):
@@ -418,6 +419,7 @@ START_REWARD_TOLERANCE = 1e-2
 
 
 def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:
+    """`abs_mean`: the mean |log p_θ - log p_θt| of the first step, in nats (β divided out)."""
     if abs_mean > START_REWARD_TOLERANCE and main:
         log.warning(
             "iteration %d: mean |reward| at the first step is %.3g nats (tolerance %.0e): the opponent's "

@@ -140,3 +140,10 @@ def test_decoding_that_changes_the_noise_distribution_is_refused(decoding: list[
 def test_negative_top_k_is_refused() -> None:
     with pytest.raises(ValueError, match=r"generation\.top_k must be >= 0"):
         load_config(None, ["data.train=x.jsonl", "generation.top_k=-5"])
+
+
+def test_lora_dropout_is_refused_where_rewards_compare_with_the_opponent() -> None:
+    message = r"model\.lora\.dropout=0\.1: the space loss .* set model\.lora\.dropout=0"
+    with pytest.raises(ValueError, match=message):
+        load_config(None, ["data.train=x.jsonl", "model.lora.r=8", "model.lora.dropout=0.1"])
+    load_config(None, ["data.train=x.jsonl", "model.lora.r=8", "model.lora.dropout=0.1", "train.loss=sft"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -84,17 +85,28 @@ def test_sampling_is_seeded_and_gives_k_samples(model, tiny_tokenizer) -> None:
     assert all(1 <= len(s.response_ids) <= 10 for x in a for s in x)
 
 
-def test_model_generation_config_does_not_change_sampling(model, tiny_tokenizer) -> None:
-    """A repetition penalty shipped in generation_config must not alter samples from p_θt."""
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("repetition_penalty", 5.0),
+        ("no_repeat_ngram_size", 1),
+        ("forced_eos_token_id", "eos"),  # would end every capped sample with an eos never sampled
+        ("sequence_bias", {(45,): 50.0}),
+        ("exponential_decay_length_penalty", (1, 5.0)),
+    ],
+)
+def test_model_generation_config_does_not_change_sampling(model, tiny_tokenizer, setting, value) -> None:
+    """Settings shipped in a checkpoint's generation_config must not alter samples from p_θt."""
     gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=8)
     before = gen.generate([[40, 41, 42]], num_samples=2, seeds=[3])
-    model.generation_config.repetition_penalty = 5.0
-    model.generation_config.no_repeat_ngram_size = 1
+    shipped = model.generation_config
+    model.generation_config = copy.deepcopy(shipped)
+    setattr(model.generation_config, setting, tiny_tokenizer.eos_token_id if value == "eos" else value)
     try:
         assert gen.generate([[40, 41, 42]], num_samples=2, seeds=[3]) == before
+        assert getattr(model.generation_config, setting) is not None  # the model's own config is kept
     finally:
-        model.generation_config.repetition_penalty = 1.0
-        model.generation_config.no_repeat_ngram_size = 0
+        model.generation_config = shipped
 
 
 def test_greedy_is_argmax_and_ignores_padding(model, tiny_tokenizer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,50 @@ def test_re_evaluating_keeps_later_iterations(reference: Path, tmp_path: Path, t
         == read_json(reference / "manifest.json")["iterations"]["1"]
     )
     assert (run_dir / "iter_1" / "model" / "model.safetensors").exists()
+
+
+def test_samples_of_a_changed_start_model_are_drawn_again(tmp_path: Path) -> None:
+    """Samples drawn by an opponent whose weights have since changed are not samples of p_θt."""
+    from spaceft.models import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path / "m" / "tiny")
+    over = {"selfplay.iterations": 1, "eval.enabled": "false"}
+    assert _run(tmp_path, model_dir, command="generate", **over) == 0
+    run_dir = next((tmp_path / "runs").iterdir())
+    before = read_table(run_dir / "iter_0" / "synthetic.parquet")
+    other = build_tiny_model(tmp_path / "m2" / "tiny", seed=1)
+    shutil.copy(other / "model.safetensors", model_dir / "model.safetensors")  # new weights, same place
+    assert _run(tmp_path, model_dir, **over) == 0
+    manifest = read_json(run_dir / "manifest.json")
+    entry = manifest["iterations"]["0"]
+    assert entry["generate"]["opponent"] == entry["score"]["opponent"] == manifest["start_model_hash"]
+    assert read_table(run_dir / "iter_0" / "synthetic.parquet") != before
+
+
+def test_a_model_saved_before_an_interruption_is_not_trained_again(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the trained model was saved, before the manifest recorded it: the next run keeps it."""
+    from spaceft import selfplay, train
+
+    steps: list[int] = []
+    monkeypatch.setattr(train, "maybe_fail", lambda stage, n: steps.append(n) if stage == "train" else None)
+    real_hash, armed = selfplay.file_hash, [True]
+
+    def hash_then_interrupt(path: Path) -> str:
+        if armed[0] and path.name == "model":
+            armed[0] = False
+            raise KeyboardInterrupt
+        return real_hash(path)
+
+    monkeypatch.setattr(selfplay, "file_hash", hash_then_interrupt)
+    over = {"selfplay.iterations": 1, "eval.enabled": "false"}
+    assert _run(tmp_path, tiny_model_dir, **over) == 130
+    run_dir = next((tmp_path / "runs").iterdir())
+    saved = _weights(run_dir, 0)
+    assert steps and read_json(run_dir / "manifest.json")["iterations"]["0"]["train"]["status"] != "done"
+    steps.clear()
+    assert _run(tmp_path, tiny_model_dir, **over) == 0
+    assert steps == []  # not one training step again
+    assert read_json(run_dir / "manifest.json")["iterations"]["0"]["train"]["status"] == "done"
+    assert all(torch.equal(saved[k], v) for k, v in _weights(run_dir, 0).items())
