@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,23 +22,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from spaceft.rundir import ONE_PROCESS, Shard, content_hash, file_hash, merge_parts, write_parts
+from spaceft.token_logps import chunked_token_logps, head_as_identity, output_head, selective_log_softmax
 
 log = logging.getLogger(__name__)
 
-
-def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
-    """log_softmax(logits, -1).gather(-1, index) without a float32 [N, L, V] copy.
-
-    logits [N, L, V] (any float dtype), index [N, L] -> [N, L] float32.
-    Works one sequence at a time, so the temporary is [L, V], not [N, L, V]; low-precision logits
-    are up-cast row by row because log_softmax in bfloat16 loses ~2 digits.
-    """
-    out = torch.empty(index.shape, dtype=torch.float32, device=logits.device)
-    for row in range(logits.shape[0]):
-        row_logits = logits[row].float()  # [L, V]
-        picked = row_logits.gather(-1, index[row].unsqueeze(-1)).squeeze(-1)  # [L]
-        out[row] = picked - torch.logsumexp(row_logits, dim=-1)
-    return out
+__all__ = [
+    "PackedBatch",
+    "ScoreItem",
+    "pack",
+    "score_sequences",
+    "score_stage",
+    "selective_log_softmax",
+    "sequence_logps",
+]
 
 
 @dataclass
@@ -76,23 +73,42 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     return PackedBatch(input_ids, attention_mask, response_mask)
 
 
-def sequence_logps(model: torch.nn.Module, batch: PackedBatch) -> tuple[Tensor, Tensor]:
+def sequence_logps(
+    model: torch.nn.Module, batch: PackedBatch, *, chunked: bool = True
+) -> tuple[Tensor, Tensor]:
     """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch.
 
-    Only the positions from the first response target on get logits (`logits_to_keep`): the
-    [N, L, V] vocabulary projection is the largest tensor of the step and prompt positions need none.
-    Models whose forward ignores `logits_to_keep` return all positions, which is handled too.
+    Only the positions from the first response target on are computed (`logits_to_keep`). With
+    `chunked` (and a model whose logits are a plain linear head of its hidden states, see
+    `token_logps.output_head`) the model returns hidden states and only the response tokens are
+    projected to the vocabulary, a chunk at a time: no [N, L, V] tensor exists in either pass. Otherwise
+    the model's logits go through `selective_log_softmax`. Models whose forward ignores
+    `logits_to_keep` return all positions, which both paths handle.
     """
     length = batch.input_ids.shape[1]
     first = int(batch.response_mask.any(0).float().argmax())  # first target position with a response token
     keep = length - first  # positions first .. L-1 (the last one predicts nothing and is dropped)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, logits_to_keep=keep
-    ).logits
-    start = length - logits.shape[1]  # == first if honoured, 0 if the model returned every position
-    token_logps = selective_log_softmax(logits[:, :-1], batch.input_ids[:, start + 1 :])  # [N, L-1-start]
-    del logits
-    token_logps = token_logps * batch.response_mask[:, start:]
+    head = output_head(model, batch.input_ids, batch.attention_mask) if chunked else None
+    with head_as_identity(head) if head is not None else nullcontext():
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # [N, keep, H] hidden states with the head swapped out, else [N, keep, V] logits
+    start = length - out.shape[1]  # == first if honoured, 0 if the model returned every position
+    mask = batch.response_mask[:, start:]  # [N, L-1-start]
+    targets = batch.input_ids[:, start + 1 :]  # [N, L-1-start]
+    if head is None:
+        token_logps = selective_log_softmax(out[:, :-1], targets) * mask
+    else:
+        picked = mask.bool()
+        hidden = out[:, :-1][picked]  # [T, H]: response positions only, no prompt or padding
+        logps = chunked_token_logps(hidden, head.linear.weight, head.linear.bias, targets[picked])  # [T]
+        token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
+            picked, logps
+        )  # back to [N, L-1-start] so the sum runs in the same order as the logits path
+    del out
     return token_logps.sum(-1), batch.response_mask.sum(-1)
 
 

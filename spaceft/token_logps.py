@@ -1,0 +1,213 @@
+"""Per-token log-probs log p(y_k | y_<k) without materialising [N, L, V] logits.
+
+Two kernels, both giving float32 log-probs of chosen tokens:
+
+* `selective_log_softmax(logits, index)` — from logits that a model already returned. It loops over
+  `logits.unbind(0)`: indexing `logits[row]` instead would make autograd zero-fill a full-size
+  [N, L, V] gradient for every row in backward and sum them (13.5 % of a training step, issue 10).
+* `chunked_token_logps(hidden, weight, bias, targets)` — from the final hidden states: the
+  vocabulary projection and the log-softmax run a chunk of tokens at a time and are recomputed in
+  backward, so neither pass ever holds more than [chunk, V] logits. Peak memory no longer grows with
+  N·L·V; cost is one extra lm-head matmul in backward.
+
+`output_head(model)` decides whether a model's logits are exactly `F.linear(hidden, W, b)` of the
+hidden states it would feed its output layer (true for Llama/Qwen/Mistral/SmolLM, tied or not; a
+linear logit scale is fine too), checked once per model on a real forward; models with a non-linear
+logit transform (Gemma-2's soft-capping), a LoRA-wrapped head, or sharded weights (FSDP, ZeRO-3) get
+the logits path instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# [chunk, V] float32 logits per chunk: 2**23 elements is 32 MiB (a chunk of 170 tokens at V=49,152,
+# 64 at V=128k); the softmax and its gradient add about two more of these in backward.
+CHUNK_ELEMENTS = 2**23
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    """log_softmax(logits, -1).gather(-1, index) without a float32 [N, L, V] copy.
+
+    logits [N, L, V] (any float dtype), index [N, L] -> [N, L] float32.
+    One sequence at a time, so the temporary is [L, V]; low-precision logits are up-cast row by row
+    because log_softmax in bfloat16 loses ~2 digits.
+    """
+    rows = []
+    for row_logits, row_index in zip(logits.unbind(0), index.unbind(0), strict=True):  # [L, V], [L]
+        row_logits = row_logits.float()
+        picked = row_logits.gather(-1, row_index.unsqueeze(-1)).squeeze(-1)  # [L]
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    if not rows:
+        return torch.empty(index.shape, dtype=torch.float32, device=logits.device)
+    return torch.stack(rows)
+
+
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The dtype F.linear(hidden, weight) would run in here: autocast's if active, else the weight's."""
+    device = hidden.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """log_softmax(hidden @ weightᵀ + bias)[t, targets[t]] chunk by chunk, recomputed in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,  # [T, H]
+        weight: Tensor,  # [V, H]
+        bias: Tensor | None,  # [V]
+        targets: Tensor,  # [T]
+        chunk: int,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)  # [T]
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                logits = F.linear(hidden[s : s + chunk].to(dtype), w, b).float()  # [c, V]
+                picked = logits.gather(-1, targets[s : s + chunk, None])[:, 0]
+                out[s : s + chunk] = picked - torch.logsumexp(logits, -1)
+        ctx.save_for_backward(hidden, weight, bias, targets)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets = ctx.saved_tensors
+        dtype, chunk = ctx.dtype, ctx.chunk
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].to(dtype)  # [c, H]
+                g = grad_out[s : s + chunk, None].float()  # [c, 1]
+                probs = torch.softmax(F.linear(h, w, b).float(), -1)  # [c, V]
+                # d logp_t / d logits = onehot(target) - softmax
+                grad_logits = (-g * probs).scatter_add_(-1, targets[s : s + chunk, None], g).to(dtype)
+                if grad_h is not None:
+                    grad_h[s : s + chunk] = (grad_logits @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (grad_logits.t() @ h).float()
+                if grad_b is not None:
+                    grad_b += grad_logits.float().sum(0)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def chunked_token_logps(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, chunk: int | None = None
+) -> Tensor:
+    """log_softmax(F.linear(hidden, weight, bias).float(), -1).gather(-1, targets) in chunks.
+
+    hidden [T, H], weight [V, H], bias [V] or None, targets [T] -> [T] float32. Equal (values and
+    gradients) to that naive one-liner under the same autocast state; holds at most [chunk, V] logits.
+    """
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden, weight))
+
+
+# ------------------------------------------------------------------------------- the model's output head
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The plain linear output layer of a model and where it sits (to swap it out for a forward)."""
+
+    parent: torch.nn.Module
+    name: str
+    linear: torch.nn.Linear
+
+
+_VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, OutputHead | None] = weakref.WeakKeyDictionary()
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The module a DDP wrapper holds; None for wrappers that shard weights (FSDP, DeepSpeed)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module
+    if any(k in type(model).__name__ for k in ("FullyShardedDataParallel", "DeepSpeedEngine")):
+        return None
+    return model
+
+
+def _find_head(model: torch.nn.Module) -> OutputHead | None:
+    inner = _unwrap(model)
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if inner is None or type(head) is not torch.nn.Linear:  # LoRA-wrapped heads are not plain Linear
+        return None
+    w = head.weight
+    if type(w) is not torch.nn.Parameter or hasattr(w, "ds_id") or w.dim() != 2 or w.numel() == 0:
+        return None  # DTensor (FSDP2) or ZeRO-3 partitioned parameter
+    for name, module in inner.named_modules():
+        if module is head and name:
+            parent_name, _, attr = name.rpartition(".")
+            return OutputHead(inner.get_submodule(parent_name), attr, head)
+    return None
+
+
+@contextmanager
+def head_as_identity(head: OutputHead) -> Iterator[None]:
+    """Inside the block the model returns its final hidden states in place of logits."""
+    setattr(head.parent, head.name, torch.nn.Identity())
+    try:
+        yield
+    finally:
+        setattr(head.parent, head.name, head.linear)
+
+
+def output_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor) -> OutputHead | None:
+    """The model's output head if its logits are exactly `head(hidden)`, else None (logits path).
+
+    Checked once per model: one sequence's last-position logits from a normal forward against the head
+    applied to the hidden states returned with the head swapped out. This catches soft-capping and any
+    other non-linear logit transform, and forwards that bypass the head module.
+    """
+    if model in _VERIFIED:
+        return _VERIFIED[model]
+    head = _find_head(model)
+    if head is not None:
+        ids, mask = input_ids[:1], attention_mask[:1]
+        with torch.no_grad():
+            real = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, -1].float()  # [V]
+            with head_as_identity(head):
+                hidden = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0, -1]
+            if hidden.shape[-1] != head.linear.in_features:
+                ok = False
+            else:
+                mine = head.linear(hidden.to(head.linear.weight.dtype)).float()
+                tol = 1e-3 if head.linear.weight.dtype == torch.float32 else 3e-2
+                ok = mine.shape == real.shape and torch.allclose(
+                    mine, real, rtol=tol, atol=tol * real.abs().max()
+                )
+        if not ok:
+            log.info("%s: logits are not a linear map of the hidden states; using the full-logits path",
+                     type(model).__name__)  # fmt: skip
+            head = None
+    _VERIFIED[model] = head
+    return head
