@@ -54,7 +54,9 @@ class ModelConfig:
     name: str = "default"
     """HF model id, local directory, 'default' (embedded SmolLM2-135M-Instruct) or 'tiny-random'."""
     dtype: str = "float32"
-    """Training and scoring dtype: float32 | bfloat16 | float16."""
+    """Weight dtype for training and scoring: float32 | bfloat16 | float16. bfloat16 here is PURE bf16
+    (weights and optimizer state in bf16: most updates round away at lr 5e-7); for bf16 speed with
+    float32 master weights keep float32 and set train.mixed_precision=bf16."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     trust_remote_code: bool = False
@@ -232,6 +234,12 @@ class TrainConfig:
     """Seed of data order and initialisation of any new weights."""
     save_every: int = 50
     """Save the training state every N optimizer steps for mid-epoch resume; 0 only at the end."""
+    mixed_precision: str = "no"
+    """no | bf16: bf16 autocast for training AND the score stage (so rewards start at 0), with float32
+    master weights and optimizer state (needs model.dtype=float32)."""
+    group_by_length: bool = True
+    """Within each optimizer step, cut micro-batches from prompts sorted by length (less padding; the
+    step's prompts and its gradient are unchanged)."""
 
     def __post_init__(self) -> None:
         self.loss = LossType(self.loss)
@@ -259,6 +267,8 @@ class TrainConfig:
             raise ValueError("train.tau must be > 0 and train.gamma >= 0")
         if self.save_every < 0 or self.max_grad_norm < 0:
             raise ValueError("train.save_every and train.max_grad_norm must be >= 0 (0 disables)")
+        if self.mixed_precision not in ("no", "bf16"):
+            raise ValueError(f"train.mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise ValueError(
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
@@ -365,6 +375,11 @@ class RunConfig:
             raise ValueError("output_dir is empty: give the parent directory of runs (default 'runs')")
         if not self.data.train:
             raise ValueError("data.train is required: a file, a dataset directory or 'builtin:arithmetic'")
+        if self.train.mixed_precision != "no" and self.model.dtype != "float32":
+            raise ValueError(
+                f"train.mixed_precision={self.train.mixed_precision} keeps float32 master weights: set "
+                f"model.dtype=float32 (model.dtype={self.model.dtype} on its own is pure {self.model.dtype})"
+            )
         if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
             raise ValueError("selfplay.mix_previous needs synthetic samples")
         if self.model.lora.r and self.model.lora.dropout and self.train.loss.needs_opponent:

@@ -11,8 +11,9 @@ A sequence log-prob is the SUM of the response tokens' log-probs; prompt tokens 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,19 @@ __all__ = [
     "selective_log_softmax",
     "sequence_logps",
 ]
+
+
+def autocast(mixed_precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast under `train.mixed_precision=bf16`, else nothing.
+
+    Training AND the score stage enter it, so the opponent's cached log-probs are computed exactly as
+    the policy's are at the first step (rewards start at 0); the weights stay float32 (master copy).
+    """
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if mixed_precision != "no":
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}: use 'no' or 'bf16'")
+    return nullcontext()
 
 
 @dataclass
@@ -123,10 +137,12 @@ def score_sequences(
     device: torch.device,
     desc: str = "score",
     progress: bool = True,
+    mixed_precision: str = "no",
 ) -> list[float]:
     """Summed log p(response | prompt) under `model` (eval mode), in input order.
 
     Sequences are batched in length order so padding is small; the result is put back in order.
+    `mixed_precision` must be the training's (`train.mixed_precision`) when these are opponent scores.
     """
     was_training = model.training
     model.eval()
@@ -135,7 +151,8 @@ def score_sequences(
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         idx = order[start : start + batch_size]
         batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id).to(device)
-        logps, _ = sequence_logps(model, batch)
+        with autocast(mixed_precision, device):
+            logps, _ = sequence_logps(model, batch)
         for i, v in zip(idx, logps.tolist(), strict=True):
             out[i] = v
     model.train(was_training)
@@ -174,11 +191,17 @@ def score_stage(
     device: torch.device,
     progress: bool = True,
     opponent: str = "",
+    mixed_precision: str = "no",
 ) -> dict[str, Any]:
-    """One process: score every item with the frozen opponent and write `out` (resumable in parts)."""
-    write_score_parts(model, items, out, pad_id=pad_id, batch_size=batch_size, device=device,
-                      opponent=opponent, progress=progress)  # fmt: skip
-    return merge_score_parts(out, items, batch_size=batch_size, opponent=opponent)
+    """One process: score every item with the frozen opponent and write `out` (resumable in parts).
+
+    Returns the manifest entry: rows, output hash, opponent, and the wall time and tokens (prompt +
+    response) per second of the parts computed by this call.
+    """
+    speed = write_score_parts(model, items, out, pad_id=pad_id, batch_size=batch_size, device=device,
+                              opponent=opponent, progress=progress,
+                              mixed_precision=mixed_precision)  # fmt: skip
+    return {**merge_score_parts(out, items, batch_size=batch_size, opponent=opponent), **speed}
 
 
 def _chunk_size(batch_size: int) -> int:
@@ -201,8 +224,15 @@ def write_score_parts(
     opponent: str = "",
     shard: Shard = ONE_PROCESS,
     progress: bool = True,
-) -> None:
-    """Score this shard's chunks of `items` and write their parts of `out` (resumable)."""
+    mixed_precision: str = "no",
+) -> dict[str, float]:
+    """Score this shard's chunks of `items` and write their parts of `out` (resumable).
+
+    `mixed_precision` must be the training's (`train.mixed_precision`): rewards then start at 0.
+    Returns this call's wall time and tokens/s (parts finished before a crash are not re-scored).
+    """
+    tic = time.perf_counter()
+    computed = [0]
     chunk = _chunk_size(batch_size)
     n_chunks = max((len(items) + chunk - 1) // chunk, 1)
     bar = tqdm(total=sum(len(items[c * chunk : (c + 1) * chunk]) for c in shard.units(n_chunks)),
@@ -218,8 +248,10 @@ def write_score_parts(
             batch_size=batch_size,
             device=device,
             progress=False,
+            mixed_precision=mixed_precision,
         )
         bar.update(len(part))
+        computed[0] += sum(len(it.prompt_ids) + len(it.response_ids) for it in part)
         return [
             {
                 "kind": it.kind,
@@ -235,6 +267,8 @@ def write_score_parts(
 
     write_parts(out, n_chunks, make_chunk, stage="score", tag=parts_tag(items, opponent), shard=shard)
     bar.close()
+    wall = time.perf_counter() - tic
+    return {"wall_s": round(wall, 3), "tokens_per_s": round(computed[0] / max(wall, 1e-9), 1)}
 
 
 def merge_score_parts(

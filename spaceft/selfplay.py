@@ -277,9 +277,9 @@ def _score_batch(ws: Workspace) -> int:
     return ws.cfg.train.micro_batch_size * (1 + ws.cfg.generation.num_samples)
 
 
-def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> None:
+def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> dict[str, float]:
     t = int(step.iteration)
-    write_score_parts(
+    return write_score_parts(
         loaded_model(ws, ws.opponent_path(t)),
         items,
         ws.iter_dir(t) / "opponent_logps.parquet",
@@ -289,14 +289,17 @@ def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> None:
         opponent=ws.opponent_hash(t),
         shard=shard_of(ws.state),
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
+        mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training: rewards start at 0
     )
 
 
-def finish_score(ws: Workspace, step: Step, items: list[ScoreItem], _: None) -> dict[str, Any]:
+def finish_score(
+    ws: Workspace, step: Step, items: list[ScoreItem], speed: dict[str, float] | None
+) -> dict[str, Any]:
     t = int(step.iteration)
     out = ws.iter_dir(t) / "opponent_logps.parquet"
     info = merge_score_parts(out, items, batch_size=_score_batch(ws), opponent=ws.opponent_hash(t))
-    return {**info, "inputs": _synthetic_hashes(ws, t)}
+    return {**info, **(speed or {}), "inputs": _synthetic_hashes(ws, t)}
 
 
 def load_train(ws: Workspace, step: Step) -> list[TrainItem]:

@@ -36,8 +36,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase, get_scheduler
+from transformers import PreTrainedTokenizerBase
 
 from spaceft.config import RunConfig
 from spaceft.losses import LossOutput, LossType, compute_loss
@@ -51,7 +52,7 @@ from spaceft.rundir import (
     read_jsonl,
     write_json,
 )
-from spaceft.score import pack, sequence_logps
+from spaceft.score import autocast, pack, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,41 @@ def make_optimizer(params: Any, cfg: RunConfig, lr: float) -> torch.optim.Optimi
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.train.weight_decay)
 
 
+def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> LambdaLR:
+    """Linear warm-up then linear decay, neither wasting a step: step s (0-based) runs at
+    (s+1)/(warmup+1) of the peak during warm-up and (total-s)/(total-warmup) after, so the first step
+    is not at lr 0 (a no-op; 1 step in 8 in the demo) and the last is not either."""
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return max(total - s, 0) / max(total - warmup, 1)
+
+    return LambdaLR(optimizer, factor)
+
+
+def micro_batches(
+    step_items: Sequence[TrainItem], cfg: RunConfig, rank: int, world: int
+) -> list[list[TrainItem]]:
+    """This process's micro-batches of one optimizer step.
+
+    With `train.group_by_length` the step's prompts are first sorted by the length their packed
+    micro-batch row will have (prompt + longest of its responses; ties keep the seeded order), so each
+    micro-batch pads to similar lengths. The step's set of prompts — hence its gradient — is unchanged,
+    and the order is a pure function of the step, so a resumed run replays it exactly.
+    """
+    if cfg.train.group_by_length:
+        step_items = sorted(step_items, key=packed_length)
+    mine = list(step_items[rank::world])
+    size = cfg.train.micro_batch_size
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+def packed_length(item: TrainItem) -> int:
+    """Tokens of the longest sequence this prompt adds to a packed micro-batch."""
+    return len(item.prompt_ids) + max([len(item.real_ids), *(len(s) for s in item.synthetic_ids)])
+
+
 STATE_FORMAT = 2  # 1: scheduler pickled by Accelerate (custom_checkpoint_0.pkl), never loaded again
 
 
@@ -236,6 +272,26 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in keep), encoding="utf-8")
 
 
+@dataclass
+class Trainer:
+    """Everything one iteration's loop needs, built once by `setup`."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    steps: list[list[int]]  # item indices of every optimizer step (all epochs)
+    n_micro: int  # micro-batches per rank per step
+    lr: float  # this iteration's peak learning rate
+    start: int  # first step to run (> 0 when resuming)
+    state_dir: Path
+    metrics_path: Path
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.accelerator.state.deepspeed_plugin is not None
+
+
 def train_iteration(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -247,16 +303,52 @@ def train_iteration(
 ) -> dict[str, Any]:
     """Train the main player for `cfg.train.epochs` epochs on `items`; save it to iter_dir/model.
 
-    1. set up Accelerate, LoRA (optional), optimizer and warmup + linear-decay schedule
-    2. resume from iter_dir/train_state if a previous run stopped mid-iteration
-    3. for each optimizer step: micro-batches → forward → loss → backward (no_sync until the last)
-    4. clip, step, log metrics (metrics.jsonl, tracker, progress bar), checkpoint every save_every
-    5. save the model (LoRA merged) in HF format; drop the training state
+    1. set up Accelerate, LoRA, optimizer and schedule; resume from iter_dir/train_state if present
+    2. for each optimizer step: batch → forward → loss → backward → step (`train_step`) → log → checkpoint
+    3. save the model (LoRA merged) in HF format; drop the training state
+
+    Returns the last step's metrics plus wall times: train_s (the loop), save_s, and tokens_per_s.
     """
+    tic = time.perf_counter()
+    # step 1: set up (and resume)
+    tr = setup(model, items, cfg, iteration=iteration, iter_dir=iter_dir)
+    bar = tqdm(
+        total=len(tr.steps), initial=tr.start, desc=f"train iter {iteration}", unit="step",
+        disable=not (cfg.logging.progress and tr.accelerator.is_main_process),
+    )  # fmt: skip
+    last: dict[str, float] = {}
+    tokens = 0.0
+    # step 2: the loop
+    for step in range(tr.start, len(tr.steps)):
+        last = train_step(
+            tr, [items[i] for i in tr.steps[step]], cfg, tokenizer.pad_token_id, iteration, step
+        )
+        tokens += last["tokens_per_s"] * last["step_s"]
+        if step == 0 and cfg.train.loss.needs_opponent:
+            t = cfg.train
+            beta = t.beta or t.loss.default_beta or 1.0  # rewards are β·(log-ratio), as in losses.py
+            _check_start_rewards(last["rewards/abs_mean"] / beta, iteration, tr.accelerator.is_main_process)
+        _log_step(tr, last, cfg)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
+        bar.update(1)
+        maybe_fail("train", step + 1)
+        if cfg.train.save_every and (step + 1) % cfg.train.save_every == 0 and step + 1 < len(tr.steps):
+            _save_state(tr.accelerator, tr.state_dir, step + 1, tr.scheduler)
+    bar.close()
+    train_s = time.perf_counter() - tic
+    # step 3: save
+    save_model(tr, tokenizer, cfg, iter_dir, {"steps": len(tr.steps), "lr": tr.lr, **last})
+    timing = {"train_s": round(train_s, 3), "save_s": round(time.perf_counter() - tic - train_s, 3),
+              "tokens_per_s": round(tokens / max(train_s, 1e-9), 1)}  # fmt: skip
+    return {"steps": len(tr.steps), **last, **timing}
+
+
+def setup(
+    model: torch.nn.Module, items: Sequence[TrainItem], cfg: RunConfig, *, iteration: int, iter_dir: Path
+) -> Trainer:
+    """Accelerate, LoRA, checkpointing, optimizer and schedule for one iteration; resume if a training
+    state is on disk."""
     t = cfg.train
-    state_dir = iter_dir / "train_state"
-    metrics_path = iter_dir / "metrics.jsonl"
-    # step 1: set up
     accelerator = Accelerator(
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
         project_config=ProjectConfiguration(
@@ -273,11 +365,11 @@ def train_iteration(
         (enable or model.gradient_checkpointing_enable)()
     model.train()
     _check_precision(model, accelerator, cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     steps = step_slices(len(items), cfg, iteration, world)
     if not steps:
         raise ValueError(f"{len(items)} training prompts cannot be split across {world} processes")
-    n_micro = math.ceil(len(steps[0]) / world / t.micro_batch_size)  # micro-batches per rank per step
+    n_micro = math.ceil(len(steps[0]) / world / t.micro_batch_size)
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         # DeepSpeed needs concrete sizes without a prepared dataloader; its backward divides the
@@ -290,113 +382,123 @@ def train_iteration(
         )
     lr = t.lr_for(iteration)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg, lr)
-    scheduler = get_scheduler(
-        "linear",
-        optimizer,
-        num_warmup_steps=math.ceil(t.warmup_ratio * len(steps)),
-        num_training_steps=len(steps),
-    )
+    scheduler = warmup_then_decay(optimizer, math.ceil(t.warmup_ratio * len(steps)), len(steps))
     # The scheduler is NOT prepared: Accelerate's wrapper steps it once per process per call (it
     # assumes per-process step counts), while `steps` already counts global optimizer steps.
     model, optimizer = accelerator.prepare(model, optimizer)
-    pad_id = tokenizer.pad_token_id
-    # step 2: resume (the scheduler is not registered with Accelerate: its state travels as JSON)
-    start = _load_state(accelerator, state_dir, scheduler, iteration)
+    tr = Trainer(accelerator, model, optimizer, scheduler, steps, n_micro, lr, 0,
+                 iter_dir / "train_state", iter_dir / "metrics.jsonl")  # fmt: skip
+    tr.start = _resume(tr, iteration)
+    return tr
+
+
+def _resume(tr: Trainer, iteration: int) -> int:
+    """Load the training state if a previous run stopped mid-iteration; the step to start at."""
+    # the scheduler is not registered with Accelerate: its state travels as JSON in progress.json
+    start = _load_state(tr.accelerator, tr.state_dir, tr.scheduler, iteration)
     if start:
-        log.info("iteration %d: resuming training at step %d/%d", iteration, start, len(steps))
-    if accelerator.is_main_process:
-        iter_dir.mkdir(parents=True, exist_ok=True)
-        if start == 0 and metrics_path.exists():
-            metrics_path.unlink()
-        _truncate_metrics(metrics_path, start)
-    bar = tqdm(
-        total=len(steps), initial=start, desc=f"train iter {iteration}", unit="step",
-        disable=not (cfg.logging.progress and accelerator.is_main_process),
-    )  # fmt: skip
-    last: dict[str, float] = {}
-    for step in range(start, len(steps)):
-        # step 3: this process's share of the step, in micro-batches
-        step_items = [items[i] for i in steps[step]]
-        mine = step_items[rank::world]
-        micro = [mine[i : i + t.micro_batch_size] for i in range(0, len(mine), t.micro_batch_size)]
-        # SFT is maximum likelihood: token NLL summed over the step / its response tokens; the pairwise
-        # losses average per prompt. Either way the step's gradient ignores how it is split.
-        sft = t.loss is LossType.SFT
-        denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
-        scale = world / denom * (n_micro if ds is not None else 1)
-        sums = torch.zeros(9, device=accelerator.device)
-        tic = time.perf_counter()
-        for m, mb in enumerate(micro):
-            sync = m == len(micro) - 1
-            accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
-            with nullcontext() if sync else accelerator.no_sync(model):
+        log.info("iteration %d: resuming training at step %d/%d", iteration, start, len(tr.steps))
+    if tr.accelerator.is_main_process:
+        tr.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if start == 0 and tr.metrics_path.exists():
+            tr.metrics_path.unlink()
+        _truncate_metrics(tr.metrics_path, start)
+    return start
+
+
+def train_step(
+    tr: Trainer, step_items: Sequence[TrainItem], cfg: RunConfig, pad_id: int, iteration: int, step: int
+) -> dict[str, float]:
+    """One optimizer step over `step_items`; returns its metrics.
+
+    1. this process's micro-batches (length-grouped)
+    2. per micro-batch: policy forward → loss → backward (gradients sync only on the last)
+    3. clip, optimizer step (unless a value is not finite: weights and saved state stay good)
+    """
+    t, accelerator, model = cfg.train, tr.accelerator, tr.model
+    world = accelerator.num_processes
+    # step 1: batch. SFT is maximum likelihood: token NLL summed over the step / its response tokens;
+    # the pairwise losses average per prompt. Either way the step's gradient ignores how it is split.
+    micro = micro_batches(step_items, cfg, accelerator.process_index, world)
+    sft = t.loss is LossType.SFT
+    denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
+    scale = world / denom * (tr.n_micro if tr.deepspeed else 1)
+    sums = torch.zeros(9, device=accelerator.device)
+    tic = time.perf_counter()
+    # step 2: forward → loss → backward, per micro-batch
+    for m, mb in enumerate(micro):
+        sync = m == len(micro) - 1
+        accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
+        with nullcontext() if sync else accelerator.no_sync(model):
+            with autocast(t.mixed_precision, accelerator.device):
                 out = forward_batch(model, mb, pad_id, accelerator.device)
-                try:
-                    res = loss_from_batch(out, cfg)
-                    finite = bool(torch.isfinite(res.losses).all())
-                except ValueError as e:  # the losses reject non-finite log-probs
-                    if "non-finite" not in str(e):
-                        raise
-                    finite = False
-                _stop_if(not finite, accelerator, "loss", iteration, step, state_dir)
-                weights = out["real_lengths"] if sft else 1.0  # SFT's per-prompt loss is a token mean
-                accelerator.backward((res.losses * weights).sum() * scale)
-            sums += _batch_stats(res, out)
-        # step 4: update (unless a gradient is not finite: the weights and saved state stay good) and log
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",
-                 iteration, step, state_dir, stepped=ds is not None)  # fmt: skip
-        step_lr = scheduler.get_last_lr()[0]  # the rate this step used (before the schedule advances)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums = accelerator.reduce(sums, "sum")
-        elapsed = time.perf_counter() - tic
-        last = _metrics(sums, grad_norm, step_lr, elapsed)
-        last.update(step=step + 1, epoch=step * t.epochs // len(steps) + 1)
-        if step == 0 and t.loss.needs_opponent:
-            beta = t.beta or t.loss.default_beta or 1.0  # rewards are β·(log-ratio), as in losses.py
-            _check_start_rewards(last["rewards/abs_mean"] / beta, iteration, accelerator.is_main_process)
-        if accelerator.is_main_process and (
-            (step + 1) % cfg.logging.log_every == 0 or step + 1 == len(steps)
-        ):
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(last) + "\n")
-            accelerator.log({k: v for k, v in last.items() if k != "step"}, step=step + 1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
-        bar.update(1)
-        maybe_fail("train", step + 1)
-        if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < len(steps):
-            _save_state(accelerator, state_dir, step + 1, scheduler)
-    bar.close()
-    # step 5: save the model in HF format, then drop the resume state
+            try:
+                res = loss_from_batch(out, cfg)
+                finite = bool(torch.isfinite(res.losses).all())
+            except ValueError as e:  # the losses reject non-finite log-probs
+                if "non-finite" not in str(e):
+                    raise
+                finite = False
+            _stop_if(not finite, accelerator, "loss", iteration, step, tr.state_dir)
+            weights = out["real_lengths"] if sft else 1.0  # SFT's per-prompt loss is a token mean
+            accelerator.backward((res.losses * weights).sum() * scale)
+        sums += _batch_stats(res, out)
+    # step 3: clip and step
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+    _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",
+             iteration, step, tr.state_dir, stepped=tr.deepspeed)  # fmt: skip
+    step_lr = tr.scheduler.get_last_lr()[0]  # the rate this step used (before the schedule advances)
+    tr.optimizer.step()
+    tr.scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    sums = accelerator.reduce(sums, "sum")
+    elapsed = time.perf_counter() - tic
+    metrics = _metrics(sums, grad_norm, step_lr, elapsed)
+    metrics.update(step=step + 1, epoch=step * t.epochs // len(tr.steps) + 1, step_s=round(elapsed, 4))
+    return metrics
+
+
+def _log_step(tr: Trainer, metrics: dict[str, float], cfg: RunConfig) -> None:
+    """Append to metrics.jsonl and the tracker every `log_every` steps and at the last step."""
+    step = int(metrics["step"])
+    if tr.accelerator.is_main_process and (step % cfg.logging.log_every == 0 or step == len(tr.steps)):
+        with tr.metrics_path.open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        tr.accelerator.log({k: v for k, v in metrics.items() if k != "step"}, step=step)
+
+
+def save_model(
+    tr: Trainer, tokenizer: PreTrainedTokenizerBase, cfg: RunConfig, iter_dir: Path, summary: dict[str, Any]
+) -> None:
+    """Save the trained model (LoRA merged) in HF format with its config, then drop the resume state."""
+    accelerator = tr.accelerator
     accelerator.wait_for_everyone()
     # under ZeRO-3 / FSDP the weights are sharded: gather a full state dict on every rank first
-    state_dict = None if cfg.model.lora.r else accelerator.get_state_dict(model)
+    state_dict = None if cfg.model.lora.r else accelerator.get_state_dict(tr.model)
     if accelerator.is_main_process:
-        final = mergeable(accelerator.unwrap_model(model))
+        final = mergeable(accelerator.unwrap_model(tr.model))
         with atomic_dir(iter_dir / "model") as tmp:
             final.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / "spaceft_config.yaml").write_text(cfg.to_yaml())  # the config travels with the weights
-        if state_dir.exists():
-            _drop_state(state_dir)
-        write_json(iter_dir / "train_summary.json", {"steps": len(steps), "lr": lr, **last})
+        if tr.state_dir.exists():
+            _drop_state(tr.state_dir)
+        write_json(iter_dir / "train_summary.json", summary)
     accelerator.wait_for_everyone()  # no rank reads the model before it is written
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
-    return {"steps": len(steps), **last}
 
 
 def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunConfig) -> None:
     """Refuse settings under which rewards would not start at 0, warn where updates would vanish."""
-    if accelerator.mixed_precision != "no" and accelerator.state.deepspeed_plugin is None:
-        if cfg.model.dtype == "float32":
-            raise ValueError(
-                f"accelerate mixed_precision={accelerator.mixed_precision} would train under autocast while "
-                "the opponent was scored in float32, so rewards would not start at 0: set "
-                "model.dtype to match, or launch without mixed precision"
-            )
+    launched = accelerator.mixed_precision
+    ours = cfg.train.mixed_precision
+    if launched not in ("no", ours) and accelerator.state.deepspeed_plugin is None:
+        raise ValueError(
+            f"accelerate mixed_precision={launched} would train under autocast while the opponent was scored "
+            "without it, so rewards would not start at 0: launch without mixed precision and set "
+            "train.mixed_precision=bf16 (training and scoring then share the autocast)"
+        )
     low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
     if (
         low

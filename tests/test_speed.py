@@ -1,0 +1,118 @@
+"""bf16 mixed precision (rewards start at 0, float32 master weights), the warm-up that wastes no step,
+and length-grouped micro-batches."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from spaceft.config import ModelConfig, config_from_dict
+from spaceft.models import load_model
+from spaceft.score import autocast, pack, score_sequences
+from spaceft.train import TrainItem, forward_batch, micro_batches, train_iteration, warmup_then_decay
+from tests.test_train import _cfg, _items, _Tok
+
+CPU = torch.device("cpu")
+
+
+def _rescored(model: torch.nn.Module, items: list[TrainItem], mixed_precision: str) -> list[TrainItem]:
+    """The same items with opponent log-probs scored under `mixed_precision`, batched unlike training."""
+    k = len(items[0].synthetic_ids)
+    kw = {"pad_id": 0, "device": CPU, "progress": False, "mixed_precision": mixed_precision}
+    prompts = [i.prompt_ids for i in items]
+    real = score_sequences(model, prompts, [i.real_ids for i in items], batch_size=3, **kw)
+    syn = score_sequences(model, [i.prompt_ids for i in items for _ in i.synthetic_ids],
+                          [s for i in items for s in i.synthetic_ids], batch_size=5, **kw)  # fmt: skip
+    return [
+        TrainItem(it.prompt_ids, it.real_ids, it.synthetic_ids, real[n], tuple(syn[n * k : (n + 1) * k]))
+        for n, it in enumerate(items)
+    ]
+
+
+def _step1_rewards(model: torch.nn.Module, items: list[TrainItem]) -> torch.Tensor:
+    model.train()
+    with autocast("bf16", CPU):
+        out = forward_batch(model, items, pad_id=0, device=CPU)
+    real = out["policy_real"] - out["opponent_real"]
+    syn = out["policy_synthetic"] - out["opponent_synthetic"]
+    return torch.cat([real, syn.flatten()]).detach().abs()
+
+
+def test_bf16_autocast_scoring_makes_rewards_start_at_zero(tiny_model_dir: Path) -> None:
+    """Training under bf16 autocast against opponent scores made under the same autocast: rewards are
+    float32 noise (< 1e-5 on sums of ~25 nats); against float32 scores they are the bf16 rounding of
+    the forward (the refusal's reason), here > 1e-4 on average."""
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _items(model)
+    same = _step1_rewards(model, _rescored(model, items, "bf16"))
+    mixed = _step1_rewards(model, _rescored(model, items, "no"))
+    assert same.mean() < 1e-5 and same.max() < 2e-5
+    assert mixed.mean() > 1e-4 and mixed.mean() > 50 * same.mean()
+
+
+def test_bf16_mixed_precision_keeps_float32_master_weights(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = _rescored(model, _items(model), "bf16")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = _cfg(tmp_path, mixed_precision="bf16", global_batch_size=4, micro_batch_size=2, lr=1e-4)
+    info = train_iteration(model, _Tok(), items, cfg, iteration=0, iter_dir=tmp_path / "it")
+    assert info["steps"] == 2
+    first = json.loads((tmp_path / "it" / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["rewards/real"]) < 1e-5 and abs(first["rewards/synthetic"]) < 1e-5
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # the weights moved, by float32 steps: some change is not a multiple of a bf16 spacing
+    moved = [(p.detach() - before[n]).flatten() for n, p in model.named_parameters()]
+    delta = torch.cat(moved)
+    assert delta.abs().max() > 0
+    assert not torch.equal(delta, delta.to(torch.bfloat16).float())
+
+
+def test_mixed_precision_needs_float32_weights() -> None:
+    with pytest.raises(ValueError, match=r"model.dtype=float32 \(model.dtype=bfloat16 on its own is pure"):
+        config_from_dict({"data": {"train": "x"}, "model": {"dtype": "bfloat16"},
+                          "train": {"mixed_precision": "bf16"}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"train\.mixed_precision must be 'no' or 'bf16'"):
+        config_from_dict({"data": {"train": "x"}, "train": {"mixed_precision": "fp16"}})
+
+
+def test_warmup_starts_above_zero_and_ends_above_zero() -> None:
+    """warmup 2 of 8 steps: (s+1)/3 for s = 0, 1, then (8-s)/6 for s = 2..7:
+    1/3, 2/3, 6/6, 5/6, 4/6, 3/6, 2/6, 1/6 of the peak — no step at lr 0."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.6)
+    sched = warmup_then_decay(opt, warmup=2, total=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    want = [0.2, 0.4, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    assert lrs == pytest.approx(want, abs=1e-12)
+
+
+def test_length_grouping_keeps_the_step_and_cuts_padding() -> None:
+    lengths = [40, 3, 38, 5, 36, 4, 2, 39]  # a shuffled step: long and short prompts alternate
+    items = [TrainItem(tuple(range(n)), (1, 2), ((3,), (4, 5, 6))) for n in lengths]
+
+    def padded(groups: list[list[TrainItem]]) -> int:
+        total = 0
+        for mb in groups:
+            b = pack([it.prompt_ids for it in mb for _ in range(3)],
+                     [r for it in mb for r in (it.real_ids, *it.synthetic_ids)], pad_id=0)  # fmt: skip
+            total += b.input_ids.numel() - b.num_tokens
+        return total
+
+    cfg = _cfg(Path("unused"), micro_batch_size=2)
+    grouped = micro_batches(items, cfg, rank=0, world=1)
+    cfg.train.group_by_length = False
+    plain = micro_batches(items, cfg, rank=0, world=1)
+    assert [len(it.prompt_ids) for mb in plain for it in mb] == lengths  # off: the seeded order
+    assert [[len(it.prompt_ids) for it in mb] for mb in grouped] == [[2, 3], [4, 5], [36, 38], [39, 40]]
+    assert padded(grouped) < padded(plain) / 5
+    # two ranks share the sorted step: the union is the step, and each rank's share is deterministic
+    cfg.train.group_by_length = True
+    ranks = [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
+    assert sorted(len(it.prompt_ids) for r in ranks for mb in r for it in mb) == sorted(lengths)
+    assert ranks == [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
