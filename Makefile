@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo lab lint clean
+.PHONY: install test demo lab lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: install
 
 lab: install
 	$(BIN)/spaceft lab
+
+bench: install   # spaceft vs TRL: loss check, then speed / MFU / memory (a few minutes, nice'd)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	nice -n 19 $(BIN)/python benchmarks/vs_trl.py
 
 lint: install
 	$(BIN)/ruff check spaceft tests benchmarks
