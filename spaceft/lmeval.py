@@ -1,0 +1,270 @@
+"""lm-evaluation-harness, offline and on every rank.
+
+spaceft never lets the harness fetch a task's data: every task it runs is a *local task YAML* whose
+``dataset_path: json`` and ``dataset_kwargs.data_files`` name a JSON-lines file on disk, found by
+the harness through ``TaskManager(include_path=...)``. Where the harness already defines the task
+(IFEval, ARC, HellaSwag, GSM8K-CoT) the local YAML ``include:``s the harness's own YAML and overrides
+only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
+arithmetic task ships its own YAML in GSM8K's format (``spaceft/bench/tasks/spaceft_arithmetic.yaml``).
+
+While the harness runs, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set, so a task that would
+reach the Hugging Face Hub fails instead. Data parallelism is the harness's own: under
+``accelerate launch`` (or ``torchrun``) its HF backend shards the requests across the processes, so
+:func:`run_lm_eval` must be called on *every* rank; only the main rank gets the results back.
+
+The result records what makes a score reproducible: the harness version and, per task, the SHA-256
+of the YAML the harness read (with everything it includes) and of its data file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+"""Set while the harness runs: nothing may touch the Hugging Face Hub."""
+
+ARITHMETIC_TASK = "spaceft_arithmetic"
+"""The embedded arithmetic task's name in the harness (its YAML ships with spaceft)."""
+
+
+@dataclass(frozen=True)
+class LocalTask:
+    """A harness task backed by a local JSON-lines file."""
+
+    name: str
+    """Task name as the harness knows it (the YAML's ``task:``)."""
+    yaml_path: Path
+    """The local YAML (in a directory passed to the harness as ``include_path``)."""
+    data_file: Path
+    """The JSON-lines file the YAML's ``data_files`` names."""
+
+
+@dataclass
+class HarnessModel:
+    """How the harness loads the model: what ``model_args`` and the chat-template flag carry."""
+
+    path: str
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    chat_template: bool = False
+    """Render prompts with the tokenizer's chat template (``apply_chat_template`` in the harness)."""
+    batch_size: int = 16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def model_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {"pretrained": self.path, "dtype": self.dtype}
+        if self.revision:
+            args["revision"] = self.revision
+        if self.trust_remote_code:
+            args["trust_remote_code"] = True
+        return {**args, **self.extra}
+
+
+def require_harness() -> Any:
+    """Import ``lm_eval`` or say how to install it."""
+    try:
+        import lm_eval
+    except ImportError as e:
+        raise RuntimeError("lm-eval is not installed: pip install 'spaceft[eval]'") from e
+    return lm_eval
+
+
+def _device() -> str:
+    # The harness's HF backend defaults to "cuda" even on a CPU-only torch; under `accelerate
+    # launch` it places the model on each process's own device whatever this says.
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def harness_version() -> str:
+    return metadata.version("lm_eval")
+
+
+def harness_task_yaml(relative: str) -> Path:
+    """The installed harness's own YAML for a task, e.g. ``arc/arc_easy.yaml``."""
+    lm_eval = require_harness()
+    path = Path(lm_eval.__file__).parent / "tasks" / relative
+    if not path.is_file():
+        raise RuntimeError(f"lm-eval {harness_version()} has no task file tasks/{relative}")
+    return path
+
+
+def write_task_yaml(
+    task_dir: Path,
+    name: str,
+    data_file: Path,
+    *,
+    split: str,
+    include: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> LocalTask:
+    """Write ``task_dir/<name>.yaml``: a task reading ``data_file`` as its ``split`` split.
+
+    With ``include`` the task derives from that YAML (the harness merges it, ours wins) and only the
+    data source, the task name and the splits change; the splits it does not ship are switched off so
+    the harness never looks for them.
+    """
+    task_dir.mkdir(parents=True, exist_ok=True)
+    cfg: dict[str, Any] = {}
+    if include is not None:
+        cfg["include"] = str(include)
+    cfg.update(
+        {
+            "task": name,
+            "dataset_path": "json",
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
+            "training_split": None,
+            "validation_split": None,
+            "test_split": None,
+        }
+    )
+    cfg["validation_split" if split == "validation" else "test_split"] = split
+    cfg.update(overrides or {})
+    path = task_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return LocalTask(name, path, Path(data_file))
+
+
+def arithmetic_task(task_dir: Path, *, n: int, seed: int) -> LocalTask:
+    """The embedded arithmetic task's held-out split in GSM8K's format, with the shipped YAML.
+
+    Rows are ``{"question", "answer"}`` with the worked solution ending in ``#### <answer>``, as in
+    GSM8K, so the harness's GSM8K filters and exact match apply unchanged.
+    """
+    import json
+
+    from spaceft.tasks import make_arithmetic
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data_file = task_dir / f"{ARITHMETIC_TASK}.jsonl"
+    rows = make_arithmetic(n, seed=seed, split="test")
+    with data_file.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
+            fh.write(json.dumps({"question": user, "answer": assistant}) + "\n")
+    shipped = yaml.safe_load(
+        (resources.files("spaceft.bench") / "tasks" / f"{ARITHMETIC_TASK}.yaml").read_text(encoding="utf-8")
+    )
+    shipped["dataset_kwargs"] = {"data_files": {"test": str(data_file.resolve())}}
+    path = task_dir / f"{ARITHMETIC_TASK}.yaml"
+    path.write_text(yaml.safe_dump(shipped, sort_keys=False), encoding="utf-8")
+    return LocalTask(ARITHMETIC_TASK, path, data_file)
+
+
+def sha256_file(path: Path) -> str:
+    from spaceft.default_model import _sha256
+
+    return _sha256(Path(path))
+
+
+def yaml_hash(path: Path) -> str:
+    """SHA-256 over a task YAML and, in order, every YAML it includes (what the harness reads)."""
+    digest = hashlib.sha256()
+    seen: set[Path] = set()
+    todo = [Path(path).resolve()]
+    while todo:
+        current = todo.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        text = current.read_bytes()
+        digest.update(text)
+        for line in text.decode("utf-8").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "include" and value.strip():
+                inc = Path(value.strip().strip("'\""))
+                todo.append(inc if inc.is_absolute() else current.parent / inc)
+    return digest.hexdigest()
+
+
+def task_provenance(task: LocalTask) -> dict[str, str]:
+    """Paths and SHA-256 of a local task's YAML (with its includes) and data file."""
+    return {"yaml": str(task.yaml_path), "yaml_sha256": yaml_hash(task.yaml_path),
+            "data": str(task.data_file), "data_sha256": sha256_file(task.data_file)}  # fmt: skip
+
+
+@contextlib.contextmanager
+def offline(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Set the Hub-offline variables (and ``extra``) for the duration, then restore them."""
+    wanted = {**OFFLINE_ENV, **(extra or {})}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_lm_eval(
+    model: HarnessModel,
+    tasks: Sequence[LocalTask | str],
+    *,
+    limit: int | float | None = None,
+    env: dict[str, str] | None = None,
+    gen_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run harness tasks on a saved model, offline; call it on every rank.
+
+    ``tasks`` are :class:`LocalTask` (their YAML directories become ``include_path``) or names of
+    tasks the harness or those directories define. Returns, on the main rank,
+    ``{"results": {task: {metric: value}}, "provenance": {...}}``; on other ranks ``{}``.
+    """
+    lm_eval = require_harness()
+    from lm_eval.tasks import TaskManager
+
+    local = [t for t in tasks if isinstance(t, LocalTask)]
+    include = sorted({str(t.yaml_path.parent) for t in local})
+    names = [t.name if isinstance(t, LocalTask) else t for t in tasks]
+    with offline(env):
+        # Only our directories are indexed when every task is local: indexing the harness's
+        # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
+        manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
+        out = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=model.model_args(),
+            tasks=names,
+            limit=limit,
+            batch_size=model.batch_size,
+            device=_device(),
+            apply_chat_template=model.chat_template,
+            fewshot_as_multiturn=model.chat_template,
+            task_manager=manager,
+            log_samples=False,
+            gen_kwargs=gen_kwargs,
+        )
+    if not out:  # the harness returns results on the main rank only
+        return {}
+    results, stderr = {}, {}
+    for task, metrics in out.get("results", {}).items():
+        numbers = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
+                   if isinstance(v, int | float) and not isinstance(v, bool) and k != "sample_len"}
+        results[task] = {k: v for k, v in numbers.items() if "_stderr" not in k}
+        stderr[task] = {k.replace("_stderr", ""): v for k, v in numbers.items() if "_stderr" in k}  # fmt: skip
+    provenance = {
+        "lm_eval": harness_version(),
+        "limit": limit,
+        "chat_template": model.chat_template,
+        "model_args": model.model_args(),
+        "n_samples": {t: v.get("effective", v.get("original")) for t, v in out.get("n-samples", {}).items()},
+        "tasks": {t.name: task_provenance(t) for t in local},
+    }
+    return {"results": results, "stderr": stderr, "provenance": provenance}
