@@ -192,6 +192,29 @@ def yaml_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _simple_evaluate(
+    lm_eval: Any,
+    model: HarnessModel,
+    names: list[str],
+    manager: Any,
+    limit: int | float | None,
+    gen_kwargs: dict[str, Any] | None,
+) -> dict[str, Any] | None:
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model.model_args(),
+        tasks=names,
+        limit=limit,
+        batch_size=model.batch_size,
+        device=_device(),
+        apply_chat_template=model.chat_template,
+        fewshot_as_multiturn=model.chat_template,
+        task_manager=manager,
+        log_samples=False,
+        gen_kwargs=gen_kwargs,
+    )
+
+
 def task_provenance(task: LocalTask) -> dict[str, str]:
     """Paths and SHA-256 of a local task's YAML (with its includes) and data file."""
     return {"yaml": str(task.yaml_path), "yaml_sha256": yaml_hash(task.yaml_path),
@@ -204,9 +227,19 @@ def offline(extra: dict[str, str] | None = None) -> Iterator[None]:
     wanted = {**OFFLINE_ENV, **(extra or {})}
     before = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
+    nltk_path: list[str] | None = None
+    if "NLTK_DATA" in wanted:  # NLTK reads $NLTK_DATA once, at import: tell an imported NLTK too
+        import nltk
+
+        nltk_path = list(nltk.data.path)
+        nltk.data.path.insert(0, wanted["NLTK_DATA"])
     try:
         yield
     finally:
+        if nltk_path is not None:
+            import nltk
+
+            nltk.data.path[:] = nltk_path
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -238,19 +271,13 @@ def run_lm_eval(
         # Only our directories are indexed when every task is local: indexing the harness's
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
         manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
-        out = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=model.model_args(),
-            tasks=names,
-            limit=limit,
-            batch_size=model.batch_size,
-            device=_device(),
-            apply_chat_template=model.chat_template,
-            fewshot_as_multiturn=model.chat_template,
-            task_manager=manager,
-            log_samples=False,
-            gen_kwargs=gen_kwargs,
-        )
+        try:
+            out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs)
+        except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
+            raise RuntimeError(
+                f"lm-eval task(s) {', '.join(names)} need the Hugging Face Hub, which spaceft keeps offline "
+                f"({e}); use a local task YAML (`dataset_path: json`) or a benchmark of `spaceft bench`"
+            ) from e
     if not out:  # the harness returns results on the main rank only
         return {}
     results, stderr = {}, {}

@@ -48,11 +48,65 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _eval_cols(ev: dict[str, Any]) -> dict[str, Any]:
-    cols = {k: ev[k] for k in ("accuracy", "nll") if k in ev}
-    for task, metrics in ev.get("lm_eval", {}).items():
-        for name, value in metrics.items():
-            cols[f"{task}/{name}"] = value
-    return cols
+    """Held-out accuracy and NLL; lm-eval's benchmarks have their own table (:func:`benchmark_rows`)."""
+    return {k: ev[k] for k in ("accuracy", "nll") if k in ev}
+
+
+PAPER = {
+    "SPACE paper, start model": {"ifeval": 23.6, "gsm8k": 37.7},
+    "SPACE paper, final SPACE": {"ifeval": 35.9, "gsm8k": 46.0},
+}
+"""The SPACE paper's benchmark numbers (percent; Mistral-7B-class model on UltraChat, as quoted in the
+project's issue 12), shown beside a run's own for orientation: models, data and sizes differ."""
+
+
+def benchmark_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per evaluated model with each lm-eval benchmark's headline metric (percent)."""
+    from spaceft.bench.run import HEADLINE
+
+    rows: list[dict[str, Any]] = []
+    keys = ["base", *(f"iter_{t}" for t in range(_count_iterations(run_dir)))]
+    for key in keys:
+        path = run_dir / key / "eval.json"
+        if not path.exists():
+            continue
+        ev = read_json(path)
+        scores: dict[str, Any] = {}
+        for task, metrics in ev.get("lm_eval", {}).items():
+            metric = HEADLINE.get(task)
+            if metric is None:  # a harness task spaceft has no headline for: its first metric
+                metric = next(iter(metrics), None)
+            if metric is not None and metric in metrics:
+                scores[task] = 100.0 * metrics[metric]
+        if scores:
+            n = ev.get("lm_eval_provenance", {}).get("n_samples", {})
+            rows.append({"model": key.removeprefix("iter_"), **scores, "_n": n})
+    return rows
+
+
+def _count_iterations(run_dir: Path) -> int:
+    t = 0
+    while (run_dir / f"iter_{t}").exists():
+        t += 1
+    return t
+
+
+def benchmark_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: iterations' benchmark scores (percent), then the paper's where it reports the task."""
+    if not rows:
+        return ""
+    tasks = sorted({k for r in rows for k in r if k not in ("model", "_n")})
+    lines = [
+        "| model | " + " | ".join(tasks) + " |",
+        "|" + "---|" * (len(tasks) + 1),
+    ]
+    lines += [_score_row(r["model"], r, tasks) for r in rows]
+    lines += [_score_row(label, s, tasks) for label, s in PAPER.items() if any(t in s for t in tasks)]
+    return "\n".join(lines)
+
+
+def _score_row(label: str, scores: dict[str, Any], tasks: list[str]) -> str:
+    return f"| {label} | " + " | ".join(f"{scores[t]:.1f}" if t in scores else "" for t in tasks) + " |"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -166,6 +220,9 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     """Write report.md and the plots; return the table and the paths written."""
     rows = collect(run_dir)
     table = markdown_table(rows)
+    bench = benchmark_table(benchmark_rows(run_dir))
+    if bench:
+        table += "\n\nBenchmarks (lm-eval, offline; percent):\n\n" + bench
     pngs = plot(run_dir, rows)
     manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
     cfg = manifest.get("config", {})

@@ -1,0 +1,113 @@
+"""lm-evaluation-harness offline on the tiny model: local task YAMLs, provenance, a run's eval and report."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from spaceft.cli import main
+from spaceft.lmeval import (
+    ARITHMETIC_TASK,
+    HarnessModel,
+    LocalTask,
+    arithmetic_task,
+    harness_task_yaml,
+    offline,
+    run_lm_eval,
+    sha256_file,
+    write_task_yaml,
+    yaml_hash,
+)
+from spaceft.rundir import read_json
+
+from .conftest import tiny_overrides
+
+ARC_ROWS = [
+    {"id": f"q{i}", "question": f"Which number is {i}?", "answerKey": "B",
+     "choices": {"text": [str(i + 1), str(i), str(i + 2)], "label": ["A", "B", "C"]}}
+    for i in range(5)
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def arc_task(tmp_path_factory: pytest.TempPathFactory):
+    """A local ARC task deriving from the harness's own arc_easy.yaml, on five hand-made rows."""
+    d = tmp_path_factory.mktemp("arc")
+    data = d / "arc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS))
+    include = harness_task_yaml("arc/arc_easy.yaml")
+    return write_task_yaml(d / "tasks", "local_arc", data, split="test", include=include)
+
+
+def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with offline():
+        assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+    assert "HF_DATASETS_OFFLINE" not in os.environ and os.environ["HF_HUB_OFFLINE"] == "0"
+
+
+def test_harness_runs_local_yamls_offline_and_records_provenance(
+    tiny_model_dir: Path, tmp_path: Path, arc_task
+) -> None:
+    arith = arithmetic_task(tmp_path / "tasks", n=6, seed=0)
+    rows = [json.loads(line) for line in arith.data_file.read_text().splitlines()]
+    assert len(rows) == 6 and all(r["answer"].rsplit("#### ", 1)[1].isdigit() for r in rows)
+    out = run_lm_eval(HarnessModel(str(tiny_model_dir), batch_size=4), [arith, arc_task], limit=3,
+                      gen_kwargs={"max_gen_toks": 4})  # fmt: skip
+    res = out["results"]
+    assert set(res) == {ARITHMETIC_TASK, "local_arc"}
+    assert set(res[ARITHMETIC_TASK]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
+    assert set(res["local_arc"]) == {"acc", "acc_norm"}
+    # three items each; ARC accuracy over 3 items is a multiple of 1/3
+    assert out["provenance"]["n_samples"] == {ARITHMETIC_TASK: 3, "local_arc": 3}
+    assert round(3 * res["local_arc"]["acc"], 9) in (0, 1, 2, 3)
+    prov = out["provenance"]
+    assert prov["lm_eval"] == metadata.version("lm_eval") and prov["limit"] == 3
+    assert prov["tasks"]["local_arc"]["data_sha256"] == sha256_file(arc_task.data_file)
+    # the YAML hash covers the harness YAML it includes: it differs from the hash of our file alone
+    ours = prov["tasks"]["local_arc"]["yaml_sha256"]
+    assert ours == yaml_hash(arc_task.yaml_path)
+    import hashlib
+
+    assert ours != hashlib.sha256(arc_task.yaml_path.read_bytes()).hexdigest()
+
+
+def test_a_task_that_needs_the_hub_fails_clearly_instead_of_downloading(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The harness's arc_easy, renamed but still reading allenai/ai2_arc: offline, it must fail."""
+    yaml_path = tmp_path / "hub_arc.yaml"
+    yaml_path.write_text(f"include: {harness_task_yaml('arc/arc_easy.yaml')}\ntask: hub_arc\n")
+    task = LocalTask("hub_arc", yaml_path, yaml_path)
+    with pytest.raises(RuntimeError, match=r"task\(s\) hub_arc need the Hugging Face Hub.*allenai/ai2_arc"):
+        run_lm_eval(HarnessModel(str(tiny_model_dir)), [task], limit=1)
+
+
+@pytest.mark.slow
+def test_run_records_lm_eval_in_eval_json_manifest_and_report(
+    tiny_model_dir: Path, tmp_path: Path, arc_task, capsys: pytest.CaptureFixture[str]
+) -> None:
+    extra = {"name": "lmeval", "train.loss": "sft", "selfplay.iterations": 1,
+             "eval.lm_eval_tasks": f"[arithmetic, {arc_task.yaml_path}]", "eval.lm_eval_limit": 2,
+             "eval.lm_eval_max_gen_toks": 4}  # fmt: skip
+    assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **extra)]) == 0
+    run = tmp_path / "runs" / "lmeval"
+    for key in ("base", "iter_0"):
+        ev = read_json(run / key / "eval.json")
+        assert set(ev["lm_eval"]) == {"arithmetic", "local_arc"}
+        assert ev["lm_eval_provenance"]["lm_eval"] == metadata.version("lm_eval")
+    manifest = read_json(run / "manifest.json")
+    entry = manifest["iterations"]["0"]["eval"]
+    task = entry["lm_eval_provenance"]["tasks"][ARITHMETIC_TASK]
+    assert task["yaml_sha256"] == yaml_hash(Path(task["yaml"]))
+    assert main(["report", str(run)]) == 0
+    report = capsys.readouterr().out
+    assert "Benchmarks (lm-eval, offline; percent)" in report
+    assert "| model | arithmetic | local_arc |" in report
