@@ -323,8 +323,9 @@ class EvalConfig:
     task YAML path, or a harness task whose data is already cached."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
-    lm_eval_chat_template: bool = False
-    """Render lm-eval prompts with the tokenizer's chat template (instruct models, e.g. for IFEval)."""
+    lm_eval_chat_template: str = "auto"
+    """auto (chat template for generation tasks such as IFEval, plain text for log-likelihood ones such
+    as ARC) | on | off."""
     lm_eval_max_gen_toks: int | None = None
     """Cap on lm-eval's generated tokens (None = each task's own; IFEval's 1280 is slow on CPU)."""
 
@@ -333,6 +334,10 @@ class EvalConfig:
             raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
+        if self.lm_eval_chat_template not in ("auto", "on", "off"):
+            raise ValueError(
+                f"eval.lm_eval_chat_template must be auto, on or off, got {self.lm_eval_chat_template!r}"
+            )
         if self.task_metric not in ("auto", "exact_match", "none") and ":" not in self.task_metric:
             raise ValueError(
                 "eval.task_metric must be auto, exact_match, none or 'package.module:function' "

@@ -19,6 +19,7 @@ of the YAML the harness read (with everything it includes) and of its data file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -37,6 +38,11 @@ OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 ARITHMETIC_TASK = "spaceft_arithmetic"
 """The embedded arithmetic task's name in the harness (its YAML ships with spaceft)."""
+
+CHAT_MODES = ("auto", "on", "off")
+"""Chat template use: on / off for every task, or auto: on for generation tasks (an instruct model
+answers a request, as in IFEval), off for log-likelihood ones (ARC, HellaSwag score a continuation
+of plain text, as leaderboards do)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +66,8 @@ class HarnessModel:
     revision: str | None = None
     trust_remote_code: bool = False
     chat_template: bool = False
-    """Render prompts with the tokenizer's chat template (``apply_chat_template`` in the harness)."""
+    """Render prompts with the tokenizer's chat template (``apply_chat_template`` in the harness);
+    see :func:`run_lm_eval_chat` for choosing it per task."""
     batch_size: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -247,6 +254,52 @@ def offline(extra: dict[str, str] | None = None) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def is_generative(task: LocalTask | str) -> bool:
+    """Whether a task generates text (``output_type: generate_until``, includes merged)."""
+    if not isinstance(task, LocalTask):
+        return False  # a harness task by name: its type is known only once the harness loads it
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    return load_yaml(task.yaml_path, resolve_func=False).get("output_type") == "generate_until"
+
+
+def run_lm_eval_chat(
+    model: HarnessModel,
+    tasks: Sequence[LocalTask | str],
+    chat: str,
+    *,
+    limit: int | float | None = None,
+    env: dict[str, str] | None = None,
+    gen_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES`; ``auto`` makes two harness calls."""
+    if chat not in CHAT_MODES:
+        raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
+    if chat != "auto":
+        return run_lm_eval(dataclasses.replace(model, chat_template=chat == "on"), tasks, limit=limit,
+                           env=env, gen_kwargs=gen_kwargs)  # fmt: skip
+    merged: dict[str, Any] = {}
+    for templated in (True, False):
+        group = [t for t in tasks if is_generative(t) == templated]
+        if not group:
+            continue
+        out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
+                          gen_kwargs=gen_kwargs)  # fmt: skip
+        if not out:
+            continue
+        names = list(out["results"])
+        out["provenance"]["chat_template"] = dict.fromkeys(names, templated)
+        for key in ("results", "stderr"):
+            merged.setdefault(key, {}).update(out[key])
+        prov = merged.setdefault("provenance", {})
+        for key, value in out["provenance"].items():
+            if isinstance(value, dict) and key != "model_args":
+                prov.setdefault(key, {}).update(value)
+            else:
+                prov[key] = value
+    return merged
+
+
 def run_lm_eval(
     model: HarnessModel,
     tasks: Sequence[LocalTask | str],
@@ -366,11 +419,11 @@ def lm_eval_for_run(model_dir: str, cfg: Any, model_cfg: Any | None, out_dir: Pa
         # a revision names a hub commit: it applies to the start model by hub id, not to saved iterations
         revision=getattr(model_cfg, "revision", None) if not Path(model_dir).exists() else None,
         trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
-        chat_template=cfg.lm_eval_chat_template,
         batch_size=cfg.batch_size,
     )
     gen = {"max_gen_toks": cfg.lm_eval_max_gen_toks} if cfg.lm_eval_max_gen_toks else None
-    out = run_lm_eval(model, tasks, limit=cfg.lm_eval_limit, env=env, gen_kwargs=gen)
+    out = run_lm_eval_chat(model, tasks, cfg.lm_eval_chat_template, limit=cfg.lm_eval_limit, env=env,
+                           gen_kwargs=gen)  # fmt: skip
     if not out:
         return {}
     from spaceft.bench.run import TASK_NAMES

@@ -103,6 +103,8 @@ def test_run_records_lm_eval_in_eval_json_manifest_and_report(
         ev = read_json(run / key / "eval.json")
         assert set(ev["lm_eval"]) == {"arithmetic", "local_arc"}
         assert ev["lm_eval_provenance"]["lm_eval"] == metadata.version("lm_eval")
+        # chat template "auto": on for the generation task, off for the log-likelihood one
+        assert ev["lm_eval_provenance"]["chat_template"] == {ARITHMETIC_TASK: True, "local_arc": False}
     manifest = read_json(run / "manifest.json")
     entry = manifest["iterations"]["0"]["eval"]
     task = entry["lm_eval_provenance"]["tasks"][ARITHMETIC_TASK]

@@ -31,7 +31,7 @@ from spaceft.lmeval import (
     LocalTask,
     arithmetic_task,
     harness_task_yaml,
-    run_lm_eval,
+    run_lm_eval_chat,
     write_task_yaml,
 )
 
@@ -113,6 +113,7 @@ def run_bench(
     names: list[str],
     out_dir: Path,
     *,
+    chat: str = "auto",
     limit: int | None = None,
     max_gen_toks: int | None = None,
     cache_dir: Path | None = None,
@@ -126,7 +127,7 @@ def run_bench(
 
     tasks, env = prepare(names, out_dir / "tasks", cache_dir)
     gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
-    out = run_lm_eval(model, tasks, limit=limit, env=env, gen_kwargs=gen_kwargs)
+    out = run_lm_eval_chat(model, tasks, chat, limit=limit, env=env, gen_kwargs=gen_kwargs)
     if out:
         by_task = {t: n for n, t in TASK_NAMES.items()}
         out["benchmarks"] = {by_task.get(t, t): m for t, m in out["results"].items()}
@@ -165,8 +166,9 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--chat-template",
-        action="store_true",
-        help="render prompts with the model's chat template (instruct models)",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the model's chat template: auto = for generation tasks (IFEval, GSM8K) only (default)",
     )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -180,8 +182,10 @@ def main(args: Any) -> int:
     path = resolve_model_path(args.model)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
     out_dir = Path(args.out) if args.out else Path("bench_out") / Path(path).name
-    model = HarnessModel(path, dtype=args.dtype, chat_template=args.chat_template, batch_size=args.batch_size)
-    out = run_bench(model, names, out_dir, limit=args.limit, max_gen_toks=args.max_gen_toks)
+    model = HarnessModel(path, dtype=args.dtype, batch_size=args.batch_size)
+    out = run_bench(
+        model, names, out_dir, chat=args.chat_template, limit=args.limit, max_gen_toks=args.max_gen_toks
+    )
     if out:
         print(format_scores(out))
         print(f"wrote {out_dir / 'bench.json'}")
