@@ -173,14 +173,21 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--out", default=None, help="output directory (default: bench_out/<model name>)")
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="only fetch and convert the --tasks' data (and alpaca_eval, training pairs) and print the paths",
+    )
 
 
 def main(args: Any) -> int:
     """``spaceft bench``: prepare the data, run the harness, print one line per benchmark."""
     from spaceft.models import resolve_model_path
 
-    path = resolve_model_path(args.model)
     names = [n.strip() for n in args.tasks.split(",") if n.strip()]
+    if args.fetch:
+        return fetch(names)
+    path = resolve_model_path(args.model)
     out_dir = Path(args.out) if args.out else Path("bench_out") / Path(path).name
     model = HarnessModel(path, dtype=args.dtype, batch_size=args.batch_size)
     out = run_bench(
@@ -189,6 +196,20 @@ def main(args: Any) -> int:
     if out:
         print(format_scores(out))
         print(f"wrote {out_dir / 'bench.json'}")
+    return 0
+
+
+def fetch(names: list[str]) -> int:
+    """``spaceft bench --fetch``: the data files of ``names``, printed one per line."""
+    from spaceft.bench.sources import SOURCES, ensure_alpaca_splits, ensure_data
+
+    for name in names:
+        if name == "alpaca_eval":
+            print("\n".join(str(p) for p in ensure_alpaca_splits()))
+        elif name in SOURCES:
+            print(ensure_data(name))
+        else:
+            raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {', '.join(SOURCES)}")
     return 0
 
 

