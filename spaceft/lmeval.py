@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -69,15 +69,15 @@ class HarnessModel:
     """Render prompts with the tokenizer's chat template (``apply_chat_template`` in the harness);
     see :func:`run_lm_eval_chat` for choosing it per task."""
     batch_size: int = 16
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def model_args(self) -> dict[str, Any]:
+        """The harness HF backend's ``model_args``."""
         args: dict[str, Any] = {"pretrained": self.path, "dtype": self.dtype}
         if self.revision:
             args["revision"] = self.revision
         if self.trust_remote_code:
             args["trust_remote_code"] = True
-        return {**args, **self.extra}
+        return args
 
 
 def require_harness() -> Any:

@@ -45,6 +45,13 @@ def arc_task(tmp_path_factory: pytest.TempPathFactory):
     return write_task_yaml(d / "tasks", "local_arc", data, split="test", include=include)
 
 
+def test_model_args_carry_dtype_revision_and_trust_remote_code() -> None:
+    assert HarnessModel("m").model_args() == {"pretrained": "m", "dtype": "float32"}
+    full = HarnessModel("org/m", dtype="bfloat16", revision="abc123", trust_remote_code=True)
+    assert full.model_args() == {"pretrained": "org/m", "dtype": "bfloat16", "revision": "abc123",
+                                 "trust_remote_code": True}  # fmt: skip
+
+
 def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
