@@ -405,13 +405,25 @@ class _LenientLoader(yaml.SafeLoader):
 _LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
-def lm_eval_for_run(model_dir: str, cfg: Any, model_cfg: Any | None, out_dir: Path) -> dict[str, Any]:
-    """The lm-eval part of a run's evaluation (``eval.lm_eval_tasks``): call it on every rank.
+def lm_eval_for_run(
+    model_dir: str, cfg: Any, model_cfg: Any | None, out_dir: Path, *, every_rank: bool = False
+) -> dict[str, Any]:
+    """The lm-eval part of a run's evaluation (``eval.lm_eval_tasks``).
 
     ``cfg`` is the run's ``EvalConfig``, ``model_cfg`` its ``ModelConfig`` (dtype, revision,
     trust_remote_code). Returns ``{"lm_eval": {task: {metric: value}}, "lm_eval_provenance": {...}}``
-    on the main rank, ``{}`` elsewhere.
+    on the main rank, ``{}`` elsewhere. Under several processes the harness shards the work across
+    all of them, so every rank must call this (``every_rank=True`` says the caller does); called from
+    one rank only it would wait forever for the others, so that is refused.
     """
+    from accelerate import PartialState
+
+    processes = PartialState().num_processes
+    if processes > 1 and not every_rank:
+        raise RuntimeError(
+            f"eval.lm_eval_tasks under {processes} processes: lm-eval must run on every rank, and this "
+            "evaluation runs on the main process only; run `spaceft eval` in one process"
+        )
     tasks, env = resolve_tasks(list(cfg.lm_eval_tasks), out_dir / "lm_eval_tasks")
     model = HarnessModel(
         model_dir,

@@ -97,6 +97,24 @@ def test_a_task_that_needs_the_hub_fails_clearly_instead_of_downloading(
         run_lm_eval(HarnessModel(str(tiny_model_dir)), [task], limit=1)
 
 
+def test_lm_eval_from_the_main_process_only_is_refused_under_several_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The harness would shard across 2 processes and wait forever for the one that never joins."""
+    import accelerate
+
+    from spaceft.config import EvalConfig
+    from spaceft.lmeval import lm_eval_for_run
+
+    class TwoProcesses:
+        num_processes = 2
+
+    monkeypatch.setattr(accelerate, "PartialState", TwoProcesses)
+    cfg = EvalConfig(lm_eval_tasks=["arithmetic"])
+    with pytest.raises(RuntimeError, match="under 2 processes: lm-eval must run on every rank"):
+        lm_eval_for_run("m", cfg, None, tmp_path)
+
+
 @pytest.mark.slow
 def test_run_records_lm_eval_in_eval_json_manifest_and_report(
     tiny_model_dir: Path, tmp_path: Path, arc_task, capsys: pytest.CaptureFixture[str]
