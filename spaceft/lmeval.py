@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -153,7 +154,6 @@ def arithmetic_task(task_dir: Path, *, n: int, seed: int) -> LocalTask:
     Rows are ``{"question", "answer"}`` with the worked solution ending in ``#### <answer>``, as in
     GSM8K, so the harness's GSM8K filters and exact match apply unchanged.
     """
-    import json
 
     from spaceft.tasks import make_arithmetic
 
@@ -206,6 +206,7 @@ def _simple_evaluate(
     manager: Any,
     limit: int | float | None,
     gen_kwargs: dict[str, Any] | None,
+    log_samples: bool,
 ) -> dict[str, Any] | None:
     return lm_eval.simple_evaluate(
         model="hf",
@@ -217,9 +218,22 @@ def _simple_evaluate(
         apply_chat_template=model.chat_template,
         fewshot_as_multiturn=model.chat_template,
         task_manager=manager,
-        log_samples=False,
+        log_samples=log_samples,
         gen_kwargs=gen_kwargs,
     )
+
+
+def write_samples(samples: dict[str, list[dict[str, Any]]], samples_dir: Path) -> None:
+    """One JSON line per item and task: doc id, prompt, the (filtered) response and the item's scores."""
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    for task, items in samples.items():
+        with (samples_dir / f"{task}.jsonl").open("w", encoding="utf-8") as fh:
+            for item in items:
+                args = item.get("arguments") or [[None]]
+                row = {"doc_id": item.get("doc_id"), "prompt": args[0][0], "target": item.get("target"),
+                       "response": item.get("filtered_resps"),
+                       **{m: item.get(m) for m in item.get("metrics", [])}}  # fmt: skip
+                fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
 
 
 def task_provenance(task: LocalTask) -> dict[str, str]:
@@ -271,20 +285,21 @@ def run_lm_eval_chat(
     limit: int | float | None = None,
     env: dict[str, str] | None = None,
     gen_kwargs: dict[str, Any] | None = None,
+    samples_dir: Path | None = None,
 ) -> dict[str, Any]:
     """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES`; ``auto`` makes two harness calls."""
     if chat not in CHAT_MODES:
         raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     if chat != "auto":
         return run_lm_eval(dataclasses.replace(model, chat_template=chat == "on"), tasks, limit=limit,
-                           env=env, gen_kwargs=gen_kwargs)  # fmt: skip
+                           env=env, gen_kwargs=gen_kwargs, samples_dir=samples_dir)  # fmt: skip
     merged: dict[str, Any] = {}
     for templated in (True, False):
         group = [t for t in tasks if is_generative(t) == templated]
         if not group:
             continue
         out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
-                          gen_kwargs=gen_kwargs)  # fmt: skip
+                          gen_kwargs=gen_kwargs, samples_dir=samples_dir)  # fmt: skip
         if not out:
             continue
         names = list(out["results"])
@@ -307,12 +322,14 @@ def run_lm_eval(
     limit: int | float | None = None,
     env: dict[str, str] | None = None,
     gen_kwargs: dict[str, Any] | None = None,
+    samples_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks on a saved model, offline; call it on every rank.
 
     ``tasks`` are :class:`LocalTask` (their YAML directories become ``include_path``) or names of
     tasks the harness or those directories define. Returns, on the main rank,
-    ``{"results": {task: {metric: value}}, "provenance": {...}}``; on other ranks ``{}``.
+    ``{"results": {task: {metric: value}}, "provenance": {...}}``; on other ranks ``{}``. With
+    ``samples_dir``, each item's prompt, response and scores go to ``samples_dir/<task>.jsonl``.
     """
     lm_eval = require_harness()
     from lm_eval.tasks import TaskManager
@@ -325,7 +342,7 @@ def run_lm_eval(
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
         manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
         try:
-            out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs)
+            out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples_dir is not None)
         except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
             raise RuntimeError(
                 f"lm-eval task(s) {', '.join(names)} need the Hugging Face Hub, which spaceft keeps offline "
@@ -333,6 +350,8 @@ def run_lm_eval(
             ) from e
     if not out:  # the harness returns results on the main rank only
         return {}
+    if samples_dir is not None:
+        write_samples(out.get("samples", {}), samples_dir)
     results, stderr = {}, {}
     for task, metrics in out.get("results", {}).items():
         numbers = {

@@ -67,14 +67,17 @@ def test_harness_runs_local_yamls_offline_and_records_provenance(
     rows = [json.loads(line) for line in arith.data_file.read_text().splitlines()]
     assert len(rows) == 6 and all(r["answer"].rsplit("#### ", 1)[1].isdigit() for r in rows)
     out = run_lm_eval(HarnessModel(str(tiny_model_dir), batch_size=4), [arith, arc_task], limit=3,
-                      gen_kwargs={"max_gen_toks": 4})  # fmt: skip
+                      gen_kwargs={"max_gen_toks": 4}, samples_dir=tmp_path / "samples")  # fmt: skip
     res = out["results"]
     assert set(res) == {ARITHMETIC_TASK, "local_arc"}
     assert set(res[ARITHMETIC_TASK]) == {"exact_match,strict-match", "exact_match,flexible-extract"}
     assert set(res["local_arc"]) == {"acc", "acc_norm"}
     # three items each; ARC accuracy over 3 items is a multiple of 1/3
     assert out["provenance"]["n_samples"] == {ARITHMETIC_TASK: 3, "local_arc": 3}
-    assert round(3 * res["local_arc"]["acc"], 9) in (0, 1, 2, 3)
+    # the per-item samples agree with the aggregate: ARC accuracy is the mean of the items' acc
+    items = [json.loads(line) for line in (tmp_path / "samples" / "local_arc.jsonl").read_text().splitlines()]
+    assert len(items) == 3 and items[0]["prompt"] == "Question: Which number is 0?\nAnswer:"
+    assert res["local_arc"]["acc"] == pytest.approx(sum(i["acc"] for i in items) / 3, abs=1e-12)
     prov = out["provenance"]
     assert prov["lm_eval"] == metadata.version("lm_eval") and prov["limit"] == 3
     assert prov["tasks"]["local_arc"]["data_sha256"] == sha256_file(arc_task.data_file)

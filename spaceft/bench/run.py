@@ -117,6 +117,7 @@ def run_bench(
     limit: int | None = None,
     max_gen_toks: int | None = None,
     cache_dir: Path | None = None,
+    log_samples: bool = False,
 ) -> dict[str, Any]:
     """Run the named benchmarks on ``model``; write ``out_dir/bench.json``; return what it holds.
 
@@ -127,7 +128,10 @@ def run_bench(
 
     tasks, env = prepare(names, out_dir / "tasks", cache_dir)
     gen_kwargs = {"max_gen_toks": max_gen_toks} if max_gen_toks else None
-    out = run_lm_eval_chat(model, tasks, chat, limit=limit, env=env, gen_kwargs=gen_kwargs)
+    samples = out_dir / "samples" if log_samples else None
+    out = run_lm_eval_chat(
+        model, tasks, chat, limit=limit, env=env, gen_kwargs=gen_kwargs, samples_dir=samples
+    )
     if out:
         by_task = {t: n for n, t in TASK_NAMES.items()}
         out["benchmarks"] = {by_task.get(t, t): m for t, m in out["results"].items()}
@@ -174,6 +178,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--out", default=None, help="output directory (default: bench_out/<model name>)")
     parser.add_argument(
+        "--log-samples", action="store_true", help="write each item's prompt, response and scores"
+    )
+    parser.add_argument(
         "--fetch",
         action="store_true",
         help="only fetch and convert the --tasks' data (and alpaca_eval, training pairs) and print the paths",
@@ -191,7 +198,13 @@ def main(args: Any) -> int:
     out_dir = Path(args.out) if args.out else Path("bench_out") / Path(path).name
     model = HarnessModel(path, dtype=args.dtype, batch_size=args.batch_size)
     out = run_bench(
-        model, names, out_dir, chat=args.chat_template, limit=args.limit, max_gen_toks=args.max_gen_toks
+        model,
+        names,
+        out_dir,
+        chat=args.chat_template,
+        limit=args.limit,
+        max_gen_toks=args.max_gen_toks,
+        log_samples=args.log_samples,
     )
     if out:
         print(format_scores(out))
