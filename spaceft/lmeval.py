@@ -337,6 +337,8 @@ def run_lm_eval(
     local = [t for t in tasks if isinstance(t, LocalTask)]
     include = sorted({str(t.yaml_path.parent) for t in local})
     names = [t.name if isinstance(t, LocalTask) else t for t in tasks]
+    log.info("lm-eval %s on %s: %s (limit %s, chat template %s, Hub off)", harness_version(), model.path,
+             ", ".join(names), limit, model.chat_template)  # fmt: skip
     with offline(env):
         # Only our directories are indexed when every task is local: indexing the harness's
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
