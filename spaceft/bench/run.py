@@ -21,7 +21,7 @@ PyPI copies found carry only the correct answers, not the harness's mc1/mc2 targ
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,8 @@ class Benchmark:
     """The split name the harness task evaluates (our single data file is served under it)."""
     metric: str
     """The headline metric in the harness's results (filter suffix kept)."""
-    overrides: dict[str, Any] = field(default_factory=dict)
     needs_punkt: bool = False
+    """IFEval counts sentences with NLTK's Punkt (see :mod:`spaceft.bench.punkt`)."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -99,8 +99,7 @@ def prepare(
         bench = BENCHMARKS[name]
         data = ensure_data(name, cache_dir)
         include = harness_task_yaml(bench.harness_yaml)
-        tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include,
-                                     overrides=bench.overrides))  # fmt: skip
+        tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include))
         if bench.needs_punkt:
             from spaceft.bench.punkt import ensure_punkt_tab
 
