@@ -52,6 +52,22 @@ def test_model_args_carry_dtype_revision_and_trust_remote_code() -> None:
                                  "trust_remote_code": True}  # fmt: skip
 
 
+def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, arc_task) -> None:
+    from spaceft.lmeval import resolve_tasks
+
+    tasks, env = resolve_tasks(["arithmetic", str(arc_task.yaml_path), "some_harness_task"], tmp_path)
+    assert [getattr(t, "name", t) for t in tasks] == [ARITHMETIC_TASK, "local_arc", "some_harness_task"]
+    assert tasks[1].data_file == arc_task.data_file.resolve() and env == {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: x\ndataset_path: json\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml: a local task YAML needs `task:` and `dataset_kwargs"):
+        resolve_tasks([str(bad)], tmp_path)
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        from spaceft.bench.run import prepare
+
+        prepare(["mmlu"], tmp_path)
+
+
 def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
