@@ -5,7 +5,9 @@
 * Task metric: greedy decoding of each held-out prompt, the answer parsed with
   `tasks.parse_answer` and compared by exact match with the row's `answer` (or the answer parsed from
   the reference response). Used when the held-out rows carry answers (`eval.task_metric=auto`).
-* lm-eval: `eval.lm_eval_tasks` run through `lm_eval.simple_evaluate` on the saved model directory.
+* lm-eval: `eval.lm_eval_tasks` run offline through lm-evaluation-harness on the saved model
+  directory, on every process (`spaceft.lmeval`): metrics under "lm_eval", harness version and
+  task/data hashes under "lm_eval_provenance", which the manifest records with the stage.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from spaceft.config import EvalConfig, GenerationConfig
+from spaceft.config import EvalConfig, GenerationConfig, ModelConfig
 from spaceft.data import Example, TokenizedExample
 from spaceft.generate import HFGenerator
+from spaceft.lmeval import lm_eval_for_run
 from spaceft.rundir import ONE_PROCESS, Shard, atomic_path, merge_parts, write_json, write_parts
 from spaceft.score import score_sequences
 from spaceft.tasks import exact_match, parse_answer
@@ -71,12 +74,30 @@ def evaluate(
     stop_ids: Sequence[int],
     device: torch.device,
     model_dir: str | None = None,
+    model_cfg: ModelConfig | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """One process: evaluate `model` on held-out pairs; write out_dir/eval.json (and eval_samples.jsonl)."""
     write_eval_parts(model, tokenizer, examples, tokenized, cfg, out_dir, stop_ids=stop_ids, device=device,
                      progress=progress)  # fmt: skip
-    return finish_eval(examples, tokenized, cfg, out_dir, model_dir=model_dir)
+    benchmarks = run_benchmarks(cfg, model_cfg, out_dir, model_dir=model_dir)
+    return finish_eval(examples, tokenized, cfg, out_dir, lm_eval=benchmarks)
+
+
+def run_benchmarks(
+    cfg: EvalConfig, model_cfg: ModelConfig | None, out_dir: Path, *, model_dir: str | None,
+    every_rank: bool = False,
+) -> dict[str, Any]:  # fmt: skip
+    """`eval.lm_eval_tasks` through lm-eval, offline (`spaceft.lmeval`); {} when none are configured.
+
+    With `every_rank`, every process calls this and the harness shards the requests across them; the
+    main process gets the results, the others {}.
+    """
+    if not cfg.lm_eval_tasks:
+        return {}
+    if model_dir is None:
+        raise ValueError("lm-eval needs a saved model directory")
+    return lm_eval_for_run(model_dir, cfg, model_cfg, out_dir, every_rank=every_rank)
 
 
 def _task_metric(
@@ -141,10 +162,11 @@ def finish_eval(
     cfg: EvalConfig,
     out_dir: Path,
     *,
-    model_dir: str | None = None,
+    lm_eval: dict[str, Any] | None = None,
     tag: str = "",
 ) -> dict[str, Any]:
-    """Join the parts; held-out NLL, task accuracy (and lm-eval) into out_dir/eval.json."""
+    """Join the parts; held-out NLL, task accuracy (and `lm_eval`, the results and provenance of
+    `run_benchmarks`) into out_dir/eval.json."""
     rows = merge_parts(out_dir / "eval_outputs.parquet", len(_chunks(tokenized, cfg)), tag=tag)
     by_position = {r["position"]: r for r in rows}
     result: dict[str, Any] = {"n": len(tokenized)}
@@ -164,31 +186,6 @@ def finish_eval(
                 fh.write(json.dumps({"index": i, "output": output, "parsed": parse_answer(output),
                                      "answer": reference_answer(example), "correct": ok}) + "\n")  # fmt: skip
         result["accuracy"] = correct / max(len(tokenized), 1)
-    if cfg.lm_eval_tasks:
-        if model_dir is None:
-            raise ValueError("lm-eval needs a saved model directory")
-        result["lm_eval"] = run_lm_eval(model_dir, cfg)
+    result.update(lm_eval or {})
     write_json(out_dir / "eval.json", result)
     return result
-
-
-def run_lm_eval(model_dir: str, cfg: EvalConfig) -> dict[str, Any]:
-    """Run lm-evaluation-harness tasks on a saved HF model; returns {task: {metric: value}}."""
-    try:
-        import lm_eval
-    except ImportError as e:
-        raise RuntimeError(
-            "eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'spaceft[eval]'"
-        ) from e
-    out = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={model_dir}",
-        tasks=list(cfg.lm_eval_tasks),
-        limit=cfg.lm_eval_limit,
-        batch_size=cfg.batch_size,
-    )
-    results = out.get("results", {}) if out else {}
-    return {
-        task: {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        for task, metrics in results.items()
-    }

@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from spaceft.rundir import atomic_path
+
 log = logging.getLogger(__name__)
 
 OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
@@ -144,7 +146,8 @@ def write_task_yaml(
     cfg["validation_split" if split == "validation" else "test_split"] = split
     cfg.update(overrides or {})
     path = task_dir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    with atomic_path(path) as tmp:  # every rank writes the same file: never let one read a torn copy
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return LocalTask(name, path, Path(data_file))
 
 
@@ -160,7 +163,7 @@ def arithmetic_task(task_dir: Path, *, n: int, seed: int) -> LocalTask:
     task_dir.mkdir(parents=True, exist_ok=True)
     data_file = task_dir / f"{ARITHMETIC_TASK}.jsonl"
     rows = make_arithmetic(n, seed=seed, split="test")
-    with data_file.open("w", encoding="utf-8") as fh:
+    with atomic_path(data_file) as tmp, tmp.open("w", encoding="utf-8") as fh:
         for row in rows:
             user, assistant = row["messages"][0]["content"], row["messages"][1]["content"]
             fh.write(json.dumps({"question": user, "answer": assistant}) + "\n")
@@ -169,7 +172,8 @@ def arithmetic_task(task_dir: Path, *, n: int, seed: int) -> LocalTask:
     )
     shipped["dataset_kwargs"] = {"data_files": {"test": str(data_file.resolve())}}
     path = task_dir / f"{ARITHMETIC_TASK}.yaml"
-    path.write_text(yaml.safe_dump(shipped, sort_keys=False), encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(yaml.safe_dump(shipped, sort_keys=False), encoding="utf-8")
     return LocalTask(ARITHMETIC_TASK, path, data_file)
 
 

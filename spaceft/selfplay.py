@@ -30,7 +30,7 @@ from typing import Any
 
 from spaceft.config import RunConfig
 from spaceft.distributed import agree, attempt, leads_group, shard_of
-from spaceft.evaluate import finish_eval, write_eval_parts
+from spaceft.evaluate import finish_eval, run_benchmarks, write_eval_parts
 from spaceft.generate import HFGenerator, VLLMGenerator, merge_generate_parts, write_generate_parts
 from spaceft.rundir import Manifest, content_hash, file_hash, read_json, read_table
 from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
@@ -50,8 +50,8 @@ RANKS = {
     "score": "every process scores its shard of the item chunks; the main process joins the parts",
     "train": "every process trains on its slice of each optimizer step (data parallel through Accelerate); "
     "the main process saves the model",
-    "eval": "every process evaluates its shard of the held-out batches; the main process joins them and "
-    "computes the metrics",
+    "eval": "every process evaluates its shard of the held-out batches, and runs lm-eval, which shards its "
+    "requests across the processes itself; the main process joins them and computes the metrics",
 }
 
 # Files of an iteration's directory that each stage writes: re-running the stage removes them.
@@ -66,7 +66,13 @@ OUTPUTS = {
         "metrics.jsonl",
         "train_summary.json",
     ),
-    "eval": ("eval.json", "eval_samples.jsonl", "eval_outputs.parquet", "eval_outputs.parts"),
+    "eval": (
+        "eval.json",
+        "eval_samples.jsonl",
+        "eval_outputs.parquet",
+        "eval_outputs.parts",
+        "lm_eval_tasks",
+    ),
 }
 
 
@@ -352,7 +358,7 @@ def load_eval(ws: Workspace, step: Step) -> str:
     return _tag(model, ws.cfg.to_dict()["eval"], [(t.prompt_ids, t.response_ids) for t in ws.eval_tok])
 
 
-def work_eval(ws: Workspace, step: Step, tag: str) -> None:
+def work_eval(ws: Workspace, step: Step, tag: str) -> dict[str, Any]:
     write_eval_parts(
         loaded_model(ws, _eval_model_dir(ws, step)),
         ws.tokenizer,
@@ -366,11 +372,14 @@ def work_eval(ws: Workspace, step: Step, tag: str) -> None:
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
         tag=tag,
     )
+    # lm-eval on every process: the harness shards its requests across them itself
+    return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
+                          model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
 
 
-def finish_eval_step(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
+def finish_eval_step(ws: Workspace, step: Step, tag: str, benchmarks: dict[str, Any]) -> dict[str, Any]:
     return finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, ws.iter_dir(step.iteration),
-                       model_dir=_eval_model_dir(ws, step), tag=tag)  # fmt: skip
+                       lm_eval=benchmarks, tag=tag)  # fmt: skip
 
 
 @dataclass(frozen=True)
