@@ -118,6 +118,7 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     md = (out / "results.md").read_text()
     assert "### Q2" in md and "| space-N4 | 1 |" in md and "sft-matched-N4" in md
     assert (out / "results.png").stat().st_size > 0
+    assert "## Diagnostics per iteration" in (out / "space-N4-s0" / "report.md").read_text()
     # a second invocation finds everything finished and launches nothing
     calls.clear()
     again = rep.Grid(spec, launch)
