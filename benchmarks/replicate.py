@@ -126,6 +126,7 @@ def subprocess_launcher(recipe: str) -> Launcher:
     """`python -m spaceft -q run RECIPE overrides…` in a child process; its peak RSS from wait4."""
 
     def launch(name: str, overrides: list[str], force: bool) -> Launch:
+        # To stop the grid, stop its process group (`kill -- -PGID`): the child run is in it.
         cmd = [
             sys.executable,
             "-m",
@@ -213,7 +214,10 @@ class Grid:
         return self.run_dir(name)
 
     def report(self) -> None:
-        write_results(self.out, self.state, self.spec.iterations)
+        try:
+            write_results(self.out, self.state, self.spec.iterations)
+        except Exception:  # a table that cannot be built must not stop a grid of many hours
+            log.exception("could not rebuild the tables; the grid goes on (rebuild with --report-only)")
 
     # ------------------------------------------------------------------------------- the grid
 
