@@ -140,3 +140,47 @@ def test_selection_prefers_accuracy_then_nll(tmp_path: Path) -> None:
     best = rep.select(tmp_path, [(n, n, (f"train.lr={i}",)) for i, n in enumerate("abc")], iterations=1)
     assert best["run"] == "c" and best["val_accuracy"] == 0.5 and best["val_nll"] == 1.0
     assert best["overrides"] == ["train.lr=2"]
+
+
+def _fake_run(root: Path, name: str, correct: list[list[int]]) -> dict[int, Path]:
+    """Finished one-iteration runs, one per seed, with the given per-problem correctness."""
+    runs = {}
+    for seed, row in enumerate(correct):
+        d = root / f"{name}-s{seed}"
+        (d / "iter_0").mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"iterations": {"0": {"eval": {"status": "done"}}}}))
+        lines = [json.dumps({"correct": bool(c), "logp": -2.0, "tokens": 2}) for c in row]
+        (d / "iter_0" / "eval_samples.jsonl").write_text("\n".join(lines) + "\n")
+        runs[seed] = d
+    return runs
+
+
+def test_comparison_table_pairs_on_problems_and_marks_clear_differences(tmp_path: Path) -> None:
+    """a solves all 200 problems on both seeds, b the first 100 on both: Δ accuracy = -0.5. Paired,
+    b - a is -1 on the last 100 problems and 0 elsewhere, so a replicate's Δ is -X/200 with
+    X ~ Binomial(200, 1/2) (the two seeds are identical): the interval is about -0.5 ± 1.96·√(.25/200) =
+    [-0.569, -0.431], clear of 0 (marked *). NLL is 1.0 everywhere (logp -2 over 2 tokens): Δ NLL [0, 0]."""
+    tables = rep.sys.modules["replicate_tables"]
+    a = _fake_run(tmp_path, "a", [[1] * 200, [1] * 200])
+    b = _fake_run(tmp_path, "b", [[1] * 100 + [0] * 100, [1] * 100 + [0] * 100])
+    state = {"runs": {}}
+    for label, runs in (("a", a), ("b", b)):
+        for seed, d in runs.items():
+            costs = [{"forwarded": 10, "trained": 20, "compute": 70}]
+            state["runs"][d.name] = {"group": label, "seed": seed, "n": 4, "wall_s": 3.0, "invocations": 1,
+                                     "peak_rss_mb": 2048.0, "costs": costs}  # fmt: skip
+    g = tables.groups(tmp_path, state, iterations=1)
+    assert set(g) == {"a", "b"} and len(g["a"]) == 2
+    lines = tables.comparison_table(tmp_path, state, g, ["a", "b", "c"], "a", iterations=1)
+    assert lines[2].startswith(
+        "| a | 2 | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |  |  | 70 | 20 | 3 | 2.00 |"
+    )
+    assert "| b | 2 | 0.500 [" in lines[3]
+    cells = [c.strip() for c in lines[3].split("|")]
+    d_acc = [
+        float(x) for x in cells[5].rstrip(" *").replace("[", "").replace("]", "").replace(",", "").split()
+    ]
+    assert cells[5].endswith("*") and d_acc[0] == -0.5
+    assert -0.585 < d_acc[1] < -0.55 and -0.45 < d_acc[2] < -0.415
+    assert cells[6] == "+0.000 [+0.000, +0.000]"
+    assert lines[4] == "| c | 0 | not run yet |  |  |  |  |  |  |  |"
