@@ -79,6 +79,8 @@ METHODS = {
     "space": Method("space", ("train.loss=space", "train.mu=1")),
 }
 QUESTIONS = ("sft-matched", "sft-4N", "space-mu3", "space-reuse")
+DATA_SEED = 0
+"""The task's data seed (the recipe's `data.seed`): training, validation and test problems all use it."""
 PRIORITY = ("space", "spin", "sft")
 """Tuned and run first (the comparison the paper is about); the other methods follow."""
 
@@ -201,11 +203,14 @@ class Grid:
         entry = self.state["runs"].setdefault(name, {"wall_s": 0.0, "invocations": 0, "peak_rss_mb": None})
         entry.update(group=group, seed=seed, n=n)
         if not self.finished(name, t, evaluated):
+            # counted before it starts: an invocation killed midway marks the run as resumed (its wall
+            # time is then a lower bound: the killed part is not recorded)
+            entry["invocations"] += 1
+            self.save()
             full = [f"name={name}", f"output_dir={self.out}", *overrides]
             cost = self.launch(name, full, force)
             self.launched += 1
             entry["wall_s"] += cost.wall_s
-            entry["invocations"] += 1
             if cost.peak_rss_mb is not None:
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0.0, cost.peak_rss_mb)
             self.save()
@@ -227,10 +232,11 @@ class Grid:
     def test_eval(self) -> list[str]:
         return ["data.eval=builtin:arithmetic", f"data.eval_size={self.spec.eval_size}"]
 
-    def validation_eval(self, seed: int) -> list[str]:
-        path = self.out / "data" / f"arithmetic_validation_{self.spec.val_size}_seed{seed}.jsonl"
+    def validation_eval(self) -> list[str]:
+        """The validation split of the training data's seed (disjoint from its first 512 problems)."""
+        path = self.out / "data" / f"arithmetic_validation_{self.spec.val_size}_seed{DATA_SEED}.jsonl"
         if not path.exists():
-            write_arithmetic_jsonl(path, self.spec.val_size, seed=seed, split="validation")
+            write_arithmetic_jsonl(path, self.spec.val_size, seed=DATA_SEED, split="validation")
         return [f"data.eval={path}", f"data.eval_size={self.spec.val_size}"]
 
     def start(self, n: int) -> str:
@@ -258,7 +264,7 @@ class Grid:
                 *seeded(seed),
                 *METHODS[method].overrides,
                 *setting,
-                *self.validation_eval(seed),
+                *self.validation_eval(),
             ]
             self.ensure(name, overrides, group=f"tune-{method}", seed=seed, n=n)
             candidates.append((label, name, setting))
