@@ -18,10 +18,11 @@ finished and resumes what did not. In order (each step only once the previous on
    counts), SFT on 4N (the paper's data-efficiency reference), SPACE with μ = K = 3, SPACE reusing
    iteration 0's samples; and at every further N: SPACE, SFT and SFT on 4N at the tuned settings.
 
-Per run it records wall time and peak RSS (OUT/grid_state.json; a resumed run sums its invocations and
-says so) and, from the artefacts, the tokens forwarded and back-propagated (`spaceft.costs`). The tables
-(one per question, every number with its 95% bootstrap interval over problems and seeds and its seed
-count) and the plots are rebuilt after every run: OUT/results.md, OUT/results.json, OUT/results.png.
+Per run it records wall time, CPU time and peak RSS (OUT/grid_state.json; a resumed run sums its
+invocations and says so) and, from the artefacts, the tokens forwarded and back-propagated
+(`spaceft.costs`). The tables (one per question, every number with its 95% bootstrap interval over
+problems and seeds and its seed count) and the plots are rebuilt after every run: OUT/results.md,
+OUT/results.json, OUT/results.png.
 
     nice -n 19 python benchmarks/replicate.py --out runs/grid --sizes 16 64 --seeds 0 1 2
     python benchmarks/replicate.py --out runs/grid --report-only      # tables from what finished
@@ -119,6 +120,8 @@ class Launch:
 
     wall_s: float
     peak_rss_mb: float | None
+    cpu_s: float | None = None
+    """User + system CPU time of the run: on shared cores, the cost that contention does not inflate."""
 
 
 Launcher = Callable[[str, list[str], bool], Launch]
@@ -146,7 +149,8 @@ def subprocess_launcher(recipe: str) -> Launcher:
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
             raise RuntimeError(f"run {name} failed (exit {proc.returncode}): {' '.join(cmd)}")
-        return Launch(time.perf_counter() - tic, usage.ru_maxrss / 1024)  # Linux: KiB
+        cpu = usage.ru_utime + usage.ru_stime
+        return Launch(time.perf_counter() - tic, usage.ru_maxrss / 1024, cpu)  # ru_maxrss in KiB on Linux
 
     return launch
 
@@ -211,6 +215,8 @@ class Grid:
             cost = self.launch(name, full, force)
             self.launched += 1
             entry["wall_s"] += cost.wall_s
+            if cost.cpu_s is not None:
+                entry["cpu_s"] = entry.get("cpu_s", 0.0) + cost.cpu_s
             if cost.peak_rss_mb is not None:
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0.0, cost.peak_rss_mb)
             self.save()

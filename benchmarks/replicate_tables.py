@@ -102,6 +102,9 @@ def group_cost(out: Path, state: dict[str, Any], runs: dict[int, Path]) -> dict[
         "compute": float(np.mean([sum(c["compute"] for c in r) for r in per_run])),
         "cumulative": [float(x) for x in np.mean([np.cumsum([c["compute"] for c in r]) for r in per_run], 0)],
         "wall_s": float(np.mean([e["wall_s"] for e in entries])),
+        "cpu_s": float(np.mean([e["cpu_s"] for e in entries]))
+        if all("cpu_s" in e for e in entries)
+        else float("nan"),
         "peak_rss_mb": max(rss) if rss else float("nan"),
         "resumed": sum(e["invocations"] > 1 for e in entries),
     }
@@ -240,8 +243,8 @@ def diagnostics_tables(g: dict[str, dict[int, Path]], labels: list[str], iterati
 def cost_table(out: Path, state: dict[str, Any], g: dict[str, dict[int, Path]]) -> list[str]:
     lines = [
         "| run | seeds | tokens forwarded only | tokens trained | compute (fwd-token eq.) | wall s (mean) "
-        "| peak RSS GB (max) | resumed runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| CPU s (mean) | peak RSS GB (max) | resumed runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label in sorted(g):
         if label.startswith("tune-"):
@@ -249,7 +252,7 @@ def cost_table(out: Path, state: dict[str, Any], g: dict[str, dict[int, Path]]) 
         c = group_cost(out, state, g[label])
         lines.append(
             f"| {label} | {len(g[label])} | {c['forwarded']:.3g} | {c['trained']:.3g} | {c['compute']:.3g} "
-            f"| {c['wall_s']:.0f} | {c['peak_rss_mb'] / 1024:.2f} | {c['resumed']} |"
+            f"| {c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['peak_rss_mb'] / 1024:.2f} | {c['resumed']} |"
         )
     return [*lines, ""]
 

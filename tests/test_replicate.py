@@ -78,7 +78,7 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     def launch(name: str, overrides: list[str], force: bool):
         calls.append((name, force))
         run(load_config(spec.recipe, overrides), force=force)
-        return rep.Launch(1.5, None)
+        return rep.Launch(1.5, None, 0.5)
 
     grid = rep.Grid(spec, launch)
     grid.run()
@@ -115,9 +115,11 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     # wall time and invocations recorded; the tables exist
     assert grid.state["runs"]["space-N4-s0"]["wall_s"] == 1.5
     assert grid.state["runs"]["space-N4-s0"]["invocations"] == 1
+    assert grid.state["runs"]["space-N4-s0"]["cpu_s"] == 0.5
     md = (out / "results.md").read_text()
     assert "### Q2" in md and "| space-N4 | 1 |" in md and "sft-matched-N4" in md
     assert (out / "results.png").stat().st_size > 0
+    assert "| space-N4 | 1 |" in md.split("### Cost per run")[1]
     assert "## Diagnostics per iteration" in (out / "space-N4-s0" / "report.md").read_text()
     # a second invocation finds everything finished and launches nothing
     calls.clear()
