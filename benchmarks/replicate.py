@@ -11,9 +11,9 @@ finished and resumes what did not. In order (each step only once the previous on
    validation accuracy after the last iteration (lower validation NLL breaks ties);
 3. final: every method at its best setting for every seed, judged on the held-out test split (steps 2
    and 3 go first for SPACE, SPIN and SFT, then for S-IPO and S-SimPO, so that a partial grid already
-   answers the main comparison). The
-   seed-0 run trains exactly what the tuning run trained (evaluation is not part of the training
-   fingerprint), so it is a hard-linked copy of that run re-evaluated on test, not a second training;
+   answers the main comparison). The seed-0 run trains exactly what the tuning run trained (evaluation
+   is not part of the training fingerprint), so it is a copy of that run (weights hard-linked)
+   re-evaluated on test, not a second training;
 4. questions, every seed: SFT given SPACE's compute (more epochs per iteration, from the measured token
    counts), SFT on 4N (the paper's data-efficiency reference), SPACE with μ = K = 3, SPACE reusing
    iteration 0's samples; and at every further N: SPACE, SFT and SFT on 4N at the tuned settings.
@@ -380,7 +380,7 @@ def select(out: Path, candidates: list[tuple[str, str, tuple[str, ...]]], iterat
 
 
 def adopt(tuned: Path, final: Path, overrides: list[str], recipe: str) -> bool:
-    """Make `final` a hard-linked copy of the finished tuning run `tuned` when both train the same
+    """Make `final` a copy (weights hard-linked) of the finished tuning run `tuned` when both train the same
     models (same training fingerprint); its evaluations are then redone on test (the copy's manifest
     forgets them, and the caller passes --force because the evaluation settings changed). Returns
     whether it adopted."""
@@ -391,10 +391,8 @@ def adopt(tuned: Path, final: Path, overrides: list[str], recipe: str) -> bool:
         return False
     tmp = final.with_name(f".{final.name}.adopt")
     shutil.rmtree(tmp, ignore_errors=True)
-    # files are only ever replaced by rename, never written in place, so sharing inodes is safe
-    shutil.copytree(
-        tuned, tmp, copy_function=os.link, ignore=shutil.ignore_patterns("eval*", "report.md", "*.png")
-    )
+    skip = shutil.ignore_patterns("eval*", "report.md", "*.png", "*.lock")
+    shutil.copytree(tuned, tmp, copy_function=_link_or_copy, ignore=skip)
     manifest = read_json(tmp / "manifest.json")
     for stages in manifest["iterations"].values():
         stages.pop("eval", None)
@@ -402,6 +400,15 @@ def adopt(tuned: Path, final: Path, overrides: list[str], recipe: str) -> bool:
     tmp.rename(final)
     log.info("%s: adopted the models of %s; re-evaluating on the test split", final.name, tuned.name)
     return True
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """Hard-link weights and tables (written once, by rename, never in place); copy the small files,
+    some of which are appended to or rewritten in place (metrics.jsonl; the lock is not copied)."""
+    if src.endswith((".safetensors", ".parquet", ".bin")):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[GridSpec, bool]:
