@@ -183,8 +183,11 @@ def finish_eval(
                 example = examples[tokenized[i].index]
                 ok = bool(metric(output, example))
                 correct += ok
+                # logp and tokens per problem let a bootstrap over problems give the NLL an interval
                 fh.write(json.dumps({"index": i, "output": output, "parsed": parse_answer(output),
-                                     "answer": reference_answer(example), "correct": ok}) + "\n")  # fmt: skip
+                                     "answer": reference_answer(example), "correct": ok,
+                                     "logp": by_position[i]["logp"],
+                                     "tokens": len(tokenized[i].response_ids)}) + "\n")  # fmt: skip
         result["accuracy"] = correct / max(len(tokenized), 1)
     result.update(lm_eval or {})
     write_json(out_dir / "eval.json", result)

@@ -2,6 +2,11 @@
 
 `spaceft report RUN` prints the table and writes RUN/report.md, RUN/rewards.png (real vs synthetic
 reward over training steps, iterations side by side) and RUN/eval.png (held-out metrics per iteration).
+
+The report also carries the per-iteration diagnostics the SPACE paper argues from
+(:func:`collect_diagnostics`): the real responses' log-likelihood under the opponent and under the
+trained player, the real and synthetic rewards, how many synthetic samples are the real response
+verbatim (then SPIN's margin is 0 whatever the model), and the synthetic responses' length and cap rate.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from spaceft.rundir import atomic_path, read_json, read_jsonl
+from spaceft.rundir import atomic_path, read_json, read_jsonl, read_table
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +241,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
         *_sampling_note(cfg.get("generation", {})),
         table,
         "",
+        *diagnostics_section(run_dir),
         *[f"![{p.stem}]({p.name})" for p in pngs],
         "",
     ]
@@ -243,3 +249,102 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     with atomic_path(md) as tmp:
         tmp.write_text("\n".join(body), encoding="utf-8")
     return table, [md, *pngs]
+
+
+# ------------------------------------------------------------------------------ per-iteration diagnostics
+
+
+def final_epoch_means(metrics: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, float]:
+    """Mean of each key over the logged steps of the last epoch (steps are equal-sized batches, so this
+    is the mean over the final epoch's training pairs, up to the model moving within the epoch)."""
+    if not metrics:
+        return {}
+    last = [m for m in metrics if m.get("epoch") == metrics[-1].get("epoch")]
+    return {k: sum(m[k] for m in last) / len(last) for k in keys if all(k in m for m in last)}
+
+
+def collect_diagnostics(
+    run_dir: Path, real_ids: dict[int, tuple[int, ...]] | None = None
+) -> list[dict[str, Any]]:
+    """One row per trained iteration t, from iter_t's artefacts:
+
+    * ``logp_real_opponent``: mean summed log-likelihood of the real responses under the opponent θt
+      (opponent_logps.parquet; θt is the model after iteration t-1), ``nll_real_opponent`` per token;
+    * ``logp_real``, ``logp_synthetic``, ``reward_real``, ``reward_synthetic``, ``reward_margin``: the
+      trained player's, averaged over the final epoch (metrics.jsonl);
+    * ``identical``: share of synthetic samples equal, token for token, to their prompt's real response;
+    * ``syn_length``, ``syn_capped``: mean synthetic length (tokens) and share that hit the length cap;
+    * ``accuracy``, ``nll``: held-out metrics of the trained model (eval.json), when evaluated.
+
+    `real_ids` (prompt index -> real response ids) is read from the run's data when not given.
+    """
+    rows: list[dict[str, Any]] = []
+    manifest = run_dir / "manifest.json"
+    sft = manifest.exists() and read_json(manifest).get("config", {}).get("train", {}).get("loss") == "sft"
+    t = 0
+    while (run_dir / f"iter_{t}").exists():
+        d = run_dir / f"iter_{t}"
+        row: dict[str, Any] = {"iteration": t}
+        if (d / "opponent_logps.parquet").exists():
+            real = [r for r in read_table(d / "opponent_logps.parquet") if r["kind"] == "real"]
+            if real:
+                row["logp_real_opponent"] = sum(r["logp"] for r in real) / len(real)
+                row["nll_real_opponent"] = -sum(r["logp"] for r in real) / sum(r["length"] for r in real)
+        means = final_epoch_means(
+            read_metrics(d / "metrics.jsonl"),
+            ("logps/real", "logps/synthetic", "rewards/real", "rewards/synthetic", "rewards/margin"),
+        )
+        if sft:  # SFT has no opponent: its "rewards" are not rewards
+            means = {k: v for k, v in means.items() if not k.startswith("rewards/")}
+        row.update({k.replace("logps/", "logp_").replace("rewards/", "reward_"): v for k, v in means.items()})
+        if (d / "synthetic.parquet").exists():
+            syn = read_table(d / "synthetic.parquet")
+            if syn:
+                if real_ids is None:
+                    from spaceft.costs import training_data
+
+                    real_ids = {tok.index: tok.response_ids for tok in training_data(run_dir)}
+                same = sum(tuple(r["response_ids"]) == real_ids.get(r["prompt_index"]) for r in syn)
+                row["identical"] = same / len(syn)
+                row["syn_length"] = sum(r["length"] for r in syn) / len(syn)
+                row["syn_capped"] = sum(bool(r["hit_cap"]) for r in syn) / len(syn)
+        if (d / "eval.json").exists():
+            row.update({k: v for k, v in read_json(d / "eval.json").items() if k in ("accuracy", "nll")})
+        rows.append(row)
+        t += 1
+    return rows
+
+
+DIAGNOSTIC_COLUMNS = [
+    ("iteration", "iter", "{}"),
+    ("logp_real_opponent", "log p real (opponent)", "{:.2f}"),
+    ("logp_real", "log p real (player, last epoch)", "{:.2f}"),
+    ("reward_real", "reward real", "{:+.3f}"),
+    ("reward_synthetic", "reward synthetic", "{:+.3f}"),
+    ("identical", "synthetic = real", "{:.2f}"),
+    ("syn_length", "synthetic length", "{:.1f}"),
+    ("syn_capped", "capped", "{:.2f}"),
+]
+
+
+def diagnostics_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`collect_diagnostics` rows (columns no row has are left out)."""
+    cols = [c for c in DIAGNOSTIC_COLUMNS if any(c[0] in r for r in rows)]
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(c[2].format(r[c[0]]) if c[0] in r else "" for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def diagnostics_section(run_dir: Path) -> list[str]:
+    """The report's diagnostics section as lines (none for a run with no trained iteration)."""
+    rows = collect_diagnostics(run_dir)
+    if not any(len(r) > 1 for r in rows):
+        return []
+    return [
+        "## Diagnostics per iteration",
+        "",
+        "Log-likelihoods are summed over a response's tokens; the player's columns average the final epoch.",
+        "",
+        diagnostics_table(rows),
+        "",
+    ]

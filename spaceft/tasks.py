@@ -6,9 +6,15 @@ that ends in GSM8K's answer line ``#### <answer>``. The answer is checked by exa
 number, so held-out accuracy is a verifiable metric for self-play (no judge model needed).
 
 Splits. A problem's *key* is its template and its numbers (not the names or objects that dress it up).
-A stable hash of the key puts every key in exactly one split, so train and test never share a problem
--- not even the same sum told about different people -- for any seed. Sampling draws problems and
-keeps those whose key falls in the requested split, without repeating a prompt.
+A stable hash of the key puts every key in exactly one of two buckets, train and test, so train and test
+never share a problem -- not even the same sum told about different people -- for any seed. Sampling
+draws problems and keeps those whose key falls in the requested split, without repeating a prompt.
+
+The validation split (for choosing hyper-parameters without looking at the held-out test problems) was
+added after results had been measured on train and test, so it leaves both unchanged: its problems come
+from the train bucket (never a test key), from their own random stream, and never share a key with the
+first ``VALIDATION_RESERVE`` training problems of the same data seed. Since a longer training list
+extends a shorter one, every ``train_size`` up to that reserve is disjoint from validation.
 
 Difficulty. Measured on SmolLM2-135M-Instruct (greedy decoding, its chat template, 64 new tokens,
 :func:`parse_answer`): see ``STARTING_ACCURACY`` below. The mix of one- and two-step problems and
@@ -30,8 +36,11 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
 """Split names accepted by :func:`make_arithmetic`."""
+
+VALIDATION_RESERVE = 512
+"""Validation problems never share a key with this many first training problems of the same seed."""
 
 TEST_FRACTION = 0.2
 """Share of problem keys that belong to the held-out split."""
@@ -215,43 +224,60 @@ def split_of(key: str) -> str:
     return "test" if bucket < TEST_FRACTION else "train"
 
 
+def _draw(n: int, *, seed: int, stream: str, keep: Callable[[str], bool]) -> list[_Problem]:
+    """``n`` problems with distinct prompts from the random stream ``stream`` whose keys ``keep`` accepts."""
+    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
+    rng = random.Random(f"spaceft-arithmetic:{seed}:{stream}")
+    problems: list[_Problem] = []
+    seen: set[str] = set()
+    attempts, max_attempts = 0, 200 * n + 1000
+    while len(problems) < n:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(
+                f"could only make {len(problems)} distinct {stream} problems of the {n} asked for; "
+                "ask for fewer"
+            )
+        family = _TWO_STEP if rng.random() < TWO_STEP_FRACTION else _ONE_STEP
+        problem = rng.choice(family)(rng)
+        if not keep(problem.key) or problem.prompt in seen:
+            continue
+        seen.add(problem.prompt)
+        problems.append(problem)
+    return problems
+
+
 def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
     """Make ``n`` distinct arithmetic word problems of one split, deterministically for ``seed``.
 
     Each row is ``{"messages": [{"role": "user", "content": prompt},
     {"role": "assistant", "content": solution}], "answer": "42"}``; the solution ends in
-    ``#### <answer>``. Train and test rows never share a problem key (see the module docstring).
+    ``#### <answer>``. No two splits share a problem key (see the module docstring for validation's
+    rule), and a longer list of a split extends a shorter one.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    # A string seed is hashed with SHA-512 by `random`, so this is stable across runs and platforms.
-    rng = random.Random(f"spaceft-arithmetic:{seed}:{split}")
-    rows: list[dict] = []
-    seen: set[str] = set()
-    attempts, max_attempts = 0, 200 * n + 1000
-    while len(rows) < n:
-        attempts += 1
-        if attempts > max_attempts:
-            raise ValueError(
-                f"could only make {len(rows)} distinct {split} problems of the {n} asked for; ask for fewer"
-            )
-        family = _TWO_STEP if rng.random() < TWO_STEP_FRACTION else _ONE_STEP
-        problem = rng.choice(family)(rng)
-        if split_of(problem.key) != split or problem.prompt in seen:
-            continue
-        seen.add(problem.prompt)
-        rows.append(
-            {
-                "messages": [
-                    {"role": "user", "content": problem.prompt},
-                    {"role": "assistant", "content": f"{problem.solution}\n#### {problem.answer}"},
-                ],
-                "answer": str(problem.answer),
-            }
-        )
-    return rows
+    if split == "validation":
+        reserved = {p.key for p in _draw(VALIDATION_RESERVE, seed=seed, stream="train", keep=_in_train)}
+        problems = _draw(n, seed=seed, stream=split, keep=lambda key: _in_train(key) and key not in reserved)
+    else:
+        problems = _draw(n, seed=seed, stream=split, keep=lambda key: split_of(key) == split)
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": p.prompt},
+                {"role": "assistant", "content": f"{p.solution}\n#### {p.answer}"},
+            ],
+            "answer": str(p.answer),
+        }
+        for p in problems
+    ]
+
+
+def _in_train(key: str) -> bool:
+    return split_of(key) == "train"
 
 
 def write_arithmetic_jsonl(path: Path, n: int, *, seed: int, split: str) -> Path:

@@ -67,6 +67,9 @@ def test_evaluate_writes_nll_and_accuracy(tiny_model_dir: Path, tiny_tokenizer, 
     assert json.loads((tmp_path / "a" / "eval.json").read_text()) == res
     samples = [json.loads(x) for x in (tmp_path / "a" / "eval_samples.jsonl").read_text().splitlines()]
     assert [s["correct"] for s in samples] == [True, True]
+    # per-problem log-likelihoods and token counts add up to the pooled NLL (for intervals over problems)
+    assert [s["tokens"] for s in samples] == [3, 2]
+    assert -sum(s["logp"] for s in samples) / 5 == pytest.approx(res["nll"], rel=1e-6)
     cfg = EvalConfig(max_new_tokens=4, batch_size=2, task_metric="tests.test_evaluate:never")
     assert evaluate(model, tiny_tokenizer, examples, toks, cfg, tmp_path / "b", **kw)["accuracy"] == 0.0
     cfg = EvalConfig(task_metric="none")

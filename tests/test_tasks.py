@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -108,7 +109,7 @@ def test_rows_have_chat_messages_and_a_correct_worked_solution() -> None:
 
 def test_bad_arguments_are_errors() -> None:
     with pytest.raises(ValueError, match="split"):
-        make_arithmetic(3, seed=0, split="validation")
+        make_arithmetic(3, seed=0, split="dev")
     with pytest.raises(ValueError, match="n must be"):
         make_arithmetic(-1, seed=0)
     assert make_arithmetic(0, seed=0) == []
@@ -180,3 +181,27 @@ def test_parse_answer(text: str, expected: str | None) -> None:
 )
 def test_exact_match(prediction: str, answer: str, expected: bool) -> None:
     assert exact_match(prediction, answer) is expected
+
+
+def test_train_and_test_rows_are_those_measured_before_the_validation_split() -> None:
+    """Adding the validation split changed no train or test problem, so earlier results stay valid.
+    The digest was computed with the two-split module (commit 2474cdf) for train 256 + test 200, seed 0."""
+    rows = [make_arithmetic(256, seed=0, split="train"), make_arithmetic(200, seed=0, split="test")]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    assert digest == "0e4445ba86d8bccf"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_validation_is_disjoint_from_test_and_from_the_reserved_training_problems(seed: int) -> None:
+    validation = make_arithmetic(300, seed=seed, split="validation")
+    test = make_arithmetic(200, seed=seed, split="test")
+    train = make_arithmetic(tasks.VALIDATION_RESERVE, seed=seed, split="train")
+    assert len(set(prompts(validation))) == 300
+    val = {skeleton(p) for p in prompts(validation)}
+    assert not val & {skeleton(p) for p in prompts(test)}
+    assert not val & {skeleton(p) for p in prompts(train)}
+    # a training list longer than the reserve may share problems with validation: the reserve is real
+    longer = {skeleton(p) for p in prompts(make_arithmetic(4 * tasks.VALIDATION_RESERVE, seed=seed))}
+    assert val & longer
+    assert validation == make_arithmetic(300, seed=seed, split="validation")
+    assert make_arithmetic(50, seed=seed, split="validation") == validation[:50]

@@ -1,0 +1,123 @@
+"""What a finished run cost, per iteration, counted from its artefacts: tokens forwarded and trained.
+
+The compute of a self-play iteration is spent in three stages, each a forward or forward+backward pass
+over known token sequences, so it can be counted exactly after the fact (no hook in the trainer):
+
+* generate: the opponent reads each prompt once per sample (prefill) and decodes the sampled tokens;
+* score: the opponent reads every (prompt, response) it scores, real and synthetic (forward only);
+* train: every epoch, the policy reads and back-propagates (prompt, real) and each (prompt, synthetic).
+
+`compute` is in *forward-token equivalents*: a token that is only forwarded counts 1, a trained token 3
+(its backward pass costs about twice its forward). Multiplied by 2 × parameters it approximates FLOPs
+(the usual 2N forward / 6N training estimate); attention's share and padding are ignored. Evaluation
+is measurement, not training, so it is left out of `compute`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from spaceft import data as data_mod
+from spaceft.data import TokenizedExample
+from spaceft.rundir import read_json, read_table
+
+log = logging.getLogger(__name__)
+
+TRAIN_FACTOR = 3
+"""Forward-token equivalents of one trained token (forward + backward ≈ 3 forwards)."""
+
+
+@dataclass(frozen=True)
+class IterationCost:
+    """Tokens one iteration forwarded and trained on."""
+
+    iteration: int
+    generated: int
+    """Sampled tokens (decoded one at a time)."""
+    forwarded: int
+    """Tokens only forwarded: generation (prompt prefill + sampled tokens) and opponent scoring."""
+    trained: int
+    """Tokens forwarded and back-propagated in training, all epochs."""
+
+    @property
+    def compute(self) -> int:
+        """Forward-token equivalents: forwarded + 3 × trained."""
+        return self.forwarded + TRAIN_FACTOR * self.trained
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "compute": self.compute}
+
+
+def training_data(run_dir: Path) -> list[TokenizedExample]:
+    """The run's real training pairs, tokenized exactly as the run did (from its manifest's config)."""
+    from spaceft.models import load_tokenizer
+
+    manifest = read_json(run_dir / "manifest.json")
+    cfg = manifest["config"]
+    d = cfg["data"]
+    tokenizer = load_tokenizer(
+        manifest["start_model"],
+        revision=cfg["model"].get("revision"),
+        trust_remote_code=cfg["model"].get("trust_remote_code", False),
+    )
+    examples, _ = data_mod.load_examples(
+        manifest["data"]["train"]["path"],
+        fmt=d["format"],
+        prompt_field=d["prompt_field"],
+        response_field=d["response_field"],
+        messages_field=d["messages_field"],
+        system_prompt=d["system_prompt"],
+        split=d["split"],
+        on_bad_row=d["on_bad_row"],
+        limit=d["train_size"],
+    )
+    tokenized, _ = data_mod.tokenize_examples(
+        tokenizer,
+        examples,
+        max_prompt_tokens=d["max_prompt_tokens"],
+        max_response_tokens=d["max_response_tokens"],
+        overlong=d["overlong"],
+    )
+    return tokenized
+
+
+def _sources(selfplay: dict[str, Any], t: int) -> list[int]:
+    """Iterations whose samples iteration t trains on (mirrors the driver's rule)."""
+    if not selfplay.get("resample", True):
+        return [0]
+    return [t, t - 1] if selfplay.get("mix_previous", False) and t > 0 else [t]
+
+
+def run_costs(run_dir: Path, tokenized: list[TokenizedExample] | None = None) -> list[IterationCost]:
+    """Per-iteration token counts of every trained iteration of `run_dir`."""
+    run_dir = Path(run_dir)
+    manifest = read_json(run_dir / "manifest.json")
+    cfg = manifest["config"]
+    tokenized = training_data(run_dir) if tokenized is None else tokenized
+    prompt_len = {t.index: len(t.prompt_ids) for t in tokenized}
+    real_tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
+    epochs = cfg["train"]["epochs"]
+    costs = []
+    t = 0
+    while manifest["iterations"].get(str(t), {}).get("train", {}).get("status") == "done":
+        d = run_dir / f"iter_{t}"
+        generated = forwarded = 0
+        if (d / "synthetic.parquet").exists():
+            rows = read_table(d / "synthetic.parquet")
+            generated = sum(r["length"] for r in rows)
+            forwarded += generated + sum(prompt_len[r["prompt_index"]] for r in rows)
+        if (d / "opponent_logps.parquet").exists():
+            forwarded += sum(
+                prompt_len[r["prompt_index"]] + r["length"] for r in read_table(d / "opponent_logps.parquet")
+            )
+        sources = _sources(cfg["selfplay"], t) if cfg["train"]["loss"] != "sft" else []
+        per_epoch = real_tokens * max(len(sources), 1)  # each source repeats the real pairs
+        for src in sources:
+            rows = read_table(run_dir / f"iter_{src}" / "synthetic.parquet")
+            per_epoch += sum(prompt_len[r["prompt_index"]] + r["length"] for r in rows)
+        costs.append(IterationCost(t, generated, forwarded, epochs * per_epoch))
+        t += 1
+    return costs

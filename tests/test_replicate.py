@@ -1,0 +1,188 @@
+"""The replication grid runner (benchmarks/replicate.py) on the tiny random model, in-process: order,
+validation-only tuning, adoption of the tuned seed-0 run, compute matching, resume, tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from spaceft.config import load_config
+from spaceft.rundir import read_json
+from spaceft.selfplay import run
+from spaceft.tasks import make_arithmetic
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():  # benchmarks/ is a directory of scripts, not a package
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["replicate"] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+rep = _module()
+
+
+def _spec(tmp: Path, model_dir: Path):
+    return rep.GridSpec(
+        out=tmp / "grid",
+        recipe=str(ROOT / "spaceft" / "recipes" / "tiny.yaml"),
+        sizes=[4],
+        seeds=[0],
+        iterations=1,
+        eval_size=4,
+        val_size=4,
+        lrs=[3e-4],
+        methods=["sft", "space"],
+        questions=["sft-matched"],
+        extra=[
+            f"model.name={model_dir}",
+            "generation.max_new_tokens=8",
+            "generation.batch_size=4",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=2",
+            "train.save_every=0",
+            "eval.max_new_tokens=6",
+            "eval.batch_size=4",
+            "logging.progress=false",
+        ],
+    )
+
+
+def test_settings_cross_learning_rates_with_the_method_knob() -> None:
+    spec = rep.GridSpec(out=Path("x"), lrs=[1e-5, 3e-6])
+    spin = spec.settings("spin")
+    assert [label for label, _ in spin] == [
+        "lr1e-05-beta0.1",
+        "lr1e-05-beta1",
+        "lr3e-06-beta0.1",
+        "lr3e-06-beta1",
+    ]
+    assert spin[1][1] == ("train.lr=1e-05", "train.lr_after=5e-06", "train.beta=1.0")
+    assert [label for label, _ in spec.settings("space")] == ["lr1e-05", "lr3e-06"]
+
+
+def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    spec = _spec(tmp_path, tiny_model_dir)
+    calls: list[tuple[str, bool]] = []
+
+    def launch(name: str, overrides: list[str], force: bool):
+        calls.append((name, force))
+        run(load_config(spec.recipe, overrides), force=force)
+        return rep.Launch(1.5, None, 0.5)
+
+    grid = rep.Grid(spec, launch)
+    grid.run()
+    assert calls == [
+        ("start-N4", False),
+        ("tune-space-lr0.0003-N4", False),
+        ("tune-sft-lr0.0003-N4", False),
+        ("space-N4-s0", True),  # adopted: only its evaluations run (hence --force)
+        ("sft-N4-s0", True),
+        ("sft-matched-N4-s0", False),
+    ]
+    out = spec.out
+    # tuning evaluated on the validation split, the final runs on test
+    tune = read_json(out / "tune-space-lr0.0003-N4" / "manifest.json")
+    assert tune["config"]["data"]["eval"].endswith("arithmetic_validation_4_seed0.jsonl")
+    final = read_json(out / "space-N4-s0" / "manifest.json")
+    assert final["config"]["data"]["eval"] == "builtin:arithmetic"
+    test_prompts = {r["messages"][0]["content"] for r in make_arithmetic(4, seed=0, split="test")}
+    used = [json.loads(x) for x in (out / "space-N4-s0" / "data" / "arithmetic_test_4_seed0.jsonl").open()]
+    assert {r["messages"][0]["content"] for r in used} == test_prompts
+    # the adopted run shares the tuned run's model files (not retrained) and has its own evaluations
+    a = out / "tune-space-lr0.0003-N4" / "iter_0" / "model" / "model.safetensors"
+    b = out / "space-N4-s0" / "iter_0" / "model" / "model.safetensors"
+    assert a.stat().st_ino == b.stat().st_ino
+    assert final["iterations"]["0"]["train"]["hash"] == tune["iterations"]["0"]["train"]["hash"]
+    assert (out / "space-N4-s0" / "iter_0" / "eval_samples.jsonl").exists()
+    assert (out / "tune-space-lr0.0003-N4" / "iter_0" / "eval.json").exists()  # the tuning run kept its own
+    # tuning chose per method, from validation numbers
+    assert grid.state["best"]["space"]["run"] == "tune-space-lr0.0003-N4"
+    assert 0 <= grid.state["best"]["space"]["val_accuracy"] <= 1
+    # SFT got SPACE's compute: epochs = round(SPACE's per-iteration compute / one SFT epoch's)
+    matched = read_json(out / "sft-matched-N4-s0" / "manifest.json")["config"]["train"]["epochs"]
+    assert matched == grid.state["matched_epochs"]["4"] > 1
+    # wall time and invocations recorded; the tables exist
+    assert grid.state["runs"]["space-N4-s0"]["wall_s"] == 1.5
+    assert grid.state["runs"]["space-N4-s0"]["invocations"] == 1
+    assert grid.state["runs"]["space-N4-s0"]["cpu_s"] == 0.5
+    md = (out / "results.md").read_text()
+    assert "### Q2" in md and "| space-N4 | 1 |" in md and "sft-matched-N4" in md
+    assert (out / "results.png").stat().st_size > 0
+    assert "| space-N4 | 1 |" in md.split("### Cost per run")[1]
+    assert "## Diagnostics per iteration" in (out / "space-N4-s0" / "report.md").read_text()
+    # a second invocation finds everything finished and launches nothing
+    calls.clear()
+    again = rep.Grid(spec, launch)
+    again.run()
+    assert calls == [] and again.launched == 0
+
+
+def test_selection_prefers_accuracy_then_nll(tmp_path: Path) -> None:
+    for name, correct, logp in (
+        ("a", [1, 0, 0, 0], -1.0),
+        ("b", [1, 1, 0, 0], -9.0),
+        ("c", [1, 1, 0, 0], -2.0),
+    ):
+        d = tmp_path / name / "iter_0"
+        d.mkdir(parents=True)
+        d.joinpath("eval_samples.jsonl").write_text(
+            "".join(json.dumps({"correct": bool(c), "logp": logp, "tokens": 2}) + "\n" for c in correct)
+        )
+    best = rep.select(tmp_path, [(n, n, (f"train.lr={i}",)) for i, n in enumerate("abc")], iterations=1)
+    assert best["run"] == "c" and best["val_accuracy"] == 0.5 and best["val_nll"] == 1.0
+    assert best["overrides"] == ["train.lr=2"]
+
+
+def _fake_run(root: Path, name: str, correct: list[list[int]]) -> dict[int, Path]:
+    """Finished one-iteration runs, one per seed, with the given per-problem correctness."""
+    runs = {}
+    for seed, row in enumerate(correct):
+        d = root / f"{name}-s{seed}"
+        (d / "iter_0").mkdir(parents=True)
+        (d / "manifest.json").write_text(json.dumps({"iterations": {"0": {"eval": {"status": "done"}}}}))
+        lines = [json.dumps({"correct": bool(c), "logp": -2.0, "tokens": 2}) for c in row]
+        (d / "iter_0" / "eval_samples.jsonl").write_text("\n".join(lines) + "\n")
+        runs[seed] = d
+    return runs
+
+
+def test_comparison_table_pairs_on_problems_and_marks_clear_differences(tmp_path: Path) -> None:
+    """a solves all 200 problems on both seeds, b the first 100 on both: Δ accuracy = -0.5. Paired,
+    b - a is -1 on the last 100 problems and 0 elsewhere, so a replicate's Δ is -X/200 with
+    X ~ Binomial(200, 1/2) (the two seeds are identical): the interval is about -0.5 ± 1.96·√(.25/200) =
+    [-0.569, -0.431], clear of 0 (marked *). NLL is 1.0 everywhere (logp -2 over 2 tokens): Δ NLL [0, 0]."""
+    tables = rep.sys.modules["replicate_tables"]
+    a = _fake_run(tmp_path, "a", [[1] * 200, [1] * 200])
+    b = _fake_run(tmp_path, "b", [[1] * 100 + [0] * 100, [1] * 100 + [0] * 100])
+    state = {"runs": {}}
+    for label, runs in (("a", a), ("b", b)):
+        for seed, d in runs.items():
+            costs = [{"forwarded": 10, "trained": 20, "compute": 70}]
+            state["runs"][d.name] = {"group": label, "seed": seed, "n": 4, "wall_s": 3.0, "invocations": 1,
+                                     "peak_rss_mb": 2048.0, "costs": costs}  # fmt: skip
+    g = tables.groups(tmp_path, state, iterations=1)
+    assert set(g) == {"a", "b"} and len(g["a"]) == 2
+    lines = tables.comparison_table(tmp_path, state, g, ["a", "b", "c"], "a", iterations=1)
+    assert lines[2].startswith(
+        "| a | 2 | 1.000 [1.000, 1.000] | 1.000 [1.000, 1.000] |  |  | 70 | 20 | 3 | 2.00 |"
+    )
+    assert "| b | 2 | 0.500 [" in lines[3]
+    cells = [c.strip() for c in lines[3].split("|")]
+    d_acc = [
+        float(x) for x in cells[5].rstrip(" *").replace("[", "").replace("]", "").replace(",", "").split()
+    ]
+    assert cells[5].endswith("*") and d_acc[0] == -0.5
+    assert -0.585 < d_acc[1] < -0.55 and -0.45 < d_acc[2] < -0.415
+    assert cells[6] == "+0.000 [+0.000, +0.000]"
+    assert lines[4] == "| c | 0 | not run yet |  |  |  |  |  |  |  |"
