@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make test   create .venv, install torch (pinned CPU build) and spaceft, run the tests
-#   make demo   the same install, then SPACE self-play on the embedded SmolLM2-135M (about 15 min on 2 cores)
+#   make demo   the same install, then SPACE self-play on the embedded SmolLM2-135M (about 6 min on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
