@@ -138,11 +138,13 @@ def score_sequences(
     desc: str = "score",
     progress: bool = True,
     mixed_precision: str = "no",
+    chunked: bool = True,
 ) -> list[float]:
     """Summed log p(response | prompt) under `model` (eval mode), in input order.
 
     Sequences are batched in length order so padding is small; the result is put back in order.
-    `mixed_precision` must be the training's (`train.mixed_precision`) when these are opponent scores.
+    `mixed_precision` and `chunked` must be the training's (`train.mixed_precision`,
+    `train.chunked_logps`) when these are opponent scores.
     """
     was_training = model.training
     model.eval()
@@ -152,7 +154,7 @@ def score_sequences(
         idx = order[start : start + batch_size]
         batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id).to(device)
         with autocast(mixed_precision, device):
-            logps, _ = sequence_logps(model, batch)
+            logps, _ = sequence_logps(model, batch, chunked=chunked)
         for i, v in zip(idx, logps.tolist(), strict=True):
             out[i] = v
     model.train(was_training)
@@ -192,6 +194,7 @@ def score_stage(
     progress: bool = True,
     opponent: str = "",
     mixed_precision: str = "no",
+    chunked: bool = True,
 ) -> dict[str, Any]:
     """One process: score every item with the frozen opponent and write `out` (resumable in parts).
 
@@ -199,8 +202,8 @@ def score_stage(
     response) per second of the parts computed by this call.
     """
     speed = write_score_parts(model, items, out, pad_id=pad_id, batch_size=batch_size, device=device,
-                              opponent=opponent, progress=progress,
-                              mixed_precision=mixed_precision)  # fmt: skip
+                              opponent=opponent, progress=progress, mixed_precision=mixed_precision,
+                              chunked=chunked)  # fmt: skip
     return {**merge_score_parts(out, items, batch_size=batch_size, opponent=opponent), **speed}
 
 
@@ -225,6 +228,7 @@ def write_score_parts(
     shard: Shard = ONE_PROCESS,
     progress: bool = True,
     mixed_precision: str = "no",
+    chunked: bool = True,
 ) -> dict[str, float]:
     """Score this shard's chunks of `items` and write their parts of `out` (resumable).
 
@@ -249,6 +253,7 @@ def write_score_parts(
             device=device,
             progress=False,
             mixed_precision=mixed_precision,
+            chunked=chunked,
         )
         bar.update(len(part))
         computed[0] += sum(len(it.prompt_ids) + len(it.response_ids) for it in part)

@@ -296,6 +296,7 @@ def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> dict[str, f
         shard=shard_of(ws.state),
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
         mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training: rewards start at 0
+        chunked=ws.cfg.train.chunked_logps,  # and the same log-prob path
     )
 
 

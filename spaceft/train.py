@@ -73,7 +73,12 @@ class TrainItem:
 
 
 def forward_batch(
-    model: torch.nn.Module, items: Sequence[TrainItem], pad_id: int, device: torch.device
+    model: torch.nn.Module,
+    items: Sequence[TrainItem],
+    pad_id: int,
+    device: torch.device,
+    *,
+    chunked: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Policy log-probs of a micro-batch: B real + B·K synthetic sequences in one forward.
 
@@ -89,7 +94,7 @@ def forward_batch(
     responses = [it.real_ids for it in items] + [s for it in items for s in it.synthetic_ids]
     batch = pack(prompts, responses, pad_id).to(device)
     # step 2: one forward; summed response log-probs [B + B*K]
-    logps, lengths = sequence_logps(model, batch)
+    logps, lengths = sequence_logps(model, batch, chunked=chunked)
     return {
         "policy_real": logps[:b],  # [B]
         "policy_synthetic": logps[b:].view(b, k),  # [B, K]
@@ -431,7 +436,7 @@ def train_step(
         accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
         with nullcontext() if sync else accelerator.no_sync(model):
             with autocast(t.mixed_precision, accelerator.device):
-                out = forward_batch(model, mb, pad_id, accelerator.device)
+                out = forward_batch(model, mb, pad_id, accelerator.device, chunked=t.chunked_logps)
             try:
                 res = loss_from_batch(out, cfg)
                 finite = bool(torch.isfinite(res.losses).all())

@@ -303,3 +303,27 @@ def test_a_model_saved_before_an_interruption_is_not_trained_again(
     assert steps == []  # not one training step again
     assert read_json(run_dir / "manifest.json")["iterations"]["0"]["train"]["status"] == "done"
     assert all(torch.equal(saved[k], v) for k, v in _weights(run_dir, 0).items())
+
+
+def test_the_logits_path_is_used_by_scoring_and_training_alike(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train.chunked_logps=false reaches both passes (the chunked kernel is never called) and rewards
+    still start at 0; with the default the chunked kernel is what runs."""
+    from spaceft import score
+
+    calls: list[int] = []
+    real_kernel = score.chunked_token_logps
+    monkeypatch.setattr(score, "chunked_token_logps", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
+    over = {"selfplay.iterations": 1, "eval.enabled": "false", "generation.num_samples": 2, "train.mu": 2.0}
+    assert _run(tmp_path / "logits", tiny_model_dir, **over, **{"train.chunked_logps": "false"}) == 0
+    assert calls == []
+    run_dir = next((tmp_path / "logits" / "runs").iterdir())
+    first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/abs_mean"] < 1e-5
+    assert _run(tmp_path / "chunked", tiny_model_dir, **over) == 0
+    assert calls  # the default path
+    chunked_dir = next((tmp_path / "chunked" / "runs").iterdir())
+    a = read_table(run_dir / "iter_0" / "opponent_logps.parquet")
+    b = read_table(chunked_dir / "iter_0" / "opponent_logps.parquet")
+    assert len(a) == len(b) and max(abs(x["logp"] - y["logp"]) for x, y in zip(a, b, strict=True)) < 1e-3
