@@ -333,6 +333,9 @@ class EvalConfig:
     as ARC) | on | off."""
     lm_eval_max_gen_toks: int | None = None
     """Cap on lm-eval's generated tokens (None = each task's own; IFEval's 1280 is slow on CPU)."""
+    cache: bool = True
+    """Reuse an earlier evaluation of the same weights with the same settings, code and held-out data
+    (kept in <cache>/evals, or $SPACEFT_EVAL_CACHE): runs that share a start model evaluate it once."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.batch_size < 1:
@@ -463,10 +466,13 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
 def eval_view(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that decides the evaluations (besides the models)."""
     data = config.get("data", {})
-    return {"eval": config.get("eval", {}), "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
+    settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
+    return {"eval": settings, "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
 
 
 EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
+EVAL_WHERE_KEYS = ("cache",)
+"""eval keys that change where a result comes from, not what it is."""
 
 
 def _to_plain(obj: Any) -> Any:

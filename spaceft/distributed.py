@@ -118,3 +118,12 @@ def agree(state: PartialState, error: BaseException | None, what: str) -> None:
     if failed:
         rank, msg = failed[0]
         raise RankFailedError(f"{what} failed on process {rank} of {state.num_processes}: {msg}")
+
+
+def broadcast(state: PartialState, obj: Any) -> Any:
+    """The main process's `obj` on every process (a decision all must share, such as a cache hit)."""
+    if state.num_processes == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

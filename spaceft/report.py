@@ -242,6 +242,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
         table,
         "",
         *diagnostics_section(run_dir),
+        *timing_section(manifest),
         *[f"![{p.stem}]({p.name})" for p in pngs],
         "",
     ]
@@ -346,5 +347,49 @@ def diagnostics_section(run_dir: Path) -> list[str]:
         "Log-likelihoods are summed over a response's tokens; the player's columns average the final epoch.",
         "",
         diagnostics_table(rows),
+        "",
+    ]
+
+
+# ------------------------------------------------------------------------------ where the time goes
+
+TIMED_STAGES = ("generate", "score", "train", "eval")
+
+
+def _stage_cell(entry: dict[str, Any]) -> str:
+    if "wall_s" not in entry:
+        return ""
+    cell = f"{entry['wall_s']:.1f}"
+    if entry.get("tokens_per_s"):
+        cell += f" ({entry['tokens_per_s']:.0f} tok/s)"
+    return cell + (" cached" if entry.get("cached") else "")
+
+
+def timing_section(manifest: dict[str, Any]) -> list[str]:
+    """Wall seconds per stage and iteration (tokens/s where the stage records it), and each stage's share
+    of the total; none for a run whose manifest has no timings (written before they were recorded)."""
+    iterations = manifest.get("iterations", {})
+    rows, totals = [], dict.fromkeys(TIMED_STAGES, 0.0)
+    for key in sorted(iterations, key=lambda k: -1 if k == "base" else int(k)):
+        stages = iterations[key]
+        cells = [_stage_cell(stages.get(stage, {})) for stage in TIMED_STAGES]
+        if not any(cells):
+            continue
+        for stage in TIMED_STAGES:
+            totals[stage] += float(stages.get(stage, {}).get("wall_s", 0.0))
+        rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    total = sum(totals.values())
+    if not rows or total <= 0:
+        return []
+    share = " | ".join(f"{100 * totals[s] / total:.0f}%" for s in TIMED_STAGES)
+    return [
+        "## Where the time goes",
+        "",
+        "Wall seconds of each stage's last invocation (a resumed stage counts only what was left).",
+        "",
+        "| iter | " + " | ".join(TIMED_STAGES) + " |",
+        "|" + "---|" * (len(TIMED_STAGES) + 1),
+        *rows,
+        f"| share | {share} |",
         "",
     ]

@@ -175,15 +175,24 @@ def read_table(path: Path) -> list[dict[str, Any]]:
 
 def file_hash(path: Path) -> str:
     """sha256 of a file, or of a directory's files (names and contents) in sorted order."""
-    h = hashlib.sha256()
+    return file_hashes(path)[0]
+
+
+def file_hashes(path: Path, without: str = "") -> tuple[str, str]:
+    """`file_hash(path)`, and in the same read the hash of the directory without its file `without` (a
+    saved model's weights and tokenizer without the run's config that travels with them)."""
+    full, rest = hashlib.sha256(), hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
+        hashers = [full] if path.is_dir() and str(f.relative_to(path)) == without else [full, rest]
         if path.is_dir():
-            h.update(str(f.relative_to(path)).encode())
+            for h in hashers:
+                h.update(str(f.relative_to(path)).encode())
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+                for h in hashers:
+                    h.update(block)
+    return full.hexdigest()[:16], rest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

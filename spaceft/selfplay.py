@@ -24,17 +24,20 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from spaceft import evalcache
 from spaceft.config import RunConfig
-from spaceft.distributed import agree, attempt, leads_group, shard_of
-from spaceft.evaluate import finish_eval, run_benchmarks, write_eval_parts
+from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
+from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
 from spaceft.generate import HFGenerator, VLLMGenerator, merge_generate_parts, write_generate_parts
-from spaceft.rundir import Manifest, content_hash, file_hash, read_json, read_table
+from spaceft.rundir import Manifest, content_hash, file_hashes, read_json, read_table
 from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
-from spaceft.train import TrainItem, train_iteration
+from spaceft.train import RUN_CONFIG_FILE, TrainItem, train_iteration
 from spaceft.workspace import StaleRunError, Workspace, loaded_model, prepare, release_models
 
 log = logging.getLogger(__name__)
@@ -343,23 +346,49 @@ def work_train(ws: Workspace, step: Step, items: list[TrainItem]) -> dict[str, A
 
 
 def finish_train(ws: Workspace, step: Step, _: list[TrainItem], info: dict[str, Any]) -> dict[str, Any]:
-    return {
-        **info,
-        "processes": ws.state.num_processes,
-        "hash": file_hash(ws.iter_dir(step.iteration) / "model"),
-    }
+    full, weights = file_hashes(ws.iter_dir(step.iteration) / "model", without=RUN_CONFIG_FILE)
+    # "hash": the saved directory (checked on read-back); "weights": without the run's config, the same for
+    # every run that trains the same weights (the evaluation cache's key)
+    return {**info, "processes": ws.state.num_processes, "hash": full, "weights": weights}
 
 
 def _eval_model_dir(ws: Workspace, step: Step) -> str:
     return ws.start_model if step.iteration == "base" else str(ws.iter_dir(step.iteration) / "model")
 
 
-def load_eval(ws: Workspace, step: Step) -> str:
-    model = ws.opponent_hash(0) if step.iteration == "base" else ws.opponent_hash(int(step.iteration) + 1)
-    return _tag(model, ws.cfg.to_dict()["eval"], [(t.prompt_ids, t.response_ids) for t in ws.eval_tok])
+def _eval_model_hash(ws: Workspace, step: Step) -> str:
+    if step.iteration == "base":
+        return ws.opponent_hash(0)
+    return str((ws.manifest.stage(step.iteration, "train") or {}).get("weights", ""))
 
 
-def work_eval(ws: Workspace, step: Step, tag: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class EvalInputs:
+    tag: str
+    key: str | None
+    """The evaluation cache's key (None: not cached, a model named by hub id or `eval.cache=false`)."""
+    hit: str | None
+    """The cached entry that holds this evaluation already (the main process's lookup, on every process)."""
+
+
+def load_eval(ws: Workspace, step: Step) -> EvalInputs:
+    model_hash = _eval_model_hash(ws, step)
+    cfg = ws.cfg.to_dict()
+    heldout = [(t.prompt_ids, t.response_ids) for t in ws.eval_tok]
+    opponent = ws.opponent_hash(0) if step.iteration == "base" else ws.opponent_hash(int(step.iteration) + 1)
+    tag = _tag(opponent, cfg["eval"], heldout)
+    key = hit = None
+    if ws.cfg.eval.cache and evalcache.is_content_hash(model_hash):
+        answers = [reference_answer(ws.eval_examples[t.index]) for t in ws.eval_tok]
+        key = evalcache.cache_key(model_hash, cfg["eval"], cfg["model"], [heldout, answers], ws.device.type)
+        entry = evalcache.lookup(key) if ws.state.is_main_process else None
+        hit = broadcast(ws.state, None if entry is None else str(entry))
+    return EvalInputs(tag, key, hit)
+
+
+def work_eval(ws: Workspace, step: Step, inputs: EvalInputs) -> dict[str, Any]:
+    if inputs.hit is not None:
+        return {}  # finish copies the cached evaluation
     write_eval_parts(
         loaded_model(ws, _eval_model_dir(ws, step)),
         ws.tokenizer,
@@ -371,16 +400,26 @@ def work_eval(ws: Workspace, step: Step, tag: str) -> dict[str, Any]:
         device=ws.device,
         shard=shard_of(ws.state),
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
-        tag=tag,
+        tag=inputs.tag,
     )
     # lm-eval on every process: the harness shards its requests across them itself
     return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
                           model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
 
 
-def finish_eval_step(ws: Workspace, step: Step, tag: str, benchmarks: dict[str, Any]) -> dict[str, Any]:
-    return finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, ws.iter_dir(step.iteration),
-                       lm_eval=benchmarks, tag=tag)  # fmt: skip
+def finish_eval_step(
+    ws: Workspace, step: Step, inputs: EvalInputs, benchmarks: dict[str, Any]
+) -> dict[str, Any]:
+    out = ws.iter_dir(step.iteration)
+    if inputs.hit is not None:
+        evalcache.restore(Path(inputs.hit), out)
+        log.info("%s: the same weights were evaluated with the same settings before; reusing %s", step,
+                 inputs.hit)  # fmt: skip
+        return {**read_json(out / "eval.json"), "cached": inputs.key}
+    result = finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, out, lm_eval=benchmarks, tag=inputs.tag)
+    if inputs.key is not None:
+        evalcache.store(inputs.key, out)
+    return result
 
 
 @dataclass(frozen=True)
@@ -413,6 +452,7 @@ def run_step(ws: Workspace, step: Step) -> None:
        the manifest
     """
     state, fns, m = ws.state, STAGE_FNS[step.stage], ws.manifest
+    started = time.perf_counter()
     # step 1
     missing = [f"{s} of iteration {i}" for i, s in _needs(ws, step) if not m.is_done(i, s)]
     if missing:
@@ -430,10 +470,20 @@ def run_step(ws: Workspace, step: Step) -> None:
     if state.is_main_process:
         info, error = attempt(fns.finish, ws, step, inputs, result)
         if error is None:
-            m.mark_done(step.iteration, step.stage, **info)
+            m.mark_done(step.iteration, step.stage, **_timed(info, time.perf_counter() - started))
     agree(state, error, f"finishing {step}")
     if not state.is_main_process:
         m.data = Manifest.open(ws.cfg.run_dir).data
+
+
+def _timed(info: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    """The stage's manifest entry with its wall time (this invocation's: a resumed stage counts only the
+    rest) and, for generation, the tokens it sampled per second."""
+    info = {**info}
+    info.setdefault("wall_s", round(wall_s, 3))
+    if "mean_length" in info and "tokens_per_s" not in info:
+        info["tokens_per_s"] = round(info["rows"] * info["mean_length"] / max(info["wall_s"], 1e-9), 1)
+    return info
 
 
 def invalidate_from(ws: Workspace, t: int | str, stage: str) -> None:

@@ -56,6 +56,9 @@ from spaceft.score import autocast, pack, sequence_logps
 
 log = logging.getLogger(__name__)
 
+RUN_CONFIG_FILE = "spaceft_config.yaml"
+"""Saved next to each trained model's weights: the run's config (not part of the weights' identity)."""
+
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stops and the last good checkpoint is kept."""
@@ -485,7 +488,7 @@ def save_model(
         with atomic_dir(iter_dir / "model") as tmp:
             final.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "spaceft_config.yaml").write_text(cfg.to_yaml())  # the config travels with the weights
+            (tmp / RUN_CONFIG_FILE).write_text(cfg.to_yaml())  # the config travels with the weights
         if tr.state_dir.exists():
             _drop_state(tr.state_dir)
         write_json(iter_dir / "train_summary.json", summary)

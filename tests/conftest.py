@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+# evaluations are cached across runs (spaceft.evalcache); tests never read the user's cache, and each test
+# starts with an empty one (session-scoped fixtures share this session's)
+os.environ["SPACEFT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="spaceft-evals-")
+
+
+@pytest.fixture(autouse=True)
+def _own_eval_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "eval-cache"
+    monkeypatch.setenv("SPACEFT_EVAL_CACHE", str(cache))
+    return cache
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,99 @@
+"""The evaluation cache: the same weights evaluated the same way are evaluated once, across runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from spaceft import evaluate, selfplay
+from spaceft.cli import main
+from spaceft.rundir import read_json
+
+from .conftest import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp: Path, model_dir: Path, name: str, **overrides: object) -> dict:
+    over = {"name": name, "selfplay.iterations": 1, **overrides}
+    assert main(["run", "tiny", *tiny_overrides(tmp, model_dir, **over)]) == 0
+    return read_json(tmp / "runs" / name / "manifest.json")["iterations"]
+
+
+class _Counter:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = evaluate.write_eval_parts
+
+        def counted(*args: object, **kwargs: object) -> None:
+            self.calls += 1
+            real(*args, **kwargs)
+
+        monkeypatch.setattr(selfplay, "write_eval_parts", counted)
+
+
+def test_a_second_run_reuses_the_evaluations_of_the_same_weights(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, _own_eval_cache: Path
+) -> None:
+    counter = _Counter(monkeypatch)
+    first = _run(tmp_path, tiny_model_dir, "a")
+    assert counter.calls == 2  # the start model and iteration 0's model
+    assert "cached" not in first["base"]["eval"] and "cached" not in first["0"]["eval"]
+    assert len(list(_own_eval_cache.iterdir())) == 2
+
+    # another run name, same start model and training config: the start model's evaluation and (training
+    # is deterministic) iteration 0's are read back, not computed
+    second = _run(tmp_path, tiny_model_dir, "b")
+    assert counter.calls == 2
+    for key in ("base", "0"):
+        assert second[key]["eval"]["cached"]
+        assert second[key]["eval"]["nll"] == first[key]["eval"]["nll"]
+        assert second[key]["eval"].get("accuracy") == first[key]["eval"].get("accuracy")
+        a, b = (tmp_path / "runs" / n / ("base" if key == "base" else "iter_0") for n in ("a", "b"))
+        assert (a / "eval_samples.jsonl").read_bytes() == (b / "eval_samples.jsonl").read_bytes()
+    assert "## Where the time goes" in (tmp_path / "runs" / "b" / "report.md").read_text()
+
+
+def test_other_settings_or_weights_or_no_cache_evaluate_again(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, _own_eval_cache: Path
+) -> None:
+    counter = _Counter(monkeypatch)
+    _run(tmp_path, tiny_model_dir, "a")
+    assert counter.calls == 2
+    # other eval settings: both evaluations again
+    other = _run(tmp_path, tiny_model_dir, "b", **{"eval.max_new_tokens": 5})
+    assert counter.calls == 4 and "cached" not in other["base"]["eval"]
+    # other training (other weights at iteration 0): the start model's evaluation is reused, not iteration 0's
+    trained = _run(tmp_path, tiny_model_dir, "c", **{"train.lr": 0.01})
+    assert counter.calls == 5
+    assert trained["base"]["eval"]["cached"] and "cached" not in trained["0"]["eval"]
+    # turned off: computed, and nothing new kept
+    kept = sorted(p.name for p in _own_eval_cache.iterdir())
+    off = _run(tmp_path, tiny_model_dir, "d", **{"eval.cache": "false"})
+    assert counter.calls == 7 and "cached" not in off["base"]["eval"]
+    assert sorted(p.name for p in _own_eval_cache.iterdir()) == kept
+
+
+def test_the_timings_of_every_stage_are_recorded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    stages = _run(tmp_path, tiny_model_dir, "a")["0"]
+    for stage in ("generate", "score", "train", "eval"):
+        assert stages[stage]["wall_s"] > 0, stage
+    gen = stages["generate"]
+    assert gen["tokens_per_s"] == pytest.approx(gen["rows"] * gen["mean_length"] / gen["wall_s"], rel=0.01)
+
+
+def test_the_weights_hash_leaves_out_the_run_config_and_nothing_else(tmp_path: Path) -> None:
+    from spaceft.rundir import file_hash, file_hashes
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "spaceft_config.yaml").write_text("name: a\n")
+    full, weights = file_hashes(model, without="spaceft_config.yaml")
+    assert full == file_hash(model) != weights
+    (model / "spaceft_config.yaml").write_text("name: b\n")
+    assert file_hashes(model, without="spaceft_config.yaml") == (file_hash(model), weights)
+    assert file_hash(model) != full
+    (model / "model.safetensors").write_bytes(b"weightz")
+    assert file_hashes(model, without="spaceft_config.yaml")[1] != weights
