@@ -154,8 +154,9 @@ class GenerationConfig:
     """Nucleus sampling mass."""
     top_k: int = 0
     """Top-k sampling; 0 disables."""
-    batch_size: int = 16
-    """Prompts per generate call (also the resume granularity of the stage)."""
+    batch_size: int | str = "auto"
+    """Prompts per generate call (also the resume granularity of the stage); auto: chosen from the
+    device's memory once per run (spaceft/batching.py) and recorded in the manifest."""
     seed: int = 0
     """Base seed; prompt i of iteration t samples under a seed derived from (seed, t, i), so samples do
     not depend on the batch size or the number of processes."""
@@ -193,8 +194,9 @@ class GenerationConfig:
             raise ValueError("generation.tensor_parallel_size must be >= 1")
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
             raise ValueError("generation.tensor_parallel_size > 1 needs generation.backend=vllm")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("generation.max_new_tokens and generation.batch_size must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError("generation.max_new_tokens must be >= 1")
+        _batch_size("generation", self.batch_size)
 
 
 @dataclass
@@ -317,8 +319,8 @@ class EvalConfig:
     """Evaluate the start model and every iteration's model."""
     max_new_tokens: int = 128
     """Greedy decoding budget for the task metric."""
-    batch_size: int = 16
-    """Prompts per generate / forward call during evaluation."""
+    batch_size: int | str = "auto"
+    """Prompts per generate / forward call during evaluation; auto as generation.batch_size."""
     task_metric: str = "auto"
     """auto (exact match when held-out rows carry an 'answer') | exact_match | none |
     'package.module:function', a callable (output_text, Example) -> bool."""
@@ -338,8 +340,9 @@ class EvalConfig:
     (kept in <cache>/evals, or $SPACEFT_EVAL_CACHE): runs that share a start model evaluate it once."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError("eval.max_new_tokens must be >= 1")
+        _batch_size("eval", self.batch_size)
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
         if self.lm_eval_chat_template not in ("auto", "on", "off"):
@@ -439,6 +442,11 @@ class RunConfig:
 
     def eval_fingerprint(self) -> str:
         return _hash(eval_view(self.to_dict()))
+
+
+def _batch_size(section: str, value: int | str) -> None:
+    if value != "auto" and not (isinstance(value, int) and value >= 1):
+        raise ValueError(f"{section}.batch_size must be an integer >= 1 or auto, got {value!r}")
 
 
 def _finite(section: str, obj: Any, *names: str) -> None:

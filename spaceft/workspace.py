@@ -12,19 +12,21 @@ import gc
 import logging
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
+from transformers import AutoConfig
 
 from spaceft import data as data_mod
 from spaceft import preflight
+from spaceft.batching import ModelShape, auto_batch_size
 from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example, TokenizedExample
-from spaceft.distributed import agree, attempt, check_launch, init_processes
+from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
 
@@ -222,7 +224,40 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     agree(state, error, "checking the run directory")
     if not state.is_main_process:
         manifest.data = Manifest.open(cfg.run_dir).data
+    _resolve_batch_sizes(ws)
     return ws
+
+
+def _resolve_batch_sizes(ws: Workspace) -> None:
+    """Turn `auto` batch sizes into numbers: the ones recorded in the manifest, else chosen from memory
+    (spaceft.batching) by the main process and recorded, the same on every process."""
+    cfg, state = ws.cfg, ws.state
+    sections = {"generation": cfg.generation, "eval": cfg.eval}
+    auto = [name for name, section in sections.items() if section.batch_size == "auto"]
+    if not auto:
+        return
+    chosen: dict[str, int] = {}
+    if state.is_main_process:
+        recorded = ws.manifest.data.get("batch_sizes", {})
+        new_tokens = {"generation": cfg.generation.max_new_tokens,
+                      "eval": max(cfg.eval.max_new_tokens, cfg.data.max_response_tokens)}  # fmt: skip
+        shape = None
+        for name in auto:
+            if name not in recorded:
+                m = cfg.model
+                shape = shape or ModelShape.of(AutoConfig.from_pretrained(
+                    ws.start_model, revision=m.revision, trust_remote_code=m.trust_remote_code))  # fmt: skip
+                recorded[name] = auto_batch_size(shape, prompt_tokens=cfg.data.max_prompt_tokens,
+                                                 new_tokens=new_tokens[name], dtype=cfg.model.dtype,
+                                                 device=ws.device)  # fmt: skip
+                log.info("%s.batch_size=auto: %d prompts per batch (recorded in the manifest)", name,
+                         recorded[name])  # fmt: skip
+            chosen[name] = int(recorded[name])
+        ws.manifest.data["batch_sizes"] = recorded
+        ws.manifest.save()
+    chosen = broadcast(state, chosen)
+    cfg.generation = replace(cfg.generation, batch_size=chosen.get("generation", cfg.generation.batch_size))
+    cfg.eval = replace(cfg.eval, batch_size=chosen.get("eval", cfg.eval.batch_size))
 
 
 def _update_manifest(ws: Workspace, data_hash: str, data_info: dict[str, Any], force: bool) -> None:
