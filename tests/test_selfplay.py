@@ -284,15 +284,15 @@ def test_a_model_saved_before_an_interruption_is_not_trained_again(
 
     steps: list[int] = []
     monkeypatch.setattr(train, "maybe_fail", lambda stage, n: steps.append(n) if stage == "train" else None)
-    real_hash, armed = selfplay.file_hash, [True]
+    real_hash, armed = selfplay.file_hashes, [True]
 
-    def hash_then_interrupt(path: Path) -> str:
+    def hash_then_interrupt(path: Path, without: str = "") -> tuple[str, str]:
         if armed[0] and path.name == "model":
             armed[0] = False
             raise KeyboardInterrupt
-        return real_hash(path)
+        return real_hash(path, without)
 
-    monkeypatch.setattr(selfplay, "file_hash", hash_then_interrupt)
+    monkeypatch.setattr(selfplay, "file_hashes", hash_then_interrupt)
     over = {"selfplay.iterations": 1, "eval.enabled": "false"}
     assert _run(tmp_path, tiny_model_dir, **over) == 130
     run_dir = next((tmp_path / "runs").iterdir())
