@@ -27,6 +27,7 @@ from spaceft.batching import ModelShape, auto_batch_size
 from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example, TokenizedExample
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes
+from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
 
@@ -176,11 +177,12 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
             it.pop("eval", None)
 
 
-def _start_model_hash(manifest: Manifest, start: str) -> str:
-    """Hash of the start model's files, recomputed only when their names, sizes or times change."""
+def _start_model_hash(manifest: Manifest, start: str, commit: str | None) -> str:
+    """A hub snapshot's commit (it names the files' contents), else the hash of the start model's files,
+    recomputed only when their names, sizes or times change."""
+    if commit:
+        return commit[:16]
     path = Path(start)
-    if not path.is_dir():
-        return start  # a hub id: its revision is part of the config
     files = sorted(p for p in path.rglob("*") if p.is_file())
     stamp = content_hash([(str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     cached = manifest.data.get("start_model_stamp")
@@ -201,9 +203,11 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
         start = resolve_model_path(cfg.model.name)
         train_path = _materialise(cfg.data.train, cfg, "train")
         eval_path = _materialise(cfg.data.eval, cfg, "test")
-    tokenizer = load_tokenizer(
-        start, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
-    )
+    hub_id = commit = None
+    if not Path(start).is_dir():  # a hub id: one commit, local, for the whole run (spaceft/hub.py)
+        hub_id = start
+        start, commit = _pin_hub_model(cfg, hub_id, state)
+    tokenizer = load_tokenizer(start, trust_remote_code=cfg.model.trust_remote_code)
     assert train_path is not None
     train_ex, train_tok, train_info = _load_split(
         train_path, cfg, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
@@ -220,7 +224,9 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
     ws = Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
     error = None
     if state.is_main_process:  # only the main process writes the manifest and deletes stale work
-        _, error = attempt(_update_manifest, ws, data_hash, {"train": train_info, "eval": eval_info}, force)
+        hub = {"start_model_id": hub_id, "start_model_commit": commit} if hub_id else {}
+        data_info = {"train": train_info, "eval": eval_info}
+        _, error = attempt(_update_manifest, ws, data_hash, data_info, force, hub)
     agree(state, error, "checking the run directory")
     if not state.is_main_process:
         manifest.data = Manifest.open(cfg.run_dir).data
@@ -260,16 +266,40 @@ def _resolve_batch_sizes(ws: Workspace) -> None:
     cfg.eval = replace(cfg.eval, batch_size=chosen.get("eval", cfg.eval.batch_size))
 
 
-def _update_manifest(ws: Workspace, data_hash: str, data_info: dict[str, Any], force: bool) -> None:
+def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[str, str]:
+    """The local snapshot of `repo_id` and its commit: the commit this run recorded, else the one the
+    main process resolves from `model.revision` (or the default branch); every process uses it."""
+    pin = partial(pin_snapshot, repo_id, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
+    pinned: tuple[Path, str] | None = None
+    error = None
+    if state.is_main_process:
+        old = Manifest.open(cfg.run_dir).data
+        model = old.get("config", {}).get("model", {})
+        same = old.get("start_model_id") == repo_id and model.get("revision") == cfg.model.revision
+        recorded = old.get("start_model_commit") if same else None
+        pinned, error = attempt(partial(pin, commit=recorded))
+    agree(state, error, f"fetching the model {repo_id}")
+    commit = broadcast(state, pinned[1] if pinned else None)
+    path, _ = pinned if pinned else pin(commit=commit)
+    log.info("model %s: commit %s, read from %s", repo_id, commit, path)
+    return str(path), commit
+
+
+def _update_manifest(
+    ws: Workspace, data_hash: str, data_info: dict[str, Any], force: bool, hub: dict[str, Any]
+) -> None:
     cfg, manifest = ws.cfg, ws.manifest
     _check_resume(manifest, cfg, data_hash, force)
+    for key in ("start_model_id", "start_model_commit"):
+        manifest.data.pop(key, None)
     manifest.data.update(
+        **hub,
         config=cfg.to_dict(),
         fingerprint=cfg.training_fingerprint(),
         eval_fingerprint=cfg.eval_fingerprint(),
         data_hash=data_hash,
         start_model=ws.start_model,
-        start_model_hash=_start_model_hash(manifest, ws.start_model),
+        start_model_hash=_start_model_hash(manifest, ws.start_model, hub.get("start_model_commit")),
         versions={**manifest.data.get("versions", {}), **library_versions()},
         effective_beta=cfg.train.beta if cfg.train.beta is not None else cfg.train.loss.default_beta,
         data=data_info,
