@@ -381,7 +381,8 @@ def load_eval(ws: Workspace, step: Step) -> EvalInputs:
     if ws.cfg.eval.cache and evalcache.is_content_hash(model_hash):
         answers = [reference_answer(ws.eval_examples[t.index]) for t in ws.eval_tok]
         key = evalcache.cache_key(model_hash, cfg["eval"], cfg["model"], [heldout, answers], ws.device.type)
-        entry = evalcache.lookup(key) if ws.state.is_main_process else None
+        # the main process decides for all (a failed lookup is a miss: nothing may raise before the broadcast)
+        entry = attempt(evalcache.lookup, key)[0] if ws.state.is_main_process else None
         hit = broadcast(ws.state, None if entry is None else str(entry))
     return EvalInputs(tag, key, hit)
 

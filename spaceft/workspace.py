@@ -238,32 +238,38 @@ def _resolve_batch_sizes(ws: Workspace) -> None:
     """Turn `auto` batch sizes into numbers: the ones recorded in the manifest, else chosen from memory
     (spaceft.batching) by the main process and recorded, the same on every process."""
     cfg, state = ws.cfg, ws.state
-    sections = {"generation": cfg.generation, "eval": cfg.eval}
-    auto = [name for name, section in sections.items() if section.batch_size == "auto"]
+    auto = [name for name, section in (("generation", cfg.generation), ("eval", cfg.eval))
+            if section.batch_size == "auto"]  # fmt: skip
     if not auto:
         return
-    chosen: dict[str, int] = {}
+    chosen, error = {}, None
     if state.is_main_process:
-        recorded = ws.manifest.data.get("batch_sizes", {})
-        new_tokens = {"generation": cfg.generation.max_new_tokens,
-                      "eval": max(cfg.eval.max_new_tokens, cfg.data.max_response_tokens)}  # fmt: skip
-        shape = None
-        for name in auto:
-            if name not in recorded:
-                m = cfg.model
-                shape = shape or ModelShape.of(AutoConfig.from_pretrained(
-                    ws.start_model, revision=m.revision, trust_remote_code=m.trust_remote_code))  # fmt: skip
-                recorded[name] = auto_batch_size(shape, prompt_tokens=cfg.data.max_prompt_tokens,
-                                                 new_tokens=new_tokens[name], dtype=cfg.model.dtype,
-                                                 device=ws.device)  # fmt: skip
-                log.info("%s.batch_size=auto: %d prompts per batch (recorded in the manifest)", name,
-                         recorded[name])  # fmt: skip
-            chosen[name] = int(recorded[name])
-        ws.manifest.data["batch_sizes"] = recorded
-        ws.manifest.save()
+        chosen, error = attempt(_choose_batch_sizes, ws, auto)
+    agree(state, error, "choosing the batch sizes")
     chosen = broadcast(state, chosen)
     cfg.generation = replace(cfg.generation, batch_size=chosen.get("generation", cfg.generation.batch_size))
     cfg.eval = replace(cfg.eval, batch_size=chosen.get("eval", cfg.eval.batch_size))
+
+
+def _choose_batch_sizes(ws: Workspace, auto: list[str]) -> dict[str, int]:
+    cfg = ws.cfg
+    recorded = ws.manifest.data.get("batch_sizes", {})
+    new_tokens = {"generation": cfg.generation.max_new_tokens,
+                  "eval": max(cfg.eval.max_new_tokens, cfg.data.max_response_tokens)}  # fmt: skip
+    shape = None
+    for name in auto:
+        if name not in recorded:
+            m = cfg.model
+            shape = shape or ModelShape.of(AutoConfig.from_pretrained(
+                ws.start_model, revision=m.revision, trust_remote_code=m.trust_remote_code))  # fmt: skip
+            recorded[name] = auto_batch_size(shape, prompt_tokens=cfg.data.max_prompt_tokens,
+                                             new_tokens=new_tokens[name], dtype=cfg.model.dtype,
+                                             device=ws.device)  # fmt: skip
+            log.info("%s.batch_size=auto: %d prompts per batch (recorded in the manifest)", name,
+                     recorded[name])  # fmt: skip
+    ws.manifest.data["batch_sizes"] = recorded
+    ws.manifest.save()
+    return {name: int(recorded[name]) for name in auto}
 
 
 def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[str, str]:
