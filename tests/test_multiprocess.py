@@ -53,7 +53,8 @@ def _launch(launcher: str, tmp: Path, model: Path, *args: str, fault: str = "", 
                "--main_process_port", str(_free_port())]  # fmt: skip
     command = args[0] if args else "run"
     cmd += ["-m", "spaceft", command, "tiny", *tiny_overrides(tmp, model, **{**K2, **over}), *args[1:]]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SPACEFT_FAULT": fault}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SPACEFT_FAULT": fault,
+           "SPACEFT_EVAL_CACHE": str(tmp / "eval-cache")}  # fmt: skip
     tic = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=300)
     return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - tic
@@ -107,6 +108,18 @@ def test_two_processes_give_the_one_process_result(one: Path, two: Path) -> None
         ea, eb = read_json(one / f"iter_{t}" / "eval.json"), read_json(two / f"iter_{t}" / "eval.json")
         assert ea["accuracy"] == eb["accuracy"] and ea["nll"] == pytest.approx(eb["nll"], rel=1e-5)
     assert read_json(one / "base" / "eval.json") == pytest.approx(read_json(two / "base" / "eval.json"))
+
+
+def test_two_processes_share_cached_evaluations(two: Path, tiny_model_dir: Path) -> None:
+    """A second two-process run of the same training under another name: both processes skip the
+    evaluations of the weights the first run evaluated (the main process decides and tells the other)."""
+    tmp = two.parent.parent
+    rc, out, _ = _launch("torchrun", tmp, tiny_model_dir, name="again", **{"selfplay.iterations": 1})
+    assert rc == 0, out[-3000:]
+    manifest = read_json(tmp / "runs" / "again" / "manifest.json")["iterations"]
+    for key, d in (("base", "base"), ("0", "iter_0")):
+        assert manifest[key]["eval"]["cached"], key
+        assert read_json(tmp / "runs" / "again" / d / "eval.json") == read_json(two / d / "eval.json")
 
 
 def test_resume_with_another_number_of_processes_and_after_kill_9(
