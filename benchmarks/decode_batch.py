@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.evaluate import write_eval_parts
 from spaceft.recipes import shipped_recipe
 from spaceft.workspace import loaded_model, prepare

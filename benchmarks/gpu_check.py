@@ -81,7 +81,7 @@ def main() -> int:
 
     import torch
 
-    from spaceft.config import load_config
+    from spaceft.configfile import load_config
     from spaceft.selfplay import RANKS, STAGES
 
     has_gpu = torch.cuda.is_available()

@@ -35,7 +35,7 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spaceft.config import config_from_dict
+    from spaceft.configfile import config_from_dict
     from spaceft.score import pack
     from spaceft.train import TrainItem, forward_batch, micro_batches
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replicate_tables import write_results
 
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.costs import TRAIN_FACTOR, run_costs
 from spaceft.intervals import pooled_interval
 from spaceft.rundir import read_json, write_json

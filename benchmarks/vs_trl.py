@@ -119,7 +119,8 @@ def matmul_peak(dtype_name: str, seconds: float = 3.0, size: int = 1536) -> floa
 def run_spaceft(args: argparse.Namespace, path: str) -> dict[str, Any]:
     import torch
 
-    from spaceft.config import ModelConfig, config_from_dict
+    from spaceft.config import ModelConfig
+    from spaceft.configfile import config_from_dict
     from spaceft.models import load_model, load_tokenizer
     from spaceft.score import score_sequences
     from spaceft.train import TrainItem, train_iteration

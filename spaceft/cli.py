@@ -235,7 +235,7 @@ def _log_to_run_dir(run_dir: Path) -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from spaceft.config import load_config
+    from spaceft.configfile import load_config
 
     if args.command == "report":
         from spaceft.report import write_report

@@ -1,0 +1,206 @@
+"""Reading a run configuration: YAML recipes (with `base:` inheritance) and dotted command-line
+overrides, checked against the dataclasses of `spaceft.config` field by field.
+
+Values are converted only where that is lossless (an int where a float is wanted, a YAML 1.1 "5e-7"
+string to a float); anything else is an error naming the key, and an unknown key is an error that names
+the nearest key of its section. `spaceft.config` re-exports `load_config`, `config_from_dict`,
+`parse_overrides` and `read_recipe`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spaceft.config import RunConfig
+from spaceft.losses import LossType
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "5e-7" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{key}: expected a string, got {value!r}")
+    if tp is LossType:
+        try:
+            return LossType(value)
+        except ValueError:
+            choices = ", ".join(t.value for t in LossType)
+            raise ValueError(f"{key}: unknown loss {value!r}; choose one of {choices}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key '{prefix}{key}'{_suggest(cls, str(key), prefix)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"invalid config: {e}") from None
+
+
+# Names that other trainers use for a spaceft key, so a typo of them still finds the right key.
+SYNONYMS = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "num_epochs": "epochs",
+    "batch_size": "global_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "gradient_accumulation_steps": "global_batch_size",
+    "max_length": "max_new_tokens",
+    "model_name_or_path": "name",
+    "dataset": "train",
+    "output": "output_dir",
+}
+
+
+def _suggest(cls: type, key: str, prefix: str) -> str:
+    """' (did you mean 'train.lr'?)' for the nearest key of the same section, or ''."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    hints = typing.get_type_hints(cls)
+    sections = [name for name in names if dataclasses.is_dataclass(hints[name])]
+    if not prefix:  # a section key given without its section: `lr=1e-7` for `train.lr=1e-7`
+        for name in sections:
+            inner = {f.name for f in dataclasses.fields(hints[name])}
+            exact = key if key in inner else SYNONYMS.get(key)
+            if exact in inner:
+                return f" (did you mean '{name}.{exact}'?)"
+    candidates = {name: name for name in names}
+    candidates.update({alias: name for alias, name in SYNONYMS.items() if name in names})
+    close = difflib.get_close_matches(key.lower(), list(candidates), n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean '{prefix}{candidates[close[0]]}'?)"
+    for name in sections if not prefix else []:
+        found = _suggest(hints[name], key, f"{name}.")
+        if found:
+            return found
+    return ""
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ["train.lr=1e-7", "model.name=x"] into a nested dict."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data)
+
+
+def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe; a top-level `base: other.yaml` (relative to this file) is read first and
+    this recipe's keys are merged over it, so a variant states only what it changes."""
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    if path.resolve() in _seen:
+        raise ValueError(f"{path}: recipe 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ValueError(f"{path}: 'base' must name a recipe file or a shipped recipe, got {base!r}")
+    base_path = path.parent / (base if base.endswith((".yaml", ".yml")) else f"{base}.yaml")
+    if not base_path.is_file():
+        from spaceft.recipes import shipped_recipe, shipped_recipe_names
+
+        shipped = shipped_recipe(base)
+        if shipped is None:
+            raise FileNotFoundError(
+                f"{path}: base recipe {base!r} is neither a file next to it ({base_path}) nor a shipped "
+                f"recipe ({', '.join(shipped_recipe_names())})"
+            )
+        base_path = shipped
+    return _merge(read_recipe(base_path, (*_seen, path.resolve())), data)
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML recipe (or none), apply dotted overrides and validate."""
+    data = read_recipe(Path(recipe)) if recipe is not None else {}
+    data = _merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data)
