@@ -72,7 +72,8 @@ def _run_argv(tmp: Path, model_dir: Path | str, *extra: str, **over: object) -> 
         ("output_dir=", "output_dir is empty"),
         ("model.name=", "model.name is empty"),
         ("train.lr_after=0", "train.lr_after must be > 0 (or null to keep train.lr), got 0.0"),
-        ("eval.max_new_tokens=0", "eval.max_new_tokens and eval.batch_size must be >= 1"),
+        ("eval.max_new_tokens=0", "eval.max_new_tokens must be >= 1"),
+        ("eval.batch_size=0", "eval.batch_size must be an integer >= 1 or auto, got 0"),
         ("model.lora.dropout=1", "model.lora.dropout must be in [0, 1)"),
         ("data.format=csv", "data.format must be auto, messages, prompt_completion or prompt_response"),
     ],
@@ -332,7 +333,7 @@ def test_force_sets_a_damaged_manifest_aside(tmp_path: Path) -> None:
 
 
 def test_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path: Path, caplog) -> None:
-    from spaceft.train import _truncate_metrics
+    from spaceft.train_state import truncate_metrics as _truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "loss": 0.9}\n{"step": 3, "lo')
@@ -472,7 +473,7 @@ def saved_state(tiny_model_dir: Path, tmp_path: Path):
 
     from spaceft.config import ModelConfig
     from spaceft.models import load_model
-    from spaceft.train import _save_state
+    from spaceft.train_state import save_state as _save_state
 
     accelerator = Accelerator()
     model = load_model(str(tiny_model_dir), ModelConfig())
@@ -488,7 +489,7 @@ def saved_state(tiny_model_dir: Path, tmp_path: Path):
 
 
 def test_state_is_json_and_safetensors_and_resumes(saved_state) -> None:
-    from spaceft.train import _load_state
+    from spaceft.train_state import load_state as _load_state
 
     accelerator, scheduler, state_dir = saved_state
     progress = json.loads((state_dir / "progress.json").read_text())
@@ -502,7 +503,7 @@ def test_state_is_json_and_safetensors_and_resumes(saved_state) -> None:
 
 @pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "optimizer.bin", "random_states_0.pkl"])
 def test_a_planted_pickle_is_never_executed(planted: str, saved_state, tmp_path: Path) -> None:
-    from spaceft.train import _load_state
+    from spaceft.train_state import load_state as _load_state
 
     accelerator, scheduler, state_dir = saved_state
     marker = tmp_path / "PWNED"
@@ -521,7 +522,7 @@ def test_a_planted_pickle_is_never_executed(planted: str, saved_state, tmp_path:
 
 
 def test_an_earlier_pickled_state_is_discarded_not_loaded(saved_state, tmp_path: Path, caplog) -> None:
-    from spaceft.train import _load_state
+    from spaceft.train_state import load_state as _load_state
 
     accelerator, scheduler, state_dir = saved_state
     write_json(state_dir / "progress.json", {"step": 1})  # what spaceft wrote before issue 9
@@ -536,19 +537,19 @@ def test_an_earlier_pickled_state_is_discarded_not_loaded(saved_state, tmp_path:
 def test_resume_marker_is_removed_first(saved_state, monkeypatch: pytest.MonkeyPatch) -> None:
     """A kill while the state is deleted leaves no marker, so the next start trains from step 0 instead
     of failing on a half-deleted state forever."""
-    from spaceft import train as train_mod
+    from spaceft import train_state
 
     accelerator, scheduler, state_dir = saved_state
 
     def killed(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod.shutil, "rmtree", killed)
+    monkeypatch.setattr(train_state.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_mod._drop_state(state_dir)
+        train_state.drop_state(state_dir)
     assert not (state_dir / "progress.json").exists() and (state_dir / "optimizer.bin").exists()
     monkeypatch.undo()
-    assert train_mod._load_state(accelerator, state_dir, scheduler, 0) == 0
+    assert train_state.load_state(accelerator, state_dir, scheduler, 0) == 0
     assert not state_dir.exists()
 
 
