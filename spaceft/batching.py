@@ -4,13 +4,14 @@ A fixed 16 leaves most of a GPU idle and, on these 2 CPU cores, ran the generati
 tokens/s of batch 64 (issue 10's profile); a fixed large number runs a 7B model on a small GPU out of
 memory. The rule:
 
-    per prompt  = KV cache  2 · layers · kv_heads · head_dim · (prompt + new tokens) · bytes
+    per row     = KV cache  2 · layers · kv_heads · head_dim · (prompt + new tokens) · bytes
                 + prefill   prompt tokens · (hidden · 4 + intermediate · 3) · bytes
                 + sampling  6 · vocab · 4 bytes (float32 scores, probabilities, noise, output)
     budget      = (device memory · 0.8 − weights) / 2
-    batch       = the largest power of two ≤ budget / per prompt, at most 256 on a GPU and 64 on a CPU
-                  (where tokens/s stops growing past 64: 421 tok/s at 64 against 224 at 16, one decoding
-                  step of SmolLM2-135M on 2 cores), at least 1.
+    batch       = the largest power of two ≤ budget / (per row · K) and ≤ cap / K, at least 1
+                  (K: samples per prompt in generation, 1 in evaluation; cap: 256 rows on a GPU, 64 on
+                  a CPU, where tokens/s stops growing: 421 tok/s at 64 rows against 224 at 16, one
+                  decoding step of SmolLM2-135M on 2 cores).
 
 Device memory is the *total* (GPU: the device's; CPU: the machine's RAM), not what is free at the
 moment: the batch shape changes the logits in their last bits, so a run must cut its batches the same
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 CPU_CAP = 64
 GPU_CAP = 256
+UNRESOLVED = 16
+"""What `auto` means where no run resolved it (a library call with a config built by hand)."""
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -55,11 +58,20 @@ class ModelShape:
         layers = int(config.num_hidden_layers)
         intermediate = int(getattr(config, "intermediate_size", None) or 4 * hidden)
         vocab = int(config.vocab_size)
+        # a mixture of experts holds every expert's MLP (Mixtral: 8 of 14336), of its own width if given
+        experts = int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 1)
+        width = int(getattr(config, "moe_intermediate_size", None) or intermediate)
+        mlp = 3 * hidden * (intermediate if experts == 1 else experts * width)
         # embeddings, attention and gated MLP: a close count for Llama-family models without building one
-        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + 3 * hidden * intermediate
+        per_layer = hidden * head_dim * (2 * heads + 2 * kv_heads) + mlp
         embeddings = vocab * hidden * (1 if getattr(config, "tie_word_embeddings", False) else 2)
         params = layers * per_layer + embeddings
         return cls(layers, kv_heads, head_dim, hidden, intermediate, vocab, params)
+
+
+def concrete(batch_size: int | str) -> int:
+    """A batch size as a number: a run has resolved `auto` already; elsewhere it is `UNRESOLVED`."""
+    return UNRESOLVED if batch_size == "auto" else int(batch_size)
 
 
 def per_prompt_bytes(shape: ModelShape, prompt_tokens: int, new_tokens: int, dtype: str) -> int:
@@ -78,13 +90,16 @@ def device_memory(device: torch.device) -> int:
 
 
 def auto_batch_size(
-    shape: ModelShape, *, prompt_tokens: int, new_tokens: int, dtype: str, device: torch.device
-) -> int:
-    """Prompts per decoding batch (see the module docstring)."""
+    shape: ModelShape, *, prompt_tokens: int, new_tokens: int, dtype: str, device: torch.device,
+    rows_per_prompt: int = 1,
+) -> int:  # fmt: skip
+    """Prompts per decoding batch (see the module docstring); each prompt decodes `rows_per_prompt`
+    sequences (generation's K samples), each with its own KV cache."""
     total = device_memory(device)
     budget = (0.8 * total - shape.parameters * BYTES[dtype]) / 2
-    cap = GPU_CAP if device.type == "cuda" else CPU_CAP
-    fits = int(budget // per_prompt_bytes(shape, prompt_tokens, new_tokens, dtype)) if budget > 0 else 0
+    cap = (GPU_CAP if device.type == "cuda" else CPU_CAP) // rows_per_prompt
+    per = per_prompt_bytes(shape, prompt_tokens, new_tokens, dtype) * rows_per_prompt
+    fits = int(budget // per) if budget > 0 else 0
     batch = 1
     while batch * 2 <= min(fits, cap):
         batch *= 2

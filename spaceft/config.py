@@ -333,6 +333,9 @@ class EvalConfig:
     as ARC) | on | off."""
     lm_eval_max_gen_toks: int | None = None
     """Cap on lm-eval's generated tokens (None = each task's own; IFEval's 1280 is slow on CPU)."""
+    lm_eval_batch_size: int = 16
+    """Requests per lm-eval batch (its log-likelihood tasks hold [batch, length, vocab] logits, which
+    `eval.batch_size=auto`'s rule does not count)."""
     cache: bool = True
     """Reuse an earlier evaluation of the same weights with the same settings, code and held-out data
     (kept in <cache>/evals, or $SPACEFT_EVAL_CACHE): runs that share a start model evaluate it once."""
@@ -341,6 +344,8 @@ class EvalConfig:
         if self.max_new_tokens < 1:
             raise ValueError("eval.max_new_tokens must be >= 1")
         _batch_size("eval", self.batch_size)
+        if self.lm_eval_batch_size < 1:
+            raise ValueError(f"eval.lm_eval_batch_size must be >= 1, got {self.lm_eval_batch_size}")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
         if self.lm_eval_chat_template not in ("auto", "on", "off"):

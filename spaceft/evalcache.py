@@ -4,17 +4,21 @@ Runs that share a start model (every method and seed of a grid, or a recipe re-r
 would otherwise each spend the start model's evaluation again, a quarter of a three-iteration run's
 evaluation time. An evaluation's result is a function of:
 
-* the model's weights and tokenizer (the content hash of its directory; a hub id is not a content
-  hash, so a model named by id is never cached),
+* the model's weights and tokenizer: the content hash of its directory (for a trained model, without
+  the run's `spaceft_config.yaml`; for a hub model, the commit it is pinned to),
 * the eval settings (`eval.*`, batch size included: batch shapes change logits in the last bits) and
-  the model settings (dtype, attention implementation, …),
+  the model settings that change an evaluation (dtype, attention implementation, remote code),
 * the held-out token ids and reference answers,
-* the code that computes it: spaceft's own source files, torch / transformers / lm-eval versions, and
-  the device type.
+* the code that computes it: spaceft's own source files, torch / transformers / tokenizers / lm-eval
+  versions, the device type (and GPU model and CUDA version), and with lm-eval tasks the number of
+  processes the harness shards across.
+
+Only evaluations whose lm-eval tasks are `spaceft bench`'s (data pinned by hash) are cached: a local
+task YAML or a task from the `datasets` cache can change without the key knowing.
 
 The key hashes all of them; the entry is `<cache>/evals/<key>/` (`SPACEFT_EVAL_CACHE` moves it),
-holding the stage's output files (eval.json, eval_samples.jsonl, eval_outputs.parquet,
-lm_eval_tasks/), written atomically. A hit
+holding the files this evaluation wrote (eval.json, eval_outputs.parquet, and eval_samples.jsonl and
+lm_eval_tasks/ when it has them), written atomically, first writer wins. A hit
 copies them into the iteration's directory; the manifest entry says `cached: <key>`. `eval.cache=false`
 turns it off. A custom `eval.task_metric` ('module:function') is keyed by its name only: its code is
 not hashed, so change its name (or turn the cache off) when you change it.
@@ -30,6 +34,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from spaceft.config import EVAL_WHERE_KEYS
 from spaceft.rundir import atomic_dir, content_hash, library_versions
@@ -51,16 +57,37 @@ def code_fingerprint() -> str:
     return h.hexdigest()[:16]
 
 
+MODEL_KEYS = ("dtype", "attn_implementation", "trust_remote_code")
+"""The model settings that change an evaluation of given weights (LoRA, checkpointing and the name do
+not: the weights hash already says which weights these are)."""
+
+
+def cacheable(eval_settings: dict[str, Any]) -> bool:
+    """Whether an evaluation with these settings may be cached: its lm-eval tasks must be `spaceft
+    bench`'s, whose data is pinned by hash and whose task files are spaceft's code. A local task YAML or a
+    harness task read from the `datasets` cache could change without the key noticing."""
+    from spaceft.bench.run import known
+
+    return all(task in known() for task in eval_settings.get("lm_eval_tasks") or [])
+
+
 def cache_key(
     model_hash: str,
     eval_settings: dict[str, Any],
     model_settings: dict[str, Any],
     heldout: Sequence[Any],
-    device_type: str,
+    device: torch.device,
+    processes: int,
 ) -> str:
     """The key of one evaluation (see the module docstring for what it covers)."""
     settings = {k: v for k, v in eval_settings.items() if k not in EVAL_WHERE_KEYS}
-    versions = {k: v for k, v in library_versions().items() if k in ("torch", "transformers", "python")}
+    model = {k: model_settings.get(k) for k in MODEL_KEYS}
+    names = ("torch", "transformers", "tokenizers", "python")
+    versions = {k: v for k, v in library_versions().items() if k in names}
+    where: dict[str, Any] = {"device": device.type}
+    if device.type == "cuda":
+        where["gpu"] = torch.cuda.get_device_name(device)
+        where["cuda"] = torch.version.cuda
     if settings.get("lm_eval_tasks"):
         from importlib.metadata import PackageNotFoundError, version
 
@@ -68,8 +95,8 @@ def cache_key(
             versions["lm_eval"] = version("lm_eval")
         except PackageNotFoundError:
             pass
-    return content_hash(model_hash, settings, model_settings, list(heldout), versions, device_type,
-                        code_fingerprint())  # fmt: skip
+        where["processes"] = processes  # the harness shards its requests across the processes
+    return content_hash(model_hash, settings, model, list(heldout), versions, where, code_fingerprint())
 
 
 def is_content_hash(model_hash: str) -> bool:
@@ -95,11 +122,15 @@ def lookup(key: str) -> Path | None:
     return entry if (entry / "eval.json").is_file() else None
 
 
-def store(key: str, out_dir: Path) -> None:
-    """Keep the evaluation written in `out_dir` under `key` (a failure to write only warns)."""
+def store(key: str, out_dir: Path, names: Sequence[str]) -> None:
+    """Keep the files `names` (what this evaluation wrote) of `out_dir` under `key`. The first entry
+    written for a key stays: the same key means the same result, and readers never see a swap. A failure
+    to write only warns."""
+    if lookup(key) is not None:
+        return
     try:
         with atomic_dir(cache_dir() / key) as tmp:
-            for name in CACHED_FILES:
+            for name in names:
                 _copy(out_dir / name, tmp / name)
     except OSError as e:
         log.warning("could not keep the evaluation in %s (%s); it is not cached", cache_dir(), e)

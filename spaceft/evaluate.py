@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from spaceft.batching import concrete
 from spaceft.config import EvalConfig, GenerationConfig, ModelConfig
 from spaceft.data import Example, TokenizedExample
 from spaceft.generate import HFGenerator
@@ -112,7 +113,8 @@ def _task_metric(
 def _chunks(tokenized: Sequence[TokenizedExample], cfg: EvalConfig) -> list[list[int]]:
     """Positions of held-out examples in batches of similar prompt length (the same for any process count)."""
     order = sorted(range(len(tokenized)), key=lambda i: (len(tokenized[i].prompt_ids), i))
-    return [order[s : s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size)] or [[]]
+    size = concrete(cfg.batch_size)
+    return [order[s : s + size] for s in range(0, len(order), size)] or [[]]
 
 
 def write_eval_parts(
@@ -142,7 +144,7 @@ def write_eval_parts(
         idx = chunks[c]
         prompts = [tokenized[i].prompt_ids for i in idx]
         logps = score_sequences(model, prompts, [tokenized[i].response_ids for i in idx], pad_id=pad_id,
-                                batch_size=cfg.batch_size, device=device, progress=False)  # fmt: skip
+                                batch_size=len(idx), device=device, progress=False)  # fmt: skip
         outputs: list[str | None] = [None] * len(idx)
         if generate:
             comps = gen.generate(prompts, num_samples=1, seeds=[0] * len(idx))

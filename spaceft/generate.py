@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig as TransformersGenerationConfig
 from transformers import LogitsProcessorList
 
+from spaceft.batching import concrete
 from spaceft.config import GenerationConfig
 from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, write_parts
 
@@ -297,7 +298,8 @@ def _chunks(
 ) -> list[list[tuple[int, Any]]]:
     """Batches of prompts of similar length, cut the same way whatever the number of processes."""
     order = sorted(prompts, key=lambda p: (len(p[1]), p[0]))
-    return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)] or [[]]
+    size = concrete(cfg.batch_size)
+    return [order[i : i + size] for i in range(0, len(order), size)] or [[]]
 
 
 def write_generate_parts(
@@ -350,7 +352,8 @@ def merge_generate_parts(
     out: Path, n_prompts: int, cfg: GenerationConfig, *, tag: str = ""
 ) -> dict[str, Any]:
     """Join the parts into `out`; returns the stage's manifest entry (rows, lengths, hash)."""
-    n_chunks = max((n_prompts + cfg.batch_size - 1) // cfg.batch_size, 1)
+    size = concrete(cfg.batch_size)
+    n_chunks = max((n_prompts + size - 1) // size, 1)
     rows = merge_parts(out, n_chunks, tag=tag)
     rows.sort(key=lambda r: (r["prompt_index"], r["sample"]))
     lengths = [r["length"] for r in rows]

@@ -57,20 +57,36 @@ def weight_files(files: Sequence[str], snapshot: Path) -> list[str]:
 
 
 def pin_snapshot(
-    repo_id: str, revision: str | None, *, trust_remote_code: bool, commit: str | None = None
-) -> tuple[Path, str]:
-    """The local snapshot directory of `repo_id` at one commit, and the commit.
+    repo_id: str, revision: str | None, *, trust_remote_code: bool, commit: str | None = None,
+    local_first: bool = False,
+) -> tuple[Path, str]:  # fmt: skip
+    """The local snapshot of `repo_id` at one commit, and the commit.
 
     `commit` (recorded by an earlier invocation of the run, or chosen by the main process) wins over
-    `revision`. Offline, the snapshot must be in the cache already.
+    `revision`. Offline, the snapshot must be in the cache already; online with the Hub unreachable, a
+    cached snapshot is used with a warning (as `from_pretrained` would). `local_first`: read the cache
+    before asking the Hub (the other processes, once the main process has downloaded).
     """
     from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     wanted = commit or revision
-    if hub_offline():
+    if hub_offline() or local_first:
+        try:
+            path = Path(snapshot_download(repo_id, revision=wanted, local_files_only=True))
+            return path, path.name
+        except Exception:
+            if hub_offline():
+                raise
+    try:
+        info = HfApi().model_info(repo_id, revision=wanted)
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception as e:  # no network, proxy, timeout: whatever the HTTP stack raises
         path = Path(snapshot_download(repo_id, revision=wanted, local_files_only=True))
+        log.warning("the Hugging Face Hub is unreachable (%s); using the cached %s at commit %s",
+                    type(e).__name__, repo_id, path.name)  # fmt: skip
         return path, path.name
-    info = HfApi().model_info(repo_id, revision=wanted)
     assert info.sha is not None
     files = [s.rfilename for s in info.siblings or []]
     small = small_files(files, trust_remote_code=trust_remote_code)

@@ -456,7 +456,7 @@ def lm_eval_for_run(
         # a revision names a hub commit: it applies to the start model by hub id, not to saved iterations
         revision=getattr(model_cfg, "revision", None) if not Path(model_dir).exists() else None,
         trust_remote_code=getattr(model_cfg, "trust_remote_code", False),
-        batch_size=cfg.batch_size,
+        batch_size=cfg.lm_eval_batch_size,
     )
     gen = {"max_gen_toks": cfg.lm_eval_max_gen_toks} if cfg.lm_eval_max_gen_toks else None
     out = run_lm_eval_chat(model, tasks, cfg.lm_eval_chat_template, limit=cfg.lm_eval_limit, env=env,

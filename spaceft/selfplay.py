@@ -366,7 +366,8 @@ def _eval_model_hash(ws: Workspace, step: Step) -> str:
 class EvalInputs:
     tag: str
     key: str | None
-    """The evaluation cache's key (None: not cached, a model named by hub id or `eval.cache=false`)."""
+    """The evaluation cache's key (None: not cached: `eval.cache=false`, weights without a content hash,
+    or lm-eval tasks other than `spaceft bench`'s)."""
     hit: str | None
     """The cached entry that holds this evaluation already (the main process's lookup, on every process)."""
 
@@ -378,9 +379,10 @@ def load_eval(ws: Workspace, step: Step) -> EvalInputs:
     opponent = ws.opponent_hash(0) if step.iteration == "base" else ws.opponent_hash(int(step.iteration) + 1)
     tag = _tag(opponent, cfg["eval"], heldout)
     key = hit = None
-    if ws.cfg.eval.cache and evalcache.is_content_hash(model_hash):
+    if ws.cfg.eval.cache and evalcache.is_content_hash(model_hash) and evalcache.cacheable(cfg["eval"]):
         answers = [reference_answer(ws.eval_examples[t.index]) for t in ws.eval_tok]
-        key = evalcache.cache_key(model_hash, cfg["eval"], cfg["model"], [heldout, answers], ws.device.type)
+        key = evalcache.cache_key(model_hash, cfg["eval"], cfg["model"], [heldout, answers], ws.device,
+                                  ws.state.num_processes)  # fmt: skip
         # the main process decides for all (a failed lookup is a miss: nothing may raise before the broadcast)
         entry = attempt(evalcache.lookup, key)[0] if ws.state.is_main_process else None
         hit = broadcast(ws.state, None if entry is None else str(entry))
@@ -418,8 +420,11 @@ def finish_eval_step(
                  inputs.hit)  # fmt: skip
         return {**read_json(out / "eval.json"), "cached": inputs.key}
     result = finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, out, lm_eval=benchmarks, tag=inputs.tag)
-    if inputs.key is not None:
-        evalcache.store(inputs.key, out)
+    if inputs.key is not None:  # only what this evaluation wrote (an older one's files may lie beside it)
+        wrote = ["eval.json", "eval_outputs.parquet"]
+        wrote += ["eval_samples.jsonl"] if "accuracy" in result else []
+        wrote += ["lm_eval_tasks"] if ws.cfg.eval.lm_eval_tasks else []
+        evalcache.store(inputs.key, out, wrote)
     return result
 
 

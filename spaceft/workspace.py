@@ -147,7 +147,11 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
     stored = manifest.data.get("config")
     if stored is None:
         return
-    new = cfg.to_dict()
+    current = cfg.to_dict()
+    new = _as_recorded(current, stored)
+    for section in ("generation", "eval"):  # a run from before `auto` keeps its number (dropped if stale)
+        if new[section]["batch_size"] != current[section]["batch_size"]:
+            manifest.data.setdefault("batch_sizes", {}).setdefault(section, new[section]["batch_size"])
     train_changes = _diff(training_view(stored), training_view(new))
     if manifest.data.get("data_hash") != data_hash:
         train_changes.append("the training data changed")
@@ -156,6 +160,7 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
         if train_changes:  # nothing finished: just drop the partial parts of the old config
             for child in cfg.run_dir.glob("iter_*"):
                 shutil.rmtree(child)
+            manifest.data.pop("batch_sizes", None)  # chosen for the old config
         return
     if not (train_changes or eval_changes):
         return
@@ -171,16 +176,35 @@ def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: boo
             if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):
                 shutil.rmtree(child)
         manifest.data["iterations"] = {}
+        manifest.data.pop("batch_sizes", None)  # chosen for the old model and lengths
     else:
         log.warning("--force: eval settings changed; re-running evaluations only")
+        manifest.data.get("batch_sizes", {}).pop("eval", None)
         for it in manifest.data["iterations"].values():
             it.pop("eval", None)
+
+
+def _as_recorded(new: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
+    """The new config with `batch_size: auto` read as the number a run made before `auto` existed
+    recorded (the default was 16): that run's batches stay as they were, and it is not stale."""
+    for section in ("generation", "eval"):
+        old = stored.get(section, {}).get("batch_size")
+        if new.get(section, {}).get("batch_size") == "auto" and isinstance(old, int):
+            new = {**new, section: {**new[section], "batch_size": old}}
+    return new
 
 
 def _start_model_hash(manifest: Manifest, start: str, commit: str | None) -> str:
     """A hub snapshot's commit (it names the files' contents), else the hash of the start model's files,
     recomputed only when their names, sizes or times change."""
     if commit:
+        old = manifest.data.get("start_model_hash")
+        if old is not None and old == manifest.data.get("start_model") and manifest.data["iterations"]:
+            # a run from before hub ids were pinned hashed the id itself: keep it, so that its finished
+            # work is not made stale by the new naming (its start model is pinned from now on)
+            log.warning("this run began before hub models were pinned to a commit; from now on it reads "
+                        "commit %s of %s", commit, old)  # fmt: skip
+            return str(old)
         return commit[:16]
     path = Path(start)
     files = sorted(p for p in path.rglob("*") if p.is_file())
@@ -262,9 +286,10 @@ def _choose_batch_sizes(ws: Workspace, auto: list[str]) -> dict[str, int]:
             m = cfg.model
             shape = shape or ModelShape.of(AutoConfig.from_pretrained(
                 ws.start_model, revision=m.revision, trust_remote_code=m.trust_remote_code))  # fmt: skip
+            rows = cfg.generation.num_samples if name == "generation" else 1
             recorded[name] = auto_batch_size(shape, prompt_tokens=cfg.data.max_prompt_tokens,
                                              new_tokens=new_tokens[name], dtype=cfg.model.dtype,
-                                             device=ws.device)  # fmt: skip
+                                             device=ws.device, rows_per_prompt=rows)  # fmt: skip
             log.info("%s.batch_size=auto: %d prompts per batch (recorded in the manifest)", name,
                      recorded[name])  # fmt: skip
     ws.manifest.data["batch_sizes"] = recorded
@@ -286,7 +311,11 @@ def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[s
         pinned, error = attempt(partial(pin, commit=recorded))
     agree(state, error, f"fetching the model {repo_id}")
     commit = broadcast(state, pinned[1] if pinned else None)
-    path, _ = pinned if pinned else pin(commit=commit)
+    if pinned is None:  # the main process has downloaded it: read the cache (another node downloads)
+        pinned, error = attempt(partial(pin, commit=commit, local_first=True))
+    agree(state, error, f"reading the model {repo_id} at commit {commit}")
+    assert pinned is not None
+    path = pinned[0]
     log.info("model %s: commit %s, read from %s", repo_id, commit, path)
     return str(path), commit
 

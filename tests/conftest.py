@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # evaluations are cached across runs (spaceft.evalcache); tests never read the user's cache, and each test
 # starts with an empty one (session-scoped fixtures share this session's)
 os.environ["SPACEFT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="spaceft-evals-")
+atexit.register(shutil.rmtree, os.environ["SPACEFT_EVAL_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spaceft import batching
-from spaceft.batching import ModelShape, auto_batch_size, per_prompt_bytes
+from spaceft.batching import CPU_CAP, ModelShape, auto_batch_size, per_prompt_bytes
 from spaceft.cli import main
 from spaceft.config import load_config
 from spaceft.rundir import read_json
@@ -31,6 +31,29 @@ def test_the_shape_counts_parameters_and_bytes_by_hand() -> None:
     # bf16, 1024 prompt + 256 new tokens: KV 2*32*8*128*1280*2 B, prefill 1024*(4*4096 + 3*14336)*2 B,
     # sampling 6*32000*4 B
     assert per_prompt_bytes(shape, 1024, 256, "bfloat16") == 167_772_160 + 121_634_816 + 768_000
+
+
+def test_every_expert_of_a_mixture_is_counted() -> None:
+    # Mixtral-8x7B: Mistral's shape with 8 experts; 46,702,792,704 published = this + routers + norms
+    mixtral = SimpleNamespace(**vars(MISTRAL), num_local_experts=8)
+    assert ModelShape.of(mixtral).parameters == 46_702_792_704 - 32 * 4096 * 8 - 65 * 4096
+
+
+def test_k_samples_per_prompt_are_k_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    shape = ModelShape.of(MISTRAL)
+    per = per_prompt_bytes(shape, 512, 512, "bfloat16")
+    total = (2 * 40 * per + shape.parameters * 2) / 0.8  # room for 40 rows
+    monkeypatch.setattr(batching, "device_memory", lambda device: int(total) + 1)
+    size = {k: auto_batch_size(shape, prompt_tokens=512, new_tokens=512, dtype="bfloat16", device=CPU,
+                               rows_per_prompt=k) for k in (1, 4, 8)}  # fmt: skip
+    assert size == {1: 32, 4: 8, 8: 4}
+    monkeypatch.setattr(batching, "device_memory", lambda device: 10**15)
+    assert auto_batch_size(shape, prompt_tokens=8, new_tokens=8, dtype="bfloat16", device=CPU,
+                           rows_per_prompt=8) == CPU_CAP // 8  # fmt: skip
+
+
+def test_auto_outside_a_run_is_a_fixed_number() -> None:
+    assert batching.concrete("auto") == batching.UNRESOLVED == 16 and batching.concrete(5) == 5
 
 
 @pytest.mark.parametrize(
@@ -93,3 +116,24 @@ def test_auto_is_chosen_once_per_run_and_read_back_on_resume(
     over["selfplay.iterations"] = 2
     assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **over)]) == 0
     assert read_json(run / "manifest.json")["batch_sizes"] == recorded
+
+
+@pytest.mark.slow
+def test_a_run_from_before_auto_keeps_its_number_and_is_not_stale(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    over = {"generation.batch_size": 4, "eval.batch_size": 2, "selfplay.iterations": 1}
+    assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **over)]) == 0
+    run = tmp_path / "runs" / "tiny-space"
+    before = read_json(run / "manifest.json")
+    assert "batch_sizes" not in before
+    # the same run after an upgrade whose default is auto: resumed for one more iteration, not refused
+    over.update({"generation.batch_size": "auto", "eval.batch_size": "auto", "selfplay.iterations": 2})
+    assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **over)]) == 0
+    after = read_json(run / "manifest.json")
+    assert after["batch_sizes"] == {"generation": 4, "eval": 2}
+    assert after["iterations"]["0"] == before["iterations"]["0"]
+    # --force with another training config discards the work, and the numbers chosen for it
+    over["train.lr"] = 0.01
+    assert main(["run", "tiny", "--force", *tiny_overrides(tmp_path, tiny_model_dir, **over)]) == 0
+    assert read_json(run / "manifest.json")["batch_sizes"] != {"generation": 4, "eval": 2}

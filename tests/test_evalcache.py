@@ -97,3 +97,33 @@ def test_the_weights_hash_leaves_out_the_run_config_and_nothing_else(tmp_path: P
     assert file_hash(model) != full
     (model / "model.safetensors").write_bytes(b"weightz")
     assert file_hashes(model, without="spaceft_config.yaml")[1] != weights
+
+
+def test_only_spaceft_bench_tasks_are_cacheable() -> None:
+    from spaceft.evalcache import cacheable
+
+    assert cacheable({"lm_eval_tasks": []}) and cacheable({"lm_eval_tasks": ["arc_easy", "ifeval"]})
+    assert not cacheable({"lm_eval_tasks": ["arc_easy", "tasks/mine.yaml"]})  # its file may change
+    assert not cacheable({"lm_eval_tasks": ["truthfulqa_mc2"]})  # read from the datasets cache
+
+
+def test_an_entry_holds_what_the_evaluation_wrote_and_the_first_one_stays(
+    _own_eval_cache: Path, tmp_path: Path
+) -> None:
+    from spaceft import evalcache
+
+    out = tmp_path / "iter"
+    out.mkdir()
+    (out / "eval.json").write_text('{"nll": 1}')
+    (out / "eval_outputs.parquet").write_bytes(b"parts")
+    (out / "eval_samples.jsonl").write_text("stale, from an older evaluation\n")
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    entry = evalcache.lookup("k")
+    assert entry is not None
+    assert sorted(p.name for p in entry.iterdir()) == ["eval.json", "eval_outputs.parquet"]
+    (out / "eval.json").write_text('{"nll": 2}')
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    assert (entry / "eval.json").read_text() == '{"nll": 1}'
+    # restoring replaces the stale file beside it with the entry's (which has none)
+    evalcache.restore(entry, out)
+    assert not (out / "eval_samples.jsonl").exists() and (out / "eval.json").read_text() == '{"nll": 1}'

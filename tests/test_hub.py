@@ -81,3 +81,52 @@ def test_a_hub_id_is_read_at_one_commit_for_the_whole_run(
     fresh = run("b", 1)
     assert fresh["start_model_commit"] == SHA2
     assert fresh["start_model"].endswith(SHA2)
+
+
+def test_online_the_branch_is_resolved_once_and_only_what_is_read_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The online path with the Hub replaced by a stand-in (no network here): one commit for every call,
+    the small files first, then the shards the index names; unreachable, the cached snapshot is used."""
+    import huggingface_hub
+
+    from spaceft import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    snapshot = tmp_path / "snapshots" / SHA1
+    snapshot.mkdir(parents=True)
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    index = {"weight_map": {"a": shards[0], "b": shards[1]}}
+    (snapshot / "model.safetensors.index.json").write_text(json.dumps(index))
+    small = ["config.json", "tokenizer.json", "model.safetensors.index.json"]
+    files = [*small, *shards, "consolidated.safetensors"]
+    asked: list[str | None] = []
+    calls: list[tuple[str | None, tuple[str, ...] | None, bool]] = []
+
+    class Api:
+        def model_info(self, repo_id: str, revision: str | None = None) -> object:
+            asked.append(revision)
+            from types import SimpleNamespace
+
+            return SimpleNamespace(sha=SHA1, siblings=[SimpleNamespace(rfilename=f) for f in files])
+
+    def download(repo_id: str, *, revision=None, allow_patterns=None, local_files_only=False) -> str:
+        calls.append((revision, tuple(allow_patterns) if allow_patterns else None, local_files_only))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", download)
+    path, commit = hub.pin_snapshot("org/m", "main", trust_remote_code=False)
+    assert (path, commit, asked) == (snapshot, SHA1, ["main"])
+    assert calls == [(SHA1, tuple(small), False), (SHA1, tuple(shards), False)]
+    # a recorded commit wins over the branch
+    hub.pin_snapshot("org/m", "main", trust_remote_code=False, commit=SHA2)
+    assert asked[-1] == SHA2
+
+    def unreachable(self: object, repo_id: str, revision: str | None = None) -> object:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(Api, "model_info", unreachable)
+    calls.clear()
+    assert hub.pin_snapshot("org/m", None, trust_remote_code=False) == (snapshot, SHA1)
+    assert calls == [(None, None, True)]  # the cache only

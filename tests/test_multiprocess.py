@@ -114,7 +114,9 @@ def test_two_processes_share_cached_evaluations(two: Path, tiny_model_dir: Path)
     """A second two-process run of the same training under another name: both processes skip the
     evaluations of the weights the first run evaluated (the main process decides and tells the other)."""
     tmp = two.parent.parent
-    rc, out, _ = _launch("torchrun", tmp, tiny_model_dir, name="again", **{"selfplay.iterations": 1})
+    # a fault armed in process 1's first evaluation part: the run fails if that process evaluates anything
+    rc, out, _ = _launch("torchrun", tmp, tiny_model_dir, fault="eval:1@1", name="again",
+                         **{"selfplay.iterations": 1})  # fmt: skip
     assert rc == 0, out[-3000:]
     manifest = read_json(tmp / "runs" / "again" / "manifest.json")["iterations"]
     for key, d in (("base", "base"), ("0", "iter_0")):
