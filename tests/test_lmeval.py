@@ -8,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("lm_eval")
 
@@ -65,7 +66,7 @@ def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, a
     with pytest.raises(ValueError, match="unknown benchmark"):
         from spaceft.bench.run import prepare
 
-        prepare(["mmlu"], tmp_path)
+        prepare(["truthfulqa_mc1"], tmp_path)
 
 
 def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,6 +104,69 @@ def test_harness_runs_local_yamls_offline_and_records_provenance(
     import hashlib
 
     assert ours != hashlib.sha256(arc_task.yaml_path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mmlu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two test questions and one dev question for each subject the harness's MMLU defines."""
+    from spaceft.bench.mmlu import harness_subjects
+
+    d = tmp_path_factory.mktemp("mmlu")
+    for i, subject in enumerate(harness_subjects()):
+        for split, n in (("test", 2), ("dev", 1)):
+            rows = [{"question": f"{subject} {split} {k}?", "subject": subject,
+                     "choices": ["w", "x", "y", "z"], "answer": (i + k) % 4} for k in range(n)]  # fmt: skip
+            (d / f"{subject}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "source.json").write_text("{}\n")
+    return d
+
+
+def test_mmlu_runs_as_the_harness_group_of_subjects_offline_and_quietly(
+    tiny_model_dir: Path, tmp_path: Path, mmlu_data: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """57 subject tasks, 4 category groups and the top group, as in the harness, one item each."""
+    from spaceft.bench.mmlu import GROUP, write_mmlu_tasks
+
+    group = write_mmlu_tasks(tmp_path / "tasks", mmlu_data)
+    assert group.name == GROUP and len(group.subtasks) == 57
+    monkeypatch.chdir(tmp_path)  # not a git repository: the harness's `git describe` must stay quiet
+    out = run_lm_eval(HarnessModel(str(tiny_model_dir), batch_size=8), [group], limit=1,
+                      samples_dir=tmp_path / "samples")  # fmt: skip
+    assert "not a git repository" not in capfd.readouterr().err
+    assert set(out["results"]) == {GROUP} and out["provenance"]["n_samples"][GROUP] == 57
+    subjects = {t.name: out["subtasks"][t.name]["acc"] for t in group.subtasks}
+    categories = {k for k in out["subtasks"] if k not in subjects}
+    assert categories == {f"{GROUP}_{c}" for c in ("stem", "humanities", "social_sciences", "other")}
+    # weighted by size with one item per subject: the group is the mean over subjects, and so is
+    # each category over the subjects its tag puts in it
+    assert out["results"][GROUP]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
+    stem = [subjects[t.name] for t in group.subtasks
+            if yaml.safe_load(t.yaml_path.read_text())["tag"] == f"{GROUP}_stem_tasks"]  # fmt: skip
+    assert len(stem) == 19 and out["subtasks"][f"{GROUP}_stem"]["acc"] == pytest.approx(sum(stem) / 19)
+    # the harness's own prompt: the subject's description, the question, lettered choices
+    item = json.loads((tmp_path / "samples" / "spaceft_mmlu_anatomy.jsonl").read_text().splitlines()[0])
+    assert item["prompt"] == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
+                              "anatomy test 0?\nA. w\nB. x\nC. y\nD. z\nAnswer:")  # fmt: skip
+    prov = out["provenance"]["tasks"][GROUP]
+    anatomy = prov["subtasks"]["spaceft_mmlu_anatomy"]
+    assert anatomy["fewshot_sha256"] == sha256_file(mmlu_data / "anatomy.dev.jsonl")
+    assert anatomy["data_sha256"] == sha256_file(mmlu_data / "anatomy.test.jsonl")
+    assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json") and len(prov["subtasks"]) == 57
+
+
+def test_mmlu_data_must_hold_the_harness_subjects(tmp_path: Path, mmlu_data: Path) -> None:
+    from spaceft.bench.mmlu import write_mmlu_tasks
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in mmlu_data.iterdir():
+        if not f.name.startswith("virology"):
+            (data / f.name).write_bytes(f.read_bytes())
+    (data / "klingon.test.jsonl").write_text("{}\n")
+    with pytest.raises(RuntimeError, match=r"differ from the harness's \(missing \['virology'\], unknown "
+                       r"\['klingon'\]\)"):  # fmt: skip
+        write_mmlu_tasks(tmp_path / "tasks", data)
 
 
 def test_a_task_that_needs_the_hub_fails_clearly_instead_of_downloading(

