@@ -3,8 +3,8 @@
 spaceft never lets the harness fetch a task's data: every task it runs is a *local task YAML* whose
 ``dataset_path: json`` and ``dataset_kwargs.data_files`` name a JSON-lines file on disk, found by
 the harness through ``TaskManager(include_path=...)``. Where the harness already defines the task
-(IFEval, ARC, HellaSwag, GSM8K-CoT) the local YAML ``include:``s the harness's own YAML and overrides
-only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
+(IFEval, ARC, HellaSwag, GSM8K-CoT, MMLU) the local YAML ``include:``s the harness's own YAML and
+overrides only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
 arithmetic task ships its own YAML in GSM8K's format (``spaceft/bench/tasks/spaceft_arithmetic.yaml``).
 
 While the harness runs, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set, so a task that would
@@ -12,8 +12,12 @@ reach the Hugging Face Hub fails instead. Data parallelism is the harness's own:
 ``accelerate launch`` (or ``torchrun``) its HF backend shards the requests across the processes, so
 :func:`run_lm_eval` must be called on *every* rank; only the main rank gets the results back.
 
+A local task may be a group (MMLU's 57 subject tasks under ``spaceft_mmlu``): the harness runs it by
+name, the group's score is the result, and its members' scores are kept under ``subtasks``.
+
 The result records what makes a score reproducible: the harness version and, per task, the SHA-256
-of the YAML the harness read (with everything it includes) and of its data file.
+of the YAML the harness read (with everything it includes) and of its data file (and few-shot file;
+for a group, of every member's).
 """
 
 from __future__ import annotations

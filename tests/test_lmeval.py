@@ -125,34 +125,40 @@ def test_mmlu_runs_as_the_harness_group_of_subjects_offline_and_quietly(
     tiny_model_dir: Path, tmp_path: Path, mmlu_data: Path, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """57 subject tasks, 4 category groups and the top group, as in the harness, one item each."""
-    from spaceft.bench.mmlu import GROUP, write_mmlu_tasks
+    """`spaceft bench --tasks mmlu`: 57 subject tasks, 4 category groups and the top group, one item each."""
+    from spaceft.bench import sources
+    from spaceft.bench.mmlu import GROUP
+    from spaceft.bench.run import format_scores, run_bench
 
-    group = write_mmlu_tasks(tmp_path / "tasks", mmlu_data)
-    assert group.name == GROUP and len(group.subtasks) == 57
+    monkeypatch.setattr(sources, "ensure_data", lambda name, cache_dir=None: mmlu_data)
     monkeypatch.chdir(tmp_path)  # not a git repository: the harness's `git describe` must stay quiet
-    out = run_lm_eval(HarnessModel(str(tiny_model_dir), batch_size=8), [group], limit=1,
-                      samples_dir=tmp_path / "samples")  # fmt: skip
+    out = run_bench(HarnessModel(str(tiny_model_dir), batch_size=8), ["mmlu"], tmp_path / "out", limit=1,
+                    log_samples=True)  # fmt: skip
     assert "not a git repository" not in capfd.readouterr().err
-    assert set(out["results"]) == {GROUP} and out["provenance"]["n_samples"][GROUP] == 57
-    subjects = {t.name: out["subtasks"][t.name]["acc"] for t in group.subtasks}
+    assert read_json(tmp_path / "out" / "bench.json")["benchmarks"] == out["benchmarks"]
+    assert set(out["benchmarks"]) == {"mmlu"} and out["provenance"]["n_samples"][GROUP] == 57
+    assert format_scores(out).startswith("mmlu        acc") and format_scores(out).endswith("(n=57)")
+    prov = out["provenance"]["tasks"][GROUP]
+    subjects = {name: out["subtasks"][name]["acc"] for name in prov["subtasks"]}
+    assert len(subjects) == 57 and out["provenance"]["chat_template"] == {GROUP: False}
     categories = {k for k in out["subtasks"] if k not in subjects}
     assert categories == {f"{GROUP}_{c}" for c in ("stem", "humanities", "social_sciences", "other")}
     # weighted by size with one item per subject: the group is the mean over subjects, and so is
     # each category over the subjects its tag puts in it
-    assert out["results"][GROUP]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
-    stem = [subjects[t.name] for t in group.subtasks
-            if yaml.safe_load(t.yaml_path.read_text())["tag"] == f"{GROUP}_stem_tasks"]  # fmt: skip
+    assert out["benchmarks"]["mmlu"]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
+    task_dir = tmp_path / "out" / "tasks"
+    tags = {n: yaml.safe_load((task_dir / f"{n}.yaml").read_text())["tag"] for n in subjects}
+    stem = [acc for n, acc in subjects.items() if tags[n] == f"{GROUP}_stem_tasks"]
     assert len(stem) == 19 and out["subtasks"][f"{GROUP}_stem"]["acc"] == pytest.approx(sum(stem) / 19)
     # the harness's own prompt: the subject's description, the question, lettered choices
-    item = json.loads((tmp_path / "samples" / "spaceft_mmlu_anatomy.jsonl").read_text().splitlines()[0])
+    samples = tmp_path / "out" / "samples" / "spaceft_mmlu_anatomy.jsonl"
+    item = json.loads(samples.read_text().splitlines()[0])
     assert item["prompt"] == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
                               "anatomy test 0?\nA. w\nB. x\nC. y\nD. z\nAnswer:")  # fmt: skip
-    prov = out["provenance"]["tasks"][GROUP]
     anatomy = prov["subtasks"]["spaceft_mmlu_anatomy"]
     assert anatomy["fewshot_sha256"] == sha256_file(mmlu_data / "anatomy.dev.jsonl")
     assert anatomy["data_sha256"] == sha256_file(mmlu_data / "anatomy.test.jsonl")
-    assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json") and len(prov["subtasks"]) == 57
+    assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json")
 
 
 def test_mmlu_data_must_hold_the_harness_subjects(tmp_path: Path, mmlu_data: Path) -> None:
