@@ -161,6 +161,22 @@ def test_mmlu_runs_as_the_harness_group_of_subjects_offline_and_quietly(
     assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json")
 
 
+def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from spaceft import lmeval
+    from spaceft.config import EvalConfig
+
+    harness_out = {"results": {"spaceft_mmlu": {"acc": 0.3}}, "stderr": {"spaceft_mmlu": {"acc": 0.01}},
+                   "subtasks": {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}},
+                   "provenance": {"n_samples": {"spaceft_mmlu": 57}}}  # fmt: skip
+    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (list(specs), {}))
+    monkeypatch.setattr(lmeval, "run_lm_eval_chat", lambda *a, **k: harness_out)
+    out = lmeval.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
+    assert out["lm_eval"] == {"mmlu": {"acc": 0.3}}
+    assert out["lm_eval_subtasks"] == {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}}
+
+
 def test_mmlu_data_must_hold_the_harness_subjects(tmp_path: Path, mmlu_data: Path) -> None:
     from spaceft.bench.mmlu import write_mmlu_tasks
 
