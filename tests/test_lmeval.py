@@ -121,44 +121,54 @@ def mmlu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_mmlu_runs_as_the_harness_group_of_subjects_offline_and_quietly(
+def test_mmlu_runs_as_the_harness_groups_of_subjects_offline_and_quietly(
     tiny_model_dir: Path, tmp_path: Path, mmlu_data: Path, monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
-    """`spaceft bench --tasks mmlu`: 57 subject tasks, 4 category groups and the top group, one item each."""
+    """`spaceft bench --tasks mmlu,mmlu_continuation`: for each, 57 subject tasks, 4 category groups
+    and the top group as in the harness, one item per subject."""
     from spaceft.bench import sources
-    from spaceft.bench.mmlu import GROUP
     from spaceft.bench.run import format_scores, run_bench
 
     monkeypatch.setattr(sources, "ensure_data", lambda name, cache_dir=None: mmlu_data)
     monkeypatch.chdir(tmp_path)  # not a git repository: the harness's `git describe` must stay quiet
-    out = run_bench(HarnessModel(str(tiny_model_dir), batch_size=8), ["mmlu"], tmp_path / "out", limit=1,
-                    log_samples=True)  # fmt: skip
+    out = run_bench(HarnessModel(str(tiny_model_dir), batch_size=8), ["mmlu", "mmlu_continuation"],
+                    tmp_path / "out", limit=1, log_samples=True)  # fmt: skip
     assert "not a git repository" not in capfd.readouterr().err
     assert read_json(tmp_path / "out" / "bench.json")["benchmarks"] == out["benchmarks"]
-    assert set(out["benchmarks"]) == {"mmlu"} and out["provenance"]["n_samples"][GROUP] == 57
-    assert format_scores(out).startswith("mmlu        acc") and format_scores(out).endswith("(n=57)")
-    prov = out["provenance"]["tasks"][GROUP]
-    subjects = {name: out["subtasks"][name]["acc"] for name in prov["subtasks"]}
-    assert len(subjects) == 57 and out["provenance"]["chat_template"] == {GROUP: False}
-    categories = {k for k in out["subtasks"] if k not in subjects}
-    assert categories == {f"{GROUP}_{c}" for c in ("stem", "humanities", "social_sciences", "other")}
-    # weighted by size with one item per subject: the group is the mean over subjects, and so is
-    # each category over the subjects its tag puts in it
-    assert out["benchmarks"]["mmlu"]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
+    assert set(out["benchmarks"]) == {"mmlu", "mmlu_continuation"}
+    assert format_scores(out).splitlines()[0].startswith("mmlu        acc")
+    assert all(line.endswith("(n=57)") for line in format_scores(out).splitlines())
     task_dir = tmp_path / "out" / "tasks"
-    tags = {n: yaml.safe_load((task_dir / f"{n}.yaml").read_text())["tag"] for n in subjects}
-    stem = [acc for n, acc in subjects.items() if tags[n] == f"{GROUP}_stem_tasks"]
-    assert len(stem) == 19 and out["subtasks"][f"{GROUP}_stem"]["acc"] == pytest.approx(sum(stem) / 19)
-    # the harness's own prompt: the subject's description, the question, lettered choices
-    samples = tmp_path / "out" / "samples" / "spaceft_mmlu_anatomy.jsonl"
-    item = json.loads(samples.read_text().splitlines()[0])
-    assert item["prompt"] == ("The following are multiple choice questions (with answers) about anatomy.\n\n"
-                              "anatomy test 0?\nA. w\nB. x\nC. y\nD. z\nAnswer:")  # fmt: skip
-    anatomy = prov["subtasks"]["spaceft_mmlu_anatomy"]
-    assert anatomy["fewshot_sha256"] == sha256_file(mmlu_data / "anatomy.dev.jsonl")
-    assert anatomy["data_sha256"] == sha256_file(mmlu_data / "anatomy.test.jsonl")
-    assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json")
+    categories = {"mmlu": [f"spaceft_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")],
+                  "mmlu_continuation": [f"spaceft_mmlu_continuation::{c}" for c in
+                                        ("stem", "humanities", "social sciences", "other")]}  # fmt: skip
+    for name, group in (("mmlu", "spaceft_mmlu"), ("mmlu_continuation", "spaceft_mmlu_continuation")):
+        assert out["provenance"]["n_samples"][group] == 57
+        assert out["provenance"]["chat_template"][group] is False
+        prov = out["provenance"]["tasks"][group]
+        subjects = {n: out["subtasks"][n]["acc"] for n in prov["subtasks"]}
+        assert len(subjects) == 57 and all(c in out["subtasks"] for c in categories[name])
+        # weighted by size with one item per subject: the group is the mean over subjects, and so
+        # is STEM over the 19 subjects its tag puts in it
+        assert out["benchmarks"][name]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
+        tags = {n: yaml.safe_load((task_dir / f"{n}.yaml").read_text())["tag"] for n in subjects}
+        stem = [acc for n, acc in subjects.items() if tags[n].startswith("spaceft_mmlu_stem_")]
+        assert len(stem) == 19
+        assert out["subtasks"][categories[name][0]]["acc"] == pytest.approx(sum(stem) / 19)
+        anatomy = next(v for k, v in prov["subtasks"].items() if k.startswith("spaceft_mmlu_anatomy"))
+        assert anatomy["fewshot_sha256"] == sha256_file(mmlu_data / "anatomy.dev.jsonl")
+        assert anatomy["data_sha256"] == sha256_file(mmlu_data / "anatomy.test.jsonl")
+        assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json")
+    # the harness's own prompts: the subject's description, then the question with lettered choices
+    # (scored on the letter) or alone (scored on each choice's text)
+    samples = tmp_path / "out" / "samples"
+    letters = json.loads((samples / "spaceft_mmlu_anatomy.jsonl").read_text().splitlines()[0])
+    assert letters["prompt"] == ("The following are multiple choice questions (with answers) about "
+                                 "anatomy.\n\nanatomy test 0?\nA. w\nB. x\nC. y\nD. z\nAnswer:")  # fmt: skip
+    cloze = json.loads((samples / "spaceft_mmlu_anatomy_continuation.jsonl").read_text().splitlines()[0])
+    assert cloze["prompt"] == ("The following are questions (with answers) about anatomy.\n\n"
+                               "Question: anatomy test 0?\nAnswer:")  # fmt: skip
 
 
 def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_apart(

