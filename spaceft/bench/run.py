@@ -175,7 +175,12 @@ def add_arguments(parser: Any) -> None:
         default="ifeval,arc_easy,hellaswag",
         help=f"comma-separated benchmarks: {', '.join(known())} (default: %(default)s)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N items of each benchmark (MMLU: of each of its 57 subjects)",
+    )
     parser.add_argument(
         "--max-gen-toks",
         type=int,
@@ -231,10 +236,12 @@ def fetch(names: list[str]) -> int:
     from spaceft.bench.sources import SOURCES, SUBJECT_SOURCES, ensure_alpaca_splits, ensure_data
 
     for name in names:
+        bench = BENCHMARKS.get(name)
+        source = bench.subjects_of if bench is not None and bench.subjects_of else name
         if name == "alpaca_eval":
             print("\n".join(str(p) for p in ensure_alpaca_splits()))
-        elif name in SOURCES or name in SUBJECT_SOURCES:
-            print(ensure_data(name))
+        elif source in SOURCES or source in SUBJECT_SOURCES:
+            print(ensure_data(source))
         else:
             known = ", ".join([*SOURCES, *SUBJECT_SOURCES])
             raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {known}")
