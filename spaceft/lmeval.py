@@ -386,7 +386,7 @@ def run_lm_eval(
 
     ``tasks`` are :class:`LocalTask` (their YAML directories become ``include_path``) or names of
     tasks the harness or those directories define. Returns, on the main rank,
-    ``{"results": {task: {metric: value}}, "stderr": {...}, "subtasks": {...}, "provenance": {...}}``
+    ``{"results": {task: {metric: value}}, "stderr": {...}, "subtasks": {...}, "provenance": {...}}``;
     on other ranks ``{}``. ``results`` and ``stderr`` hold the tasks asked for; the members of a
     group asked for (and its inner groups) are in ``subtasks``, with their stderr under
     ``<metric>_stderr``. With ``samples_dir``, each item's prompt, response and scores go to

@@ -137,7 +137,7 @@ def test_mmlu_runs_as_the_harness_groups_of_subjects_offline_and_quietly(
     assert "not a git repository" not in capfd.readouterr().err
     assert read_json(tmp_path / "out" / "bench.json")["benchmarks"] == out["benchmarks"]
     assert set(out["benchmarks"]) == {"mmlu", "mmlu_continuation"}
-    assert format_scores(out).splitlines()[0].startswith("mmlu        acc")
+    assert format_scores(out).splitlines()[0].startswith("mmlu              acc ")
     assert all(line.endswith("(n=57)") for line in format_scores(out).splitlines())
     task_dir = tmp_path / "out" / "tasks"
     categories = {"mmlu": [f"spaceft_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")],

@@ -256,6 +256,6 @@ def format_scores(out: dict[str, Any]) -> str:
         metric = HEADLINE.get(name, next(iter(metrics), ""))
         err = out.get("stderr", {}).get(TASK_NAMES.get(name, name), {}).get(metric)
         pm = f" ± {err:.3f}" if isinstance(err, float) else ""
-        lines.append(f"{name:<11} {metric:<26} {metrics.get(metric, float('nan')):.3f}{pm}"
+        lines.append(f"{name:<17} {metric:<26} {metrics.get(metric, float('nan')):.3f}{pm}"
                      f"  (n={n.get(TASK_NAMES.get(name, name), '?')})")  # fmt: skip
     return "\n".join(lines)
