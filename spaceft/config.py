@@ -324,8 +324,8 @@ class EvalConfig:
     'package.module:function', a callable (output_text, Example) -> bool."""
     lm_eval_tasks: list[str] = field(default_factory=list)
     """lm-evaluation-harness tasks run offline on each saved model (pip install 'spaceft[eval]'):
-    ifeval | arc_easy | hellaswag | gsm8k | arithmetic (data from PyPI, see `spaceft bench`), a local
-    task YAML path, or a harness task whose data is already cached."""
+    ifeval | arc_easy | hellaswag | gsm8k | mmlu | mmlu_continuation | arithmetic (data from PyPI, see
+    `spaceft bench`), a local task YAML path, or a harness task whose data is already cached."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
     lm_eval_chat_template: str = "auto"
