@@ -362,7 +362,7 @@ def _stage_cell(entry: dict[str, Any]) -> str:
     cell = f"{entry['wall_s']:.1f}"
     if entry.get("tokens_per_s"):
         cell += f" ({entry['tokens_per_s']:.0f} tok/s)"
-    return cell + (" cached" if entry.get("cached") else "")
+    return cell + (" cached" if entry.get("cached") else "") + (" resumed" if entry.get("resumed") else "")
 
 
 def timing_section(manifest: dict[str, Any]) -> list[str]:
@@ -385,7 +385,7 @@ def timing_section(manifest: dict[str, Any]) -> list[str]:
     return [
         "## Where the time goes",
         "",
-        "Wall seconds of each stage's last invocation (a resumed stage counts only what was left).",
+        "Wall seconds of each stage's last invocation (a stage marked resumed counts only what was left).",
         "",
         "| iter | " + " | ".join(TIMED_STAGES) + " |",
         "|" + "---|" * (len(TIMED_STAGES) + 1),

@@ -459,6 +459,7 @@ def run_step(ws: Workspace, step: Step) -> None:
     """
     state, fns, m = ws.state, STAGE_FNS[step.stage], ws.manifest
     started = time.perf_counter()
+    resumed = any((ws.iter_dir(step.iteration) / name).exists() for name in OUTPUTS[step.stage])
     # step 1
     missing = [f"{s} of iteration {i}" for i, s in _needs(ws, step) if not m.is_done(i, s)]
     if missing:
@@ -476,18 +477,19 @@ def run_step(ws: Workspace, step: Step) -> None:
     if state.is_main_process:
         info, error = attempt(fns.finish, ws, step, inputs, result)
         if error is None:
-            m.mark_done(step.iteration, step.stage, **_timed(info, time.perf_counter() - started))
+            m.mark_done(step.iteration, step.stage, **_timed(info, time.perf_counter() - started, resumed))
     agree(state, error, f"finishing {step}")
     if not state.is_main_process:
         m.data = Manifest.open(ws.cfg.run_dir).data
 
 
-def _timed(info: dict[str, Any], wall_s: float) -> dict[str, Any]:
-    """The stage's manifest entry with its wall time (this invocation's: a resumed stage counts only the
-    rest) and, for generation, the tokens it sampled per second."""
-    info = {**info}
+def _timed(info: dict[str, Any], wall_s: float, resumed: bool) -> dict[str, Any]:
+    """The stage's manifest entry with its wall time and, for generation, the tokens it sampled per
+    second. A resumed stage (its outputs were partly there) counts only this invocation's time, says
+    `resumed`, and gets no tokens/s (its rows were not all sampled in that time)."""
+    info = {**info, **({"resumed": True} if resumed else {})}
     info.setdefault("wall_s", round(wall_s, 3))
-    if "mean_length" in info and "tokens_per_s" not in info:
+    if "mean_length" in info and "tokens_per_s" not in info and not resumed:
         info["tokens_per_s"] = round(info["rows"] * info["mean_length"] / max(info["wall_s"], 1e-9), 1)
     return info
 

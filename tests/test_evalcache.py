@@ -8,7 +8,7 @@ import pytest
 
 from spaceft import evaluate, selfplay
 from spaceft.cli import main
-from spaceft.rundir import read_json
+from spaceft.rundir import InjectedFault, read_json
 
 from .conftest import tiny_overrides
 
@@ -127,3 +127,18 @@ def test_an_entry_holds_what_the_evaluation_wrote_and_the_first_one_stays(
     # restoring replaces the stale file beside it with the entry's (which has none)
     evalcache.restore(entry, out)
     assert not (out / "eval_samples.jsonl").exists() and (out / "eval.json").read_text() == '{"nll": 1}'
+
+
+def test_a_resumed_stage_says_so_and_claims_no_tokens_per_second(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    over = {"name": "a", "selfplay.iterations": 1}
+    monkeypatch.setenv("SPACEFT_FAULT", "generate:1")  # stop after the first of two generation batches
+    with pytest.raises(InjectedFault):
+        main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **over)])
+    monkeypatch.delenv("SPACEFT_FAULT")
+    stages = _run(tmp_path, tiny_model_dir, "a")["0"]
+    assert stages["generate"]["resumed"] is True and "tokens_per_s" not in stages["generate"]
+    assert "resumed" not in stages["score"] and stages["score"]["wall_s"] > 0
+    report = (tmp_path / "runs" / "a" / "report.md").read_text()
+    assert " resumed |" in report
