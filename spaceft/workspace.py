@@ -301,14 +301,17 @@ def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[s
     """The local snapshot of `repo_id` and its commit: the commit this run recorded, else the one the
     main process resolves from `model.revision` (or the default branch); every process uses it."""
     pin = partial(pin_snapshot, repo_id, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
-    pinned: tuple[Path, str] | None = None
-    error = None
-    if state.is_main_process:
+
+    def pin_as_recorded() -> tuple[Path, str]:
         old = Manifest.open(cfg.run_dir).data
         model = old.get("config", {}).get("model", {})
         same = old.get("start_model_id") == repo_id and model.get("revision") == cfg.model.revision
-        recorded = old.get("start_model_commit") if same else None
-        pinned, error = attempt(partial(pin, commit=recorded))
+        return pin(commit=old.get("start_model_commit") if same else None)
+
+    pinned: tuple[Path, str] | None = None
+    error = None
+    if state.is_main_process:  # everything that can fail here is inside attempt: the others wait at agree
+        pinned, error = attempt(pin_as_recorded)
     agree(state, error, f"fetching the model {repo_id}")
     commit = broadcast(state, pinned[1] if pinned else None)
     if pinned is None:  # the main process has downloaded it: read the cache (another node downloads)
