@@ -200,7 +200,18 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def load_config(recipe: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML recipe (or none), apply dotted overrides and validate."""
-    data = read_recipe(Path(recipe)) if recipe is not None else {}
+    """Read a YAML recipe (a path, or the name of a shipped one such as `demo`; or none), apply dotted
+    overrides and validate."""
+    data = read_recipe(_recipe_path(recipe)) if recipe is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     return config_from_dict(data)
+
+
+def _recipe_path(recipe: str | Path) -> Path:
+    """A file that exists wins; otherwise a shipped recipe of that name (as `spaceft run demo`)."""
+    from spaceft.recipes import shipped_recipe
+
+    path = Path(recipe)
+    if path.exists():
+        return path
+    return shipped_recipe(str(recipe)) or path  # read_recipe names the missing file

@@ -147,3 +147,14 @@ def test_lora_dropout_is_refused_where_rewards_compare_with_the_opponent() -> No
     with pytest.raises(ValueError, match=message):
         load_config(None, ["data.train=x.jsonl", "model.lora.r=8", "model.lora.dropout=0.1"])
     load_config(None, ["data.train=x.jsonl", "model.lora.r=8", "model.lora.dropout=0.1", "train.loss=sft"])
+
+
+def test_a_shipped_recipe_loads_by_name_and_a_file_wins(tmp_path, monkeypatch) -> None:
+    from spaceft.config import load_config
+
+    assert load_config("demo").name == "demo-space"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").write_text("name: mine\ndata: {train: builtin:arithmetic}\n")
+    assert load_config("demo").name == "mine"
+    with pytest.raises(FileNotFoundError, match="recipe not found: nope"):
+        load_config("nope")
