@@ -181,10 +181,12 @@ def file_hash(path: Path) -> str:
 def file_hashes(path: Path, without: str = "") -> tuple[str, str]:
     """`file_hash(path)`, and in the same read the hash of the directory without its file `without` (a
     saved model's weights and tokenizer without the run's config that travels with them)."""
-    full, rest = hashlib.sha256(), hashlib.sha256()
+    full = hashlib.sha256()
+    rest = hashlib.sha256() if without else full  # nothing left out: one hash, computed once
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:
-        hashers = [full] if path.is_dir() and str(f.relative_to(path)) == without else [full, rest]
+        left_out = path.is_dir() and str(f.relative_to(path)) == without
+        hashers = [full] if left_out or rest is full else [full, rest]
         if path.is_dir():
             for h in hashers:
                 h.update(str(f.relative_to(path)).encode())
