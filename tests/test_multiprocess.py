@@ -192,3 +192,25 @@ def test_an_error_on_one_process_stops_both_with_its_message(
     )
     assert not (run_dir / "iter_1" / "synthetic.parquet").exists()  # nothing half-joined
     assert not (run_dir / "iter_1" / "model").exists()  # re-generating removed what was built on it
+
+
+def test_two_processes_agree_on_auto_batch_sizes_and_a_pinned_hub_commit(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`batch_size: auto` and a hub id both decide on the main process and broadcast: under torchrun
+    the run finishes, records one choice, and both processes read the same local snapshot."""
+    import shutil
+
+    sha = "3" * 40
+    repo = tmp_path / "hub" / "models--org--tiny"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # the child processes read it at import
+    over = {"generation.batch_size": "auto", "eval.batch_size": "auto", "selfplay.iterations": 1}
+    rc, out, _ = _launch("torchrun", tmp_path, Path("org/tiny"), **over)
+    assert rc == 0, out[-3000:]
+    manifest = read_json(tmp_path / "runs" / RUN / "manifest.json")
+    assert manifest["start_model_commit"] == sha and manifest["start_model"].endswith(sha)
+    assert set(manifest["batch_sizes"]) == {"generation", "eval"}
+    assert manifest["iterations"]["0"]["train"]["processes"] == 2
