@@ -76,10 +76,15 @@ def concrete(batch_size: int | str) -> int:
 
 def per_prompt_bytes(shape: ModelShape, prompt_tokens: int, new_tokens: int, dtype: str) -> int:
     b = BYTES[dtype]
-    kv = 2 * shape.layers * shape.kv_heads * shape.head_dim * (prompt_tokens + new_tokens) * b
+    kv = kv_cache_bytes(shape, prompt_tokens + new_tokens, dtype)
     prefill = prompt_tokens * (4 * shape.hidden + 3 * shape.intermediate) * b
     sampling = 6 * shape.vocab * 4
     return kv + prefill + sampling
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, dtype: str) -> int:
+    """Bytes of keys and values for `tokens` cached tokens (every layer)."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * tokens * BYTES[dtype]
 
 
 def device_memory(device: torch.device) -> int:

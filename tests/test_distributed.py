@@ -194,6 +194,7 @@ class _FakeVLLM:
         self.llm_kwargs: dict = {}
         self.params: list = []
         self.torn_down = False
+        self.calls: list = []
         fake = self
 
         class LLM:
@@ -204,6 +205,18 @@ class _FakeVLLM:
                 fake.params = params
                 out = SimpleNamespace(token_ids=[5, 9], finish_reason="stop")
                 return [SimpleNamespace(outputs=[out] * p.n) for p in params]
+
+            def sleep(self, level: int = 1) -> None:
+                fake.calls.append(("sleep", level))
+
+            def wake_up(self, tags=None) -> None:
+                fake.calls.append(("wake_up", tags))
+
+            def collective_rpc(self, method, args=(), kwargs=None):
+                fake.calls.append((method, kwargs))
+
+            def reset_prefix_cache(self) -> None:
+                fake.calls.append(("reset_prefix_cache",))
 
         def sampling_params(**kwargs):
             return SimpleNamespace(**kwargs)
@@ -240,6 +253,42 @@ def test_vllm_engine_per_process_with_tensor_parallel_groups(monkeypatch: pytest
     one = VLLMGenerator("m", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="float32")
     assert "distributed_executor_backend" not in fake.llm_kwargs  # one process: vLLM's own executor
     one.close()
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_kept_engine_sleeps_and_takes_the_next_opponent_in_place(
+    monkeypatch: pytest.MonkeyPatch, gpu: bool
+) -> None:
+    """The order vLLM's RLHF pattern needs (no GPU here: a stand-in records the calls): sleep at level 2
+    after sampling; to load the next opponent, wake the weights, reload them from its directory, wake
+    the KV cache, and drop the prefix cache. On a CPU (no sleep mode) only the reload and the reset."""
+    import sys
+
+    from spaceft.generate import VLLMGenerator
+
+    fake = _FakeVLLM()
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    gen = VLLMGenerator("theta0", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="bfloat16")
+    assert fake.llm_kwargs.get("enable_sleep_mode", False) is gpu
+    gen.sleep()
+    gen.load("theta1")
+    reload = ("reload_weights", {"weights_path": "theta1"})
+    if gpu:
+        assert fake.calls == [("sleep", 2), ("wake_up", ["weights"]), reload, ("wake_up", ["kv_cache"]),
+                              ("reset_prefix_cache",)]  # fmt: skip
+    else:
+        assert fake.calls == [reload, ("reset_prefix_cache",)]
+    assert gen.model_path == "theta1" and not gen.asleep
+    fake.calls.clear()
+    gen.load("theta1")  # awake with these weights already: nothing to reload
+    assert fake.calls == [("reset_prefix_cache",)]
+    gen.close()
+    no_keep = GenerationConfig(backend="vllm", vllm_keep_alive=False)
+    VLLMGenerator("theta0", no_keep, stop_ids=[9], dtype="bfloat16").close()
+    assert "enable_sleep_mode" not in fake.llm_kwargs  # an engine built per iteration never sleeps
 
 
 @pytest.mark.parametrize(
