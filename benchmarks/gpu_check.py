@@ -8,6 +8,7 @@ on have none. `--dry-run` checks everything that can be checked without a GPU (i
 config, the plan) and prints the commands it would run.
 
     pip install 'spaceft[vllm]'
+    pytest tests/test_vllm.py                          # first: vLLM itself, and the in-place reload
     python benchmarks/gpu_check.py                     # on a machine with a GPU
     python benchmarks/gpu_check.py --dry-run           # anywhere
     python benchmarks/gpu_check.py --model DIR         # a GPU machine without network: DIR from prepare-model

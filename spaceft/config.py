@@ -166,12 +166,13 @@ class GenerationConfig:
     no longer is; opting in is recorded in the manifest and the report."""
     tensor_parallel_size: int = 1
     """vLLM only: GPUs per engine, for a model that does not fit one; must divide the process count."""
-    vllm_keep_alive: bool = True
+    vllm_keep_alive: bool = False
     """vLLM on a GPU: build the engine once per run and load each new opponent's weights into it in
     place, instead of building it again every iteration (a 7B engine takes minutes to start); it sleeps
-    (weights and KV cache freed) while scoring, training and evaluation run. vLLM's CPU backend has no
-    sleep mode and does not reload weights correctly (spaceft.generate.vllm_keeps_engine), so on a CPU
-    every iteration builds its own engine whatever this says."""
+    (weights and KV cache freed) while scoring, training and evaluation run. Off by default until
+    tests/test_vllm.py has passed on a GPU: on vLLM's CPU backend the same in-place reload gives wrong
+    weights (spaceft.generate.vllm_keeps_engine), so on a CPU every iteration builds its own engine
+    whatever this says."""
 
     @property
     def is_ancestral(self) -> bool:

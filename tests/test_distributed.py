@@ -328,8 +328,9 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
             raise RuntimeError("scoring failed")
 
         monkeypatch.setattr(selfplay, "write_score_parts", broken)
-    overrides = tiny_overrides(tmp_path, tiny_model_dir, **{"generation.backend": "vllm",
-                               "selfplay.iterations": iterations, "eval.enabled": False})  # fmt: skip
+    settings = {"generation.backend": "vllm", "generation.vllm_keep_alive": True,
+                "selfplay.iterations": iterations, "eval.enabled": False}  # fmt: skip
+    overrides = tiny_overrides(tmp_path, tiny_model_dir, **settings)
     assert main(["run", "tiny", *overrides]) == (2 if fail_in_score else 0)  # 2: the error, reported
     built = [e for e in events if e[0] == "__init__"]
     assert len(built) == 1  # one engine, whatever the number of iterations
