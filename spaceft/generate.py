@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -272,18 +273,21 @@ class VLLMGenerator:
             self.asleep = True
 
     def close(self) -> None:
-        """Tear the engine down and free its memory."""
+        """Tear the engine down and free its memory. Under a launcher the engine runs in this process,
+        and vLLM's teardown (0.32: `cleanup_dist_env_and_memory`) destroys torch's default process
+        group, which is the launcher's and which scoring and training still need: it is kept."""
         import gc
 
-        del self.llm
-        if self.external:  # the engine's own model-parallel groups; the launcher's process group stays
-            try:
-                from vllm.distributed.parallel_state import destroy_model_parallel
+        with keeping_default_process_group(self.external):
+            del self.llm
+            gc.collect()
+            if self.external:  # the engine's own model-parallel groups
+                try:
+                    from vllm.distributed.parallel_state import destroy_model_parallel
 
-                destroy_model_parallel()
-            except ImportError:  # pragma: no cover - depends on the vLLM release
-                log.warning("could not tear down vLLM's model-parallel groups; continuing")
-        gc.collect()
+                    destroy_model_parallel()
+                except ImportError:  # pragma: no cover - depends on the vLLM release
+                    log.warning("could not tear down vLLM's model-parallel groups; continuing")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
@@ -307,6 +311,28 @@ class VLLMGenerator:
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [[vllm_completion(o.token_ids, self.stop_ids) for o in req.outputs] for req in outputs]
+
+
+@contextmanager
+def keeping_default_process_group(active: bool) -> Iterator[None]:
+    """While active, `torch.distributed.destroy_process_group()` leaves the default group alone (calls
+    for any other group go through)."""
+    if not active:
+        yield
+        return
+    real = torch.distributed.destroy_process_group
+
+    def destroy(group: Any = None) -> None:
+        if group is None or group is torch.distributed.group.WORLD:
+            log.debug("vLLM's teardown asked to destroy the default process group: kept")
+            return
+        real(group)
+
+    torch.distributed.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = real
 
 
 def vllm_keeps_engine() -> tuple[bool, str]:

@@ -145,3 +145,35 @@ def test_many_long_seeded_prompts_in_one_call(tmp_path) -> None:
         assert gen.generate(prompts[::-1], num_samples=2, seeds=seeds[::-1]) == a[::-1]
     finally:
         gen.close()
+
+
+def test_two_processes_one_engine_each_sample_what_one_process_samples(tmp_path) -> None:
+    """`torchrun --nproc_per_node 2` with the vLLM backend (gloo on CPU): each process builds its engine
+    with vLLM's `external_launcher` executor over its shard of the prompts. vLLM 0.32's teardown destroys
+    torch's default process group, which is the launcher's, and the run then failed at the next
+    collective; spaceft keeps it. Both iterations' samples equal a one-process run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from spaceft.cli import main
+
+    from .conftest import tiny_overrides
+    from .test_multiprocess import _free_port
+
+    model = _tiny_vllm_model(tmp_path / "m", seed=0)
+    settings = {"generation.backend": "vllm", "selfplay.iterations": 2, "eval.enabled": False}
+    assert main(["run", "tiny", *tiny_overrides(tmp_path / "one", model, **settings)]) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "spaceft", "run",
+           "tiny", *tiny_overrides(tmp_path / "two", model, **settings)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for t in (0, 1):
+        one, two = (pq.read_table(tmp_path / n / "runs" / "tiny-space" / f"iter_{t}" / "synthetic.parquet")
+                    for n in ("one", "two"))  # fmt: skip
+        assert two.to_pylist() == one.to_pylist()
