@@ -45,7 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from replicate_tables import write_results
+import grid_archive
+from replicate_tables import costs_of, diagnostics_of, write_results
 
 from spaceft.configfile import load_config
 from spaceft.costs import TRAIN_FACTOR, run_costs
@@ -102,6 +103,9 @@ class GridSpec:
     questions: list[str] = field(default_factory=lambda: list(QUESTIONS))
     extra: list[str] = field(default_factory=list)
     """Overrides applied to every run (e.g. generation.max_new_tokens=64)."""
+    archive: Path | None = None
+    """Where finished runs' small files are kept (committed; `grid_archive`): restored into OUT at start,
+    updated after every run."""
 
     def settings(self, method: str) -> list[tuple[str, tuple[str, ...]]]:
         """(label, overrides) of every tuning candidate: learning rates × the method's knob. The lr halves
@@ -169,6 +173,15 @@ class Grid:
         self.state.setdefault("best", {})
         self.state.setdefault("matched_epochs", {})
         self.launched = 0
+        self.archive = spec.archive.resolve() if spec.archive else None
+        if self.archive:
+            starts = {f"start-N{n}" for n in spec.sizes}
+            restored = grid_archive.restore(self.out, self.state, self.archive, starts)
+            if restored:
+                log.info(
+                    "restored %d finished runs from %s: %s", len(restored), self.archive, " ".join(restored)
+                )
+                self.save()
 
     # ------------------------------------------------------------------------------- bookkeeping
 
@@ -221,6 +234,7 @@ class Grid:
                 entry["peak_rss_mb"] = max(entry["peak_rss_mb"] or 0.0, cost.peak_rss_mb)
             self.save()
             self.report()
+            self.save_archive()
         self.save()
         return self.run_dir(name)
 
@@ -229,6 +243,27 @@ class Grid:
             write_results(self.out, self.state, self.spec.iterations)
         except Exception:  # a table that cannot be built must not stop a grid of many hours
             log.exception("could not rebuild the tables; the grid goes on (rebuild with --report-only)")
+
+    def save_archive(self) -> None:
+        """The finished runs' small files into the archive (after the tables: they compute diagnostics);
+        the matched SFT epochs first, while the SPACE run they come from still has its artefacts."""
+        if not self.archive:
+            return
+        runs = self.state["runs"]
+        starts = [n for n, e in runs.items() if e.get("group") == "start"]
+        done = [n for n, e in runs.items() if n not in starts and self.finished(n, self.spec.iterations)]
+        try:
+            for n in self.spec.sizes:
+                space = f"space-N{n}-s{self.spec.seeds[0]}"
+                if space in done and (self.run_dir(space) / "iter_0" / "synthetic.parquet").exists():
+                    self.matched_epochs(n)
+            for name in done:  # what the tables need of a run that has no artefacts left
+                costs_of(self.out, self.state, name)
+                diagnostics_of(self.run_dir(name))
+            self.save()
+            grid_archive.save(self.out, self.state, self.archive, done, starts)
+        except Exception:  # as for the tables: the runs themselves are safe in OUT
+            log.exception("could not update the archive %s; the grid goes on", self.archive)
 
     # ------------------------------------------------------------------------------- the grid
 
@@ -256,6 +291,8 @@ class Grid:
             *self.spec.extra,
         ]
         self.ensure(name, overrides, group="start", seed=0, n=n, iterations=1, evaluated=False)
+        if self.archive:
+            grid_archive.check_start(self.out, self.archive, name)
         return f"model.name={self.run_dir(name) / 'iter_0' / 'model'}"
 
     def tune(self, n: int, start: str, method: str) -> None:
@@ -292,7 +329,14 @@ class Grid:
         ]
         tuned = self.state["best"][method]["run"]
         force = False
-        if not self.run_dir(name).exists() and tuned.endswith(f"N{n}") and seed == self.spec.seeds[0]:
+        has_models = (self.run_dir(tuned) / f"iter_{self.spec.iterations - 1}" / "model").is_dir()
+        if (
+            not self.run_dir(name).exists()
+            and tuned.endswith(f"N{n}")
+            and seed == self.spec.seeds[0]
+            and has_models
+        ):
+            # (a tuning run restored from the archive has no models: the final run trains them anew)
             force = adopt(self.run_dir(tuned), self.run_dir(name), overrides, self.spec.recipe)
         self.ensure(name, overrides, group=f"{method}-N{n}", seed=seed, n=n, force=force)
 
@@ -424,6 +468,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[GridSpec, bool]:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--questions", nargs="*", default=list(QUESTIONS), choices=list(QUESTIONS))
     p.add_argument("--extra", nargs="*", default=[], help="overrides applied to every run")
+    p.add_argument(
+        "--archive",
+        type=Path,
+        default=None,
+        help="directory (committed) that keeps finished runs' small files: restored at start, "
+        "updated after every run, enough for --report-only on a fresh clone",
+    )
     p.add_argument("--report-only", action="store_true", help="rebuild the tables from finished runs")
     a = p.parse_args(argv)
     if "sft" not in a.methods or "space" not in a.methods:
@@ -440,6 +491,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GridSpec, bool]:
         a.methods,
         a.questions,
         a.extra,
+        a.archive,
     )
     return spec, a.report_only
 
@@ -451,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     if report_only:
         grid.report()
         grid.save()  # costs computed for the tables are kept
+        grid.save_archive()
     else:
         grid.run()
     log.info("tables: %s", grid.out / "results.md")

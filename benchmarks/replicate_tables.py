@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from grid_archive import DIAGNOSTICS
 
 from spaceft.costs import run_costs
 from spaceft.intervals import Interval, paired_difference, pooled_interval, seed_interval
 from spaceft.report import collect_diagnostics
+from spaceft.rundir import read_json, write_json
 
 log = logging.getLogger("replicate")
 
@@ -80,6 +82,17 @@ def _cell(iv: Interval | None, spec: str = ".3f") -> str:
 
 def _diff(iv: Interval, spec: str = "+.3f") -> str:
     return iv.format(spec) + (" *" if iv.excludes_zero else "")
+
+
+def diagnostics_of(run_dir: Path) -> list[dict[str, Any]]:
+    """A finished run's per-iteration diagnostics, computed once and kept beside it (DIAGNOSTICS), so that
+    an archived run (no parquet tables, `grid_archive`) still has them."""
+    path = run_dir / DIAGNOSTICS
+    if path.exists():
+        return list(read_json(path))
+    rows = collect_diagnostics(run_dir)
+    write_json(path, rows)
+    return rows
 
 
 def costs_of(out: Path, state: dict[str, Any], name: str) -> list[dict[str, int]]:
@@ -187,10 +200,20 @@ def comparison_table(
     return [*lines, ""]
 
 
+METHOD_ORDER = ("sft", "spin", "ipo", "simpo", "space")
+
+
+def _order(method: str) -> int:
+    return METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+
+
 def tuning_table(out: Path, state: dict[str, Any], iterations: int) -> list[str]:
     lines = ["| method | setting | validation accuracy | validation NLL | chosen |", "|---|---|---|---|---|"]
-    for name, entry in state["runs"].items():
-        if not str(entry.get("group", "")).startswith("tune-") or not _finished(out / name, iterations):
+    tuned = [(n, e) for n, e in state["runs"].items() if str(e.get("group", "")).startswith("tune-")]
+    # in a fixed order, not the state's (a restored state has another): by method, then by setting
+    tuned.sort(key=lambda r: (_order(r[1]["group"].removeprefix("tune-")), r[0]))
+    for name, entry in tuned:
+        if not _finished(out / name, iterations):
             continue
         method = entry["group"].removeprefix("tune-")
         t = eval_table({0: out / name}, f"iter_{iterations - 1}")
@@ -225,7 +248,7 @@ def diagnostics_tables(g: dict[str, dict[int, Path]], labels: list[str], iterati
         runs = g.get(label)
         if not runs:
             continue
-        per_seed = [collect_diagnostics(p) for p in runs.values()]
+        per_seed = [diagnostics_of(p) for p in runs.values()]
         for t in range(iterations):
             cells = []
             for key, _, spec in DIAG:
@@ -311,7 +334,7 @@ def write_results(out: Path, state: dict[str, Any], iterations: int) -> None:
     if not sizes:
         return
     n0 = sizes[0]
-    methods = [m for m in ("sft", "spin", "ipo", "simpo", "space") if f"{m}-N{n0}" in g]
+    methods = [m for m in METHOD_ORDER if f"{m}-N{n0}" in g]
     md = [
         "### Tuning on the validation split (seed 0, one run per setting)",
         "",

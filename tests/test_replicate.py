@@ -186,3 +186,66 @@ def test_comparison_table_pairs_on_problems_and_marks_clear_differences(tmp_path
     assert -0.585 < d_acc[1] < -0.55 and -0.45 < d_acc[2] < -0.415
     assert cells[6] == "+0.000 [+0.000, +0.000]"
     assert lines[4] == "| c | 0 | not run yet |  |  |  |  |  |  |  |"
+
+
+def test_archive_keeps_finished_runs_across_machines(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A grid run with --archive, then three fresh output directories fed the same archive, as a new
+    machine with a clone of the repository would be: the whole archive (only the start is retrained, and
+    the tables come out identical), an archive missing two runs (only they run, the seed-0 final without
+    the tuned run's models is trained anew, to the same weights), and an archive whose start model was
+    other weights (refused)."""
+    import shutil
+
+    first = _spec(tmp_path / "a", tiny_model_dir)
+    first.archive = tmp_path / "archive"
+    calls: list[tuple[str, bool]] = []
+
+    def launch(name: str, overrides: list[str], force: bool):
+        calls.append((name, force))
+        run(load_config(first.recipe, overrides), force=force)
+        return rep.Launch(1.5, None, 0.5)
+
+    rep.Grid(first, launch).run()
+    archive = first.archive
+    runs = sorted(p.name for p in archive.iterdir() if p.is_dir())
+    assert runs == ["sft-N4-s0", "sft-matched-N4-s0", "space-N4-s0", "start-N4", "tune-sft-lr0.0003-N4",
+                    "tune-space-lr0.0003-N4"]  # fmt: skip
+    assert [p.name for p in (archive / "start-N4").iterdir()] == ["manifest.json"]  # no weights
+    assert not list(archive.rglob("*.safetensors")) and not list(archive.rglob("*.parquet"))
+    assert (archive / "space-N4-s0" / "iter_0" / "eval_samples.jsonl.gz").exists()
+
+    # 1. everything archived: only the start model is trained again; the same tables
+    calls.clear()
+    whole = _spec(tmp_path / "b", tiny_model_dir)
+    whole.archive = archive
+    rep.Grid(whole, launch).run()
+    assert calls == [("start-N4", False)]
+    assert (whole.out / "results.md").read_text() == (first.out / "results.md").read_text()
+
+    # 2. two runs missing from the archive: they run, and only they
+    part = tmp_path / "part"
+    shutil.copytree(archive, part)
+    shutil.rmtree(part / "space-N4-s0")
+    shutil.rmtree(part / "sft-matched-N4-s0")
+    calls.clear()
+    partial = _spec(tmp_path / "c", tiny_model_dir)
+    partial.archive = part
+    rep.Grid(partial, launch).run()
+    assert calls == [("start-N4", False), ("space-N4-s0", False), ("sft-matched-N4-s0", False)]
+    trained = read_json(partial.out / "space-N4-s0" / "manifest.json")["iterations"]["0"]["train"]["weights"]
+    archived = read_json(archive / "space-N4-s0" / "manifest.json")["iterations"]["0"]["train"]["weights"]
+    assert trained == archived
+    assert (part / "space-N4-s0" / "manifest.json").exists()  # archived again once finished
+
+    # 3. an archive made from another start model: refused before anything else runs
+    other = tmp_path / "other"
+    shutil.copytree(archive, other)
+    manifest = read_json(other / "start-N4" / "manifest.json")
+    manifest["iterations"]["0"]["train"]["weights"] = "0" * 64
+    (other / "start-N4" / "manifest.json").write_text(json.dumps(manifest))
+    calls.clear()
+    wrong = _spec(tmp_path / "d", tiny_model_dir)
+    wrong.archive = other
+    with pytest.raises(RuntimeError, match="not the one the archived runs"):
+        rep.Grid(wrong, launch).run()
+    assert calls == [("start-N4", False)]
