@@ -10,10 +10,10 @@ finished and resumes what did not. In order (each step only once the previous on
    and its own knob (SPIN β, S-IPO τ, S-SimPO β/γ), a small set each; the best setting is the highest
    validation accuracy after the last iteration (lower validation NLL breaks ties);
 3. final: every method at its best setting for every seed, judged on the held-out test split (steps 2
-   and 3 go first for SPACE, SPIN and SFT, then for S-IPO and S-SimPO, so that a partial grid already
-   answers the main comparison). The seed-0 run trains exactly what the tuning run trained (evaluation
-   is not part of the training fingerprint), so it is a copy of that run (weights hard-linked)
-   re-evaluated on test, not a second training;
+   and 3 go first for SPACE, SPIN and SFT; S-IPO and S-SimPO come last, after step 4, so that a partial
+   grid already answers the paper's main claims). The seed-0 run trains exactly what the tuning run
+   trained (evaluation is not part of the training fingerprint), so it is a copy of that run (weights
+   hard-linked) re-evaluated on test, not a second training;
 4. questions, every seed: SFT given SPACE's compute (more epochs per iteration, from the measured token
    counts), SFT on 4N (the paper's data-efficiency reference), SPACE with μ = K = 3, SPACE reusing
    iteration 0's samples; and at every further N: SPACE, SFT and SFT on 4N at the tuned settings.
@@ -24,8 +24,12 @@ invocations and says so) and, from the artefacts, the tokens forwarded and back-
 problems and seeds and its seed count) and the plots are rebuilt after every run: OUT/results.md,
 OUT/results.json, OUT/results.png.
 
-    nice -n 19 python benchmarks/replicate.py --out runs/grid --sizes 16 64 --seeds 0 1 2
-    python benchmarks/replicate.py --out runs/grid --report-only      # tables from what finished
+    nice -n 19 python benchmarks/replicate.py --out runs/grid --archive docs/grid_runs --sizes 16 64
+    python benchmarks/replicate.py --out runs/grid --archive docs/grid_runs --report-only
+
+With --archive the finished runs' small files are kept in a directory that is committed
+(`grid_archive`): a fresh clone restores them and goes on with what is left, and --report-only rebuilds
+every table from the archive alone.
 """
 
 from __future__ import annotations
@@ -377,12 +381,7 @@ class Grid:
         start = self.start(first)
         core = [m for m in PRIORITY if m in self.spec.methods]
         rest = [m for m in self.spec.methods if m not in PRIORITY]
-        for batch in (core, rest):
-            for method in batch:
-                self.tune(first, start, method)
-            for seed in self.spec.seeds:
-                for method in batch:
-                    self.final(first, start, seed, method)
+        self.methods(first, start, core)
         for seed in self.spec.seeds:
             for q in self.spec.questions:
                 self.question(first, start, seed, q)
@@ -392,7 +391,16 @@ class Grid:
                 for method in ("space", "sft"):
                     self.final(n, start_n, seed, method)
                 self.question(n, start_n, seed, "sft-4N")
+        self.methods(first, start, rest)
         self.report()
+
+    def methods(self, n: int, start: str, methods: list[str]) -> None:
+        """Tune `methods` at size n, then run each at its best setting for every seed."""
+        for method in methods:
+            self.tune(n, start, method)
+        for seed in self.spec.seeds:
+            for method in methods:
+                self.final(n, start, seed, method)
 
 
 def seeded(seed: int) -> list[str]:

@@ -221,6 +221,13 @@ def test_archive_keeps_finished_runs_across_machines(tmp_path: Path, tiny_model_
     rep.Grid(whole, launch).run()
     assert calls == [("start-N4", False)]
     assert (whole.out / "results.md").read_text() == (first.out / "results.md").read_text()
+    # ... and --report-only needs nothing but the archive
+    calls.clear()
+    only = _spec(tmp_path / "e", tiny_model_dir)
+    only.archive = archive
+    rep.Grid(only, launch).report()
+    assert calls == []
+    assert (only.out / "results.md").read_text() == (first.out / "results.md").read_text()
 
     # 2. two runs missing from the archive: they run, and only they
     part = tmp_path / "part"
