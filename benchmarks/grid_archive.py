@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from spaceft.rundir import atomic_path, read_json
+from spaceft.rundir import atomic_path, read_json, temp_name
+
+log = logging.getLogger("replicate")
 
 STATE = "grid_state.json"
 DIAGNOSTICS = "diagnostics.json"
@@ -58,8 +61,7 @@ def _steps(run_dir: Path) -> list[Path]:
 
 def save_run(run_dir: Path, dest: Path) -> None:
     """The small files of one finished run, into dest (replacing what was there)."""
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(dest)  # a fresh name: two savers never share a half-written copy
     tmp.mkdir(parents=True)
     for name in RUN_FILES:
         if (run_dir / name).exists():
@@ -69,57 +71,75 @@ def save_run(run_dir: Path, dest: Path) -> None:
             if (step / name).exists():
                 suffix = ".gz" if name in GZIPPED else ""
                 _copy(step / name, tmp / step.name / (name + suffix), pack=True)
-    shutil.rmtree(dest, ignore_errors=True)
+    old = temp_name(dest)
+    if dest.exists():
+        dest.rename(old)
     tmp.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def restore_run(src: Path, run_dir: Path) -> None:
     """An archived run back into run_dir (which must not exist): manifest, evaluations, diagnostics."""
-    tmp = run_dir.with_name(f".{run_dir.name}.restore")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(run_dir)
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
         rel = path.relative_to(src)
         _copy(path, tmp / rel.with_name(rel.name.removesuffix(".gz")), pack=False)
     tmp.rename(run_dir)
 
 
-def save(out: Path, state: dict[str, Any], archive: Path, finished: list[str], starts: list[str]) -> int:
-    """Archive the finished runs (names in `finished`) and the start runs' manifests; returns how many
-    runs are in the archive. A run already archived is copied again only if its manifest changed."""
+def save(
+    out: Path, state: dict[str, Any], archive: Path, finished: list[str], starts: list[str]
+) -> list[str]:
+    """Archive the finished runs (names in `finished`) and the start runs' manifests. A run already
+    archived is copied again only if its manifest changed (a re-run). Returns the runs that could not
+    be archived (each logged; the others are archived all the same)."""
     archive.mkdir(parents=True, exist_ok=True)
+    failed = []
     for name in finished:
         dest = archive / name
         same = (dest / "manifest.json").exists() and (dest / "manifest.json").read_bytes() == (
             out / name / "manifest.json"
         ).read_bytes()
         if not same or not (dest / DIAGNOSTICS).exists():
-            save_run(out / name, dest)
+            try:
+                save_run(out / name, dest)
+            except OSError:
+                log.exception("could not archive %s", name)
+                failed.append(name)
     for name in starts:  # never replaced: the archived runs began from that start (`check_start`)
         if (out / name / "manifest.json").exists() and not (archive / name / "manifest.json").exists():
             _copy(out / name / "manifest.json", archive / name / "manifest.json", pack=True)
     old = read_json(archive / STATE) if (archive / STATE).exists() else {"runs": {}}
-    kept = {**old["runs"], **{n: state["runs"][n] for n in [*finished, *starts] if n in state["runs"]}}
-    saved = {"runs": kept, **{k: state.get(k, {}) for k in STATE_KEYS}}
+    ok = [n for n in [*finished, *starts] if n in state["runs"] and n not in failed]
+    saved = {"runs": {**old["runs"], **{n: state["runs"][n] for n in ok}}}
+    for key in STATE_KEYS:  # merged, as the runs are: what the archive has and this state lacks stays
+        saved[key] = {**old.get(key, {}), **state.get(key, {})}
     with atomic_path(archive / STATE) as tmp:  # sorted and indented: a readable git diff
         tmp.write_text(json.dumps(saved, indent=1, sort_keys=True) + "\n")
-    return len(finished)
+    return failed
 
 
-def restore(out: Path, state: dict[str, Any], archive: Path, starts: set[str]) -> list[str]:
-    """Copy every archived run that `out` lacks into it and merge its grid-state entry; the tuned
-    settings and matched epochs are taken from the archive where the state has none. Start runs are
-    not restored (see `check_start`). Returns the names restored."""
+def restore(out: Path, state: dict[str, Any], archive: Path, size: int | None = None) -> list[str]:
+    """Copy every archived run that `out` lacks (of training size `size`, or all) into it and merge its
+    grid-state entry; the tuned settings and matched epochs are taken from the archive where the state
+    has none. Start runs are never restored (they are retrained; see `check_start`), and a run whose
+    directory is in `out` keeps it (its state entry is taken from the archive if the state lost it).
+    Returns the names restored."""
     if not (archive / STATE).exists():
         return []
     saved = read_json(archive / STATE)
     restored = []
     for name, entry in sorted(saved["runs"].items()):
-        if name in starts or not (archive / name).is_dir():
+        if entry.get("group") == "start" or not (archive / name).is_dir():
+            continue
+        if size is not None and entry.get("n") != size:
             continue
         if not (out / name).exists():
             restore_run(archive / name, out / name)
             state["runs"][name] = entry
             restored.append(name)
+        else:
+            state["runs"].setdefault(name, entry)
     for key in STATE_KEYS:
         for k, v in saved.get(key, {}).items():
             state.setdefault(key, {}).setdefault(k, v)
@@ -134,12 +154,15 @@ def start_weights(manifest: Path) -> str | None:
 
 
 def check_start(out: Path, archive: Path, name: str) -> None:
-    """Refuse to go on when the start model just trained is not the one the archived runs started from."""
+    """Refuse to go on when the start model just trained is not the one the archived runs started from.
+    Called before the runs of that start are restored, so a refused archive leaves nothing in `out`."""
     want, have = start_weights(archive / name / "manifest.json"), start_weights(out / name / "manifest.json")
     if want is not None and have is not None and want != have:
         raise RuntimeError(
             f"{name}: the start model trained here (weights {have[:12]}) is not the one the archived runs "
             f"in {archive} started from ({want[:12]}); their results cannot be mixed with new runs. "
-            f"Continue with the code and settings that made the archive, or start a new archive "
-            f"(another --archive directory)"
+            f"Continue with the code and settings that made the archive, or start afresh with another "
+            f"--archive directory and another --out"
         )
+    if want is None and have is not None and (archive / STATE).exists():
+        log.warning("%s: the archive %s has no manifest of this start to check it against", name, archive)

@@ -178,14 +178,6 @@ class Grid:
         self.state.setdefault("matched_epochs", {})
         self.launched = 0
         self.archive = spec.archive.resolve() if spec.archive else None
-        if self.archive:
-            starts = {f"start-N{n}" for n in spec.sizes}
-            restored = grid_archive.restore(self.out, self.state, self.archive, starts)
-            if restored:
-                log.info(
-                    "restored %d finished runs from %s: %s", len(restored), self.archive, " ".join(restored)
-                )
-                self.save()
 
     # ------------------------------------------------------------------------------- bookkeeping
 
@@ -227,6 +219,8 @@ class Grid:
             # counted before it starts: an invocation killed midway marks the run as resumed (its wall
             # time is then a lower bound: the killed part is not recorded)
             entry["invocations"] += 1
+            entry.pop("costs", None)  # what the tables cached of an earlier invocation is recomputed
+            (self.run_dir(name) / grid_archive.DIAGNOSTICS).unlink(missing_ok=True)
             self.save()
             full = [f"name={name}", f"output_dir={self.out}", *overrides]
             cost = self.launch(name, full, force)
@@ -248,6 +242,16 @@ class Grid:
         except Exception:  # a table that cannot be built must not stop a grid of many hours
             log.exception("could not rebuild the tables; the grid goes on (rebuild with --report-only)")
 
+    def restore(self, size: int | None = None) -> None:
+        """The archived runs of training size `size` (all when None) into OUT, where they count as
+        finished. The grid calls it for a size once that size's start model has been checked."""
+        if not self.archive:
+            return
+        restored = grid_archive.restore(self.out, self.state, self.archive, size)
+        if restored:
+            log.info("restored %d finished runs from %s: %s", len(restored), self.archive, " ".join(restored))
+        self.save()
+
     def save_archive(self) -> None:
         """The finished runs' small files into the archive (after the tables: they compute diagnostics);
         the matched SFT epochs first, while the SPACE run they come from still has its artefacts."""
@@ -265,7 +269,9 @@ class Grid:
                 costs_of(self.out, self.state, name)
                 diagnostics_of(self.run_dir(name))
             self.save()
-            grid_archive.save(self.out, self.state, self.archive, done, starts)
+            failed = grid_archive.save(self.out, self.state, self.archive, done, starts)
+            if failed:
+                log.warning("not archived (the next run tries again): %s", " ".join(failed))
         except Exception:  # as for the tables: the runs themselves are safe in OUT
             log.exception("could not update the archive %s; the grid goes on", self.archive)
 
@@ -297,6 +303,8 @@ class Grid:
         self.ensure(name, overrides, group="start", seed=0, n=n, iterations=1, evaluated=False)
         if self.archive:
             grid_archive.check_start(self.out, self.archive, name)
+            self.restore(n)
+            self.save_archive()  # anything finished that an interrupted grid did not archive
         return f"model.name={self.run_dir(name) / 'iter_0' / 'model'}"
 
     def tune(self, n: int, start: str, method: str) -> None:
@@ -443,7 +451,7 @@ def adopt(tuned: Path, final: Path, overrides: list[str], recipe: str) -> bool:
         return False
     tmp = final.with_name(f".{final.name}.adopt")
     shutil.rmtree(tmp, ignore_errors=True)
-    skip = shutil.ignore_patterns("eval*", "report.md", "*.png", "*.lock")
+    skip = shutil.ignore_patterns("eval*", "report.md", "*.png", "*.lock", grid_archive.DIAGNOSTICS)
     shutil.copytree(tuned, tmp, copy_function=_link_or_copy, ignore=skip)
     manifest = read_json(tmp / "manifest.json")
     for stages in manifest["iterations"].values():
@@ -509,9 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     spec, report_only = parse_args(argv)
     grid = Grid(spec, subprocess_launcher(spec.recipe))
     if report_only:
+        grid.restore()  # the archive is only read here: the grid that runs writes it
         grid.report()
         grid.save()  # costs computed for the tables are kept
-        grid.save_archive()
     else:
         grid.run()
     log.info("tables: %s", grid.out / "results.md")

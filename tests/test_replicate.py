@@ -221,13 +221,15 @@ def test_archive_keeps_finished_runs_across_machines(tmp_path: Path, tiny_model_
     rep.Grid(whole, launch).run()
     assert calls == [("start-N4", False)]
     assert (whole.out / "results.md").read_text() == (first.out / "results.md").read_text()
-    # ... and --report-only needs nothing but the archive
-    calls.clear()
-    only = _spec(tmp_path / "e", tiny_model_dir)
-    only.archive = archive
-    rep.Grid(only, launch).report()
-    assert calls == []
-    assert (only.out / "results.md").read_text() == (first.out / "results.md").read_text()
+    # ... and --report-only needs nothing but the archive (the grid that made it is gone)
+    expected = (first.out / "results.md").read_text()
+    shutil.rmtree(tmp_path / "a")
+    shutil.rmtree(tmp_path / "b")
+    only = tmp_path / "e" / "grid"
+    argv = ["--out", str(only), "--archive", str(archive), "--sizes", "4", "--seeds", "0",
+            "--iterations", "1", "--methods", "sft", "space", "--report-only"]  # fmt: skip
+    assert rep.main(argv) == 0
+    assert (only / "results.md").read_text() == expected
 
     # 2. two runs missing from the archive: they run, and only they
     part = tmp_path / "part"
@@ -256,3 +258,4 @@ def test_archive_keeps_finished_runs_across_machines(tmp_path: Path, tiny_model_
     with pytest.raises(RuntimeError, match="not the one the archived runs"):
         rep.Grid(wrong, launch).run()
     assert calls == [("start-N4", False)]
+    assert sorted(p.name for p in wrong.out.iterdir() if p.is_dir()) == ["start-N4"]  # nothing restored
