@@ -57,17 +57,32 @@ def run_overrides(a: argparse.Namespace, method: str, seed: int) -> list[str]:
 
 
 def bench(a: argparse.Namespace, model: str, name: str) -> Path:
+    """Every benchmark on the first --limit items, except IFEval on the first --ifeval-limit (a subset of
+    the start model's, so the change stays paired on items): one `spaceft bench` per limit."""
     out = a.out / "bench" / name
-    if not (out / "bench.json").exists():
-        limit = [f"--limit={a.limit}"] if a.limit else []
-        spaceft("bench", model, "--tasks", ",".join(BENCH), *limit, f"--max-gen-toks={a.gen_toks}",
-                "--log-samples", "--out", str(out))  # fmt: skip
+    plan: dict[int, list[str]] = {}
+    for b in BENCH:
+        plan.setdefault(a.ifeval_limit if b == "ifeval" and name != "start" else a.limit, []).append(b)
+    for limit, benchmarks in plan.items():
+        part = out if len(plan) == 1 else out / "+".join(benchmarks)
+        if not (part / "bench.json").exists():
+            lim = [f"--limit={limit}"] if limit else []
+            spaceft("bench", model, "--tasks", ",".join(benchmarks), *lim, f"--max-gen-toks={a.gen_toks}",
+                    "--log-samples", "--out", str(part))  # fmt: skip
     return out
+
+
+def benched(bench_dir: Path) -> bool:
+    return (bench_dir / "bench.json").exists() or (
+        bench_dir.is_dir() and all((p / "bench.json").exists() for p in bench_dir.iterdir() if p.is_dir())
+        and any(bench_dir.iterdir())
+    )  # fmt: skip
 
 
 def item_scores(bench_dir: Path, benchmark: str) -> dict[int, float]:
     task, metric = BENCH[benchmark]
-    lines = (bench_dir / "samples" / f"{task}.jsonl").read_text().splitlines()
+    found = sorted(bench_dir.glob(f"**/samples/{task}.jsonl"))
+    lines = found[0].read_text().splitlines()
     return {int(r["doc_id"]): float(r[metric]) for r in map(json.loads, lines)}
 
 
@@ -80,7 +95,7 @@ def report(a: argparse.Namespace) -> str:
     rows.append("| start (SmolLM2-135M-Instruct) | | " + " | ".join(cells) + " | |")
     for method in METHODS:
         dirs = [a.out / "bench" / f"real-{method}-s{s}" for s in a.seeds]
-        done = [d for d in dirs if (d / "bench.json").exists()]
+        done = [d for d in dirs if benched(d)]
         if not done:
             continue
         cells = []
@@ -90,18 +105,20 @@ def report(a: argparse.Namespace) -> str:
             level = pooled_interval([[s[i] for i in ids] for s in scores])
             change = pooled_interval([[s[i] - base[b][i] for i in ids] for s in scores])
             cells.append(f"{100 * level.estimate:.1f}; change {100 * change.estimate:+.1f} "
-                         f"[{100 * change.low:+.1f}, {100 * change.high:+.1f}]")  # fmt: skip
+                         f"[{100 * change.low:+.1f}, {100 * change.high:+.1f}] (n = {len(ids)})")  # fmt: skip
         nll = []
         for t in range(a.iterations):
-            values = [json.loads((a.out / f"real-{method}-s{s}" / f"iter_{t}" / "eval.json").read_text())
-                      .get("nll") for s in a.seeds]  # fmt: skip
+            paths = [a.out / f"real-{method}-s{s}" / f"iter_{t}" / "eval.json" for s in a.seeds]
+            values = [json.loads(p.read_text()).get("nll") for p in paths if p.exists()]
             values = [v for v in values if v is not None]
             nll.append(f"{np.mean(values):.3f}" if values else "–")
         rows.append(f"| {method} | {len(done)} | " + " | ".join(cells) + " | " + " → ".join(nll) + " |")
-    start_nll = json.loads((a.out / f"real-sft-s{a.seeds[0]}" / "base" / "eval.json").read_text()).get("nll")
+    bases = sorted(a.out.glob("real-*/base/eval.json"))
+    start_nll = json.loads(bases[0].read_text()).get("nll") if bases else None
     notes = [
         "",
-        f"Benchmarks: first {a.limit or 'all'} items each, IFEval prompt-level strict accuracy (chat "
+        f"Benchmarks: first {a.limit or 'all'} items each (IFEval: the first {a.ifeval_limit} for the "
+        "trained models; n = the items a change is paired on), IFEval prompt-level strict accuracy (chat "
         f"template, answers cut at {a.gen_toks} tokens), ARC-Easy accuracy, HellaSwag acc_norm (no "
         "template); in percent. Change: the method's final-iteration model minus the start model on the "
         "same items, 95% interval from a bootstrap over seeds and items crossed.",
@@ -124,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--limit", type=int, default=100, help="items per benchmark (0: all)")
+    p.add_argument("--ifeval-limit", type=int, default=100,
+                   help="IFEval items for the trained models (the first of the start model's --limit)")
     p.add_argument("--gen-toks", type=int, default=256, help="IFEval answer cap")
     p.add_argument("--report-only", action="store_true")
     a = p.parse_args(argv)
