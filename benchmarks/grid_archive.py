@@ -38,19 +38,38 @@ GZIPPED = ("eval_samples.jsonl",)
 STATE_KEYS = ("best", "matched_epochs")
 
 
-def _copy(src: Path, dst: Path, *, pack: bool) -> None:
-    """Copy src to dst atomically; gzip (pack) or gunzip (not pack) the files named in GZIPPED."""
+def _copy(src: Path, dst: Path, *, pack: bool, gz: bool | None = None) -> None:
+    """Copy src to dst atomically; gzip (pack) or gunzip (not pack) it when `gz` (by default: for the
+    files named in GZIPPED)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if gz is None:
+        gz = src.name.removesuffix(".gz") in GZIPPED
     with atomic_path(dst) as tmp:
-        if pack and src.name in GZIPPED:
+        if pack and gz:
             # mtime 0 and no file name: the same results give the same bytes (a clean git diff)
-            with src.open("rb") as fin, tmp.open("wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as gz:
-                shutil.copyfileobj(fin, gz)
-        elif not pack and src.name.removesuffix(".gz") in GZIPPED:
+            with src.open("rb") as fin, tmp.open("wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as z:
+                shutil.copyfileobj(fin, z)
+        elif not pack and gz:
             with gzip.open(src, "rb") as fin, tmp.open("wb") as fout:
                 shutil.copyfileobj(fin, fout)
         else:
             shutil.copyfile(src, tmp)
+
+
+def save_tree(src: Path, dest: Path) -> None:
+    """Every file under src into dest, the .jsonl files gzipped (a benchmark's per-item samples)."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src)
+        jsonl = path.suffix == ".jsonl"
+        _copy(path, dest / (str(rel) + (".gz" if jsonl else "")), pack=True, gz=jsonl)
+
+
+def restore_tree(src: Path, dest: Path) -> None:
+    """The inverse of `save_tree`."""
+    for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        rel = path.relative_to(src)
+        packed = path.name.endswith(".jsonl.gz")
+        _copy(path, dest / (str(rel).removesuffix(".gz") if packed else rel), pack=False, gz=packed)
 
 
 def _steps(run_dir: Path) -> list[Path]:

@@ -28,6 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import grid_archive
+
 from spaceft.intervals import pooled_interval
 
 METHODS = {"space": ["train.loss=space"], "spin": ["train.loss=spin"], "sft": ["train.loss=sft"]}
@@ -57,27 +61,27 @@ def run_overrides(a: argparse.Namespace, method: str, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
-def bench(a: argparse.Namespace, model: str, name: str) -> Path:
-    """Every benchmark on the first --limit items, except IFEval on the first --ifeval-limit (a subset of
-    the start model's, so the change stays paired on items): one `spaceft bench` per limit."""
-    out = a.out / "bench" / name
+def bench_parts(a: argparse.Namespace, name: str) -> list[tuple[Path, int, list[str]]]:
+    """(directory, item limit, benchmarks) of each `spaceft bench` call for model `name`: every benchmark
+    on the first --limit items, except IFEval on the first --ifeval-limit for the trained models (a
+    subset of the start model's items, so the change stays paired on items)."""
     plan: dict[int, list[str]] = {}
     for b in BENCH:
         plan.setdefault(a.ifeval_limit if b == "ifeval" and name != "start" else a.limit, []).append(b)
-    for limit, benchmarks in plan.items():
-        part = out if len(plan) == 1 else out / "+".join(benchmarks)
+    out = a.out / "bench" / name
+    return [(out if len(plan) == 1 else out / "+".join(bs), limit, bs) for limit, bs in plan.items()]
+
+
+def bench(a: argparse.Namespace, model: str, name: str) -> None:
+    for part, limit, benchmarks in bench_parts(a, name):
         if not (part / "bench.json").exists():
             lim = [f"--limit={limit}"] if limit else []
             spaceft("bench", model, "--tasks", ",".join(benchmarks), *lim, f"--max-gen-toks={a.gen_toks}",
                     "--log-samples", "--out", str(part))  # fmt: skip
-    return out
 
 
-def benched(bench_dir: Path) -> bool:
-    return (bench_dir / "bench.json").exists() or (
-        bench_dir.is_dir() and all((p / "bench.json").exists() for p in bench_dir.iterdir() if p.is_dir())
-        and any(bench_dir.iterdir())
-    )  # fmt: skip
+def benched(a: argparse.Namespace, name: str) -> bool:
+    return all((part / "bench.json").exists() for part, _, _ in bench_parts(a, name))
 
 
 def item_scores(bench_dir: Path, benchmark: str) -> dict[int, float]:
@@ -95,8 +99,7 @@ def report(a: argparse.Namespace) -> str:
     cells = [f"{100 * np.mean(list(base[b].values())):.1f} (n = {len(base[b])})" for b in BENCH]
     rows.append("| start (SmolLM2-135M-Instruct) | | " + " | ".join(cells) + " | |")
     for method in METHODS:
-        dirs = [a.out / "bench" / f"real-{method}-s{s}" for s in a.seeds]
-        done = [d for d in dirs if benched(d)]
+        done = [a.out / "bench" / f"real-{method}-s{s}" for s in a.seeds if benched(a, f"real-{method}-s{s}")]
         if not done:
             continue
         cells = []
@@ -130,7 +133,30 @@ def report(a: argparse.Namespace) -> str:
     return "\n".join(rows + notes)
 
 
-def main(argv: list[str] | None = None) -> int:
+def save(a: argparse.Namespace, name: str) -> None:
+    """A benchmarked model's results into the archive: its bench directory (samples gzipped) and, for a
+    trained run, its manifest and per-iteration evaluations (`grid_archive.save_run`)."""
+    if a.archive is None:
+        return
+    grid_archive.save_tree(a.out / "bench" / name, a.archive / "bench" / name)
+    if (a.out / name / "manifest.json").exists():
+        grid_archive.save_run(a.out / name, a.archive / name)
+
+
+def restore(a: argparse.Namespace) -> None:
+    """Everything archived that OUT lacks (a benchmarked model counts as finished)."""
+    if a.archive is None or not (a.archive / "bench").is_dir():
+        return
+    for bench_dir in sorted(p for p in (a.archive / "bench").iterdir() if p.is_dir()):
+        name = bench_dir.name
+        if not benched(a, name):
+            grid_archive.restore_tree(bench_dir, a.out / "bench" / name)
+            if (a.archive / name).is_dir() and not (a.out / name).exists():
+                grid_archive.restore_run(a.archive / name, a.out / name)
+            print(f"restored {name} from {a.archive}", flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("runs/real"))
     p.add_argument("--pairs", type=int, default=32, help="training pairs")
@@ -149,15 +175,28 @@ def main(argv: list[str] | None = None) -> int:
                    help="training and scoring: bf16 autocast with float32 master weights (2.3x fp32's "
                    "steps/s on an AVX-512-bf16 CPU, docs/PERFORMANCE.md), or float32")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--archive", type=Path, default=None,
+                   help="directory (committed) keeping each finished run's evaluations and benchmark "
+                   "samples (no weights): restored at start, so a fresh clone goes on with what is left")
     a = p.parse_args(argv)
     a.out = a.out.resolve()
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    restore(a)
     if not a.report_only:
         bench(a, "default", "start")
+        save(a, "start")
         for seed in a.seeds:
             for method in a.methods:
                 name = f"real-{method}-s{seed}"
+                if benched(a, name):
+                    continue  # finished (here, or restored from the archive without its weights)
                 spaceft("-q", "run", "alpaca_space", *run_overrides(a, method, seed))
                 bench(a, str(a.out / name / f"iter_{a.iterations - 1}" / "model"), name)
+                save(a, name)
     table = report(a)
     (a.out / "results.md").write_text(table + "\n")
     print(table)
