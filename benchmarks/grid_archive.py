@@ -100,9 +100,7 @@ def save_run(run_dir: Path, dest: Path) -> None:
 def restore_run(src: Path, run_dir: Path) -> None:
     """An archived run back into run_dir (which must not exist): manifest, evaluations, diagnostics."""
     tmp = temp_name(run_dir)
-    for path in sorted(p for p in src.rglob("*") if p.is_file()):
-        rel = path.relative_to(src)
-        _copy(path, tmp / rel.with_name(rel.name.removesuffix(".gz")), pack=False)
+    restore_tree(src, tmp)  # the only gzipped files are GZIPPED .jsonl files
     tmp.rename(run_dir)
 
 
