@@ -275,8 +275,13 @@ def _resolve_batch_sizes(ws: Workspace) -> None:
         chosen, error = attempt(_choose_batch_sizes, ws, auto)
     agree(state, error, "choosing the batch sizes")
     chosen = broadcast(state, chosen)
-    cfg.generation = replace(cfg.generation, batch_size=chosen.get("generation", cfg.generation.batch_size))
-    cfg.eval = replace(cfg.eval, batch_size=chosen.get("eval", cfg.eval.batch_size))
+    # a resolved copy: the caller's config keeps `auto`, so running it again (another stage, as a library
+    # call) is not mistaken for a changed config (GPU check: "generation.batch_size: 'auto' -> 128")
+    ws.cfg = replace(
+        cfg,
+        generation=replace(cfg.generation, batch_size=chosen.get("generation", cfg.generation.batch_size)),
+        eval=replace(cfg.eval, batch_size=chosen.get("eval", cfg.eval.batch_size)),
+    )
 
 
 def _choose_batch_sizes(ws: Workspace, auto: list[str]) -> dict[str, int]:

@@ -164,6 +164,7 @@ def test_launch_settings_that_would_not_do_what_they_say_are_refused(
 
     for k, v in env.items():
         monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # FSDP is refused on CPU only
     with pytest.raises(ValueError, match=message):
         check_launch(lora_rank=lora)
     if lora:  # ZeRO-2, or ZeRO-3 without LoRA, are fine

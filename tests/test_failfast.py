@@ -480,7 +480,7 @@ def saved_state(tiny_model_dir: Path, tmp_path: Path):
     optimizer = torch.optim.RMSprop(model.parameters(), lr=1e-3)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=4)
     model, optimizer = accelerator.prepare(model, optimizer)
-    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    model(torch.tensor([[1, 2, 3]], device=accelerator.device)).logits.sum().backward()
     optimizer.step()
     scheduler.step()
     state_dir = tmp_path / "train_state"

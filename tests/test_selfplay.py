@@ -327,3 +327,25 @@ def test_the_logits_path_is_used_by_scoring_and_training_alike(
     a = read_table(run_dir / "iter_0" / "opponent_logps.parquet")
     b = read_table(chunked_dir / "iter_0" / "opponent_logps.parquet")
     assert len(a) == len(b) and max(abs(x["logp"] - y["logp"]) for x, y in zip(a, b, strict=True)) < 1e-3
+
+
+def test_a_library_caller_can_run_stage_by_stage_with_auto_batch_sizes(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """`selfplay.run(cfg, only_stage=...)` called once per stage with one config object, as
+    benchmarks/gpu_check.py does: resolving `batch_size: auto` must not change the caller's config, or
+    the second call finds 'finished work made with a different config' (seen on the first GPU run)."""
+    from spaceft import selfplay
+    from spaceft.configfile import load_config
+    from spaceft.selfplay import STAGES
+
+    auto = {"generation.batch_size": "auto", "eval.batch_size": "auto", "selfplay.iterations": 1}
+    over = tiny_overrides(tmp_path, tiny_model_dir, **auto)
+    cfg = load_config("tiny", over)
+    for stage in STAGES:
+        selfplay.run(cfg, force=stage == STAGES[0], only_stage=stage, only_iteration=0)
+        assert cfg.generation.batch_size == "auto" and cfg.eval.batch_size == "auto"
+    manifest = read_json(cfg.run_dir / "manifest.json")
+    chosen = manifest["batch_sizes"]["generation"]
+    assert isinstance(chosen, int) and chosen > 0
+    assert set(manifest["iterations"]["0"]) >= set(STAGES)

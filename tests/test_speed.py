@@ -63,8 +63,8 @@ def test_bf16_mixed_precision_keeps_float32_master_weights(tiny_model_dir: Path,
     first = json.loads((tmp_path / "it" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/real"]) < 1e-5 and abs(first["rewards/synthetic"]) < 1e-5
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    # the weights moved, by float32 steps: some change is not a multiple of a bf16 spacing
-    moved = [(p.detach() - before[n]).flatten() for n, p in model.named_parameters()]
+    # the weights moved, by float32 steps: some change is not a multiple of a bf16 spacing (on the GPU if any)
+    moved = [(p.detach().cpu() - before[n]).flatten() for n, p in model.named_parameters()]
     delta = torch.cat(moved)
     assert delta.abs().max() > 0
     assert not torch.equal(delta, delta.to(torch.bfloat16).float())
