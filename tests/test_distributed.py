@@ -179,7 +179,7 @@ def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_pat
 
     from spaceft.train import NonFiniteLossError, _stop_if
 
-    acc = Accelerator(cpu=True)
+    acc = Accelerator()  # not cpu=True: under a GPU an earlier test has already set the device
     with pytest.raises(NonFiniteLossError, match="the weights were not updated"):
         _stop_if(True, acc, "gradient", 0, 2, tmp_path)
     with pytest.raises(NonFiniteLossError, match="this update was already applied") as e:
