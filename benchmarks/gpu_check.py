@@ -99,7 +99,10 @@ def train_step_mfu(run_dir: Path, matmul_params: int, peak: float) -> dict[str, 
     (forward, backward and optimizer step; data loading and saving excluded), against `peak`."""
     from spaceft.costs import run_costs
 
-    steps = [json.loads(line) for line in (run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()]
+    it = run_dir / "iter_0"
+    steps = [json.loads(line) for line in (it / "metrics.jsonl").read_text().splitlines()]
+    if len(steps) != json.loads((it / "train_summary.json").read_text())["steps"]:
+        raise ValueError(f"{it / 'metrics.jsonl'} does not log every step: run with logging.log_every=1")
     trained = run_costs(run_dir)[0].trained
     seconds = sum(s["step_s"] for s in steps)
     return {

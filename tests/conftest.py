@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -16,6 +19,22 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # starts with an empty one (session-scoped fixtures share this session's)
 os.environ["SPACEFT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="spaceft-evals-")
 atexit.register(shutil.rmtree, os.environ["SPACEFT_EVAL_CACHE"], ignore_errors=True)
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import benchmarks/<name>.py (a directory of scripts, not a package); the scripts import each other,
+    and dataclasses look their module up in sys.modules, so both are set up first."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -3,21 +3,16 @@ what another machine finished) and its table (paired changes on the items both m
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from .conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():  # benchmarks/ is a directory of scripts, not a package
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_pairs", ROOT / "benchmarks" / "real_pairs.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _module():
+    return load_benchmark("real_pairs")
 
 
 rp = _module()

@@ -3,9 +3,7 @@ validation-only tuning, adoption of the tuned seed-0 run, compute matching, resu
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +13,14 @@ from spaceft.rundir import read_json
 from spaceft.selfplay import run
 from spaceft.tasks import make_arithmetic
 
+from .conftest import load_benchmark
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module():  # benchmarks/ is a directory of scripts, not a package
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("replicate", ROOT / "benchmarks" / "replicate.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["replicate"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+def _module():
+    return load_benchmark("replicate")
 
 
 rep = _module()

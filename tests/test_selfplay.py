@@ -17,7 +17,7 @@ from spaceft.cli import main
 from spaceft.rundir import InjectedFault, read_json, read_table, write_table
 from spaceft.score import score_key
 
-from .conftest import tiny_overrides
+from .conftest import load_benchmark, tiny_overrides
 
 pytestmark = pytest.mark.slow
 RUN = "tiny-space"
@@ -220,15 +220,9 @@ def test_gpu_check_script_dry_run_and_its_stage_amounts(
 ) -> None:
     """benchmarks/gpu_check.py is ready for a GPU: its dry run resolves the config and plan here, and the
     amounts it divides by each stage's time are read back from a finished run's outputs."""
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location(
-        "gpu_check", Path(__file__).parents[1] / "benchmarks" / "gpu_check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_benchmark("gpu_check")
     monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run"])
     assert gpu_check.main() == 0
     out = capsys.readouterr().out
@@ -349,3 +343,34 @@ def test_a_library_caller_can_run_stage_by_stage_with_auto_batch_sizes(
     chosen = manifest["batch_sizes"]["generation"]
     assert isinstance(chosen, int) and chosen > 0
     assert set(manifest["iterations"]["0"]) >= set(STAGES)
+
+
+def test_gpu_check_builds_a_sentencepiece_llama_and_measures_the_train_steps(
+    reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The offline model of `gpu_check.py --random-llama` (a Llama with zephyr's SentencePiece-style
+    tokenizer and template, more rows than pieces) loads as spaceft loads models, and the train-step MFU
+    divides the trained tokens of spaceft.costs by the summed step times of every step."""
+    import json
+
+    from spaceft.costs import run_costs
+    from spaceft.models import load_tokenizer
+
+    gpu_check = load_benchmark("gpu_check")
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1024)  # fmt: skip
+    monkeypatch.setitem(gpu_check.RANDOM_LLAMA, "tiny", shape)
+    model_dir = gpu_check.build_random_llama(tmp_path / "llama", "tiny")
+    tok = load_tokenizer(str(model_dir))
+    assert len(tok) < 1024  # sampled ids beyond the pieces decode to nothing
+    assert tok.convert_ids_to_tokens(tok("Hello world")["input_ids"])[:2] == ["<s>", "▁Hello"]
+    chat = [{"role": "user", "content": "hi"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True).endswith("<|assistant|>")
+    params = gpu_check.matmul_parameters(str(model_dir))
+    assert params == sum(v.numel() for k, v in load_file(model_dir / "model.safetensors").items()
+                         if "embed_tokens" not in k)  # fmt: skip
+    m = gpu_check.train_step_mfu(reference, params, 1e12)
+    steps = [json.loads(x) for x in (reference / "iter_0" / "metrics.jsonl").read_text().splitlines()]
+    assert m["steps"] == len(steps) and m["trained_tokens"] == run_costs(reference)[0].trained
+    assert m["mfu"] == round(6 * params * m["trained_tokens"] / sum(s["step_s"] for s in steps) / 1e12, 4)
+    assert m["first_step_abs_reward"] < 1e-5  # the reference run is float32: its rewards start at 0

@@ -7,21 +7,17 @@ policy log-probs itself and applies its loss code; spaceft's SPIN, SPIN-hinge, S
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("trl")
 
+from .conftest import load_benchmark
+
 
 def _bench():
-    path = Path(__file__).parent.parent / "benchmarks" / "vs_trl.py"
-    spec = importlib.util.spec_from_file_location("vs_trl", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("vs_trl")
 
 
 def test_losses_equal_trl_on_the_same_log_probs(tiny_model_dir: Path) -> None:
