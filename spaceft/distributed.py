@@ -59,8 +59,18 @@ def check_launch(*, lora_rank: int) -> None:
       processes would silently train with plain DDP.
     * LoRA under DeepSpeed ZeRO-3: the adapter would be merged into partitioned (empty) base weights on
       save, so the saved model would be wrong.
+    * More processes on a node than it has visible GPUs: each process takes the GPU of its local rank, so
+      the extra ones would die in CUDA's "invalid device ordinal" (or NCCL's duplicate-GPU error).
     """
     flag = os.environ.get
+    local = int(flag("LOCAL_WORLD_SIZE", "1"))
+    on_cpu = flag("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if local > 1 and not on_cpu and torch.cuda.is_available() and local > torch.cuda.device_count():
+        raise ValueError(
+            f"{local} processes were launched on this node but it has {torch.cuda.device_count()} visible "
+            f"GPU(s) (CUDA_VISIBLE_DEVICES={flag('CUDA_VISIBLE_DEVICES', 'unset')}): each process needs its "
+            "own GPU; launch with --nproc_per_node equal to the GPUs (or --num_processes under accelerate)"
+        )
     if flag("ACCELERATE_USE_FSDP", "").lower() == "true" and not torch.cuda.is_available():
         raise ValueError(
             "FSDP needs GPUs: accelerate applies FSDP only to GPU process groups, and on CPU these processes "

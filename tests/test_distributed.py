@@ -173,6 +173,27 @@ def test_launch_settings_that_would_not_do_what_they_say_are_refused(
         check_launch(lora_rank=lora)
 
 
+def test_more_processes_than_gpus_on_a_node_is_refused_before_any_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`torchrun --nproc_per_node 2` on a one-GPU machine: a clear refusal, not CUDA's invalid ordinal."""
+    from spaceft.distributed import check_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="2 processes were launched on this node but it has 1 visible GPU"):
+        check_launch(lora_rank=0)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # CPU processes (gloo) need no GPU each
+    check_launch(lora_rank=0)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    check_launch(lora_rank=0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    check_launch(lora_rank=0)
+
+
 def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_path: Path) -> None:
     """DeepSpeed steps inside backward: the message must not claim the weights were spared."""
     from accelerate import Accelerator
