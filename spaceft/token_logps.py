@@ -144,7 +144,9 @@ class OutputHead:
     linear: torch.nn.Linear
 
 
-_VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, OutputHead | None] = weakref.WeakKeyDictionary()
+_VERIFIED: weakref.WeakKeyDictionary[torch.nn.Module, bool] = weakref.WeakKeyDictionary()
+"""Whether each model's head passed the check. A bool, not the OutputHead: that holds the model's own
+modules, so as a value it would keep its key alive and no checked model would ever be freed."""
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -190,7 +192,7 @@ def output_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
     other non-linear logit transform, and forwards that bypass the head module.
     """
     if model in _VERIFIED:
-        return _VERIFIED[model]
+        return _find_head(model) if _VERIFIED[model] else None
     head = _find_head(model)
     if head is not None:
         ids, mask = input_ids[:1, :VERIFY_TOKENS], attention_mask[:1, :VERIFY_TOKENS]  # cheap: one short row
@@ -210,5 +212,5 @@ def output_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
             log.info("%s: logits are not a linear map of the hidden states; using the full-logits path",
                      type(model).__name__)  # fmt: skip
             head = None
-    _VERIFIED[model] = head
+    _VERIFIED[model] = head is not None
     return head

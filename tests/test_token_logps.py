@@ -131,3 +131,23 @@ def test_soft_capped_logits_fall_back_to_the_logits_path(tiny_model_dir: Path) -
         logits = capped(input_ids=batch.input_ids).logits[0, 2:5].float()
     want = torch.log_softmax(logits, -1).gather(-1, torch.tensor([[8], [9], [10]]))[:, 0].sum()
     torch.testing.assert_close(got[0].detach(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checked_model_can_still_be_freed(tiny_model_dir: Path) -> None:
+    """The head check's cache must not keep its models alive: on a GPU every opponent and evaluated model
+    of a run would stay in memory (a 7B model adds 14-28 GB per iteration)."""
+    import gc
+    import weakref
+
+    from spaceft.config import ModelConfig
+    from spaceft.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    ids = torch.tensor([[1, 2, 3]])
+    first = output_head(model, ids, torch.ones_like(ids))
+    again = output_head(model, ids, torch.ones_like(ids))  # from the cache: the same head, found again
+    assert first is not None and again == first
+    alive = weakref.ref(model)
+    del model, first, again
+    gc.collect()
+    assert alive() is None
