@@ -52,9 +52,9 @@ class ModelConfig:
     name: str = "default"
     """HF model id, local directory, 'default' (embedded SmolLM2-135M-Instruct) or 'tiny-random'."""
     dtype: str = "float32"
-    """Weight dtype for training and scoring: float32 | bfloat16 | float16. bfloat16 here is PURE bf16
-    (weights and optimizer state in bf16: most updates round away at lr 5e-7); for bf16 speed with
-    float32 master weights keep float32 and set train.mixed_precision=bf16."""
+    """Weight dtype for training and scoring: float32 | bfloat16 | float16 (with LoRA only). bfloat16 here
+    is PURE bf16 (weights and optimizer state in bf16: most updates round away at lr 5e-7); for bf16 speed
+    with float32 master weights keep float32 and set train.mixed_precision=bf16."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) when `name` is a hub id."""
     trust_remote_code: bool = False
@@ -411,6 +411,13 @@ class RunConfig:
             raise ValueError(
                 f"train.mixed_precision={self.train.mixed_precision} keeps float32 master weights: set "
                 f"model.dtype=float32 (model.dtype={self.model.dtype} on its own is pure {self.model.dtype})"
+            )
+        if self.model.dtype == "float16" and not self.model.lora.r:
+            raise ValueError(
+                "model.dtype=float16 would train float16 weights with float16 optimizer state and no loss "
+                "scaling: the first step underflows (Adam's and RMSprop's eps of 1e-8 is 0 in float16) and "
+                "writes NaN/inf weights. Use model.dtype=bfloat16, or float32 with "
+                "train.mixed_precision=bf16, or LoRA (model.lora.r > 0: peft keeps adapters in float32)"
             )
         if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
             raise ValueError("selfplay.mix_previous needs synthetic samples")

@@ -58,6 +58,7 @@ def test_recipe_plus_overrides(tmp_path: Path) -> None:
         (["logging.log_every=0"], "logging.log_every"),
         (["train.tau=0"], "train.tau"),
         (["train.save_every=-1"], "train.save_every"),
+        (["model.dtype=float16"], "model.dtype=float16 would train float16 weights"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
@@ -158,3 +159,9 @@ def test_a_shipped_recipe_loads_by_name_and_a_file_wins(tmp_path, monkeypatch) -
     assert load_config("demo").name == "mine"
     with pytest.raises(FileNotFoundError, match="recipe not found: nope"):
         load_config("nope")
+
+
+def test_float16_is_allowed_with_lora() -> None:
+    """peft keeps LoRA adapters (the only trained weights) in float32 over a float16 base."""
+    cfg = load_config(None, ["data.train=x.jsonl", "model.dtype=float16", "model.lora.r=8"])
+    assert cfg.model.dtype == "float16" and cfg.model.lora.r == 8
