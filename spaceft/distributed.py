@@ -57,8 +57,8 @@ def check_launch(*, lora_rank: int) -> None:
 
     * FSDP without GPUs: accelerate (1.15) applies FSDP only to GPU-type process groups; on CPU the
       processes would silently train with plain DDP.
-    * LoRA under DeepSpeed ZeRO-3: the adapter would be merged into partitioned (empty) base weights on
-      save, so the saved model would be wrong.
+    * LoRA under DeepSpeed ZeRO-3 or FSDP: the adapter would be merged into partitioned base weights on
+      save, on the main process alone, so the saved model would be wrong (or the save would hang).
     * More processes on a node than it has visible GPUs: each process takes the GPU of its local rank, so
       the extra ones would die in CUDA's "invalid device ordinal" (or NCCL's duplicate-GPU error).
     """
@@ -75,6 +75,13 @@ def check_launch(*, lora_rank: int) -> None:
         raise ValueError(
             "FSDP needs GPUs: accelerate applies FSDP only to GPU process groups, and on CPU these processes "
             "would silently run plain DDP; launch on GPUs, or use spaceft/recipes/accelerate/multi_cpu.yaml"
+        )
+    if lora_rank and flag("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ValueError(
+            "model.lora.r > 0 with FSDP is not supported: saving merges the adapter on the main process "
+            "alone, into sharded weights, so the saved model would be wrong (FSDP1) or the other processes "
+            "would wait on it forever (FSDP2). Use DDP for LoRA (the frozen base is not trained, so sharding "
+            "saves little), DeepSpeed ZeRO-2, or model.lora.r=0"
         )
     if lora_rank and flag("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         if flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":

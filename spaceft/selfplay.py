@@ -457,7 +457,10 @@ def work_eval(ws: Workspace, step: Step, inputs: EvalInputs) -> dict[str, Any]:
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
         tag=inputs.tag,
     )
-    # lm-eval on every process: the harness shards its requests across them itself
+    # lm-eval on every process: the harness shards its requests across them itself. It loads its own copy
+    # of the model, so ours goes first (two copies of a 7B model in float32 would be 56 GB per GPU)
+    if ws.cfg.eval.lm_eval_tasks:
+        release_models(ws)
     return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
                           model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
 

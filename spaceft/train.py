@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -414,6 +414,21 @@ def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunC
             f"accelerate mixed_precision={launched} would train under autocast while the opponent was scored "
             "without it, so rewards would not start at 0: launch without mixed precision and set "
             "train.mixed_precision=bf16 (training and scoring then share the autocast)"
+        )
+    state = accelerator.state
+    if launched != "no" and accelerator.distributed_type == DistributedType.FSDP:
+        raise ValueError(
+            f"under FSDP, accelerate mixed_precision={launched} casts the sharded weights to {launched} for "
+            "the forward (FSDP's param_dtype), which the score stage does not do, so rewards would not start "
+            "at 0: launch FSDP with mixed_precision: no (as spaceft/recipes/accelerate/fsdp2.yaml) and set "
+            "train.mixed_precision=bf16 (autocast over float32 weights, as scoring does) or "
+            "model.dtype=bfloat16"
+        )
+    if state.deepspeed_plugin is not None and launched == "bf16" and cfg.model.dtype != "bfloat16":
+        raise ValueError(
+            "DeepSpeed with bf16 trains bf16 copies of the weights (its optimizer keeps the float32 masters) "
+            f"while the score stage reads model.dtype={cfg.model.dtype} weights, so rewards would not start "
+            "at 0: set model.dtype=bfloat16 (as recipes/paper_space.yaml does with accelerate/zero3.yaml)"
         )
     low = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
     if (

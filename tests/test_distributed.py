@@ -173,6 +173,17 @@ def test_launch_settings_that_would_not_do_what_they_say_are_refused(
         check_launch(lora_rank=lora)
 
 
+def test_lora_under_fsdp_is_refused_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Saving would merge the adapter into sharded weights on the main process alone."""
+    from spaceft.distributed import check_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match=r"model\.lora\.r > 0 with FSDP is not supported"):
+        check_launch(lora_rank=8)
+    check_launch(lora_rank=0)  # full fine-tuning under FSDP on GPUs is fine
+
+
 def test_more_processes_than_gpus_on_a_node_is_refused_before_any_work(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

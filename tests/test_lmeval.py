@@ -232,12 +232,26 @@ def test_lm_eval_from_the_main_process_only_is_refused_under_several_processes(
 
 @pytest.mark.slow
 def test_run_records_lm_eval_in_eval_json_manifest_and_report(
-    tiny_model_dir: Path, tmp_path: Path, arc_task, capsys: pytest.CaptureFixture[str]
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    arc_task,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from spaceft import selfplay
+
+    calls: list[str] = []  # lm-eval loads its own copy of the model: ours must be released first
+    release, bench = selfplay.release_models, selfplay.run_benchmarks
+    monkeypatch.setattr(selfplay, "release_models", lambda ws: (calls.append("release"), release(ws))[1])
+    monkeypatch.setattr(
+        selfplay, "run_benchmarks", lambda *a, **k: (calls.append("bench"), bench(*a, **k))[1]
+    )
     extra = {"name": "lmeval", "train.loss": "sft", "selfplay.iterations": 1,
              "eval.lm_eval_tasks": f"[arithmetic, {arc_task.yaml_path}]", "eval.lm_eval_limit": 2,
              "eval.lm_eval_max_gen_toks": 4}  # fmt: skip
     assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **extra)]) == 0
+    benches = [i for i, c in enumerate(calls) if c == "bench"]
+    assert len(benches) == 2 and all(calls[i - 1] == "release" for i in benches)  # base and iteration 0
     run = tmp_path / "runs" / "lmeval"
     for key in ("base", "iter_0"):
         ev = read_json(run / key / "eval.json")

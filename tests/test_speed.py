@@ -116,3 +116,44 @@ def test_length_grouping_keeps_the_step_and_cuts_padding() -> None:
     ranks = [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
     assert sorted(len(it.prompt_ids) for r in ranks for mb in r for it in mb) == sorted(lengths)
     assert ranks == [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("launch", "dtype", "ours", "message"),
+    [
+        (("FSDP", "bf16", False), "float32", "bf16", "under FSDP, accelerate mixed_precision=bf16 casts"),
+        (("DEEPSPEED", "bf16", True), "float32", "no", "DeepSpeed with bf16 trains bf16 copies"),
+        (("FSDP", "no", False), "float32", "bf16", None),  # autocast over float32 shards, as scoring does
+        (("DEEPSPEED", "bf16", True), "bfloat16", "no", None),  # the shipped zero3.yaml + paper_space
+    ],
+)
+def test_sharded_launches_whose_forward_differs_from_scoring_are_refused(
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    launch: tuple[str, str, bool],
+    dtype: str,
+    ours: str,
+    message: str | None,
+) -> None:
+    """FSDP's param_dtype and DeepSpeed's bf16 engine cast the weights themselves: if the score stage
+    does not read the same precision, rewards cannot start at 0, so the run stops before training."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from spaceft.train import _check_precision
+
+    kind, launched, deepspeed = launch
+    accelerator = SimpleNamespace(
+        mixed_precision=launched,
+        distributed_type=DistributedType[kind],
+        state=SimpleNamespace(deepspeed_plugin=object() if deepspeed else None),
+    )
+    cfg = _cfg(tmp_path, mixed_precision=ours)
+    cfg.model = ModelConfig(dtype=dtype)
+    model = load_model(str(tiny_model_dir), cfg.model)
+    if message is None:
+        _check_precision(model, accelerator, cfg)  # type: ignore[arg-type]
+    else:
+        with pytest.raises(ValueError, match=message):
+            _check_precision(model, accelerator, cfg)  # type: ignore[arg-type]
