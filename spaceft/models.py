@@ -11,6 +11,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -132,9 +134,30 @@ def load_model(path: str, cfg: ModelConfig) -> PreTrainedModel:
         kwargs["attn_implementation"] = cfg.attn_implementation
     config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
     _zero_dropout_fields(config)
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    with whole_weights():
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     disable_dropout(model)
     return model
+
+
+@contextmanager
+def whole_weights() -> Iterator[None]:
+    """Load whole weights, even after training under DeepSpeed ZeRO-3 in this process.
+
+    An Accelerator under DeepSpeed sets transformers' global DeepSpeed config, and it stays set for the
+    process's lifetime. Under ZeRO-3 every later `from_pretrained` would then partition the weights
+    (`zero.Init`) with no engine to gather them: the next score or eval forward would see empty tensors.
+    Every load here is whole, as the first iteration's is (no Accelerator exists yet when it loads);
+    DeepSpeed partitions the training model itself when it is prepared.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
 
 def _is_dropout_name(name: str) -> bool:

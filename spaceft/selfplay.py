@@ -45,6 +45,7 @@ from spaceft.generate import (
     vllm_keeps_engine,
     write_generate_parts,
 )
+from spaceft.models import whole_weights
 from spaceft.rundir import Manifest, content_hash, file_hashes, read_json, read_table
 from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
 from spaceft.train import RUN_CONFIG_FILE, TrainItem, train_iteration
@@ -461,8 +462,9 @@ def work_eval(ws: Workspace, step: Step, inputs: EvalInputs) -> dict[str, Any]:
     # of the model, so ours goes first (two copies of a 7B model in float32 would be 56 GB per GPU)
     if ws.cfg.eval.lm_eval_tasks:
         release_models(ws)
-    return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
-                          model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
+    with whole_weights():  # lm-eval's from_pretrained too (spaceft.models.whole_weights)
+        return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
+                              model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
 
 
 def finish_eval_step(

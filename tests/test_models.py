@@ -72,3 +72,28 @@ def test_training_logps_equal_scores_with_dropout_in_the_config(family: str, tmp
     assert all(v == 0.0 for v in floats.values()), floats
     assert bool(floats) == (family != "gpt2")  # GPT-2 has only nn.Dropout modules
     assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_models_load_whole_after_a_deepspeed_zero3_accelerator_set_the_global_config(
+    tiny_model_dir: Path,
+) -> None:
+    """accelerate leaves transformers' global DeepSpeed config set after training under ZeRO-3: the next
+    score or eval load must still get whole weights, not zero.Init partitions with no engine to gather."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    class Zero3Config:  # what accelerate's DeepSpeed plugin registers, as far as transformers reads it
+        def __init__(self) -> None:
+            self.config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    held = Zero3Config()
+    hf_deepspeed.set_hf_deepspeed_config(held)
+    try:
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()
+        model = load_model(str(tiny_model_dir), ModelConfig())
+        assert all(p.numel() > 0 for p in model.parameters())
+        assert hf_deepspeed.is_deepspeed_zero3_enabled()  # the training side's setting is left as it was
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
