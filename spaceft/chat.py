@@ -37,8 +37,10 @@ is skipped and counted.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -138,11 +140,49 @@ def _bos_added_by_encoding(tokenizer: Any) -> int | None:
     return int(bos) if with_special[:1] == [bos] and without[:1] != [bos] else None
 
 
+DEFAULT_TEMPLATE_DATE = "2024-07-26"
+"""The date that chat templates which print today's date render (Llama 3.2/3.3 and SmolLM3 call
+transformers' `strftime_now`). Fixed, so that a prompt's ids are the same on every day: resuming a run,
+running a later stage, counting its cost or reusing a cached evaluation all tokenize the data again, and
+synthetic samples must be scored and trained with the prompt ids they were sampled from. It is the date
+Llama 3.1's own template falls back to."""
+
+
+@contextmanager
+def _today_is(day: date) -> Iterator[None]:
+    """Inside the block, transformers' template function `strftime_now` formats `day`.
+
+    transformers renders every value passed to a template as text, so a function cannot be handed in;
+    its `strftime_now` reads `datetime.now()` of its own module, which is swapped here. Where a release
+    no longer has that module attribute nothing is swapped, and tests/test_chat.py fails on the date.
+    """
+    from transformers.utils import chat_template_utils as templates
+
+    real = getattr(templates, "datetime", None)
+    if real is None:
+        yield
+        return
+
+    class Pinned(real):  # type: ignore[misc, valid-type]
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return cls(day.year, day.month, day.day, tzinfo=tz)
+
+    templates.datetime = Pinned
+    try:
+        yield
+    finally:
+        templates.datetime = real
+
+
 class ChatTokenizer:
     """A tokenizer plus the facts the tokenization rule needs, worked out once (see the module doc)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, template_date: str = DEFAULT_TEMPLATE_DATE) -> None:
         self.tokenizer = tokenizer
+        self.day = date.fromisoformat(template_date)
+        # Llama 3.x templates take a `date_string` variable before they call strftime_now
+        self.template_kwargs = {"date_string": self.day.strftime("%d %b %Y")}
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.eot = end_of_turn_id(tokenizer)
         self.bos = _bos_added_by_encoding(tokenizer)
@@ -187,16 +227,18 @@ class ChatTokenizer:
         """The prompt as the model sees it before it answers (generation prompt included)."""
         if not self.has_template:
             return "\n".join(turn["content"] for turn in prompt) + "\n"
-        return self.tokenizer.apply_chat_template(
-            self._turns(prompt), tokenize=False, add_generation_prompt=True
-        )
+        with _today_is(self.day):
+            return self.tokenizer.apply_chat_template(
+                self._turns(prompt), tokenize=False, add_generation_prompt=True, **self.template_kwargs
+            )
 
     def conversation_text(self, prompt: Sequence[dict[str, str]], response: str) -> str:
         """The prompt and the assistant's response, rendered as one conversation."""
         if not self.has_template:
             return self.prompt_text(prompt) + response
         turns = self._turns([*prompt, {"role": "assistant", "content": response}])
-        return self.tokenizer.apply_chat_template(turns, tokenize=False)
+        with _today_is(self.day):
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, **self.template_kwargs)
 
     # ------------------------------------------------------------------------------------------ ids
 
@@ -244,9 +286,11 @@ class ChatTokenizer:
         return prompt_ids, response_ids
 
 
-def render_prompt_ids(tokenizer: Any, prompt: Sequence[dict[str, str]]) -> list[int]:
+def render_prompt_ids(
+    tokenizer: Any, prompt: Sequence[dict[str, str]], template_date: str = DEFAULT_TEMPLATE_DATE
+) -> list[int]:
     """The prompt's token ids as the model sees them before it answers (see `ChatTokenizer`)."""
-    return ChatTokenizer(tokenizer).prompt_ids(prompt)
+    return ChatTokenizer(tokenizer, template_date).prompt_ids(prompt)
 
 
 def _shorter_prompts(prompt: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
@@ -266,6 +310,7 @@ def tokenize_examples(
     max_response_tokens: int,
     overlong: str = "error",
     batch_size: int = 512,
+    template_date: str = DEFAULT_TEMPLATE_DATE,
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Tokenizes examples by the module's rule and applies the over-long policy.
 
@@ -290,7 +335,7 @@ def tokenize_examples(
             "max_prompt_tokens must be >= 1 and max_response_tokens >= 2 (one content token and "
             f"the end-of-turn), got {max_prompt_tokens} and {max_response_tokens}"
         )
-    chat = ChatTokenizer(tokenizer)
+    chat = ChatTokenizer(tokenizer, template_date)
     counts = {"kept": 0, "skipped_overlong": 0, "truncated": 0, "prompt_turns_dropped": 0}
     tokenized: list[TokenizedExample] = []
     for start in range(0, len(examples), batch_size):

@@ -17,11 +17,13 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from spaceft.chat import DEFAULT_TEMPLATE_DATE
 from spaceft.losses import LossType
 
 
@@ -116,12 +118,21 @@ class DataConfig:
     overlong: str = "error"
     """error | skip | truncate (drop the prompt's oldest exchanges; cut the response to
     max_response_tokens without end-of-turn, like a sample capped at generation.max_new_tokens)."""
+    template_date: str = DEFAULT_TEMPLATE_DATE
+    """YYYY-MM-DD: the date a chat template that prints today's date renders (Llama 3.2/3.3, SmolLM3);
+    fixed, so that prompts tokenize the same on every day a run is resumed (spaceft.chat)."""
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.overlong not in ("error", "skip", "truncate"):
             raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
+        try:
+            date.fromisoformat(self.template_date)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"data.template_date must be a date YYYY-MM-DD, got {self.template_date!r}"
+            ) from None
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 2:
             raise ValueError(
                 "data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 "

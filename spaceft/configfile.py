@@ -10,6 +10,7 @@ the nearest key of its section. `spaceft.config` re-exports `load_config`, `conf
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -67,6 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-07-26 as a date
+            return value.isoformat()
         raise ValueError(f"{key}: expected a string, got {value!r}")
     if tp is LossType:
         try:

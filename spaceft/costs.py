@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft import data as data_mod
+from spaceft.chat import DEFAULT_TEMPLATE_DATE
 from spaceft.data import TokenizedExample
 from spaceft.rundir import read_json, read_table
 
@@ -80,6 +81,7 @@ def training_data(run_dir: Path) -> list[TokenizedExample]:
         max_prompt_tokens=d["max_prompt_tokens"],
         max_response_tokens=d["max_response_tokens"],
         overlong=d["overlong"],
+        template_date=d.get("template_date", DEFAULT_TEMPLATE_DATE),  # a run from before the key: the default
     )
     return tokenized
 

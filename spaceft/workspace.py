@@ -127,6 +127,7 @@ def _load_split(
         max_prompt_tokens=d.max_prompt_tokens,
         max_response_tokens=d.max_response_tokens,
         overlong=d.overlong,
+        template_date=d.template_date,
     )
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")

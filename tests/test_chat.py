@@ -335,3 +335,26 @@ def test_rewards_start_at_zero_for_every_template(
     for sample in read_table(run_dir / "iter_0" / "synthetic.parquet"):
         ids = sample["response_ids"]
         assert sample["hit_cap"] == (eot not in ids and tokenizer.eos_token_id not in ids)
+
+
+def test_a_template_that_prints_today_renders_the_pinned_date_every_day() -> None:
+    """Llama 3.2/3.3 and SmolLM3 templates call strftime_now: a prompt tokenized on another day (a resume,
+    a later stage, the cost count) must still have the ids its synthetic samples were drawn from."""
+    from datetime import date
+
+    from .chat_tokenizers import llama3
+
+    tok = llama3()
+    header = "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+    dated = header + 'Today Date: {{ strftime_now("%d %b %Y") }}'
+    tok.chat_template = dated + "<|eot_id|>" + tok.chat_template.removeprefix("{{ bos_token }}")
+    example = Example(prompt=[{"role": "user", "content": "Hello"}], response="Hi")
+    today = date.today().strftime("%d %b %Y")
+    text = ChatTokenizer(tok).prompt_text(example.prompt)
+    assert "Today Date: 26 Jul 2024" in text and (today == "26 Jul 2024" or today not in text)
+    assert "Today Date: 02 Jan 2025" in ChatTokenizer(tok, "2025-01-02").prompt_text(example.prompt)
+    [pinned], _ = tokenize_examples(tok, [example], max_prompt_tokens=200, max_response_tokens=20)
+    [later], _ = tokenize_examples(tok, [example], max_prompt_tokens=200, max_response_tokens=20,
+                                   template_date="2025-01-02")  # fmt: skip
+    assert pinned.response_ids == later.response_ids and pinned.prompt_ids != later.prompt_ids
+    assert render_prompt_ids(tok, example.prompt) == list(pinned.prompt_ids)
