@@ -311,6 +311,7 @@ def tokenize_examples(
     overlong: str = "error",
     batch_size: int = 512,
     template_date: str = DEFAULT_TEMPLATE_DATE,
+    on_bad_row: str = "error",
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Tokenizes examples by the module's rule and applies the over-long policy.
 
@@ -322,9 +323,15 @@ def tokenize_examples(
        prompt's oldest exchanges until it fits (skipping the example if even its last user turn does
        not) and cuts the response to its first ``max_response_tokens`` ids, without end-of-turn.
 
+    3. A row that cannot be tokenized exactly raises `DataError` naming it, or with ``on_bad_row="skip"``
+       is counted in ``skipped_bad`` and dropped: a response holding the end-of-turn token's text (it
+       would end the response there, unflagged), or a pair whose prompt ids are not a prefix of the
+       conversation's (a token merged across the boundary).
+
     Returns:
         The kept examples (``index`` is the position in ``examples``) and the counts ``{"kept",
-        "skipped_overlong", "truncated", "prompt_turns_dropped"}``; truncated examples count as kept.
+        "skipped_overlong", "skipped_bad", "truncated", "prompt_turns_dropped"}``; truncated examples
+        count as kept.
     """
     from spaceft.data import DataError
 
@@ -336,7 +343,8 @@ def tokenize_examples(
             f"the end-of-turn), got {max_prompt_tokens} and {max_response_tokens}"
         )
     chat = ChatTokenizer(tokenizer, template_date)
-    counts = {"kept": 0, "skipped_overlong": 0, "truncated": 0, "prompt_turns_dropped": 0}
+    eot_text = tokenizer.convert_ids_to_tokens(chat.eot)
+    counts = {"kept": 0, "skipped_overlong": 0, "skipped_bad": 0, "truncated": 0, "prompt_turns_dropped": 0}
     tokenized: list[TokenizedExample] = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]
@@ -347,10 +355,20 @@ def tokenize_examples(
         for offset, example in enumerate(batch):
             source = example.source or f"example {start + offset}"
             try:
+                if chat.has_template and eot_text in example.response:
+                    raise ChatTemplateError(
+                        f"{source}: the response contains {eot_text!r}, the end-of-turn token's text: "
+                        "it would be encoded as that token and end the response there; remove it from "
+                        "the row, or set data.on_bad_row=skip"
+                    )
                 prompt = encoded[offset]
                 response = chat.split(prompt, encoded[len(batch) + offset], source)
             except ChatTemplateError as exc:
-                raise DataError(str(exc)) from None
+                if on_bad_row != "skip":
+                    raise DataError(str(exc)) from None
+                counts["skipped_bad"] += 1
+                logger.debug("skipped: %s", exc)
+                continue
             # step 2
             if len(prompt) <= max_prompt_tokens and len(response) <= max_response_tokens:
                 tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset))
@@ -386,18 +404,19 @@ def tokenize_examples(
             tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset, truncated=cut))
             counts["kept"] += 1
             counts["truncated"] += 1
-    level = logging.WARNING if counts["skipped_overlong"] or counts["truncated"] else logging.INFO
+    bad = f", {counts['skipped_bad']} that cannot be tokenized exactly" if counts["skipped_bad"] else ""
     logger.log(
-        level,
+        logging.WARNING if counts["skipped_overlong"] or counts["truncated"] or bad else logging.INFO,
         "tokenized %d examples: kept %d (truncated %d, of which %d lost old prompt turns), "
-        "skipped %d over-long",
+        "skipped %d over-long%s",
         len(examples),
         counts["kept"],
         counts["truncated"],
         counts["prompt_turns_dropped"],
         counts["skipped_overlong"],
+        bad,
     )
-    if examples and not tokenized:
+    if examples and not tokenized and counts["skipped_overlong"]:
         raise DataError(
             f"every one of the {len(examples)} examples is over-long (max_prompt_tokens="
             f"{max_prompt_tokens}, max_response_tokens={max_response_tokens}); raise the limits "

@@ -82,6 +82,7 @@ def training_data(run_dir: Path) -> list[TokenizedExample]:
         max_response_tokens=d["max_response_tokens"],
         overlong=d["overlong"],
         template_date=d.get("template_date", DEFAULT_TEMPLATE_DATE),  # a run from before the key: the default
+        on_bad_row=d["on_bad_row"],
     )
     return tokenized
 

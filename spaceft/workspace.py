@@ -128,6 +128,7 @@ def _load_split(
         max_response_tokens=d.max_response_tokens,
         overlong=d.overlong,
         template_date=d.template_date,
+        on_bad_row=d.on_bad_row,
     )
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
@@ -248,6 +249,8 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
         eval_ex, eval_tok, eval_info = _load_split(
             eval_path, cfg, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
         )
+    if state.is_main_process:
+        _warn_longer_than_samples(cfg, train_tok)
     data_hash = file_hash(Path(train_path)) if Path(train_path).exists() else train_path
     manifest = Manifest.open(cfg.run_dir)
     ws = Workspace(cfg, manifest, start, tokenizer, train_ex, train_tok, eval_ex, eval_tok)
@@ -261,6 +264,19 @@ def prepare(cfg: RunConfig, *, force: bool = False) -> Workspace:
         manifest.data = Manifest.open(cfg.run_dir).data
     _resolve_batch_sizes(ws)
     return ws
+
+
+def _warn_longer_than_samples(cfg: RunConfig, train_tok: list[TokenizedExample]) -> None:
+    """Real responses longer than any synthetic sample can be make length alone tell them apart."""
+    cap = cfg.generation.max_new_tokens
+    longer = sum(len(t.response_ids) > cap for t in train_tok)
+    if longer and cfg.train.loss.uses_synthetic:
+        log.warning(
+            "%d of %d real responses are longer than generation.max_new_tokens=%d, which no synthetic "
+            "sample can be (length alone tells those apart): raise generation.max_new_tokens to "
+            "data.max_response_tokens=%d, or lower the latter with data.overlong=truncate",
+            longer, len(train_tok), cap, cfg.data.max_response_tokens,
+        )  # fmt: skip
 
 
 def _resolve_batch_sizes(ws: Workspace) -> None:

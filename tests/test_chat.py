@@ -133,6 +133,30 @@ def test_prompt_that_is_not_a_prefix_is_refused_naming_the_row() -> None:
     example = Example(({"role": "user", "content": "q"},), "a", None, "bad.jsonl:3")
     with pytest.raises(DataError, match=r"^bad\.jsonl:3: the prompt's tokens are not a prefix"):
         tokenize_examples(tokenizer, [example], max_prompt_tokens=64, max_response_tokens=64)
+    # data.on_bad_row=skip: the row is counted and dropped, the others are kept
+    good = make_tokenizer()
+    rows = [example, Example(({"role": "user", "content": "q"},), "fine", None, "bad.jsonl:4")]
+    kept, counts = tokenize_examples(tokenizer, rows, max_prompt_tokens=64, max_response_tokens=64,
+                                     on_bad_row="skip")  # fmt: skip
+    assert kept == [] and counts["skipped_bad"] == 2  # this template breaks every row
+    kept, counts = tokenize_examples(good, rows, max_prompt_tokens=64, max_response_tokens=64,
+                                     on_bad_row="skip")  # fmt: skip
+    assert [k.index for k in kept] == [0, 1] and counts["skipped_bad"] == 0
+
+
+def test_a_response_holding_the_end_of_turn_text_is_refused_or_skipped() -> None:
+    """'<|im_end|>' typed inside an answer would be encoded as the end-of-turn token and end the response
+    there, unflagged: the row is refused naming it, or counted and dropped under on_bad_row=skip."""
+    tokenizer = make_tokenizer()
+    rows = [
+        Example(({"role": "user", "content": "q"},), "Write <|im_end|> at the end", None, "d.jsonl:1"),
+        Example(({"role": "user", "content": "q"},), "fine", None, "d.jsonl:2"),
+    ]
+    with pytest.raises(DataError, match=r"^d\.jsonl:1: the response contains '<\|im_end\|>'"):
+        tokenize_examples(tokenizer, rows, max_prompt_tokens=64, max_response_tokens=64)
+    kept, counts = tokenize_examples(tokenizer, rows, max_prompt_tokens=64, max_response_tokens=64,
+                                     on_bad_row="skip")  # fmt: skip
+    assert [k.index for k in kept] == [1] and counts["skipped_bad"] == 1
 
 
 def test_chatml_pairs_keep_their_previous_ids() -> None:
@@ -140,7 +164,10 @@ def test_chatml_pairs_keep_their_previous_ids() -> None:
     tokenizer = make_tokenizer()
     examples = [Example(p, r, a, f"f.jsonl:{i + 1}") for i, (p, r, a) in enumerate(PAIRS)]
     tokenized, counts = tokenize_examples(tokenizer, examples, max_prompt_tokens=512, max_response_tokens=64)
-    assert counts == {"kept": 3, "skipped_overlong": 0, "truncated": 0, "prompt_turns_dropped": 0}
+    assert counts == {
+        "kept": 3, "skipped_overlong": 0, "skipped_bad": 0,
+        "truncated": 0, "prompt_turns_dropped": 0,
+    }
     eot = end_of_turn_id(tokenizer)
     for position, (example, item) in enumerate(zip(examples, tokenized, strict=True)):
         assert item.index == position
@@ -186,7 +213,10 @@ def test_overlong_skip_keeps_stable_indices() -> None:
     tokenized, counts = tokenize_examples(
         tokenizer, overlong_examples(), max_prompt_tokens=21, max_response_tokens=5, overlong="skip"
     )
-    assert counts == {"kept": 1, "skipped_overlong": 2, "truncated": 0, "prompt_turns_dropped": 0}
+    assert counts == {
+        "kept": 1, "skipped_overlong": 2, "skipped_bad": 0,
+        "truncated": 0, "prompt_turns_dropped": 0,
+    }
     assert [item.index for item in tokenized] == [0]
     with pytest.raises(DataError, match="every one of the 3 examples is over-long"):
         tokenize_examples(
@@ -202,7 +232,10 @@ def test_truncated_response_ends_like_a_capped_sample() -> None:
     tokenized, counts = tokenize_examples(
         tokenizer, overlong_examples(), max_prompt_tokens=21, max_response_tokens=5, overlong="truncate"
     )
-    assert counts == {"kept": 2, "skipped_overlong": 1, "truncated": 1, "prompt_turns_dropped": 0}
+    assert counts == {
+        "kept": 2, "skipped_overlong": 1, "skipped_bad": 0,
+        "truncated": 1, "prompt_turns_dropped": 0,
+    }
     assert [t.index for t in tokenized] == [0, 2]
     assert tokenized[1].response_ids == tuple(tokenizer("a muc", add_special_tokens=False)["input_ids"])
     assert tokenized[1].truncated and not tokenized[0].truncated

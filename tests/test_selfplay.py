@@ -374,3 +374,25 @@ def test_gpu_check_builds_a_sentencepiece_llama_and_measures_the_train_steps(
     assert m["steps"] == len(steps) and m["trained_tokens"] == run_costs(reference)[0].trained
     assert m["mfu"] == round(6 * params * m["trained_tokens"] / sum(s["step_s"] for s in steps) / 1e12, 4)
     assert m["first_step_abs_reward"] < 1e-5  # the reference run is float32: its rewards start at 0
+
+
+def test_real_responses_longer_than_any_sample_are_warned_about(
+    tmp_path: Path, tiny_model_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With generation.max_new_tokens below real responses' lengths, length alone separates real from
+    synthetic: the run says how many real responses no sample can match."""
+    import logging
+
+    from spaceft.configfile import load_config
+    from spaceft.workspace import prepare
+
+    def warned(**over: object) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="spaceft.workspace"):
+            prepare(load_config("tiny", tiny_overrides(tmp_path, tiny_model_dir, **over)))
+        return [r.getMessage() for r in caplog.records if "no synthetic sample can be" in r.getMessage()]
+
+    [message] = warned(**{"generation.max_new_tokens": 2})
+    assert message.startswith("8 of 8 real responses are longer than generation.max_new_tokens=2")
+    assert warned(**{"generation.max_new_tokens": 512}) == []  # data.max_response_tokens of the tiny recipe
+    assert warned(**{"generation.max_new_tokens": 2, "train.loss": "sft", "name": "sft"}) == []
