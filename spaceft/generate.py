@@ -435,17 +435,31 @@ def write_generate_parts(
 
 
 def merge_generate_parts(
-    out: Path, n_prompts: int, cfg: GenerationConfig, *, tag: str = ""
+    out: Path, n_prompts: int, cfg: GenerationConfig, *, tag: str = "", end_of_turn: int | None = None
 ) -> dict[str, Any]:
-    """Join the parts into `out`; returns the stage's manifest entry (rows, lengths, hash)."""
+    """Join the parts into `out`; returns the stage's manifest entry (rows, lengths, hash).
+
+    With `end_of_turn`, also the share of finished samples that stopped on another stop id (eos where
+    it differs: Llama 3's <|end_of_text|>, Gemma's <eos>). Every real response ends on end-of-turn, so
+    such a sample's last token alone marks it synthetic; a warning says how many there are."""
     size = concrete(cfg.batch_size)
     n_chunks = max((n_prompts + size - 1) // size, 1)
     rows = merge_parts(out, n_chunks, tag=tag)
     rows.sort(key=lambda r: (r["prompt_index"], r["sample"]))
     lengths = [r["length"] for r in rows]
-    return {
+    entry = {
         "rows": len(rows),
         "mean_length": sum(lengths) / max(len(lengths), 1),
         "capped_fraction": sum(r["hit_cap"] for r in rows) / max(len(rows), 1),
         "hash": file_hash(out),
     }
+    if end_of_turn is not None:
+        other = sum(1 for r in rows if not r["hit_cap"] and list(r["response_ids"])[-1:] != [end_of_turn])
+        entry["other_stop_fraction"] = other / max(len(rows), 1)
+        if other:
+            log.warning(
+                "%d of %d samples stopped on a stop token other than end-of-turn (id %d), which no real "
+                "response ends on: their last token alone marks them synthetic",
+                other, len(rows), end_of_turn,
+            )  # fmt: skip
+    return entry

@@ -145,3 +145,29 @@ def test_stage_resumes_and_overwrites(model, tiny_tokenizer, tmp_path: Path, mon
     assert rows == read_table(ref)  # a resumed stage equals an uninterrupted one
     run(out)  # re-running overwrites, never appends
     assert len(read_table(out)) == 20
+
+
+def test_samples_that_stop_on_eos_instead_of_end_of_turn_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Llama 3 stops on <|eot_id|> or <|end_of_text|>; real responses end on <|eot_id|> only, so a sample
+    ending on the other marks itself synthetic: the generate entry counts them and warns."""
+    import logging
+
+    from spaceft.generate import merge_generate_parts
+    from spaceft.rundir import write_parts
+
+    eot, eos = 9, 7
+    rows = [
+        {"prompt_index": 0, "sample": 0, "response_ids": [5, eot], "length": 2, "hit_cap": False},
+        {"prompt_index": 0, "sample": 1, "response_ids": [5, eos], "length": 2, "hit_cap": False},
+        {"prompt_index": 1, "sample": 0, "response_ids": [5, 5, 5], "length": 3, "hit_cap": True},
+        {"prompt_index": 1, "sample": 1, "response_ids": [eot], "length": 1, "hit_cap": False},
+    ]
+    out = tmp_path / "synthetic.parquet"
+    cfg = GenerationConfig(num_samples=2, batch_size=2)
+    write_parts(out, 1, lambda c: rows, stage="generate")
+    with caplog.at_level(logging.WARNING, logger="spaceft.generate"):
+        entry = merge_generate_parts(out, 2, cfg, end_of_turn=eot)
+    assert entry["other_stop_fraction"] == 0.25 and entry["capped_fraction"] == 0.25
+    assert "1 of 4 samples stopped on a stop token other than end-of-turn (id 9)" in caplog.text
