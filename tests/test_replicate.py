@@ -253,3 +253,21 @@ def test_archive_keeps_finished_runs_across_machines(tmp_path: Path, tiny_model_
         rep.Grid(wrong, launch).run()
     assert calls == [("start-N4", False)]
     assert sorted(p.name for p in wrong.out.iterdir() if p.is_dir()) == ["start-N4"]  # nothing restored
+
+
+def test_diagnostics_cells_are_the_mean_and_the_range_of_the_seeds(tmp_path: Path) -> None:
+    """With 3 seeds a percentile bootstrap over seeds returns the lowest and highest seed anyway; the
+    table says so rather than call that a 95% interval."""
+    import json
+
+    tables = load_benchmark("replicate_tables")
+    runs = {}
+    for seed, reward in enumerate([0.5, -1.0, 2.0]):
+        run = tmp_path / f"space-s{seed}"
+        run.mkdir()
+        (run / tables.DIAGNOSTICS).write_text(json.dumps([{"reward_real": reward, "identical": 0.25}]))
+        runs[seed] = run
+    lines = tables.diagnostics_tables({"space-N16": runs}, ["space-N16"], 1)
+    row = lines[2].split(" | ")
+    assert row[:3] == ["| space-N16", "1", "3"]
+    assert row[5] == "+0.50 [-1.00, +2.00]" and row[7] == "0.25 [0.25, 0.25]"
