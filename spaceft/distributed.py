@@ -35,13 +35,16 @@ class RankFailedError(RuntimeError):
     """Another process failed; this one stops with that process's message."""
 
 
+def _accelerate_use_cpu() -> bool:
+    """Whether the launcher asked for CPU processes (accelerate's ACCELERATE_USE_CPU)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+
+
 def init_processes(timeout_s: int) -> PartialState:
     """The process group (created on first use, with `timeout_s` for every collective)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     # Accelerate joins CPU processes only when told it runs on CPU (otherwise each would run alone)
-    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or (
-        launched > 1 and not torch.cuda.is_available()
-    )
+    cpu = _accelerate_use_cpu() or (launched > 1 and not torch.cuda.is_available())
     state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
     if state.num_processes < launched:  # (mpirun sets no WORLD_SIZE: then there is nothing to compare)
         raise RuntimeError(
@@ -64,10 +67,10 @@ def check_launch(*, lora_rank: int) -> None:
     """
     flag = os.environ.get
     local = int(flag("LOCAL_WORLD_SIZE", "1"))
-    on_cpu = flag("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    if local > 1 and not on_cpu and torch.cuda.is_available() and local > torch.cuda.device_count():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if local > 1 and not _accelerate_use_cpu() and gpus and local > gpus:
         raise ValueError(
-            f"{local} processes were launched on this node but it has {torch.cuda.device_count()} visible "
+            f"{local} processes were launched on this node but it has {gpus} visible "
             f"GPU(s) (CUDA_VISIBLE_DEVICES={flag('CUDA_VISIBLE_DEVICES', 'unset')}): each process needs its "
             "own GPU; launch with --nproc_per_node equal to the GPUs (or --num_processes under accelerate)"
         )

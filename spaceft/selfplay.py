@@ -35,7 +35,6 @@ from transformers import AutoConfig
 
 from spaceft import evalcache
 from spaceft.batching import ModelShape, concrete, kv_cache_bytes
-from spaceft.chat import end_of_turn_id
 from spaceft.config import GENERATION_WHERE_KEYS, RunConfig
 from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
@@ -328,7 +327,7 @@ def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
 def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
     t = int(step.iteration)
     out = ws.iter_dir(t) / "synthetic.parquet"
-    eot = end_of_turn_id(ws.tokenizer)
+    eot = ws.end_of_turn
     return {**merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot),
             "opponent": ws.opponent_hash(t)}  # fmt: skip
 

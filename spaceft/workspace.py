@@ -69,9 +69,14 @@ class Workspace:
         return self.state.device  # this process's device (cuda:LOCAL_RANK under accelerate launch)
 
     @cached_property
+    def end_of_turn(self) -> int:
+        """The id every real response ends on (spaceft.chat.end_of_turn_id)."""
+        return data_mod.end_of_turn_id(self.tokenizer)
+
+    @cached_property
     def stop_ids(self) -> list[int]:
         """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
-        ids = {data_mod.end_of_turn_id(self.tokenizer)}
+        ids = {self.end_of_turn}
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return sorted(ids)
