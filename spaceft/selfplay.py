@@ -35,6 +35,7 @@ from transformers import AutoConfig
 
 from spaceft import evalcache
 from spaceft.batching import ModelShape, concrete, kv_cache_bytes
+from spaceft.chat import ChatTokenizer, template_drift, warn_template_drift
 from spaceft.config import GENERATION_WHERE_KEYS, RunConfig
 from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
@@ -328,8 +329,13 @@ def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, A
     t = int(step.iteration)
     out = ws.iter_dir(t) / "synthetic.parquet"
     eot = ws.end_of_turn
-    return {**merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot),
-            "opponent": ws.opponent_hash(t)}  # fmt: skip
+    entry = merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot)
+    rows = read_table(out)
+    prompts = {tok.index: ws.train_examples[tok.index].prompt for tok in ws.train_tok}
+    drift = template_drift(ChatTokenizer(ws.tokenizer, ws.cfg.data.template_date), prompts,
+                           [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in rows])  # fmt: skip
+    warn_template_drift(drift, ws.cfg.model.name)
+    return {**entry, "template_drift": drift, "opponent": ws.opponent_hash(t)}
 
 
 def load_score(ws: Workspace, step: Step) -> list[ScoreItem]:

@@ -12,6 +12,9 @@ the public template's structure, not copied):
              tokens), ``<s>[INST] … [/INST] answer </s>``, the template rendering ``bos_token`` itself;
 * `llama3`   byte-level BPE with ``<|start_header_id|>role<|end_header_id|>\\n\\n…<|eot_id|>`` headers,
              BOS ``<|begin_of_text|>`` added by encoding *and* rendered by the template;
+* `mistral`  the legacy Llama tokenizer with Mistral-Instruct v0.2's template,
+             ``<s>[INST] … [/INST]answer</s>``: the answer glued to ``[/INST]`` (``The``, not the ``▁The``
+             the model writes), no system role;
 * `gemma`    SentencePiece-style BPE without a dummy prefix, ``<start_of_turn>user\\n…<end_of_turn>\\n``,
              ``model`` as the assistant role, no system role (the template raises on one).
 """
@@ -102,6 +105,15 @@ LLAMA2_TEMPLATE = (
     "{% else %}{{ ' ' + m['content'].strip() + ' ' + eos_token }}{% endif %}{% endfor %}"
 )
 
+# Mistral-Instruct v0.1/v0.2's hub template: no system role, and the answer follows [/INST] with no space,
+# although the model was trained on "[/INST]" then the answer tokenized on its own ("▁The ...").
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ raise_exception('Only user and assistant roles are supported!') }}"
+    "{% elif m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] | trim }}"
@@ -154,6 +166,13 @@ def llama2() -> PreTrainedTokenizerFast:
     return _fast(tok, LLAMA2_TEMPLATE, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
+def mistral() -> PreTrainedTokenizerFast:
+    """Llama-2's legacy SentencePiece tokenizer with Mistral-Instruct v0.2's template."""
+    fast = llama2()
+    fast.chat_template = MISTRAL_TEMPLATE
+    return fast
+
+
 def llama3() -> PreTrainedTokenizerFast:
     specials = [
         "<|begin_of_text|>",
@@ -187,5 +206,6 @@ BUILDERS: dict[str, Callable[[], PreTrainedTokenizerFast]] = {
     "zephyr": zephyr,
     "llama2": llama2,
     "llama3": llama3,
+    "mistral": mistral,
     "gemma": gemma,
 }

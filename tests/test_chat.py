@@ -17,7 +17,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from spaceft import chat
-from spaceft.chat import ChatTokenizer, end_of_turn_id, render_prompt_ids, tokenize_examples
+from spaceft.chat import (
+    ChatTokenizer,
+    end_of_turn_id,
+    render_prompt_ids,
+    template_drift,
+    tokenize_examples,
+    warn_template_drift,
+)
 from spaceft.data import DataError, Example
 
 from .chat_tokenizers import BUILDERS
@@ -51,6 +58,11 @@ EXPECTED = {
          "<|eot_id|>", "<|start_header_id|>", "ass", "is", "t", "an", "t", "<|end_header_id|>", "Ċ", "Ċ"],
         ["The", "Ġanswer", "Ġis", "Ġ", "1", "2", ".", "<|eot_id|>"],
     ),
+    # the template glues the answer to [/INST]: "The", where the model writes "▁The" (see the drift tests)
+    "mistral": (
+        ["<s>", "▁", "[", "INST", "]", "▁Hello", "▁", "[", "/", "INST", "]"],
+        ["The", "▁answer", "▁is", "▁", "1", "2", ".", "</s>"],
+    ),
     "gemma": (
         ["<bos>", "<start_of_turn>", "u", "se", "r", "<0x0A>", "Hello", "<end_of_turn>", "<0x0A>",
          "<start_of_turn>", "model", "<0x0A>"],
@@ -59,7 +71,7 @@ EXPECTED = {
 }  # fmt: skip
 
 # The old rule tokenized the response on its own: tokenizer(response) + end-of-turn.
-OLD_RULE_DIFFERS = {"zephyr", "llama2"}
+OLD_RULE_DIFFERS = {"zephyr", "llama2", "mistral"}
 
 MULTI_TURN = (
     {"role": "system", "content": "You are helpful."},
@@ -182,7 +194,7 @@ def test_chatml_pairs_keep_their_previous_ids() -> None:
 
 def test_end_of_turn_id_is_the_token_that_closes_an_assistant_turn() -> None:
     expected = {"chatml": "<|im_end|>", "zephyr": "</s>", "llama2": "</s>", "llama3": "<|eot_id|>",
-                "gemma": "<end_of_turn>"}  # fmt: skip
+                "gemma": "<end_of_turn>", "mistral": "</s>"}  # fmt: skip
     for name, build in BUILDERS.items():
         tokenizer = build()
         assert tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer)) == expected[name], name
@@ -365,9 +377,77 @@ def test_rewards_start_at_zero_for_every_template(
     assert abs(first["rewards/real"]) < 1e-5 and abs(first["rewards/synthetic"]) < 1e-5
     assert first["rewards/abs_mean"] < 1e-5
     eot = end_of_turn_id(tokenizer)
-    for sample in read_table(run_dir / "iter_0" / "synthetic.parquet"):
+    samples = read_table(run_dir / "iter_0" / "synthetic.parquet")
+    for sample in samples:
         ids = sample["response_ids"]
         assert sample["hit_cap"] == (eot not in ids and tokenizer.eos_token_id not in ids)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    drift = manifest["iterations"]["0"]["generate"]["template_drift"]  # the random model's samples
+    assert drift["checked"] == len(samples) == 8
+    assert 0 <= drift["boundary_fraction"] <= drift["mismatch_fraction"] <= 1
+
+
+# template_drift: the rule applied to the model's own samples. Each sample is (prompt index, ids, hit_cap).
+DRIFT_TEXTS = ["The answer is 12.", "Hello world, thanks.", "Sure, here you are: 7.", "please explain it"]
+
+
+def _rule_written(c: ChatTokenizer, prompt: list[dict[str, str]]) -> list[list[int]]:
+    return [c.pair_ids(prompt, text)[1] for text in DRIFT_TEXTS]
+
+
+def test_a_model_that_writes_as_the_template_renders_shows_no_drift(
+    family: tuple[str, PreTrainedTokenizerFast], caplog: pytest.LogCaptureFixture
+) -> None:
+    name, tokenizer = family
+    c = ChatTokenizer(tokenizer)
+    prompts = [[{"role": "user", "content": "Hello"}], list(MULTI_TURN)]
+    samples = [(i % 2, ids, False) for i, ids in enumerate(_rule_written(c, prompts[0]) * 2)]
+    capped = [(0, ids[:3], True) for ids in _rule_written(c, prompts[0])]  # a cut sample is a prefix
+    with caplog.at_level(logging.WARNING, logger="spaceft.chat"):
+        drift = template_drift(c, prompts, samples + capped)
+        warn_template_drift(drift, name)
+    assert drift == {"checked": 12, "mismatch_fraction": 0.0, "boundary_fraction": 0.0}
+    assert "come back as different tokens" not in caplog.text
+
+
+def test_mistrals_hub_template_drifts_from_what_the_model_writes(caplog: pytest.LogCaptureFixture) -> None:
+    """Mistral-Instruct was trained on [/INST] followed by the answer tokenized on its own (▁The …); the
+    hub template renders [/INST]The …, so every real response would start with a token no sample has."""
+    from .chat_tokenizers import mistral
+
+    tokenizer = mistral()
+    c = ChatTokenizer(tokenizer)
+    prompt = [{"role": "user", "content": "Hello"}]
+    eos = tokenizer.eos_token_id
+    trained = [[*tokenizer(text, add_special_tokens=False)["input_ids"], eos] for text in DRIFT_TEXTS]
+    assert tokens(tokenizer, trained[0])[:2] == ["▁The", "▁answer"]
+    with caplog.at_level(logging.WARNING, logger="spaceft.chat"):
+        samples = [(0, ids, False) for ids in trained] + [(0, trained[0][:2], True)]
+        drift = template_drift(c, [prompt], samples)
+        warn_template_drift(drift, "mistral-instruct")
+    assert drift["checked"] == 5 and drift["mismatch_fraction"] == drift["boundary_fraction"] == 1.0
+    assert drift["example"] == {"written": ["▁The", "▁answer", "▁is"], "rendered": ["The", "▁answer", "▁is"]}
+    assert "100% of the model's own samples" in caplog.text and "[/INST]" in caplog.text
+
+
+def test_template_drift_tells_boundaries_from_an_unusual_split_in_the_middle() -> None:
+    """A sample that splits a word unusually (▁ answer for ▁answer) is re-rendered differently, but not
+    at a boundary; one that leaves out the ' ' Llama-2's template puts before </s> differs at the end."""
+    from .chat_tokenizers import llama2
+
+    tokenizer = llama2()
+    c = ChatTokenizer(tokenizer)
+    prompt = [{"role": "user", "content": "Hello"}]
+    rule = _rule_written(c, prompt)[0]  # ▁The ▁answer ▁is ▁ 1 2 . ▁ </s>
+    to_ids = tokenizer.convert_tokens_to_ids
+    split = [rule[0], *to_ids(["▁", "answer"]), *rule[2:]]
+    no_space_at_end = [*rule[:-2], rule[-1]]
+    drift = template_drift(c, [prompt], [(0, split, False), (0, no_space_at_end, False), (0, rule, False)])
+    assert drift["checked"] == 3
+    assert drift["mismatch_fraction"] == pytest.approx(2 / 3)
+    assert drift["boundary_fraction"] == pytest.approx(1 / 3)
+    assert drift["example"] == {"written": ["2", ".", "</s>"], "rendered": ["2", ".", "▁", "</s>"]}
+    warn_template_drift(drift, "llama2")  # a third at a boundary: below the warning's threshold
 
 
 def test_a_template_that_prints_today_renders_the_pinned_date_every_day() -> None:
