@@ -275,13 +275,17 @@ def collect_diagnostics(
       trained player's, averaged over the final epoch (metrics.jsonl);
     * ``identical``: share of synthetic samples equal, token for token, to their prompt's real response;
     * ``syn_length``, ``syn_capped``: mean synthetic length (tokens) and share that hit the length cap;
+    * ``template_drift``: share of the samples the tokenization rule re-renders as other ids at the
+      response's start or end (the generate entry's `chat.template_drift`; near 1: a template that
+      marks every real response);
     * ``accuracy``, ``nll``: held-out metrics of the trained model (eval.json), when evaluated.
 
     `real_ids` (prompt index -> real response ids) is read from the run's data when not given.
     """
     rows: list[dict[str, Any]] = []
     manifest = run_dir / "manifest.json"
-    sft = manifest.exists() and read_json(manifest).get("config", {}).get("train", {}).get("loss") == "sft"
+    stored = read_json(manifest) if manifest.exists() else {}
+    sft = stored.get("config", {}).get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
         d = run_dir / f"iter_{t}"
@@ -309,6 +313,9 @@ def collect_diagnostics(
                 row["identical"] = same / len(syn)
                 row["syn_length"] = sum(r["length"] for r in syn) / len(syn)
                 row["syn_capped"] = sum(bool(r["hit_cap"]) for r in syn) / len(syn)
+        drift = stored.get("iterations", {}).get(str(t), {}).get("generate", {}).get("template_drift")
+        if drift:
+            row["template_drift"] = drift["boundary_fraction"]
         if (d / "eval.json").exists():
             row.update({k: v for k, v in read_json(d / "eval.json").items() if k in ("accuracy", "nll")})
         rows.append(row)
@@ -325,6 +332,7 @@ DIAGNOSTIC_COLUMNS = [
     ("identical", "synthetic = real", "{:.2f}"),
     ("syn_length", "synthetic length", "{:.1f}"),
     ("syn_capped", "capped", "{:.2f}"),
+    ("template_drift", "re-tokenized otherwise at start/end", "{:.2f}"),
 ]
 
 

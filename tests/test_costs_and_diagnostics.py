@@ -36,9 +36,12 @@ def test_diagnostics_from_hand_made_artefacts(tmp_path: Path) -> None:
     identical = 2/4 = 0.5; length = (3 + 2 + 2 + 3) / 4 = 2.5; capped = 1/4.
     Opponent log p of the reals: -4 over 3 tokens and -2 over 2 tokens: mean -3, per token 6/5 = 1.2.
     Player (last epoch = epoch 2, steps with logps/real -1 and -3): -2; rewards real (0.5 + 1.5) / 2 = 1,
-    synthetic (-1 - 3) / 2 = -2. Iteration 1 has only an eval.json (accuracy 0.25)."""
+    synthetic (-1 - 3) / 2 = -2. Iteration 1 has only an eval.json (accuracy 0.25). The manifest's
+    generate entry says 3 of 4 samples re-rendered otherwise at a boundary (chat.template_drift)."""
     d = tmp_path / "iter_0"
     d.mkdir()
+    drift = {"checked": 4, "mismatch_fraction": 1.0, "boundary_fraction": 0.75}
+    write_json(tmp_path / "manifest.json", {"iterations": {"0": {"generate": {"template_drift": drift}}}})
     write_table(
         d / "synthetic.parquet",
         [
@@ -96,7 +99,8 @@ def test_diagnostics_from_hand_made_artefacts(tmp_path: Path) -> None:
     )
     assert rows[1] == {"iteration": 1, "accuracy": 0.25, "nll": 0.5}
     table = diagnostics_table(rows)
-    assert "| 0 | -3.00 | -2.00 | +1.000 | -2.000 | 0.50 | 2.5 | 0.25 |" in table
+    assert rows[0]["template_drift"] == 0.75
+    assert "| 0 | -3.00 | -2.00 | +1.000 | -2.000 | 0.50 | 2.5 | 0.25 | 0.75 |" in table
 
 
 @pytest.mark.slow
