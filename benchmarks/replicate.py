@@ -361,7 +361,8 @@ class Grid:
             "sft-matched": sft,
             "sft-4N": [*sft, f"data.train_size={4 * n}"],
             "space-mu3": [*space, "train.mu=3", "generation.num_samples=3"],
-            "space-reuse": [*space, "selfplay.resample=false"],
+            # an ablation whose noise is not the opponent's: spaceft asks for the opt-in (config.py)
+            "space-reuse": [*space, "selfplay.resample=false", "generation.allow_biased_sampling=true"],
         }[q]
         name = f"{q}-N{n}-s{seed}"
         overrides = [*self.common(n), start, *seeded(seed), *extra, *self.test_eval()]

@@ -172,9 +172,10 @@ class GenerationConfig:
     vllm_memory_fraction: float = 0.85
     """vLLM only: fraction of GPU memory (on the CPU backend: of RAM) its engine may reserve."""
     allow_biased_sampling: bool = False
-    """Let SPACE / SPIN / S-IPO sample with temperature != 1, top_p < 1 or top_k > 0. Their losses take
-    the opponent's untempered log-probs as the density of the synthetic samples, which such decoding
-    no longer is; opting in is recorded in the manifest and the report."""
+    """Let SPACE / SPIN / S-IPO sample with temperature != 1, top_p < 1 or top_k > 0, and SPACE train on
+    samples of another model (selfplay.resample=false, selfplay.mix_previous=true). Their losses take the
+    opponent's untempered log-probs as the density of the synthetic samples, which such samples no
+    longer have; opting in is recorded in the manifest and the report."""
     tensor_parallel_size: int = 1
     """vLLM only: GPUs per engine, for a model that does not fit one; must divide the process count."""
     vllm_keep_alive: bool = False
@@ -393,6 +394,17 @@ class LoggingConfig:
             raise ValueError("logging.report_to must be none, tensorboard or wandb")
 
 
+def _space_noise_mismatch(cfg: RunConfig) -> str | None:
+    """Why SPACE's synthetic samples would not come from the opponent whose log-probs score them."""
+    if cfg.train.loss is not LossType.SPACE:
+        return None  # SPIN's data mixing is SPIN's own practice; its loss is not a density estimate
+    if not cfg.selfplay.resample:
+        return "selfplay.resample=false trains every iteration on iteration 0's samples"
+    if cfg.selfplay.mix_previous:
+        return "selfplay.mix_previous=true trains on the previous opponent's samples too"
+    return None
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -452,6 +464,15 @@ class RunConfig:
                 "the real data as its optimum. Use temperature=1.0, top_p=1.0, top_k=0, or set "
                 "generation.allow_biased_sampling=true to accept the bias (recorded in the manifest and "
                 "report)"
+            )
+        noise = _space_noise_mismatch(self)
+        if noise and not g.allow_biased_sampling:
+            raise ValueError(
+                f"{noise}, but the space loss takes the current opponent's log-probs as the density of "
+                "the synthetic samples (noise-contrastive estimation needs the density of the distribution "
+                "they were drawn from), so the objective's optimum is no longer the real data: with noise q "
+                "it is p_data * p_opponent / q. Set generation.allow_biased_sampling=true to run it as an "
+                "ablation (recorded in the manifest and report)"
             )
 
     @property

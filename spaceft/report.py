@@ -209,14 +209,20 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def _sampling_note(gen: dict[str, Any]) -> list[str]:
-    """A warning paragraph when the run opted into decoding that is not the model's own distribution."""
+def _sampling_note(cfg: dict[str, Any]) -> list[str]:
+    """A warning paragraph when the run opted into samples that are not the opponent's own distribution."""
+    gen, play = cfg.get("generation", {}), cfg.get("selfplay", {})
     if not gen.get("allow_biased_sampling"):
         return []
+    source = ""
+    if cfg.get("train", {}).get("loss") == "space" and not play.get("resample", True):
+        source = ", and every iteration trained on iteration 0's samples (selfplay.resample=false)"
+    elif cfg.get("train", {}).get("loss") == "space" and play.get("mix_previous"):
+        source = ", and also on the previous opponent's samples (selfplay.mix_previous=true)"
     return [
         f"**Biased sampling:** synthetic responses were sampled with temperature {gen.get('temperature')}, "
-        f"top_p {gen.get('top_p')}, top_k {gen.get('top_k')} (generation.allow_biased_sampling=true); the "
-        "loss still used the opponent's untempered log-probs as their density.",
+        f"top_p {gen.get('top_p')}, top_k {gen.get('top_k')}{source} (generation.allow_biased_sampling="
+        "true); the loss still used the current opponent's untempered log-probs as their density.",
         "",
     ]
 
@@ -238,7 +244,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
         f"Objective `{loss}`, model `{cfg.get('model', {}).get('name', '?')}`, "
         f"start model `{manifest.get('start_model', '?')}`.",
         "",
-        *_sampling_note(cfg.get("generation", {})),
+        *_sampling_note(cfg),
         table,
         "",
         *diagnostics_section(run_dir),

@@ -138,6 +138,19 @@ def test_decoding_that_changes_the_noise_distribution_is_refused(decoding: list[
     assert not cfg.generation.is_ancestral
 
 
+@pytest.mark.parametrize("setting", ["selfplay.resample=false", "selfplay.mix_previous=true"])
+def test_space_on_samples_of_another_model_is_refused(setting: str) -> None:
+    """SPACE's noise density is the current opponent's: samples reused from iteration 0 or mixed in from
+    the previous opponent come from another distribution, and the optimum moves off the real data."""
+    with pytest.raises(ValueError, match=r"allow_biased_sampling=true") as err:
+        load_config(None, ["data.train=x.jsonl", setting])
+    assert setting.split("=")[0] in str(err.value) and "p_data * p_opponent / q" in str(err.value)
+    for loss in ("spin", "ipo", "simpo"):  # SPIN's data mixing is SPIN's own practice
+        load_config(None, ["data.train=x.jsonl", f"train.loss={loss}", setting])
+    cfg = load_config(None, ["data.train=x.jsonl", setting, "generation.allow_biased_sampling=true"])
+    assert cfg.generation.allow_biased_sampling and cfg.generation.is_ancestral
+
+
 def test_negative_top_k_is_refused() -> None:
     with pytest.raises(ValueError, match=r"generation\.top_k must be >= 0"):
         load_config(None, ["data.train=x.jsonl", "generation.top_k=-5"])

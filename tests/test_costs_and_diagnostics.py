@@ -106,7 +106,8 @@ def test_diagnostics_from_hand_made_artefacts(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [{"generation.num_samples": 2, "train.mu": 2.0, "selfplay.resample": False}, {"train.loss": "sft"}],
+    [{"generation.num_samples": 2, "train.mu": 2.0, "selfplay.resample": False,
+      "generation.allow_biased_sampling": True}, {"train.loss": "sft"}],
     ids=["space-K2-reuse", "sft"],
 )
 def test_token_counts_match_the_training_items(tmp_path: Path, tiny_model_dir: Path, extra: dict) -> None:
@@ -145,3 +146,15 @@ def test_token_counts_match_the_training_items(tmp_path: Path, tiny_model_dir: P
         assert c.generated == gen
         assert c.forwarded == gen + prefill + scored
         assert c.compute == c.forwarded + 3 * c.trained
+
+
+def test_the_report_says_when_space_trained_on_samples_of_another_model() -> None:
+    from spaceft.report import _sampling_note
+
+    gen = {"allow_biased_sampling": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    reuse = {"train": {"loss": "space"}, "selfplay": {"resample": False}, "generation": gen}
+    note = " ".join(_sampling_note(reuse))
+    assert "iteration 0's samples (selfplay.resample=false)" in note and "current opponent's" in note
+    mixed = {**reuse, "selfplay": {"resample": True, "mix_previous": True}}
+    assert "previous opponent's samples" in " ".join(_sampling_note(mixed))
+    assert _sampling_note({**reuse, "generation": {"allow_biased_sampling": False}}) == []
