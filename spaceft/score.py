@@ -79,6 +79,8 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
     for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         if len(r) == 0:
             raise ValueError("empty response: every response has at least its end-of-turn token")
+        if len(p) == 0:  # the first response token would have no position predicting it
+            raise ValueError("empty prompt: a response is scored after at least one prompt token")
         seq = list(p) + list(r)
         input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         attention_mask[i, : len(seq)] = 1

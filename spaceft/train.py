@@ -38,7 +38,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from spaceft.config import RunConfig
+from spaceft.config import RunConfig, TrainConfig
 from spaceft.losses import LossOutput, LossType, compute_loss
 from spaceft.models import apply_lora, mergeable
 from spaceft.rundir import (
@@ -241,8 +241,7 @@ def train_iteration(
         )
         tokens += last["tokens_per_s"] * last["step_s"]
         if step == 0 and cfg.train.loss.needs_opponent:
-            t = cfg.train
-            beta = t.beta or t.loss.default_beta or 1.0  # rewards are β·(log-ratio), as in losses.py
+            beta = reward_scale(cfg.train)
             _check_start_rewards(last["rewards/abs_mean"] / beta, iteration, tr.accelerator.is_main_process)
         _log_step(tr, last, cfg)
         bar.set_postfix(loss=f"{last['loss']:.4f}", acc=f"{last['rewards/accuracy']:.2f}")
@@ -449,6 +448,14 @@ def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunC
 # log-probs (batching, precision, a module that behaves differently in training mode): every reward of
 # the iteration is then off by about that much.
 START_REWARD_TOLERANCE = 1e-2
+
+
+def reward_scale(t: TrainConfig) -> float:
+    """β of the logged rewards: β·(log-ratio) for the losses that have a β (losses.py); S-IPO's
+    rewards are the plain log-ratios, whatever train.beta says."""
+    if t.loss.default_beta is None:
+        return 1.0
+    return t.beta or t.loss.default_beta
 
 
 def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:

@@ -29,6 +29,8 @@ def test_pack_masks_exactly_the_response_targets() -> None:
     assert b.response_mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
     with pytest.raises(ValueError, match="empty response"):
         pack([[1]], [[]], pad_id=0)
+    with pytest.raises(ValueError, match="empty prompt"):  # its mask would start at target -1
+        pack([[], [1, 2, 3]], [[5, 6], [7]], pad_id=0)
 
 
 def test_sequence_logps_equal_a_direct_sum(tiny_model_dir: Path) -> None:

@@ -224,3 +224,13 @@ def test_first_step_reward_bias_is_recorded_and_warned(
     assert abs(first["rewards/abs_mean"] - 0.5) < 1e-4
     [warning] = [r.getMessage() for r in caplog.records if "first step" in r.getMessage()]
     assert "iteration 3" in warning and "0.5 nats" in warning
+
+
+def test_the_start_reward_check_divides_out_beta_only_where_the_rewards_carry_it() -> None:
+    from spaceft.config import TrainConfig
+    from spaceft.train import reward_scale
+
+    assert reward_scale(TrainConfig(loss="spin")) == 0.1  # SPIN's default λ
+    assert reward_scale(TrainConfig(loss="spin", beta=0.5)) == 0.5
+    assert reward_scale(TrainConfig(loss="space")) == 1.0
+    assert reward_scale(TrainConfig(loss="ipo", beta=100.0)) == 1.0  # S-IPO's rewards are unscaled
