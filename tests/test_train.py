@@ -234,3 +234,78 @@ def test_the_start_reward_check_divides_out_beta_only_where_the_rewards_carry_it
     assert reward_scale(TrainConfig(loss="spin", beta=0.5)) == 0.5
     assert reward_scale(TrainConfig(loss="space")) == 1.0
     assert reward_scale(TrainConfig(loss="ipo", beta=100.0)) == 1.0  # S-IPO's rewards are unscaled
+
+
+def _naive_logp(model: torch.nn.Module, prompt: tuple[int, ...], response: tuple[int, ...]) -> torch.Tensor:
+    """Σ log p(response | prompt) from one unpadded full-logits forward (no spaceft code)."""
+    ids = torch.tensor([list(prompt) + list(response)])
+    logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return sum(logp[len(prompt) - 1 + i, tok] for i, tok in enumerate(response))
+
+
+def _formula_loss(model: torch.nn.Module, items: list[TrainItem], loss: str, mu: float) -> torch.Tensor:
+    """DESIGN.md's objectives, written out per prompt from the formulas (default β, τ = 0.1, γ = 1)."""
+    total, tokens = torch.tensor(0.0), 0
+    for it in items:
+        real = _naive_logp(model, it.prompt_ids, it.real_ids)
+        h_real = real - it.opponent_real
+        if loss == "sft":
+            total, tokens = total - real, tokens + len(it.real_ids)
+            continue
+        syn = torch.stack([_naive_logp(model, it.prompt_ids, s) for s in it.synthetic_ids])
+        h_syn = syn - torch.tensor(it.opponent_synthetic)
+        if loss == "space":  # σ_μ(r) = 1 / (1 + μ e^{-r}); -log σ_μ(r_real) - μ · mean_k log(1 - σ_μ(r_k))
+            sigma = lambda r: 1 / (1 + mu * torch.exp(-r))  # noqa: E731
+            per = -torch.log(sigma(h_real)) - mu * torch.log(1 - sigma(h_syn)).mean()
+        elif loss == "spin":  # λ = 0.1
+            per = -torch.nn.functional.logsigmoid(0.1 * (h_real - h_syn)).mean()
+        elif loss == "ipo":  # τ = 0.1: target margin 1/(2τ) = 5
+            per = ((h_real - h_syn - 5.0) ** 2).mean()
+        else:  # simpo, β = 2, γ = 1, lengths in tokens (end-of-turn included)
+            lengths = torch.tensor([float(len(s)) for s in it.synthetic_ids])
+            margin = 2 * real / len(it.real_ids) - 2 * syn / lengths - 1.0
+            per = -torch.nn.functional.logsigmoid(margin).mean()
+        total = total + per
+    return total / (tokens if loss == "sft" else len(items))
+
+
+@pytest.mark.parametrize("loss", ["space", "spin", "ipo", "simpo", "sft"])
+def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
+    tiny_model_dir: Path, tmp_path: Path, loss: str
+) -> None:
+    """The gradient `train_step` hands to the optimizer, for 7 prompts with K = 3 samples (one equal to
+    its real response, prompts and responses of several lengths, rewards away from 0) in micro-batches of
+    1 and 7, equals the gradient of the objective written out from the formulas with per-sequence
+    unpadded forwards."""
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    items = []  # opponent scores moved off the model's own, so that the rewards are not 0
+    for i, it in enumerate(_items(model, n=7, k=3)):
+        syn, opp = list(it.synthetic_ids), [o + 0.5 * j - 1.0 for j, o in enumerate(it.opponent_synthetic)]
+        real = it.opponent_real + 0.3 * (i - 3)
+        if i == 2:  # a sample identical to its real response has the real response's opponent score
+            syn[1], opp[1] = it.real_ids, real
+        items.append(TrainItem(it.prompt_ids, it.real_ids, tuple(syn), real, tuple(opp)))
+    if loss == "sft":
+        items = [TrainItem(it.prompt_ids, it.real_ids, ()) for it in items]
+    model.train()
+    _formula_loss(model, items, loss, mu=2.0).backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    for micro in (1, 7):
+        cfg = _cfg(tmp_path, loss=loss, mu=2.0, global_batch_size=7, micro_batch_size=micro)
+        tr = train_mod.setup(load_model(str(tiny_model_dir), ModelConfig()), items, cfg, iteration=0,
+                             iter_dir=tmp_path / f"{loss}-{micro}")  # fmt: skip
+        applied = _capture_applied_gradients(tr)
+        train_mod.train_step(tr, [items[i] for i in tr.steps[0]], cfg, 0, 0, 0)
+        assert len(tr.steps[0]) == 7 and len(applied) == 1
+        assert float((applied[0] - expected).norm() / expected.norm()) < 1e-5, (loss, micro)
+
+
+def _capture_applied_gradients(tr: train_mod.Trainer) -> list[torch.Tensor]:
+    """Replace the optimizer's step by one that records the gradient it would apply."""
+    applied: list[torch.Tensor] = []
+
+    def step(*args: object, **kwargs: object) -> None:
+        applied.append(torch.cat([p.grad.flatten() for p in tr.model.parameters() if p.grad is not None]))
+
+    tr.optimizer.step = step  # type: ignore[method-assign]
+    return applied
