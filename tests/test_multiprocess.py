@@ -214,3 +214,49 @@ def test_two_processes_agree_on_auto_batch_sizes_and_a_pinned_hub_commit(
     assert manifest["start_model_commit"] == sha and manifest["start_model"].endswith(sha)
     assert set(manifest["batch_sizes"]) == {"generation", "eval"}
     assert manifest["iterations"]["0"]["train"]["processes"] == 2
+
+
+def test_a_sentencepiece_chat_model_gives_the_one_process_result_on_two_processes(tmp_path: Path) -> None:
+    """The paper's kind of model on more than one process: a Llama with a zephyr-style SentencePiece
+    tokenizer (BOS added by encoding, ``<|assistant|>`` then ``\\n``, ``</s>`` ending turns), multi-turn
+    non-ASCII conversations, K = 2, two iterations; torchrun's two processes sample, score and train
+    what one process does."""
+    from .chat_tokenizers import zephyr
+    from .test_chat import MULTI_TURN, write_family_model
+
+    tokenizer = zephyr()
+    model = write_family_model(tmp_path, tokenizer)
+    rows = [
+        {"messages": [*MULTI_TURN[: 1 + 2 * (i % 2)], {"role": "user", "content": f"what is {i} über?"},
+                      {"role": "assistant", "content": f"The answer is {i}, café."}]}
+        for i in range(12)
+    ]  # fmt: skip
+    for name, part in (("train", rows[:8]), ("eval", rows[8:])):
+        (tmp_path / f"{name}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in part), encoding="utf-8"
+        )
+    over = {"data.train": str(tmp_path / "train.jsonl"), "data.eval": str(tmp_path / "eval.jsonl"),
+            "name": "zephyr"}  # fmt: skip
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    one_dir.mkdir(), two_dir.mkdir()
+    assert main(["run", "tiny", *tiny_overrides(one_dir, model, **{**K2, **over})]) == 0
+    rc, out, _ = _launch("torchrun", two_dir, model, **over)
+    assert rc == 0, out[-3000:]
+    one, two = one_dir / "runs" / "zephyr", two_dir / "runs" / "zephyr"
+    manifest = read_json(two / "manifest.json")
+    assert manifest["iterations"]["1"]["train"]["processes"] == 2
+    for t in (0, 1):
+        a, b = (read_table(d / f"iter_{t}" / "synthetic.parquet") for d in (one, two))
+        assert len(a) == 16 and [r["response_ids"] for r in a] == [r["response_ids"] for r in b]
+        a, b = (read_table(d / f"iter_{t}" / "opponent_logps.parquet") for d in (one, two))
+        assert [r["logp"] for r in a] == pytest.approx([r["logp"] for r in b], rel=1e-6, abs=1e-4)
+        wa, wb = _weights(one, t), _weights(two, t)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4  # train.lr (module docstring)
+        ea, eb = read_json(one / f"iter_{t}" / "eval.json"), read_json(two / f"iter_{t}" / "eval.json")
+        assert ea["n"] == 4 and ea["nll"] == pytest.approx(eb["nll"], rel=1e-5)
+        assert manifest["iterations"][str(t)]["generate"]["template_drift"]["checked"] == 16
+    from spaceft.costs import training_data
+
+    pairs = training_data(two)  # every conversation kept, BOS once, each answer opening with the \n
+    assert len(pairs) == 8 and all(p.prompt_ids.count(tokenizer.bos_token_id) == 1 for p in pairs)
+    assert {tokenizer.convert_ids_to_tokens(p.response_ids[0]) for p in pairs} == {"<0x0A>"}
