@@ -273,6 +273,12 @@ class TrainConfig:
             raise ValueError(f"train.mu must be > 0 (the noise ratio), got {self.mu}")
         if self.beta is not None and self.beta <= 0:
             raise ValueError(f"train.beta must be > 0, got {self.beta}")
+        if self.beta is not None and self.loss.default_beta is None:
+            raise ValueError(
+                f"train.beta={self.beta} has no effect on the {self.loss} loss (it has no beta"
+                + ("; its knob is train.tau" if self.loss is LossType.IPO else "")
+                + "): set train.beta=null"
+            )
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"train.optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:

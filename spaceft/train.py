@@ -451,11 +451,9 @@ START_REWARD_TOLERANCE = 1e-2
 
 
 def reward_scale(t: TrainConfig) -> float:
-    """β of the logged rewards: β·(log-ratio) for the losses that have a β (losses.py); S-IPO's
-    rewards are the plain log-ratios, whatever train.beta says."""
-    if t.loss.default_beta is None:
-        return 1.0
-    return t.beta or t.loss.default_beta
+    """β of the logged rewards: β·(log-ratio) for the losses that have a β (losses.py); 1 for S-IPO,
+    whose rewards are the plain log-ratios (the config refuses a β for it)."""
+    return t.beta or t.loss.default_beta or 1.0
 
 
 def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:

@@ -233,7 +233,10 @@ def test_the_start_reward_check_divides_out_beta_only_where_the_rewards_carry_it
     assert reward_scale(TrainConfig(loss="spin")) == 0.1  # SPIN's default λ
     assert reward_scale(TrainConfig(loss="spin", beta=0.5)) == 0.5
     assert reward_scale(TrainConfig(loss="space")) == 1.0
-    assert reward_scale(TrainConfig(loss="ipo", beta=100.0)) == 1.0  # S-IPO's rewards are unscaled
+    assert reward_scale(TrainConfig(loss="ipo")) == 1.0  # S-IPO's rewards are unscaled
+    for loss in ("ipo", "sft"):  # a β these losses would ignore is refused, not divided out
+        with pytest.raises(ValueError, match=r"train.beta=100.0 has no effect on the .* loss"):
+            TrainConfig(loss=loss, beta=100.0)
 
 
 def _naive_logp(model: torch.nn.Module, prompt: tuple[int, ...], response: tuple[int, ...]) -> torch.Tensor:
