@@ -8,7 +8,8 @@ the config. What needs the outside world is checked here, before any model is lo
   that the remaining stages will read checked against the hashes recorded when they were written;
 - the data paths that are local files;
 - the model: a local directory with a config, weights and a tokenizer, or a hub id that is cached
-  or can be found on the Hub; and the sequence budgets against the model's positions.
+  or can be found on the Hub; and the sequence budgets against the model's positions;
+- the disk: room for the models and training states the run still writes (`check_disk`).
 
 Every failure is a `ValueError` (or `FileNotFoundError`) whose message names the key or the path and
 says what to do; the CLI prints it as one line.
@@ -53,6 +54,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
     the others only read it).
     """
     check_run_dir(cfg.run_dir)
+    manifest = None
     if main_process:
         lock_run_dir(cfg.run_dir)
         clean_leftovers(cfg.run_dir)
@@ -64,6 +66,66 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
     model_dir = check_model(cfg)
     if model_dir is not None:
         check_positions(cfg, model_dir)
+        if manifest is not None:  # the main process: it saves the models
+            check_disk(cfg, model_dir, manifest)
+
+
+# ------------------------------------------------------------------------------------ disk space
+
+
+def weight_count(model_dir: Path) -> int | None:
+    """The model's parameter count from its safetensors headers (no tensor is read); None without them."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                numel = 1
+                for size in f.get_slice(key).get_shape():
+                    numel *= int(size)
+                total += numel
+    return total
+
+
+def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[int, str]:
+    """Bytes a run still writes at its peak, and how they add up: one saved model per iteration left,
+    plus, with `train.save_every`, two training states (weights and optimizer state; the old one is
+    replaced only once the new one is complete)."""
+    from spaceft.batching import BYTES
+
+    model = parameters * BYTES[cfg.model.dtype]
+    moments = 0 if cfg.model.lora.r else (2 if cfg.train.optimizer == "adamw" else 1)
+    state = model * (1 + moments) if cfg.train.save_every and iterations_left else 0
+    how = f"{iterations_left} iteration model(s) of {_size(model)}"
+    if state:
+        how += f" + 2 training states of {_size(state)} (train.save_every)"
+    return iterations_left * model + 2 * state, how
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_disk(cfg: RunConfig, model_dir: Path, manifest: Manifest) -> None:
+    """A run that cannot save what it will write stops now, not when its last iteration saves."""
+    parameters = weight_count(model_dir)
+    if parameters is None:
+        return
+    done = sum(
+        1 for t in range(cfg.selfplay.iterations)
+        if manifest.data["iterations"].get(str(t), {}).get("train", {}).get("status") == "done"
+    )  # fmt: skip
+    needed, how = disk_needed(cfg, parameters, cfg.selfplay.iterations - done)
+    free = shutil.disk_usage(cfg.run_dir).free
+    if needed > free:
+        raise ValueError(
+            f"{cfg.run_dir}: the run still writes about {_size(needed)} ({how}) but the disk has "
+            f"{_size(free)} free: free space, choose another output_dir, or lower selfplay.iterations"
+        )
 
 
 # ------------------------------------------------------------------------------------ run directory

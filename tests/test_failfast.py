@@ -22,7 +22,7 @@ import yaml
 
 from spaceft import preflight
 from spaceft.cli import build_parser, main, split_overrides
-from spaceft.config import load_config
+from spaceft.config import ModelConfig, load_config
 from spaceft.rundir import (
     DamagedFileError,
     Manifest,
@@ -207,6 +207,41 @@ def test_a_full_disk_is_reported_as_such(
     line = _fail(capsys, ["run", "tiny", f"output_dir={tmp_path}"])
     assert line.startswith(f"spaceft: error: no space left on device: {tmp_path / 'tiny-space'} (")
     assert line.endswith(" MiB free): free some space and run again")
+
+
+def test_a_disk_too_small_for_the_runs_models_stops_it_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny model's exact weight count from its safetensors headers; 2 iterations (the tiny recipe)
+    of float32 models plus two RMSprop states (weights + one moment each): a disk with less free stops
+    the run in preflight, before the start model is even loaded; a resumed run needs only what is left."""
+    from spaceft.models import load_model
+
+    params = preflight.weight_count(tiny_model_dir)
+    assert params == sum(p.numel() for p in load_model(str(tiny_model_dir), ModelConfig()).parameters())
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "train.save_every=1"])
+    needed, how = preflight.disk_needed(cfg, params, 2)
+    assert needed == 2 * 4 * params + 2 * 8 * params and how.startswith("2 iteration model(s) of")
+    assert preflight.disk_needed(cfg, params, 0)[0] == 0  # a finished run writes nothing more
+    real = shutil.disk_usage(tmp_path)
+
+    def free(n: int) -> None:
+        monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: type(real)(real.total, real.used, n))
+
+    free(needed - 1)
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"train.save_every": 1}))
+    assert f"the run still writes about {needed / 1e6:.1f} MB (2 iteration model(s)" in line
+    assert "free space, choose another output_dir, or lower selfplay.iterations" in line
+    assert not list((tmp_path / "runs").glob("*/iter_*"))
+    free(needed)
+    manifest = Manifest(tmp_path / "manifest.json", {"iterations": {"0": {"train": {"status": "done"}}}})
+    preflight.check_disk(cfg, tiny_model_dir, manifest)  # enough room for everything
+    left = needed - 4 * params  # iteration 0 trained: one model and the states are left to write
+    free(left)
+    preflight.check_disk(cfg, tiny_model_dir, manifest)
+    free(left - 1)
+    with pytest.raises(ValueError, match=r"1 iteration model\(s\) of .* \+ 2 training states of"):
+        preflight.check_disk(cfg, tiny_model_dir, manifest)
 
 
 # ------------------------------------------------------------------------------ paths, before loading
