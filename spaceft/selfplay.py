@@ -261,8 +261,10 @@ def work_generate(ws: Workspace, step: Step, tag: str) -> None:
     if vllm:
         gen: Any = _vllm_engine(ws, ws.opponent_path(t))
     else:
+        # sampled under the autocast the score stage uses (train.mixed_precision)
         gen = HFGenerator(loaded_model(ws, ws.opponent_path(t)), cfg.generation, stop_ids=ws.stop_ids,
-                          pad_id=ws.tokenizer.pad_token_id, device=ws.device)  # fmt: skip
+                          pad_id=ws.tokenizer.pad_token_id, device=ws.device,
+                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
     try:
         write_generate_parts(
             gen,

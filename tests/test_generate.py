@@ -171,3 +171,40 @@ def test_samples_that_stop_on_eos_instead_of_end_of_turn_are_counted(
         entry = merge_generate_parts(out, 2, cfg, end_of_turn=eot)
     assert entry["other_stop_fraction"] == 0.25 and entry["capped_fraction"] == 0.25
     assert "1 of 4 samples stopped on a stop token other than end-of-turn (id 9)" in caplog.text
+
+
+def test_samples_are_drawn_under_the_autocast_that_scores_them(
+    model, tiny_tokenizer, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under train.mixed_precision=bf16 the score stage records bf16-autocast log-probs as the samples'
+    density: the generate stage samples under that autocast too (float32 weights, bf16 matmuls)."""
+    from spaceft import selfplay
+    from spaceft.cli import main
+
+    from .conftest import tiny_overrides
+
+    seen: list[bool] = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        for precision in ("bf16", "no"):
+            gen = HFGenerator(model, GenerationConfig(max_new_tokens=4),
+                              stop_ids=[tiny_tokenizer.eos_token_id],
+                              pad_id=tiny_tokenizer.pad_token_id, device=CPU,
+                              mixed_precision=precision)  # fmt: skip
+            seen.clear()
+            gen.generate([[40, 41, 42]], num_samples=1, seeds=[0])
+            assert seen and all(s == (precision == "bf16") for s in seen), precision
+    finally:
+        hook.remove()
+    built: list[str] = []
+    real = selfplay.HFGenerator
+
+    def spy(*args: object, **kwargs: object) -> HFGenerator:
+        built.append(str(kwargs.get("mixed_precision")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selfplay, "HFGenerator", spy)
+    settings = {"train.mixed_precision": "bf16", "selfplay.iterations": 1, "eval.enabled": False}
+    over = tiny_overrides(tmp_path, tiny_model_dir, **settings)
+    assert main(["-q", "run", "tiny", *over]) == 0
+    assert built == ["bf16"]
