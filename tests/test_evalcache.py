@@ -120,7 +120,7 @@ def test_an_entry_holds_what_the_evaluation_wrote_and_the_first_one_stays(
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     entry = evalcache.lookup("k")
     assert entry is not None
-    assert sorted(p.name for p in entry.iterdir()) == ["eval.json", "eval_outputs.parquet"]
+    assert sorted(p.name for p in entry.iterdir()) == ["eval.json", "eval_outputs.parquet", "files.json"]
     (out / "eval.json").write_text('{"nll": 2}')
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     assert (entry / "eval.json").read_text() == '{"nll": 1}'
@@ -142,3 +142,46 @@ def test_a_resumed_stage_says_so_and_claims_no_tokens_per_second(
     assert "resumed" not in stages["score"] and stages["score"]["wall_s"] > 0
     report = (tmp_path / "runs" / "a" / "report.md").read_text()
     assert " resumed |" in report
+
+
+def test_two_runs_storing_one_key_at_once_never_swap_the_entry(
+    _own_eval_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both runs missed the lookup; the second one's store finds the first one's entry in place when it
+    renames, keeps it and drops its own copy (a reader restoring it meanwhile never finds it missing)."""
+    from spaceft import evalcache
+
+    out = tmp_path / "iter"
+    out.mkdir()
+    (out / "eval.json").write_text('{"nll": 1}')
+    (out / "eval_outputs.parquet").write_bytes(b"first")
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    entry = evalcache.lookup("k")
+    assert entry is not None
+    inode = entry.stat().st_ino
+    (out / "eval_outputs.parquet").write_bytes(b"second")
+    real_lookup = evalcache.lookup
+    monkeypatch.setattr(evalcache, "lookup", lambda key: None)  # it missed before the first one stored
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    monkeypatch.setattr(evalcache, "lookup", real_lookup)
+    assert entry.stat().st_ino == inode and (entry / "eval_outputs.parquet").read_bytes() == b"first"
+    assert [p.name for p in _own_eval_cache.iterdir()] == ["k"]  # no temporary copy left behind
+
+
+def test_an_entry_missing_a_listed_file_is_a_miss_and_is_stored_again(
+    _own_eval_cache: Path, tmp_path: Path
+) -> None:
+    from spaceft import evalcache
+
+    out = tmp_path / "iter"
+    out.mkdir()
+    (out / "eval.json").write_text('{"nll": 1}')
+    (out / "eval_outputs.parquet").write_bytes(b"parts")
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    entry = _own_eval_cache / "k"
+    (entry / "eval_outputs.parquet").unlink()
+    assert evalcache.lookup("k") is None
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    assert evalcache.lookup("k") == entry and (entry / "eval_outputs.parquet").read_bytes() == b"parts"
+    (entry / "files.json").unlink()  # an entry written before entries listed their files
+    assert evalcache.lookup("k") == entry
