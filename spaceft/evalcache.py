@@ -10,8 +10,8 @@ evaluation time. An evaluation's result is a function of:
   the model settings that change an evaluation (dtype, attention implementation, remote code),
 * the held-out token ids and reference answers,
 * the code that computes it: spaceft's own source files, torch / transformers / tokenizers / lm-eval
-  versions, the device type (and GPU model and CUDA version), and with lm-eval tasks the number of
-  processes the harness shards across.
+  versions, the device type (and the CPU model, or the GPU model and CUDA version), and with lm-eval
+  tasks the number of processes the harness shards across.
 
 Only evaluations whose lm-eval tasks are `spaceft bench`'s (data pinned by hash) are cached: a local
 task YAML or a task from the `datasets` cache can change without the key knowing.
@@ -92,6 +92,8 @@ def cache_key(
     if device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)
         where["cuda"] = torch.version.cuda
+    else:  # a cache in a home directory shared by machines: another CPU's kernels round otherwise
+        where["cpu"] = cpu_model()
     if settings.get("lm_eval_tasks"):
         from importlib.metadata import PackageNotFoundError, version
 
@@ -106,6 +108,20 @@ def cache_key(
 def is_content_hash(model_hash: str) -> bool:
     """Whether a recorded model hash is a content hash (16 hex digits), not a hub id or a path."""
     return len(model_hash) == 16 and all(c in "0123456789abcdef" for c in model_hash)
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 CACHE_ENV = "SPACEFT_EVAL_CACHE"

@@ -185,3 +185,20 @@ def test_an_entry_missing_a_listed_file_is_a_miss_and_is_stored_again(
     assert evalcache.lookup("k") == entry and (entry / "eval_outputs.parquet").read_bytes() == b"parts"
     (entry / "files.json").unlink()  # an entry written before entries listed their files
     assert evalcache.lookup("k") == entry
+
+
+def test_the_key_names_the_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache shared by machines (a home directory on a cluster) must not hand one CPU's greedy outputs
+    to another, whose kernels may round otherwise."""
+    import torch
+
+    from spaceft import evalcache
+
+    def key() -> str:
+        return evalcache.cache_key("0123456789abcdef", {"max_new_tokens": 8}, {"dtype": "float32"}, [[1, 2]],
+                                   torch.device("cpu"), 1)  # fmt: skip
+
+    assert evalcache.cpu_model()
+    first = key()
+    monkeypatch.setattr(evalcache, "cpu_model", lambda: "another CPU")
+    assert key() != first
