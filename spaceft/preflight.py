@@ -9,7 +9,9 @@ the config. What needs the outside world is checked here, before any model is lo
 - the data paths that are local files;
 - the model: a local directory with a config, weights and a tokenizer, or a hub id that is cached
   or can be found on the Hub; and the sequence budgets against the model's positions;
-- the disk: room for the models and training states the run still writes (`check_disk`).
+- the disk: room for the models and training states the run still writes (`check_disk`);
+- the precision: bf16 weights trained without float32 masters at a learning rate whose updates round
+  away (`check_precision`).
 
 Every failure is a `ValueError` (or `FileNotFoundError`) whose message names the key or the path and
 says what to do; the CLI prints it as one line.
@@ -61,6 +63,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
         manifest = open_manifest(cfg.run_dir, force=force)
         verify_pending_inputs(manifest, cfg)
         write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())  # the resolved config, as this run uses it
+    check_precision(cfg)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     model_dir = check_model(cfg)
@@ -68,6 +71,31 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
         check_positions(cfg, model_dir)
         if manifest is not None:  # the main process: it saves the models
             check_disk(cfg, model_dir, manifest)
+
+
+# ------------------------------------------------------------------------------------ precision
+
+LOW_PRECISION_LR = 1e-5
+"""Below this peak learning rate, updates to bf16 weights without float32 masters round away."""
+
+
+def check_precision(cfg: RunConfig) -> None:
+    """Full fine-tuning of bf16 weights with no float32 master copy at a small learning rate is refused:
+    bf16 resolves a weight of 0.02 to steps of 6e-5, and RMSprop's first updates are at most 10·lr, so
+    at SPIN's 5e-7 nearly every update rounds away and the run trains nothing. DeepSpeed's bf16 engine
+    keeps float32 masters (accelerate launch with a DeepSpeed config); LoRA trains float32 adapters."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
+        return
+    lowest = min(cfg.train.lr_for(t) for t in range(cfg.selfplay.iterations))
+    if lowest < LOW_PRECISION_LR:
+        raise ValueError(
+            f"model.dtype=bfloat16 trains bf16 weights with no float32 master copy, and at lr {lowest:g} "
+            "nearly every update is below bf16's resolution and rounds away (the run would train nothing): "
+            "use model.dtype=float32 with train.mixed_precision=bf16, LoRA (model.lora.r > 0), or launch "
+            "with DeepSpeed (accelerate launch --config_file spaceft/recipes/accelerate/zero3.yaml), whose "
+            f"bf16 engine keeps float32 masters; or train at lr >= {LOW_PRECISION_LR:g}"
+        )
 
 
 # ------------------------------------------------------------------------------------ disk space

@@ -652,3 +652,21 @@ def test_config_is_printed_only_with_verbose(
     assert "# resolved config" not in capsys.readouterr().out
     main(["run", "tiny", f"output_dir={tmp_path}", "-v"])
     assert "# resolved config:\nname: tiny-space" in capsys.readouterr().out
+
+
+def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paper_space's pure-bf16 weights at SPIN's 5e-7 train nothing unless DeepSpeed keeps float32 masters."""
+    over = {"model.dtype": "bfloat16", "train.lr": 5e-7}
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **over))
+    assert "model.dtype=bfloat16 trains bf16 weights with no float32 master copy, and at lr 5e-07" in line
+    assert not list((tmp_path / "runs").glob("*/iter_*"))
+    base = [f"output_dir={tmp_path}", "model.dtype=bfloat16"]
+    preflight.check_precision(load_config("tiny", base))  # the tiny recipe's lr 3e-4 is resolved by bf16
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7", "model.lora.r=8"]))
+    with pytest.raises(ValueError, match="at lr 1e-06"):  # the lowest rate of any iteration counts
+        preflight.check_precision(load_config("tiny", [*base, "train.lr_after=1e-6", "selfplay.iterations=3",
+                                                       "train.lr_switch_iteration=2"]))  # fmt: skip
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
