@@ -81,9 +81,10 @@ LOW_PRECISION_LR = 1e-5
 
 def check_precision(cfg: RunConfig) -> None:
     """Full fine-tuning of bf16 weights with no float32 master copy at a small learning rate is refused:
-    bf16 resolves a weight of 0.02 to steps of 6e-5, and RMSprop's first updates are at most 10·lr, so
-    at SPIN's 5e-7 nearly every update rounds away and the run trains nothing. DeepSpeed's bf16 engine
-    keeps float32 masters (accelerate launch with a DeepSpeed config); LoRA trains float32 adapters."""
+    bf16 resolves a weight of 0.02 to steps of 1.2e-4 (an update under 6e-5 rounds away), and RMSprop's
+    first updates are at most 10·lr, so at SPIN's 5e-7 nearly every update rounds away and the run
+    trains nothing. DeepSpeed's bf16 engine keeps float32 masters (accelerate launch with a DeepSpeed
+    config); LoRA trains float32 adapters."""
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
         return
