@@ -421,7 +421,7 @@ def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunC
             "the forward (FSDP's param_dtype), which the score stage does not do, so rewards would not start "
             "at 0: launch FSDP with mixed_precision: no (as spaceft/recipes/accelerate/fsdp2.yaml) and set "
             "train.mixed_precision=bf16 (autocast over float32 weights, as scoring does) or "
-            "model.dtype=bfloat16"
+            "model.dtype=bfloat16 (pure bf16: FSDP keeps no float32 masters, so only at lr >= 1e-5)"
         )
     if state.deepspeed_plugin is not None and launched == "bf16" and cfg.model.dtype != "bfloat16":
         raise ValueError(

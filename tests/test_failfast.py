@@ -234,14 +234,18 @@ def test_a_disk_too_small_for_the_runs_models_stops_it_before_any_work(
     assert "free space, choose another output_dir, or lower selfplay.iterations" in line
     assert not list((tmp_path / "runs").glob("*/iter_*"))
     free(needed)
+    preflight.check_disk(cfg, tiny_model_dir, 2)  # enough room for everything
     manifest = Manifest(tmp_path / "manifest.json", {"iterations": {"0": {"train": {"status": "done"}}}})
-    preflight.check_disk(cfg, tiny_model_dir, manifest)  # enough room for everything
+    assert preflight.untrained(cfg, manifest) == [1]
     left = needed - 4 * params  # iteration 0 trained: one model and the states are left to write
     free(left)
-    preflight.check_disk(cfg, tiny_model_dir, manifest)
+    preflight.check_disk(cfg, tiny_model_dir, 1)
     free(left - 1)
     with pytest.raises(ValueError, match=r"1 iteration model\(s\) of .* \+ 2 training states of"):
-        preflight.check_disk(cfg, tiny_model_dir, manifest)
+        preflight.check_disk(cfg, tiny_model_dir, 1)
+    free(0)  # commands that do not train (spaceft eval) are not stopped by what training needs
+    evaluating = load_config("tiny", [f"output_dir={tmp_path / 'e'}", f"model.name={tiny_model_dir}"])
+    preflight.check(evaluating, trains=False)
 
 
 # ------------------------------------------------------------------------------ paths, before loading
@@ -670,3 +674,10 @@ def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_a
                                                        "train.lr_switch_iteration=2"]))  # fmt: skip
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    low = load_config("tiny", [*base, "train.lr=5e-7", f"model.name={tiny_model_dir}"])
+    preflight.check(low, trains=False)  # `spaceft eval` of a run trained elsewhere (under DeepSpeed)
+    manifest = Manifest.open(low.run_dir)
+    manifest.data["iterations"] = {str(t): {"train": {"status": "done"}} for t in range(2)}
+    manifest.save()
+    preflight.check(low)  # every iteration trained: nothing left to round away
