@@ -402,8 +402,8 @@ class LoggingConfig:
 
 def _space_noise_mismatch(cfg: RunConfig) -> str | None:
     """Why SPACE's synthetic samples would not come from the opponent whose log-probs score them."""
-    if cfg.train.loss is not LossType.SPACE:
-        return None  # SPIN's data mixing is SPIN's own practice; its loss is not a density estimate
+    if cfg.train.loss is not LossType.SPACE or cfg.selfplay.iterations == 1:
+        return None  # SPIN's data mixing is SPIN's own practice; one iteration has only its own samples
     if not cfg.selfplay.resample:
         return "selfplay.resample=false trains every iteration on iteration 0's samples"
     if cfg.selfplay.mix_previous:

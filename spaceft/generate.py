@@ -118,8 +118,8 @@ class HFGenerator:
 
     `mixed_precision="bf16"` samples under the bf16 autocast that `train.mixed_precision=bf16` trains
     and scores under: the samples then come from the model whose log-probs the score stage records as
-    their density (not from its float32 twin), and decoding is faster wherever bf16 matmuls are (1.8×
-    for SmolLM2-135M on one core of a CPU with AMX, docs/PERFORMANCE.md).
+    their density (not from its float32 twin), and decoding is faster wherever bf16 matmuls are (1.40×
+    the sampled tokens per second for SmolLM2-135M on one core of a CPU with AMX, docs/PERFORMANCE.md).
     """
 
     def __init__(
