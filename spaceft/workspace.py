@@ -125,6 +125,7 @@ def _load_split(
         split=split,
         on_bad_row=d.on_bad_row,
         limit=limit,
+        response_turn=d.response_turn,
     )
     tokenized, counts = data_mod.tokenize_examples(
         tokenizer,
