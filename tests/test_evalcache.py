@@ -107,15 +107,21 @@ def test_only_spaceft_bench_tasks_are_cacheable() -> None:
     assert not cacheable({"lm_eval_tasks": ["truthfulqa_mc2"]})  # read from the datasets cache
 
 
+def _evaluated(tmp_path: Path, outputs: bytes = b"parts") -> Path:
+    """An iteration directory as an evaluation leaves it: eval.json and eval_outputs.parquet."""
+    out = tmp_path / "iter"
+    out.mkdir(exist_ok=True)
+    (out / "eval.json").write_text('{"nll": 1}')
+    (out / "eval_outputs.parquet").write_bytes(outputs)
+    return out
+
+
 def test_an_entry_holds_what_the_evaluation_wrote_and_the_first_one_stays(
     _own_eval_cache: Path, tmp_path: Path
 ) -> None:
     from spaceft import evalcache
 
-    out = tmp_path / "iter"
-    out.mkdir()
-    (out / "eval.json").write_text('{"nll": 1}')
-    (out / "eval_outputs.parquet").write_bytes(b"parts")
+    out = _evaluated(tmp_path)
     (out / "eval_samples.jsonl").write_text("stale, from an older evaluation\n")
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     entry = evalcache.lookup("k")
@@ -151,10 +157,7 @@ def test_two_runs_storing_one_key_at_once_never_swap_the_entry(
     renames, keeps it and drops its own copy (a reader restoring it meanwhile never finds it missing)."""
     from spaceft import evalcache
 
-    out = tmp_path / "iter"
-    out.mkdir()
-    (out / "eval.json").write_text('{"nll": 1}')
-    (out / "eval_outputs.parquet").write_bytes(b"first")
+    out = _evaluated(tmp_path, b"first")
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     entry = evalcache.lookup("k")
     assert entry is not None
@@ -173,10 +176,7 @@ def test_an_entry_missing_a_listed_file_is_a_miss_and_is_stored_again(
 ) -> None:
     from spaceft import evalcache
 
-    out = tmp_path / "iter"
-    out.mkdir()
-    (out / "eval.json").write_text('{"nll": 1}')
-    (out / "eval_outputs.parquet").write_bytes(b"parts")
+    out = _evaluated(tmp_path)
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     entry = _own_eval_cache / "k"
     (entry / "eval_outputs.parquet").unlink()
