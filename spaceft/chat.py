@@ -433,7 +433,7 @@ def tokenize_examples(
 
 
 DRIFT_SAMPLE = 512
-"""Synthetic samples `template_drift` re-renders per iteration (the first ones, by prompt and sample)."""
+"""Synthetic samples `template_drift` re-renders per iteration (the first rows of the table)."""
 DRIFT_WARN = 0.5
 """Share of checked samples re-rendered differently at a response boundary above which a run warns."""
 
@@ -451,10 +451,13 @@ def template_drift(
     ``[/INST]`` followed by ``▁The``, writes ``▁The``. Then every real response starts with a token
     that no synthetic one does, and the classifier learns that instead of the data.
 
-    The check runs the rule on the model's own output: each sample `(prompt_index, response_ids,
-    hit_cap)` is decoded, stripped (as datasets store responses), rendered after its prompt and tokenized
-    again; a sample the model wrote the way the rule writes it comes back as the same ids (a capped one
-    as a prefix). An untrained model's random tokens do not (a leading space is stripped away).
+    The check runs the rule on the model's own output: each of the first `DRIFT_SAMPLE` samples
+    `(prompt_index, response_ids, hit_cap)` is decoded, stripped (as datasets store responses; a capped
+    one only at its start), rendered after its prompt and tokenized again; a sample the model wrote the
+    way the rule writes it comes back as the same ids (a capped one as a prefix). An untrained model's
+    random tokens do not (a leading space is stripped away). Samples that are empty or that stopped on a
+    stop id other than end-of-turn (counted by the generate stage's `other_stop_fraction`) are not
+    checked.
     A healthy template leaves a few samples different, mostly in the middle (a name split into unusual
     pieces): of the 576 samples SmolLM2-135M drew at temperature 1 in the N = 16 grid of
     benchmarks/replicate.py, 4.3 % differed, 1.2 % at a boundary. A template that drifts changes nearly
@@ -468,7 +471,12 @@ def template_drift(
     example: dict[str, list[str]] | None = None
     for prompt_index, ids, hit_cap in samples[:DRIFT_SAMPLE]:
         written = [int(i) for i in ids]
-        text = tokenizer.decode(written, skip_special_tokens=True).strip()  # as a dataset stores a response
+        if not hit_cap and written[-1:] != [chat.eot]:
+            continue  # stopped on eos, not end-of-turn: `other_stop_fraction` counts those
+        text = tokenizer.decode(written, skip_special_tokens=True)
+        text = text.lstrip() if hit_cap else text.strip()  # as a dataset stores it (a cut one keeps its end)
+        if not text.strip():
+            continue  # an empty answer: no dataset holds one, and the rule refuses it
         try:
             _, rendered = chat.pair_ids(prompts[prompt_index], text)
         except ChatTemplateError:

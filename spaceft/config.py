@@ -97,6 +97,9 @@ class DataConfig:
     """Column holding the response (prompt/completion formats)."""
     messages_field: str = "messages"
     """Column holding a conversation (messages format)."""
+    response_turn: str = "last"
+    """messages format: the response is the 'last' assistant turn (the turns before it are the prompt)
+    or the 'first' one (the first exchange only, as SPIN and SPACE read UltraChat)."""
     system_prompt: str | None = None
     """System turn prepended to prompts that have none."""
     split: str = "train"
@@ -125,6 +128,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.on_bad_row not in ("error", "skip"):
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
+        if self.response_turn not in ("last", "first"):
+            raise ValueError(f"data.response_turn must be 'last' or 'first', got {self.response_turn!r}")
         if self.overlong not in ("error", "skip", "truncate"):
             raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
         try:
@@ -402,8 +407,8 @@ class LoggingConfig:
 
 def _space_noise_mismatch(cfg: RunConfig) -> str | None:
     """Why SPACE's synthetic samples would not come from the opponent whose log-probs score them."""
-    if cfg.train.loss is not LossType.SPACE:
-        return None  # SPIN's data mixing is SPIN's own practice; its loss is not a density estimate
+    if cfg.train.loss is not LossType.SPACE or cfg.selfplay.iterations == 1:
+        return None  # SPIN's data mixing is SPIN's own practice; one iteration has only its own samples
     if not cfg.selfplay.resample:
         return "selfplay.resample=false trains every iteration on iteration 0's samples"
     if cfg.selfplay.mix_previous:

@@ -74,6 +74,7 @@ def training_data(run_dir: Path) -> list[TokenizedExample]:
         split=d["split"],
         on_bad_row=d["on_bad_row"],
         limit=d["train_size"],
+        response_turn=d.get("response_turn", "last"),  # a run from before the key: the default
     )
     tokenized, _ = data_mod.tokenize_examples(
         tokenizer,

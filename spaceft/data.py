@@ -14,7 +14,8 @@ Loading (`load_examples`) accepts
 and three row formats, detected from the first row's keys when ``fmt="auto"``:
 
 * ``messages`` — TRL's conversational format: a list of ``{"role", "content"}`` turns; the final turn
-  must be the assistant's and is the response, the turns before it are the prompt.
+  must be the assistant's and is the response, the turns before it are the prompt (with
+  ``response_turn="first"``: the first assistant turn, and only the turns before it).
 * ``prompt_completion`` — TRL's prompt/completion columns, each either a string or (conversational) a
   list of messages; ``prompt_response`` (or ``response_field="response"``) reads prompt/response.
   When ``response_field`` is left at ``"completion"`` and a file has ``response`` instead, ``auto``
@@ -297,8 +298,15 @@ def _check_response(response: Any, name: str) -> str:
     return response
 
 
-def _parse_messages(row: Mapping[str, Any], messages_field: str) -> tuple[list[dict[str, str]], str]:
+def _parse_messages(
+    row: Mapping[str, Any], messages_field: str, response_turn: str = "last"
+) -> tuple[list[dict[str, str]], str]:
     turns = _check_turns(_as_turns(_field(row, messages_field), messages_field), messages_field)
+    if response_turn == "first":  # the conversation up to its first answer; the rest is not read
+        first = next((i for i, t in enumerate(turns) if t["role"] == "assistant"), None)
+        if first is None:
+            raise _BadRow("bad_turn_order", f"{messages_field!r} has no assistant turn")
+        turns = turns[: first + 1]
     if turns[-1]["role"] != "assistant":
         raise _BadRow("bad_turn_order", f"the last turn of {messages_field!r} must be the assistant's "
                                         f"response, not {turns[-1]['role']!r}")
@@ -371,6 +379,7 @@ def load_examples(
     split: str = "train",
     on_bad_row: str = "error",
     limit: int | None = None,
+    response_turn: str = "last",
 ) -> tuple[list[Example], LoadReport]:
     """Loads and validates real SFT pairs from a file, a saved dataset directory or a hub dataset.
 
@@ -383,6 +392,9 @@ def load_examples(
         split: the split of a ``DatasetDict`` directory or a hub dataset.
         on_bad_row: ``"error"`` raises `DataError` at the first bad row; ``"skip"`` counts it.
         limit: stop once this many examples are kept.
+        response_turn: in the ``messages`` format, which assistant turn is the response: ``"last"``
+            (the turns before it are the prompt) or ``"first"`` (the first exchange only, as SPIN and
+            SPACE read UltraChat; the later turns are not read).
 
     Returns:
         The examples in file order and a `LoadReport`.
@@ -397,6 +409,8 @@ def load_examples(
         raise ValueError(f"on_bad_row must be one of {list(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples or None, got {limit}")
+    if response_turn not in ("last", "first"):
+        raise ValueError(f"response_turn must be 'last' or 'first', got {response_turn!r}")
 
     report = LoadReport(path=path)
     examples: list[Example] = []
@@ -416,7 +430,7 @@ def load_examples(
                 logger.info("%s: reading the %r format (response field %r)", path, *detected)
             row_fmt, row_response_field = detected
             if row_fmt == "messages":
-                prompt, response = _parse_messages(row, messages_field)
+                prompt, response = _parse_messages(row, messages_field, response_turn)
             else:
                 prompt, response = _parse_prompt_completion(row, prompt_field, row_response_field)
             answer = _parse_answer(row)

@@ -10,15 +10,17 @@ evaluation time. An evaluation's result is a function of:
   the model settings that change an evaluation (dtype, attention implementation, remote code),
 * the held-out token ids and reference answers,
 * the code that computes it: spaceft's own source files, torch / transformers / tokenizers / lm-eval
-  versions, the device type (and GPU model and CUDA version), and with lm-eval tasks the number of
-  processes the harness shards across.
+  versions, the device type (and the CPU model, or the GPU model and CUDA version), and with lm-eval
+  tasks the number of processes the harness shards across.
 
 Only evaluations whose lm-eval tasks are `spaceft bench`'s (data pinned by hash) are cached: a local
 task YAML or a task from the `datasets` cache can change without the key knowing.
 
 The key hashes all of them; the entry is `<cache>/evals/<key>/` (`SPACEFT_EVAL_CACHE` moves it),
 holding the files this evaluation wrote (eval.json, eval_outputs.parquet, and eval_samples.jsonl and
-lm_eval_tasks/ when it has them), written atomically, first writer wins. A hit
+lm_eval_tasks/ when it has them) and their list (files.json). An entry is built under a temporary
+name and renamed into place, never replaced: when two runs evaluate the same key at once the first
+rename wins, and a run restoring an entry never sees it swapped; one missing a listed file is a miss. A hit
 copies them into the iteration's directory; the manifest entry says `cached: <key>`. `eval.cache=false`
 turns it off. A custom `eval.task_metric` ('module:function') is keyed by its name only: its code is
 not hashed, so change its name (or turn the cache off) when you change it.
@@ -26,8 +28,10 @@ not hashed, so change its name (or turn the cache off) when you change it.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -38,7 +42,7 @@ from typing import Any
 import torch
 
 from spaceft.config import EVAL_WHERE_KEYS
-from spaceft.rundir import atomic_dir, content_hash, library_versions
+from spaceft.rundir import content_hash, library_versions, temp_name
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ def cache_key(
     if device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)
         where["cuda"] = torch.version.cuda
+    else:  # a cache in a home directory shared by machines: another CPU's kernels round otherwise
+        where["cpu"] = cpu_model()
     if settings.get("lm_eval_tasks"):
         from importlib.metadata import PackageNotFoundError, version
 
@@ -104,6 +110,20 @@ def is_content_hash(model_hash: str) -> bool:
     return len(model_hash) == 16 and all(c in "0123456789abcdef" for c in model_hash)
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 CACHE_ENV = "SPACEFT_EVAL_CACHE"
 """Environment variable naming the cache directory (default: `<SPACEFT_CACHE>/evals`)."""
 
@@ -116,22 +136,58 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else default_cache_dir() / "evals"
 
 
+ENTRY_FILES = "files.json"
+"""An entry's list of the files it holds (entries written before it have none: `eval.json` then counts)."""
+
+
 def lookup(key: str) -> Path | None:
-    """The entry of `key`, or None."""
+    """The entry of `key` if it is complete, else None."""
     entry = cache_dir() / key
-    return entry if (entry / "eval.json").is_file() else None
+    if not (entry / "eval.json").is_file():
+        return None
+    if not _complete(entry):
+        log.warning("%s lacks files its list names; evaluating again", entry)
+        return None
+    return entry
+
+
+def _complete(entry: Path) -> bool:
+    """Every file the entry's list names is there (an entry without a list: its eval.json is)."""
+    listed = entry / ENTRY_FILES
+    if not listed.is_file():
+        return (entry / "eval.json").is_file()
+    return all((entry / name).exists() for name in json.loads(listed.read_text()))
 
 
 def store(key: str, out_dir: Path, names: Sequence[str]) -> None:
-    """Keep the files `names` (what this evaluation wrote) of `out_dir` under `key`. The first entry
-    written for a key stays: the same key means the same result, and readers never see a swap. A failure
-    to write only warns."""
+    """Keep the files `names` (what this evaluation wrote) of `out_dir` under `key`, with their list.
+
+    The entry is built under a temporary name and renamed onto a path that does not exist yet; when two
+    runs evaluate the same key at once, the first rename wins and the other copy is dropped. An entry is
+    never replaced, so a run restoring it never finds it half-gone (the same key means the same result).
+    A failure to write only warns."""
     if lookup(key) is not None:
         return
+    entry = cache_dir() / key
     try:
-        with atomic_dir(cache_dir() / key) as tmp:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_name(entry)
+        tmp.mkdir()
+        try:
             for name in names:
                 _copy(out_dir / name, tmp / name)
+            (tmp / ENTRY_FILES).write_text(json.dumps(sorted(names)))
+            if entry.exists() and not _complete(entry):  # damaged: files deleted by hand
+                shutil.rmtree(entry, ignore_errors=True)
+            try:
+                os.rename(tmp, entry)  # onto a missing (or empty) directory only: never a swap
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                log.info("%s was stored by another run meanwhile; keeping that one", entry)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
     except OSError as e:
         log.warning("could not keep the evaluation in %s (%s); it is not cached", cache_dir(), e)
 

@@ -118,8 +118,8 @@ class HFGenerator:
 
     `mixed_precision="bf16"` samples under the bf16 autocast that `train.mixed_precision=bf16` trains
     and scores under: the samples then come from the model whose log-probs the score stage records as
-    their density (not from its float32 twin), and decoding is faster wherever bf16 matmuls are (1.8×
-    for SmolLM2-135M on one core of a CPU with AMX, docs/PERFORMANCE.md).
+    their density (not from its float32 twin), and decoding is faster wherever bf16 matmuls are (1.40×
+    the sampled tokens per second for SmolLM2-135M on one core of a CPU with AMX, docs/PERFORMANCE.md).
     """
 
     def __init__(
@@ -202,9 +202,10 @@ class VLLMGenerator:
 
     The engine's log-probs are never used as the opponent's scores: the score stage recomputes them with
     the same HF forward that training uses, so that at the first step of an iteration policy and
-    opponent log-probs are computed by the same code in the same precision and every reward is exactly
-    0; vLLM's kernels (and its bf16/fp8 paths, prefix caching, batch-dependent reductions) give values
-    that differ in the low digits, which would show up as spurious rewards.
+    opponent log-probs are computed by the same code in the same precision and every reward is 0 up to
+    the rounding of differently padded batches (spaceft.score); vLLM's kernels (and its bf16/fp8
+    paths, prefix caching, batch-dependent reductions) give values that differ in the low digits, which
+    would show up as spurious rewards.
 
     A one-process engine spawns worker processes: call it from a script guarded by
     `if __name__ == "__main__":` (the `spaceft` console script is).

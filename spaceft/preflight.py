@@ -9,7 +9,9 @@ the config. What needs the outside world is checked here, before any model is lo
 - the data paths that are local files;
 - the model: a local directory with a config, weights and a tokenizer, or a hub id that is cached
   or can be found on the Hub; and the sequence budgets against the model's positions;
-- the disk: room for the models and training states the run still writes (`check_disk`).
+- the disk: room for the models and training states the run still writes (`check_disk`);
+- the precision: bf16 weights trained without float32 masters at a learning rate whose updates round
+  away (`check_precision`).
 
 Every failure is a `ValueError` (or `FileNotFoundError`) whose message names the key or the path and
 says what to do; the CLI prints it as one line.
@@ -24,6 +26,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +50,12 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 
-def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> None:
+def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, trains: bool = True) -> None:
     """Every check of this module, in order; the run directory's lock is held from here on.
 
     Only the main process locks, cleans and repairs the run directory (under `accelerate launch`
-    the others only read it).
+    the others only read it), and checks what training still needs (precision, disk) — only when this
+    command trains (`trains`: not `spaceft eval`/`generate`/`score`) and some iteration is untrained.
     """
     check_run_dir(cfg.run_dir)
     manifest = None
@@ -61,34 +65,82 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True) -> 
         manifest = open_manifest(cfg.run_dir, force=force)
         verify_pending_inputs(manifest, cfg)
         write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())  # the resolved config, as this run uses it
+    left = untrained(cfg, manifest) if manifest is not None and trains else []
+    if left:  # the main process decides for all (the caller's `agree`)
+        check_precision(cfg, left)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     model_dir = check_model(cfg)
     if model_dir is not None:
         check_positions(cfg, model_dir)
-        if manifest is not None:  # the main process: it saves the models
-            check_disk(cfg, model_dir, manifest)
+        if left:
+            check_disk(cfg, model_dir, len(left))
+
+
+def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
+    """The iterations whose train stage has not finished."""
+    stages = manifest.data["iterations"]
+    return [
+        t for t in range(cfg.selfplay.iterations)
+        if stages.get(str(t), {}).get("train", {}).get("status") != "done"
+    ]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------ precision
+
+LOW_PRECISION_LR = 1e-5
+"""Below this peak learning rate, updates to bf16 weights without float32 masters round away."""
+
+
+def check_precision(cfg: RunConfig, iterations: Sequence[int] | None = None) -> None:
+    """Full fine-tuning of bf16 weights with no float32 master copy at a small learning rate is refused:
+    bf16 resolves a weight of 0.02 to steps of 1.2e-4 (an update under 6e-5 rounds away), and RMSprop's
+    first updates are at most 10·lr, so at SPIN's 5e-7 nearly every update rounds away and the run
+    trains nothing. DeepSpeed's bf16 engine keeps float32 masters (accelerate launch with a DeepSpeed
+    config); LoRA trains float32 adapters."""
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
+        return
+    todo = range(cfg.selfplay.iterations) if iterations is None else iterations
+    lowest = min(cfg.train.lr_for(t) for t in todo)
+    if lowest < LOW_PRECISION_LR:
+        raise ValueError(
+            f"model.dtype=bfloat16 trains bf16 weights with no float32 master copy, and at lr {lowest:g} "
+            "nearly every update is below bf16's resolution and rounds away (the run would train nothing): "
+            "use model.dtype=float32 with train.mixed_precision=bf16, LoRA (model.lora.r > 0), or launch "
+            "with DeepSpeed (accelerate launch --config_file spaceft/recipes/accelerate/zero3.yaml), whose "
+            f"bf16 engine keeps float32 masters; or train at lr >= {LOW_PRECISION_LR:g}"
+        )
 
 
 # ------------------------------------------------------------------------------------ disk space
 
 
 def weight_count(model_dir: Path) -> int | None:
-    """The model's parameter count from its safetensors headers (no tensor is read); None without them."""
+    """The model's parameter count from its safetensors headers (no tensor is read): the shards its
+    `model.safetensors.index.json` names when it has one (a hub snapshot may also hold a consolidated
+    copy), else every `*.safetensors`; None without them or when one cannot be read."""
     from safetensors import safe_open
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
+    index = model_dir / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            shards = json.loads(index.read_text())["weight_map"].values()
+            files = sorted({model_dir / name for name in shards})
+        else:
+            files = sorted(model_dir.glob("*.safetensors"))
+        total = 0
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    numel = 1
+                    for size in f.get_slice(key).get_shape():
+                        numel *= int(size)
+                    total += numel
+    except Exception as e:  # a broken link, a partial download: the disk check is skipped, not the run
+        log.debug("could not count the weights of %s (%s)", model_dir, e)
         return None
-    total = 0
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                numel = 1
-                for size in f.get_slice(key).get_shape():
-                    numel *= int(size)
-                total += numel
-    return total
+    return total or None
 
 
 def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[int, str]:
@@ -110,16 +162,12 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_disk(cfg: RunConfig, model_dir: Path, manifest: Manifest) -> None:
+def check_disk(cfg: RunConfig, model_dir: Path, iterations_left: int) -> None:
     """A run that cannot save what it will write stops now, not when its last iteration saves."""
     parameters = weight_count(model_dir)
     if parameters is None:
         return
-    done = sum(
-        1 for t in range(cfg.selfplay.iterations)
-        if manifest.data["iterations"].get(str(t), {}).get("train", {}).get("status") == "done"
-    )  # fmt: skip
-    needed, how = disk_needed(cfg, parameters, cfg.selfplay.iterations - done)
+    needed, how = disk_needed(cfg, parameters, iterations_left)
     free = shutil.disk_usage(cfg.run_dir).free
     if needed > free:
         raise ValueError(

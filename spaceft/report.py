@@ -26,6 +26,8 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
     base = run_dir / "base" / "eval.json"
     if base.exists():
         rows.append({"iteration": "base", **_eval_cols(read_json(base))})
+    manifest = run_dir / "manifest.json"
+    sft = manifest.exists() and read_json(manifest).get("config", {}).get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
         d = run_dir / f"iter_{t}"
@@ -47,6 +49,9 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
             )
             if "rewards/abs_mean" in first:  # 0 unless the score and training passes disagree
                 row["reward_abs_first"] = first["rewards/abs_mean"]
+            if sft:  # SFT has no opponent: its "rewards" are not rewards
+                for key in ("reward_real", "reward_synthetic", "reward_accuracy", "reward_abs_first"):
+                    row.pop(key, None)
         rows.append(row)
         t += 1
     return rows

@@ -3,7 +3,10 @@
 The opponent p_θt is frozen for a whole iteration, so log p_θt(y|x) and log p_θt(y'|x) are
 computed once, here, and saved to `iter_t/opponent_logps.parquet`; training never holds a second
 model (DESIGN.md, step 2). The same `sequence_logps` computes the policy's log-probs inside the
-training loop, so at the first step of an iteration (policy == opponent) every reward is 0.
+training loop, so at the first step of an iteration (policy == opponent) every reward is 0 up to
+rounding: the score stage batches sequences by length and training by prompt, and differently padded
+shapes change the last bits (on a tiny Llama |r| ≤ 3e-5 in float32, ≤ 2e-3 under bf16 autocast). The
+first step's mean |reward| is recorded (`rewards/abs_mean`) and warned about above 1e-2 nats.
 
 A sequence log-prob is the SUM of the response tokens' log-probs; prompt tokens are masked.
 """

@@ -619,7 +619,7 @@ def run(
 ) -> Workspace:
     """Run (or resume) all iterations; with `only_stage`, re-run that one stage of one iteration
     (which also invalidates everything built on it: its later stages and all later iterations)."""
-    ws = prepare(cfg, force=force)
+    ws = prepare(cfg, force=force, trains=only_stage in (None, "train"))
     state, m = ws.state, ws.manifest
     log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, cfg.train.loss,
              cfg.selfplay.iterations, len(ws.train_tok), len(ws.eval_tok))  # fmt: skip

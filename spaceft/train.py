@@ -338,7 +338,7 @@ def train_step(
     sft = t.loss is LossType.SFT
     denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
     scale = world / denom * (tr.n_micro if tr.deepspeed else 1)
-    sums = torch.zeros(9, device=accelerator.device)
+    sums = torch.zeros(10, device=accelerator.device)
     tic = time.perf_counter()
     # step 2: forward → loss → backward, per micro-batch
     for m, mb in enumerate(micro):
@@ -357,7 +357,7 @@ def train_step(
             _stop_if(not finite, accelerator, "loss", iteration, step, tr.state_dir)
             weights = out["real_lengths"] if sft else 1.0  # SFT's per-prompt loss is a token mean
             accelerator.backward((res.losses * weights).sum() * scale)
-        sums += _batch_stats(res, out)
+        sums += _batch_stats(res, out, weights)
     # step 3: clip and step
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
     _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",
@@ -421,7 +421,7 @@ def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunC
             "the forward (FSDP's param_dtype), which the score stage does not do, so rewards would not start "
             "at 0: launch FSDP with mixed_precision: no (as spaceft/recipes/accelerate/fsdp2.yaml) and set "
             "train.mixed_precision=bf16 (autocast over float32 weights, as scoring does) or "
-            "model.dtype=bfloat16"
+            "model.dtype=bfloat16 (pure bf16: FSDP keeps no float32 masters, so only at lr >= 1e-5)"
         )
     if state.deepspeed_plugin is not None and launched == "bf16" and cfg.model.dtype != "bfloat16":
         raise ValueError(
@@ -501,9 +501,11 @@ def _stop_if(
         )
 
 
-def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens, and
-    the mean |reward| of each prompt's 1 + K responses."""
+def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor], weights: Any = 1.0) -> torch.Tensor:
+    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens, the
+    mean |reward| of each prompt's 1 + K responses, and the loss's weight. The loss is summed with the
+    `weights` the step's gradient uses (SFT: each prompt's token mean times its response tokens), so
+    the logged loss is the one optimised (SFT: the token-weighted mean, not the mean of prompt means)."""
     real = res.real_rewards  # [B]
     syn = res.synthetic_rewards  # [B, K]
     syn_mean = syn.mean(-1) if syn.numel() else torch.zeros_like(real)
@@ -514,7 +516,7 @@ def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(
         [
             torch.tensor(float(len(real))),
-            res.losses.detach().sum().cpu(),
+            (res.losses.detach() * weights).sum().cpu(),
             real.sum().cpu(),
             syn_mean.sum().cpu(),
             acc.sum().cpu(),
@@ -522,14 +524,15 @@ def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor]) -> torch.Tensor:
             syn_logp.detach().cpu(),
             out["num_tokens"].float().cpu(),
             abs_mean.sum().cpu(),
+            (torch.ones_like(real) * weights).sum().cpu(),
         ]
     ).to(out["policy_real"].device)
 
 
 def _metrics(sums: torch.Tensor, grad_norm: Any, lr: float, elapsed: float) -> dict[str, float]:
-    n, loss, real, syn, acc, lp_real, lp_syn, tokens, abs_reward = sums.tolist()
+    n, loss, real, syn, acc, lp_real, lp_syn, tokens, abs_reward, loss_weight = sums.tolist()
     return {
-        "loss": loss / n,
+        "loss": loss / loss_weight,
         "rewards/real": real / n,
         "rewards/synthetic": syn / n,
         "rewards/abs_mean": abs_reward / n,

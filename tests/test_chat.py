@@ -383,8 +383,10 @@ def test_rewards_start_at_zero_for_every_template(
         assert sample["hit_cap"] == (eot not in ids and tokenizer.eos_token_id not in ids)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     drift = manifest["iterations"]["0"]["generate"]["template_drift"]  # the random model's samples
-    assert drift["checked"] == len(samples) == 8
-    assert 0 <= drift["boundary_fraction"] <= drift["mismatch_fraction"] <= 1
+    prompts = [tuple(r["messages"][:-1]) for r in rows]
+    drawn = [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in samples]
+    again = template_drift(ChatTokenizer(tokenizer), prompts, drawn)
+    assert drift == again and len(samples) == 8
 
 
 # template_drift: the rule applied to the model's own samples. Each sample is (prompt index, ids, hit_cap).
@@ -471,3 +473,19 @@ def test_a_template_that_prints_today_renders_the_pinned_date_every_day() -> Non
                                    template_date="2025-01-02")  # fmt: skip
     assert pinned.response_ids == later.response_ids and pinned.prompt_ids != later.prompt_ids
     assert render_prompt_ids(tok, example.prompt) == list(pinned.prompt_ids)
+
+
+def test_empty_samples_and_samples_ending_on_eos_are_not_taken_for_drift() -> None:
+    """Llama 3 ends a turn with <|eot_id|> but may stop on <|end_of_text|>: such a sample differs from any
+    re-rendering in its last token (the generate stage counts it in `other_stop_fraction`), and an empty
+    answer has no rendering at all; neither says anything about the template."""
+    from .chat_tokenizers import llama3
+
+    tokenizer = llama3()
+    c = ChatTokenizer(tokenizer)
+    prompt = [{"role": "user", "content": "Hello"}]
+    rule = _rule_written(c, prompt)
+    eos = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    on_eos = [(0, [*ids[:-1], eos], False) for ids in rule]
+    drift = template_drift(c, [prompt], [*on_eos, (0, [c.eot], False), (0, rule[0], False)])
+    assert drift == {"checked": 1, "mismatch_fraction": 0.0, "boundary_fraction": 0.0}

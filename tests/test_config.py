@@ -147,6 +147,7 @@ def test_space_on_samples_of_another_model_is_refused(setting: str) -> None:
     assert setting.split("=")[0] in str(err.value) and "p_data * p_opponent / q" in str(err.value)
     for loss in ("spin", "ipo", "simpo"):  # SPIN's data mixing is SPIN's own practice
         load_config(None, ["data.train=x.jsonl", f"train.loss={loss}", setting])
+    load_config(None, ["data.train=x.jsonl", setting, "selfplay.iterations=1"])  # only its own samples
     cfg = load_config(None, ["data.train=x.jsonl", setting, "generation.allow_biased_sampling=true"])
     assert cfg.generation.allow_biased_sampling and cfg.generation.is_ancestral
 

@@ -158,3 +158,18 @@ def test_the_report_says_when_space_trained_on_samples_of_another_model() -> Non
     mixed = {**reuse, "selfplay": {"resample": True, "mix_previous": True}}
     assert "previous opponent's samples" in " ".join(_sampling_note(mixed))
     assert _sampling_note({**reuse, "generation": {"allow_biased_sampling": False}}) == []
+
+
+@pytest.mark.parametrize("loss", ["sft", "space"])
+def test_the_report_table_shows_rewards_only_for_losses_with_an_opponent(tmp_path: Path, loss: str) -> None:
+    from spaceft.report import collect, markdown_table
+
+    write_json(tmp_path / "manifest.json", {"config": {"train": {"loss": loss}}, "iterations": {}})
+    (tmp_path / "iter_0").mkdir()
+    step = {"loss": 0.5, "rewards/real": -0.5, "rewards/synthetic": 0.0, "rewards/accuracy": 0.0,
+            "rewards/abs_mean": 4.3, "step": 1, "epoch": 1}  # fmt: skip
+    _metrics(tmp_path / "iter_0" / "metrics.jsonl", [step])
+    [row] = collect(tmp_path)
+    table = markdown_table([row])
+    assert row["loss_first"] == 0.5 and row["steps"] == 1
+    assert ("reward real" in table) == ("reward_real" in row) == (loss == "space")

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from spaceft import data
+from spaceft.config import load_config
 from spaceft.data import DataError, Example, load_examples
 
 CHATML = (
@@ -150,6 +151,31 @@ def test_system_prompt_is_prepended_only_when_the_prompt_has_none(tmp_path: Path
     assert examples[0].prompt[0] == {"role": "system", "content": "You are helpful."}
     assert examples[1].prompt[0] == {"role": "system", "content": "Be terse."}
     assert [turn["role"] for turn in examples[2].prompt] == ["system", "user", "assistant", "user"]
+
+
+def test_the_first_exchange_of_each_conversation_as_spin_reads_ultrachat(tmp_path: Path) -> None:
+    """response_turn="first": the first assistant turn is the response and only the turns before it are
+    the prompt (SPIN's reformat of UltraChat keeps messages[0] and messages[1]); the later turns, even a
+    malformed one, are not read."""
+    rows = [
+        {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                      {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]},
+        {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                      {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2 unanswered"}]},
+    ]  # fmt: skip
+    path = write_source(tmp_path, "jsonl", rows)
+    first, _ = load_examples(path, response_turn="first")
+    assert [(e.prompt, e.response) for e in first] == [
+        (({"role": "user", "content": "Q1"},), "A1"),
+        (({"role": "system", "content": "S"}, {"role": "user", "content": "Q1"}), "A1"),
+    ]
+    last, report = load_examples(path, on_bad_row="skip")  # the default: the last turn must be the answer
+    assert [e.response for e in last] == ["A2"] and report.skipped == {"bad_turn_order": 1}
+    (tmp_path / "n").mkdir()
+    no_answer = write_source(tmp_path / "n", "jsonl", [{"messages": [{"role": "user", "content": "Q"}]}])
+    with pytest.raises(DataError, match="has no assistant turn"):
+        load_examples(no_answer, response_turn="first")
+    assert load_config("paper_space", []).data.response_turn == "first"
 
 
 def test_limit_blank_lines_bom_and_crlf(tmp_path: Path) -> None:
@@ -329,6 +355,6 @@ def test_hub_name_loads_through_datasets(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_bad_arguments_are_value_errors(tmp_path: Path) -> None:
     path = write_source(tmp_path, "jsonl", rows_for("messages"))
-    for kwargs in ({"fmt": "sharegpt"}, {"on_bad_row": "ignore"}, {"limit": 0}):
+    for kwargs in ({"fmt": "sharegpt"}, {"on_bad_row": "ignore"}, {"limit": 0}, {"response_turn": "middle"}):
         with pytest.raises(ValueError, match=next(iter(kwargs))):
             load_examples(path, **kwargs)

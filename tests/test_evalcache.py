@@ -107,20 +107,26 @@ def test_only_spaceft_bench_tasks_are_cacheable() -> None:
     assert not cacheable({"lm_eval_tasks": ["truthfulqa_mc2"]})  # read from the datasets cache
 
 
+def _evaluated(tmp_path: Path, outputs: bytes = b"parts") -> Path:
+    """An iteration directory as an evaluation leaves it: eval.json and eval_outputs.parquet."""
+    out = tmp_path / "iter"
+    out.mkdir(exist_ok=True)
+    (out / "eval.json").write_text('{"nll": 1}')
+    (out / "eval_outputs.parquet").write_bytes(outputs)
+    return out
+
+
 def test_an_entry_holds_what_the_evaluation_wrote_and_the_first_one_stays(
     _own_eval_cache: Path, tmp_path: Path
 ) -> None:
     from spaceft import evalcache
 
-    out = tmp_path / "iter"
-    out.mkdir()
-    (out / "eval.json").write_text('{"nll": 1}')
-    (out / "eval_outputs.parquet").write_bytes(b"parts")
+    out = _evaluated(tmp_path)
     (out / "eval_samples.jsonl").write_text("stale, from an older evaluation\n")
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     entry = evalcache.lookup("k")
     assert entry is not None
-    assert sorted(p.name for p in entry.iterdir()) == ["eval.json", "eval_outputs.parquet"]
+    assert sorted(p.name for p in entry.iterdir()) == ["eval.json", "eval_outputs.parquet", "files.json"]
     (out / "eval.json").write_text('{"nll": 2}')
     evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
     assert (entry / "eval.json").read_text() == '{"nll": 1}'
@@ -142,3 +148,57 @@ def test_a_resumed_stage_says_so_and_claims_no_tokens_per_second(
     assert "resumed" not in stages["score"] and stages["score"]["wall_s"] > 0
     report = (tmp_path / "runs" / "a" / "report.md").read_text()
     assert " resumed |" in report
+
+
+def test_two_runs_storing_one_key_at_once_never_swap_the_entry(
+    _own_eval_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both runs missed the lookup; the second one's store finds the first one's entry in place when it
+    renames, keeps it and drops its own copy (a reader restoring it meanwhile never finds it missing)."""
+    from spaceft import evalcache
+
+    out = _evaluated(tmp_path, b"first")
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    entry = evalcache.lookup("k")
+    assert entry is not None
+    inode = entry.stat().st_ino
+    (out / "eval_outputs.parquet").write_bytes(b"second")
+    real_lookup = evalcache.lookup
+    monkeypatch.setattr(evalcache, "lookup", lambda key: None)  # it missed before the first one stored
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    monkeypatch.setattr(evalcache, "lookup", real_lookup)
+    assert entry.stat().st_ino == inode and (entry / "eval_outputs.parquet").read_bytes() == b"first"
+    assert [p.name for p in _own_eval_cache.iterdir()] == ["k"]  # no temporary copy left behind
+
+
+def test_an_entry_missing_a_listed_file_is_a_miss_and_is_stored_again(
+    _own_eval_cache: Path, tmp_path: Path
+) -> None:
+    from spaceft import evalcache
+
+    out = _evaluated(tmp_path)
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    entry = _own_eval_cache / "k"
+    (entry / "eval_outputs.parquet").unlink()
+    assert evalcache.lookup("k") is None
+    evalcache.store("k", out, ["eval.json", "eval_outputs.parquet"])
+    assert evalcache.lookup("k") == entry and (entry / "eval_outputs.parquet").read_bytes() == b"parts"
+    (entry / "files.json").unlink()  # an entry written before entries listed their files
+    assert evalcache.lookup("k") == entry
+
+
+def test_the_key_names_the_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache shared by machines (a home directory on a cluster) must not hand one CPU's greedy outputs
+    to another, whose kernels may round otherwise."""
+    import torch
+
+    from spaceft import evalcache
+
+    def key() -> str:
+        return evalcache.cache_key("0123456789abcdef", {"max_new_tokens": 8}, {"dtype": "float32"}, [[1, 2]],
+                                   torch.device("cpu"), 1)  # fmt: skip
+
+    assert evalcache.cpu_model()
+    first = key()
+    monkeypatch.setattr(evalcache, "cpu_model", lambda: "another CPU")
+    assert key() != first

@@ -234,14 +234,18 @@ def test_a_disk_too_small_for_the_runs_models_stops_it_before_any_work(
     assert "free space, choose another output_dir, or lower selfplay.iterations" in line
     assert not list((tmp_path / "runs").glob("*/iter_*"))
     free(needed)
+    preflight.check_disk(cfg, tiny_model_dir, 2)  # enough room for everything
     manifest = Manifest(tmp_path / "manifest.json", {"iterations": {"0": {"train": {"status": "done"}}}})
-    preflight.check_disk(cfg, tiny_model_dir, manifest)  # enough room for everything
+    assert preflight.untrained(cfg, manifest) == [1]
     left = needed - 4 * params  # iteration 0 trained: one model and the states are left to write
     free(left)
-    preflight.check_disk(cfg, tiny_model_dir, manifest)
+    preflight.check_disk(cfg, tiny_model_dir, 1)
     free(left - 1)
     with pytest.raises(ValueError, match=r"1 iteration model\(s\) of .* \+ 2 training states of"):
-        preflight.check_disk(cfg, tiny_model_dir, manifest)
+        preflight.check_disk(cfg, tiny_model_dir, 1)
+    free(0)  # commands that do not train (spaceft eval) are not stopped by what training needs
+    evaluating = load_config("tiny", [f"output_dir={tmp_path / 'e'}", f"model.name={tiny_model_dir}"])
+    preflight.check(evaluating, trains=False)
 
 
 # ------------------------------------------------------------------------------ paths, before loading
@@ -652,3 +656,28 @@ def test_config_is_printed_only_with_verbose(
     assert "# resolved config" not in capsys.readouterr().out
     main(["run", "tiny", f"output_dir={tmp_path}", "-v"])
     assert "# resolved config:\nname: tiny-space" in capsys.readouterr().out
+
+
+def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paper_space's pure-bf16 weights at SPIN's 5e-7 train nothing unless DeepSpeed keeps float32 masters."""
+    over = {"model.dtype": "bfloat16", "train.lr": 5e-7}
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **over))
+    assert "model.dtype=bfloat16 trains bf16 weights with no float32 master copy, and at lr 5e-07" in line
+    assert not list((tmp_path / "runs").glob("*/iter_*"))
+    base = [f"output_dir={tmp_path}", "model.dtype=bfloat16"]
+    preflight.check_precision(load_config("tiny", base))  # the tiny recipe's lr 3e-4 is resolved by bf16
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7", "model.lora.r=8"]))
+    with pytest.raises(ValueError, match="at lr 1e-06"):  # the lowest rate of any iteration counts
+        preflight.check_precision(load_config("tiny", [*base, "train.lr_after=1e-6", "selfplay.iterations=3",
+                                                       "train.lr_switch_iteration=2"]))  # fmt: skip
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    low = load_config("tiny", [*base, "train.lr=5e-7", f"model.name={tiny_model_dir}"])
+    preflight.check(low, trains=False)  # `spaceft eval` of a run trained elsewhere (under DeepSpeed)
+    manifest = Manifest.open(low.run_dir)
+    manifest.data["iterations"] = {str(t): {"train": {"status": "done"}} for t in range(2)}
+    manifest.save()
+    preflight.check(low)  # every iteration trained: nothing left to round away

@@ -279,7 +279,7 @@ def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
     """The gradient `train_step` hands to the optimizer, for 7 prompts with K = 3 samples (one equal to
     its real response, prompts and responses of several lengths, rewards away from 0) in micro-batches of
     1 and 7, equals the gradient of the objective written out from the formulas with per-sequence
-    unpadded forwards."""
+    unpadded forwards; the loss it logs is that objective's value."""
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = []  # opponent scores moved off the model's own, so that the rewards are not 0
     for i, it in enumerate(_items(model, n=7, k=3)):
@@ -291,14 +291,16 @@ def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
     if loss == "sft":
         items = [TrainItem(it.prompt_ids, it.real_ids, ()) for it in items]
     model.train()
-    _formula_loss(model, items, loss, mu=2.0).backward()
+    objective = _formula_loss(model, items, loss, mu=2.0)
+    objective.backward()
     expected = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     for micro in (1, 7):
         cfg = _cfg(tmp_path, loss=loss, mu=2.0, global_batch_size=7, micro_batch_size=micro)
         tr = train_mod.setup(load_model(str(tiny_model_dir), ModelConfig()), items, cfg, iteration=0,
                              iter_dir=tmp_path / f"{loss}-{micro}")  # fmt: skip
         applied = _capture_applied_gradients(tr)
-        train_mod.train_step(tr, [items[i] for i in tr.steps[0]], cfg, 0, 0, 0)
+        logged = train_mod.train_step(tr, [items[i] for i in tr.steps[0]], cfg, 0, 0, 0)
+        assert logged["loss"] == pytest.approx(float(objective), rel=1e-5)
         assert len(tr.steps[0]) == 7 and len(applied) == 1
         assert float((applied[0] - expected).norm() / expected.norm()) < 1e-5, (loss, micro)
 
