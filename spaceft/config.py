@@ -481,8 +481,9 @@ class RunConfig:
             raise ValueError(
                 f"{noise}, but the space loss takes the current opponent's log-probs as the density of "
                 "the synthetic samples (noise-contrastive estimation needs the density of the distribution "
-                "they were drawn from), so the objective's optimum is no longer the real data: with noise q "
-                "it is p_data * p_opponent / q. Set generation.allow_biased_sampling=true to run it as an "
+                "they were drawn from), so the objective's optimum is no longer the real data: with noise "
+                "q the optimal reward is log(p_data / q), which pulls the model towards "
+                "p_data * p_opponent / q. Set generation.allow_biased_sampling=true to run it as an "
                 "ablation (recorded in the manifest and report)"
             )
 
