@@ -506,11 +506,20 @@ def template_drift(
     return out
 
 
-def warn_template_drift(drift: dict[str, Any], name: str) -> None:
+def warn_template_drift(drift: dict[str, Any], name: str, has_template: bool = True) -> None:
     """Log `template_drift`'s finding when most samples re-render differently at a boundary."""
     if drift["checked"] < 4 or drift["boundary_fraction"] <= DRIFT_WARN:
         return
     ex = drift.get("example", {})
+    if not has_template:
+        logger.warning(
+            "%.0f%% of the model's own samples come back as different tokens at the start or end of the "
+            "response when rendered as plain text (%s has no chat template; the model wrote %s, plain text "
+            "gives %s). Real responses are tokenized that way, so each carries a token the synthetic ones "
+            "do not: give the tokenizer the chat template the model was trained with",
+            100 * drift["boundary_fraction"], name, ex.get("written"), ex.get("rendered"),
+        )  # fmt: skip
+        return
     logger.warning(
         "%.0f%% of the model's own samples come back as different tokens at the start or end of the "
         "response when the chat template of %s renders them (the model wrote %s, the template gives %s). "

@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,8 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else default_cache_dir() / "evals"
 
 
+STALE_S = 3600
+"""A temporary entry directory older than this was left by a killed store, and is removed."""
 ENTRY_FILES = "files.json"
 """An entry's list of the files it holds (entries written before it have none: `eval.json` then counts)."""
 
@@ -171,6 +174,9 @@ def store(key: str, out_dir: Path, names: Sequence[str]) -> None:
     entry = cache_dir() / key
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
+        for stale in entry.parent.glob(f".{key}.*"):  # left by a store that was killed (an hour is ample)
+            if time.time() - stale.stat().st_mtime > STALE_S:
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = temp_name(entry)
         tmp.mkdir()
         try:

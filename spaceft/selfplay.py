@@ -334,9 +334,10 @@ def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, A
     entry = merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot)
     rows = read_table(out)
     prompts = {tok.index: ws.train_examples[tok.index].prompt for tok in ws.train_tok}
-    drift = template_drift(ChatTokenizer(ws.tokenizer, ws.cfg.data.template_date), prompts,
-                           [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in rows])  # fmt: skip
-    warn_template_drift(drift, ws.cfg.model.name)
+    chat = ChatTokenizer(ws.tokenizer, ws.cfg.data.template_date)
+    samples = [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in rows]
+    drift = template_drift(chat, prompts, samples)
+    warn_template_drift(drift, ws.cfg.model.name, chat.has_template)
     return {**entry, "template_drift": drift, "opponent": ws.opponent_hash(t)}
 
 

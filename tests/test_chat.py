@@ -489,3 +489,17 @@ def test_empty_samples_and_samples_ending_on_eos_are_not_taken_for_drift() -> No
     on_eos = [(0, [*ids[:-1], eos], False) for ids in rule]
     drift = template_drift(c, [prompt], [*on_eos, (0, [c.eot], False), (0, rule[0], False)])
     assert drift == {"checked": 1, "mismatch_fraction": 0.0, "boundary_fraction": 0.0}
+
+
+def test_the_drift_warning_names_the_missing_template_when_there_is_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    drift = {"checked": 5, "mismatch_fraction": 1.0, "boundary_fraction": 1.0,
+             "example": {"written": ["▁The"], "rendered": ["The"]}}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="spaceft.chat"):
+        warn_template_drift(drift, "plain-model", has_template=False)
+    assert "plain-model has no chat template" in caplog.text and "[/INST]" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="spaceft.chat"):
+        warn_template_drift({**drift, "checked": 3}, "plain-model", has_template=False)
+    assert caplog.text == ""  # too few samples checked to say anything

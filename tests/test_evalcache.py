@@ -202,3 +202,18 @@ def test_the_key_names_the_cpu_model(monkeypatch: pytest.MonkeyPatch) -> None:
     first = key()
     monkeypatch.setattr(evalcache, "cpu_model", lambda: "another CPU")
     assert key() != first
+
+
+def test_a_store_removes_what_a_killed_store_left_behind(_own_eval_cache: Path, tmp_path: Path) -> None:
+    import os
+    import time
+
+    from spaceft import evalcache
+
+    _own_eval_cache.mkdir()
+    old, fresh = _own_eval_cache / ".k.tmp-dead", _own_eval_cache / ".k.tmp-live"
+    old.mkdir(), fresh.mkdir()
+    two_hours_ago = time.time() - 2 * evalcache.STALE_S
+    os.utime(old, (two_hours_ago, two_hours_ago))
+    evalcache.store("k", _evaluated(tmp_path), ["eval.json", "eval_outputs.parquet"])
+    assert evalcache.lookup("k") is not None and not old.exists() and fresh.exists()
