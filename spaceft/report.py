@@ -26,8 +26,7 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
     base = run_dir / "base" / "eval.json"
     if base.exists():
         rows.append({"iteration": "base", **_eval_cols(read_json(base))})
-    manifest = run_dir / "manifest.json"
-    sft = manifest.exists() and read_json(manifest).get("config", {}).get("train", {}).get("loss") == "sft"
+    sft = _stored_manifest(run_dir).get("config", {}).get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
         d = run_dir / f"iter_{t}"
@@ -55,6 +54,12 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
         rows.append(row)
         t += 1
     return rows
+
+
+def _stored_manifest(run_dir: Path) -> dict[str, Any]:
+    """The run's manifest, or {} before it has one."""
+    path = run_dir / "manifest.json"
+    return read_json(path) if path.exists() else {}
 
 
 def _eval_cols(ev: dict[str, Any]) -> dict[str, Any]:
@@ -219,10 +224,10 @@ def _sampling_note(cfg: dict[str, Any]) -> list[str]:
     gen, play = cfg.get("generation", {}), cfg.get("selfplay", {})
     if not gen.get("allow_biased_sampling"):
         return []
-    source = ""
-    if cfg.get("train", {}).get("loss") == "space" and not play.get("resample", True):
+    source, space = "", cfg.get("train", {}).get("loss") == "space"
+    if space and not play.get("resample", True):
         source = ", and every iteration trained on iteration 0's samples (selfplay.resample=false)"
-    elif cfg.get("train", {}).get("loss") == "space" and play.get("mix_previous"):
+    elif space and play.get("mix_previous"):
         source = ", and also on the previous opponent's samples (selfplay.mix_previous=true)"
     return [
         f"**Biased sampling:** synthetic responses were sampled with temperature {gen.get('temperature')}, "
@@ -294,8 +299,7 @@ def collect_diagnostics(
     `real_ids` (prompt index -> real response ids) is read from the run's data when not given.
     """
     rows: list[dict[str, Any]] = []
-    manifest = run_dir / "manifest.json"
-    stored = read_json(manifest) if manifest.exists() else {}
+    stored = _stored_manifest(run_dir)
     sft = stored.get("config", {}).get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
