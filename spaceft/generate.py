@@ -285,10 +285,17 @@ class VLLMGenerator:
     def close(self) -> None:
         """Tear the engine down and free its memory. Under a launcher the engine runs in this process,
         and vLLM's teardown (0.32: `cleanup_dist_env_and_memory`) destroys torch's default process
-        group, which is the launcher's and which scoring and training still need: it is kept."""
+        group, which is the launcher's and which scoring and training still need: it is kept.
+
+        The engine core is shut down explicitly before it is dropped: an in-process core (the
+        launcher's case) `gc.freeze()`s the heap when it starts (vLLM 0.12 on) and only its
+        `shutdown()` unfreezes it, while it refers to itself, so `del` + `gc.collect()` alone would keep
+        its weights and KV cache on the GPU (vLLM registers that shutdown as a finalizer only from
+        0.31). For a one-process engine it stops the engine's process."""
         import gc
 
         with keeping_default_process_group(self.external):
+            shutdown_engine_core(self.llm)
             del self.llm
             gc.collect()
             if self.external:  # the engine's own model-parallel groups
@@ -321,6 +328,25 @@ class VLLMGenerator:
         ]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
         return [[vllm_completion(o.token_ids, self.stop_ids) for o in req.outputs] for req in outputs]
+
+
+def shutdown_engine_core(llm: Any) -> None:
+    """Call the V1 engine core client's `shutdown()` where this vLLM has one (every V1 release; the
+    V0 engine of 0.8 fallbacks has none and is left to `del`)."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    shutdown = getattr(core, "shutdown", None)
+    if callable(shutdown):
+        try:
+            shutdown()
+        except Exception as e:  # a failed teardown must not lose the samples just written
+            log.warning("vLLM's engine shutdown failed (%s); its GPU memory may stay in use", e)
+
+
+def vllm_dtype(model_dtype: str, mixed_precision: str) -> str:
+    """The dtype vLLM runs in: bf16 when training keeps float32 weights under bf16 autocast (the model
+    that is scored and trained computes in bf16; vLLM has no autocast, and in float32 it runs a slower
+    attention backend on twice the weight memory), else the weights' own."""
+    return "bfloat16" if model_dtype == "float32" and mixed_precision == "bf16" else model_dtype
 
 
 @contextmanager
@@ -361,7 +387,28 @@ def vllm_keeps_engine() -> tuple[bool, str]:
         return False, "this vLLM has no V1 worker"
     if not hasattr(Worker, "reload_weights"):
         return False, "this vLLM's worker has no reload_weights"
+    if not reloads_from_path(Worker):
+        return False, "this vLLM's reload_weights cannot take a new weights path (vLLM >= 0.16 can)"
     return True, ""
+
+
+def reloads_from_path(worker: Any) -> bool:
+    """Whether `collective_rpc("reload_weights", kwargs={"weights_path": ...})` reaches a reload that
+    reads that path: vLLM 0.10-0.15's `Worker.reload_weights(self)` takes no argument (and reloads the
+    engine's original path); from 0.16 the worker forwards to the model runner's `weights_path`."""
+    import inspect
+
+    def accepts(fn: Any) -> bool:
+        params = inspect.signature(fn).parameters
+        return "weights_path" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+    if not accepts(worker.reload_weights):
+        return False
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return False
+    return "weights_path" in inspect.signature(GPUModelRunner.reload_weights).parameters
 
 
 def vllm_completion(token_ids: Sequence[int], stop_ids: set[int]) -> Completion:

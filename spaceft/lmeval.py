@@ -7,8 +7,12 @@ the harness through ``TaskManager(include_path=...)``. Where the harness already
 overrides only where the data comes from, so prompts, metrics and filters stay the harness's. The embedded
 arithmetic task ships its own YAML in GSM8K's format (``spaceft/bench/tasks/spaceft_arithmetic.yaml``).
 
-While the harness runs, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set, so a task that would
-reach the Hugging Face Hub fails instead. Data parallelism is the harness's own: under
+While the harness runs local tasks only, ``HF_DATASETS_OFFLINE`` and ``HF_HUB_OFFLINE`` are set, so a
+local task that would reach the Hugging Face Hub fails instead. A harness task given by name (``harness:``
+prefix, or a name that is no benchmark of ``spaceft bench``: the leaderboard's ``arc_challenge``,
+``winogrande``...) reads its data from the Hub, or from the ``datasets`` cache where the environment
+says offline. An entry may end in ``:N`` for N-shot (the Open LLM Leaderboard's ARC is
+``arc_challenge:25``); see :func:`parse_task_entry`. Data parallelism is the harness's own: under
 ``accelerate launch`` (or ``torchrun``) its HF backend shards the requests across the processes, so
 :func:`run_lm_eval` must be called on *every* rank; only the main rank gets the results back.
 
@@ -28,7 +32,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -50,6 +54,52 @@ CHAT_MODES = ("auto", "on", "off")
 """Chat template use: on / off for every task, or auto: on for generation tasks (an instruct model
 answers a request, as in IFEval), off for log-likelihood ones (ARC, HellaSwag score a continuation
 of plain text, as leaderboards do)."""
+
+HARNESS_PREFIX = "harness:"
+"""Marks an ``eval.lm_eval_tasks`` entry as the harness's own task of that name (its data from the Hub)
+where ``spaceft bench`` has an offline benchmark of the same name (``harness:hellaswag``)."""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One ``eval.lm_eval_tasks`` entry: what runs, and at how many shots."""
+
+    text: str
+    """The entry as written: its scores are recorded under it."""
+    target: str
+    """A benchmark of ``spaceft bench``, a local task YAML path, or a harness task name."""
+    kind: str
+    """``bench`` | ``yaml`` | ``harness``."""
+    shots: int | None = None
+    """Few-shot examples per prompt (None: the task's own default, 0 for most)."""
+
+
+def parse_task_entry(text: str) -> TaskEntry:
+    """``[harness:]NAME[:SHOTS]`` or ``PATH.yaml[:SHOTS]`` as a :class:`TaskEntry`.
+
+    ``NAME`` is a benchmark of ``spaceft bench`` (offline data) unless ``harness:`` says the harness's
+    own task of that name; any other name is the harness's task. ``SHOTS`` (digits) sets the few-shot
+    count the harness would take from ``--num_fewshot``.
+    """
+    from spaceft.bench.run import known
+
+    entry = str(text).strip()
+    rest, shots = entry, None
+    head, sep, tail = entry.rpartition(":")
+    if sep and tail.isdigit():
+        rest, shots = head, int(tail)
+    if rest.startswith(HARNESS_PREFIX):
+        name, kind = rest.removeprefix(HARNESS_PREFIX), "harness"
+    elif rest.endswith((".yaml", ".yml")):
+        name, kind = rest, "yaml"
+    else:
+        name, kind = rest, "bench" if rest in known() else "harness"
+    if not name or (kind != "yaml" and ":" in name):
+        raise ValueError(
+            f"eval.lm_eval_tasks entry {entry!r}: write NAME, NAME:SHOTS (SHOTS a few-shot count), "
+            "harness:NAME[:SHOTS] or PATH.yaml[:SHOTS]"
+        )
+    return TaskEntry(entry, name, kind, shots)
 
 
 @dataclass(frozen=True)
@@ -227,12 +277,14 @@ def _simple_evaluate(
     limit: int | float | None,
     gen_kwargs: dict[str, Any] | None,
     log_samples: bool,
+    num_fewshot: int | None = None,
 ) -> dict[str, Any] | None:
     return lm_eval.simple_evaluate(
         model="hf",
         model_args=model.model_args(),
         tasks=names,
         limit=limit,
+        num_fewshot=num_fewshot,
         batch_size=model.batch_size,
         device=_device(),
         apply_chat_template=model.chat_template,
@@ -301,9 +353,10 @@ def quiet_git_hash() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def offline(extra: dict[str, str] | None = None) -> Iterator[None]:
-    """Set the Hub-offline variables (and ``extra``) for the duration, then restore them."""
-    wanted = {**OFFLINE_ENV, **(extra or {})}
+def offline(extra: dict[str, str] | None = None, *, hub: bool = False) -> Iterator[None]:
+    """Set the Hub-offline variables (unless ``hub``: a harness task by name reads the Hub as the
+    environment allows) and ``extra`` for the duration, then restore them."""
+    wanted = {**({} if hub else OFFLINE_ENV), **(extra or {})}
     before = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
     nltk_path: list[str] | None = None
@@ -344,20 +397,27 @@ def run_lm_eval_chat(
     env: dict[str, str] | None = None,
     gen_kwargs: dict[str, Any] | None = None,
     samples_dir: Path | None = None,
+    fewshot: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
-    """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES`; ``auto`` makes two harness calls."""
+    """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES` and a few-shot count per task name
+    (``fewshot``; missing or None: the task's own). One harness call per chat setting and few-shot
+    count (``auto`` and mixed counts make several); the results are merged, with the chat setting
+    per task in the provenance."""
     if chat not in CHAT_MODES:
         raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
-    if chat != "auto":
+    shots = dict(fewshot or {})
+    groups: dict[tuple[bool, int | None], list[LocalTask | str]] = {}
+    for t in tasks:
+        templated = chat == "on" or (chat == "auto" and is_generative(t))
+        groups.setdefault((templated, shots.get(_task_name(t))), []).append(t)
+    if chat != "auto" and len(groups) <= 1:
         return run_lm_eval(dataclasses.replace(model, chat_template=chat == "on"), tasks, limit=limit,
-                           env=env, gen_kwargs=gen_kwargs, samples_dir=samples_dir)  # fmt: skip
+                           env=env, gen_kwargs=gen_kwargs, samples_dir=samples_dir,
+                           num_fewshot=next(iter(groups), (False, None))[1])  # fmt: skip
     merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
-    for templated in (True, False):
-        group = [t for t in tasks if is_generative(t) == templated]
-        if not group:
-            continue
+    for (templated, n_shot), group in groups.items():
         out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
-                          gen_kwargs=gen_kwargs, samples_dir=samples_dir)  # fmt: skip
+                          gen_kwargs=gen_kwargs, samples_dir=samples_dir, num_fewshot=n_shot)  # fmt: skip
         if not out:
             continue
         names = list(out["results"])
@@ -373,6 +433,10 @@ def run_lm_eval_chat(
     return merged if merged["results"] else {}
 
 
+def _task_name(task: LocalTask | str) -> str:
+    return task.name if isinstance(task, LocalTask) else task
+
+
 def run_lm_eval(
     model: HarnessModel,
     tasks: Sequence[LocalTask | str],
@@ -381,15 +445,19 @@ def run_lm_eval(
     env: dict[str, str] | None = None,
     gen_kwargs: dict[str, Any] | None = None,
     samples_dir: Path | None = None,
+    num_fewshot: int | None = None,
 ) -> dict[str, Any]:
-    """Run harness tasks on a saved model, offline; call it on every rank.
+    """Run harness tasks on a saved model; call it on every rank.
 
     ``tasks`` are :class:`LocalTask` (their YAML directories become ``include_path``) or names of
-    tasks the harness or those directories define. Returns, on the main rank,
-    ``{"results": {task: {metric: value}}, "stderr": {...}, "subtasks": {...}, "provenance": {...}}``;
-    on other ranks ``{}``. ``results`` and ``stderr`` hold the tasks asked for; the members of a
-    group asked for (and its inner groups) are in ``subtasks``, with their stderr under
-    ``<metric>_stderr``. With ``samples_dir``, each item's prompt, response and scores go to
+    tasks the harness or those directories define. Local tasks only: the Hub is off. A task by name
+    reads its data from the Hub (or the ``datasets`` cache, where the environment says offline).
+    ``num_fewshot`` overrides every task's few-shot count (None: each task's own). Returns, on the
+    main rank, ``{"results": {task: {metric: value}}, "stderr": {...}, "subtasks": {...},
+    "provenance": {...}}``; on other ranks ``{}``. ``results`` and ``stderr`` hold the tasks asked
+    for; the members of a group asked for (and its inner groups) are in ``subtasks``, with their
+    stderr under ``<metric>_stderr``. The provenance's ``n_shot`` is the few-shot count the harness
+    used per task. With ``samples_dir``, each item's prompt, response and scores go to
     ``samples_dir/<task>.jsonl``.
     """
     lm_eval = require_harness()
@@ -397,21 +465,30 @@ def run_lm_eval(
 
     local = [t for t in tasks if isinstance(t, LocalTask)]
     include = sorted({str(t.yaml_path.parent) for t in local})
-    names = [t.name if isinstance(t, LocalTask) else t for t in tasks]
-    log.info("lm-eval %s on %s: %s (limit %s, chat template %s, Hub off)", harness_version(), model.path,
-             ", ".join(names), limit, model.chat_template)  # fmt: skip
-    with offline(env):
+    names = [_task_name(t) for t in tasks]
+    hub = len(local) < len(tasks)
+    log.info("lm-eval %s on %s: %s (limit %s, %s-shot, chat template %s, Hub %s)", harness_version(),
+             model.path, ", ".join(names), limit, "default" if num_fewshot is None else num_fewshot,
+             model.chat_template, "as the environment allows" if hub else "off")  # fmt: skip
+    with offline(env, hub=hub):
         # Only our directories are indexed when every task is local: indexing the harness's
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
         manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
         try:
             with quiet_git_hash():
                 samples = samples_dir is not None
-                out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples)
+                out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples, num_fewshot)
         except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
+            if hub:
+                raise RuntimeError(
+                    f"lm-eval task(s) {', '.join(names)} need the Hugging Face Hub, which is unreachable or "
+                    f"set offline, and their data is not in the datasets cache ({e}); fetch it once where "
+                    "the Hub is reachable, or use a benchmark of `spaceft bench` or a local task YAML"
+                ) from e
             raise RuntimeError(
                 f"lm-eval task(s) {', '.join(names)} need the Hugging Face Hub, which spaceft keeps offline "
-                f"({e}); use a local task YAML (`dataset_path: json`) or a benchmark of `spaceft bench`"
+                f"for local tasks ({e}); use a local task YAML (`dataset_path: json`) or a benchmark of "
+                "`spaceft bench`"
             ) from e
     if not out:  # the harness returns results on the main rank only
         return {}
@@ -436,6 +513,7 @@ def run_lm_eval(
         "lm_eval": harness_version(),
         "limit": limit,
         "chat_template": model.chat_template,
+        "n_shot": {t: int(n) for t, n in (out.get("n-shot") or {}).items() if t in names},
         "model_args": model.model_args(),
         "n_samples": n_samples,
         "tasks": {t.name: task_provenance(t) for t in local},
@@ -448,30 +526,73 @@ def run_lm_eval(
 
 def resolve_tasks(
     specs: Sequence[str], task_dir: Path, cache_dir: Path | None = None
-) -> tuple[list[LocalTask | str], dict[str, str]]:
-    """``eval.lm_eval_tasks`` entries as harness tasks, and the environment they need.
+) -> tuple[list[LocalTask | str], dict[str, str], dict[str, TaskEntry]]:
+    """``eval.lm_eval_tasks`` entries as harness tasks, the environment they need, and each task's
+    entry by the task's harness name (its few-shot count; the key its scores are recorded under).
 
-    An entry is a benchmark of ``spaceft bench`` (``ifeval``, ``arc_easy``, ``hellaswag``, ``gsm8k``,
-    ``mmlu``, ``arithmetic``: local data, fetched once), a path to a local task YAML (its directory becomes an
-    ``include_path``; it must read local files), or any other harness task name (it runs offline
-    too, so its data must already be in the ``datasets`` cache).
+    An entry (:func:`parse_task_entry`) is a benchmark of ``spaceft bench`` (``ifeval``,
+    ``arc_easy``, ``hellaswag``, ``gsm8k_cot``, ``mmlu``, ``arithmetic``: local data, fetched once), a
+    path to a local task YAML (its directory becomes an ``include_path``; it must read local files),
+    or a harness task name (``harness:NAME`` where a benchmark has that name), whose data comes from
+    the Hub or the ``datasets`` cache. A few-shot count on a local task that has no split to draw
+    examples from other than the one it evaluates is refused (the harness would take them from the
+    evaluated items themselves).
     """
-    from spaceft.bench.run import known, prepare
+    from spaceft.bench.run import prepare
 
-    bench = [s for s in specs if s in known()]
-    tasks: list[LocalTask | str] = []
+    entries = [parse_task_entry(s) for s in specs]
+    bench = [e.target for e in entries if e.kind == "bench"]
     env: dict[str, str] = {}
+    prepared: dict[str, LocalTask] = {}
     if bench:
         local, env = prepare(bench, task_dir, cache_dir)
-        tasks.extend(local)
-    for spec in specs:
-        if spec in bench:
-            continue
-        if spec.endswith((".yaml", ".yml")):
-            tasks.append(local_task_from_yaml(Path(spec)))
+        prepared = dict(zip(bench, local, strict=True))
+    tasks: list[LocalTask | str] = []
+    by_name: dict[str, TaskEntry] = {}
+    for e in entries:
+        task: LocalTask | str
+        if e.kind == "bench":
+            task = prepared[e.target]
+        elif e.kind == "yaml":
+            task = local_task_from_yaml(Path(e.target))
         else:
-            tasks.append(spec)
-    return tasks, env
+            task = e.target
+        name = _task_name(task)
+        if name in by_name:
+            raise ValueError(f"eval.lm_eval_tasks: {by_name[name].text!r} and {e.text!r} both run task {name}")
+        if e.shots and isinstance(task, LocalTask) and not has_fewshot_source(task):
+            from spaceft.bench.run import BENCHMARKS
+
+            own = e.kind == "bench" and e.target in BENCHMARKS  # an offline copy of a harness task
+            hint = f"; the harness's own task, with its train split, is harness:{e.target}:{e.shots}" if own else ""
+            raise ValueError(
+                f"eval.lm_eval_tasks entry {e.text!r}: {task.yaml_path} serves only the split it evaluates, so "
+                f"{e.shots} few-shot examples would come from the evaluated items themselves{hint}"
+            )
+        tasks.append(task)
+        by_name[name] = e
+    return tasks, env, by_name
+
+
+def has_fewshot_source(task: LocalTask) -> bool:
+    """Whether the harness draws a local task's few-shot examples from other than the split it evaluates:
+    a served ``fewshot_split``, fixed ``fewshot_config.samples``, or a served training split (for a
+    group: every member)."""
+    if task.subtasks:
+        return all(has_fewshot_source(t) for t in task.subtasks)
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    cfg = load_yaml(task.yaml_path, resolve_func=False)
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    served = set(files) if isinstance(files, dict) else set()
+    evaluated = cfg.get("test_split") or cfg.get("validation_split")
+    split = cfg.get("fewshot_split")
+    if split and split in served and split != evaluated:
+        return True
+    if (cfg.get("fewshot_config") or {}).get("samples"):
+        return True
+    return any(cfg.get(k) and cfg.get(k) in served and cfg.get(k) != evaluated
+               for k in ("training_split", "validation_split"))  # fmt: skip
 
 
 def local_task_from_yaml(path: Path) -> LocalTask:
@@ -495,6 +616,14 @@ class _LenientLoader(yaml.SafeLoader):
 _LenientLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
 
 
+def result_key(entry: TaskEntry, task_name: str) -> str:
+    """The key a task's scores are recorded under: the entry as written, but a local YAML's task name
+    (with its few-shot count) in place of its path."""
+    if entry.kind != "yaml":
+        return entry.text
+    return task_name if entry.shots is None else f"{task_name}:{entry.shots}"
+
+
 def lm_eval_for_run(
     model_dir: str, cfg: Any, model_cfg: Any | None, out_dir: Path, *, every_rank: bool = False
 ) -> dict[str, Any]:
@@ -514,7 +643,7 @@ def lm_eval_for_run(
             f"eval.lm_eval_tasks under {processes} processes: lm-eval must run on every rank, and this "
             "evaluation runs on the main process only; run `spaceft eval` in one process"
         )
-    tasks, env = resolve_tasks(list(cfg.lm_eval_tasks), out_dir / "lm_eval_tasks")
+    tasks, env, entries = resolve_tasks(list(cfg.lm_eval_tasks), out_dir / "lm_eval_tasks")
     model = HarnessModel(
         model_dir,
         dtype=getattr(model_cfg, "dtype", "float32"),
@@ -525,15 +654,15 @@ def lm_eval_for_run(
     )
     gen = {"max_gen_toks": cfg.lm_eval_max_gen_toks} if cfg.lm_eval_max_gen_toks else None
     out = run_lm_eval_chat(model, tasks, cfg.lm_eval_chat_template, limit=cfg.lm_eval_limit, env=env,
-                           gen_kwargs=gen)  # fmt: skip
+                           gen_kwargs=gen, fewshot={t: e.shots for t, e in entries.items()})  # fmt: skip
     if not out:
         return {}
-    from spaceft.bench.run import TASK_NAMES
-
-    by_task = {t: n for n, t in TASK_NAMES.items()}
     result = {
-        "lm_eval": {by_task.get(t, t): m for t, m in out["results"].items()},
+        "lm_eval": {result_key(entries[t], t) if t in entries else t: m for t, m in out["results"].items()},
         "lm_eval_provenance": {**out["provenance"], "max_gen_toks": cfg.lm_eval_max_gen_toks},
+        "lm_eval_shots": {
+            result_key(entries[t], t): n for t, n in out["provenance"].get("n_shot", {}).items() if t in entries
+        },
     }
     if out.get("subtasks"):  # a group's members (MMLU's subjects and categories)
         result["lm_eval_subtasks"] = out["subtasks"]

@@ -70,6 +70,8 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
         check_precision(cfg, left)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
+    if cfg.eval.enabled and cfg.eval.lm_eval_tasks:
+        check_lm_eval_tasks(cfg.eval.lm_eval_tasks)
     model_dir = check_model(cfg)
     if model_dir is not None:
         check_positions(cfg, model_dir)
@@ -294,6 +296,36 @@ def check_data_path(key: str, spec: str | None) -> None:
             f"{key}: no such file or directory: {spec} (a .jsonl/.json/.parquet file, a dataset directory, a "
             "hub dataset name or builtin:arithmetic)"
         )
+
+
+def check_lm_eval_tasks(entries: Sequence[str]) -> None:
+    """`eval.lm_eval_tasks` before any work: the harness is installed, local YAMLs exist, and every
+    harness task by name is one the installed harness knows (a typo would otherwise surface at the
+    first evaluation's harness call, after the model is loaded; indexing the harness's task files
+    takes a few seconds, so it is done only when some entry names one)."""
+    from spaceft.lmeval import harness_version, parse_task_entry, require_harness
+
+    require_harness()
+    parsed = [parse_task_entry(e) for e in entries]
+    for e in parsed:
+        if e.kind == "yaml" and not Path(e.target).is_file():
+            raise FileNotFoundError(f"eval.lm_eval_tasks entry {e.text!r}: no such task YAML {e.target}")
+    named = [e for e in parsed if e.kind == "harness"]
+    if not named:
+        return
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    known = set(TaskManager().all_tasks)
+    for e in named:
+        if e.target not in known:
+            close = difflib.get_close_matches(e.target, sorted(known), n=3)
+            hint = f"; close: {', '.join(close)}" if close else ""
+            raise ValueError(
+                f"eval.lm_eval_tasks entry {e.text!r}: lm-eval {harness_version()} has no task or group "
+                f"{e.target!r}{hint}"
+            )
 
 
 # -------------------------------------------------------------------------------------------- model

@@ -72,13 +72,29 @@ PAPER = {
     "SPACE paper, final SPACE": {"ifeval": 35.9, "gsm8k": 46.0},
 }
 """The SPACE paper's benchmark numbers (percent; Mistral-7B-class model on UltraChat, as quoted in the
-project's issue 12), shown beside a run's own for orientation: models, data and sizes differ."""
+project's issue 12), shown beside a run's own task of the same name for orientation: models, data and
+sizes differ, and the paper's harness settings (shots, metric) were not checked against its text."""
+
+
+def task_base(key: str) -> str:
+    """A benchmark column's task name without its ``harness:`` prefix and ``:SHOTS`` suffix."""
+    from spaceft.lmeval import HARNESS_PREFIX
+
+    head, sep, tail = key.rpartition(":")
+    name = head if sep and tail.isdigit() else key
+    return name.removeprefix(HARNESS_PREFIX)
+
+
+def headline_metric(key: str, metrics: dict[str, Any]) -> str | None:
+    """The metric a table shows for a task: spaceft's or the leaderboard's choice, else the first."""
+    from spaceft.bench.run import HEADLINE
+
+    return HEADLINE.get(task_base(key), next(iter(metrics), None))
 
 
 def benchmark_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per evaluated model with each lm-eval benchmark's headline metric (percent)."""
-    from spaceft.bench.run import HEADLINE
-
+    """One row per evaluated model with each lm-eval benchmark's headline metric (percent); the
+    metric and few-shot count of each column under ``_label``."""
     rows: list[dict[str, Any]] = []
     keys = ["base", *(f"iter_{t}" for t in range(_count_iterations(run_dir)))]
     for key in keys:
@@ -87,15 +103,17 @@ def benchmark_rows(run_dir: Path) -> list[dict[str, Any]]:
             continue
         ev = read_json(path)
         scores: dict[str, Any] = {}
+        labels: dict[str, str] = {}
+        shots = ev.get("lm_eval_shots", {})
         for task, metrics in ev.get("lm_eval", {}).items():
-            metric = HEADLINE.get(task)
-            if metric is None:  # a harness task spaceft has no headline for: its first metric
-                metric = next(iter(metrics), None)
+            metric = headline_metric(task, metrics)
             if metric is not None and metric in metrics:
                 scores[task] = 100.0 * metrics[metric]
+                shot = f", {shots[task]}-shot" if task in shots else ""
+                labels[task] = f"{task} ({metric.removesuffix(',strict-match').removesuffix(',none')}{shot})"
         if scores:
             n = ev.get("lm_eval_provenance", {}).get("n_samples", {})
-            rows.append({"model": key.removeprefix("iter_"), **scores, "_n": n})
+            rows.append({"model": key.removeprefix("iter_"), **scores, "_n": n, "_label": labels})
     return rows
 
 
@@ -107,16 +125,21 @@ def _count_iterations(run_dir: Path) -> int:
 
 
 def benchmark_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown: iterations' benchmark scores (percent), then the paper's where it reports the task."""
+    """Markdown: iterations' benchmark scores (percent) under "task (metric, shots)", then the paper's
+    where it reports a task of that name."""
     if not rows:
         return ""
-    tasks = sorted({k for r in rows for k in r if k not in ("model", "_n")})
+    tasks = sorted({k for r in rows for k in r if k not in ("model", "_n", "_label")})
+    labels = {t: next((r["_label"][t] for r in rows if t in r.get("_label", {})), t) for t in tasks}
     lines = [
-        "| model | " + " | ".join(tasks) + " |",
+        "| model | " + " | ".join(labels[t] for t in tasks) + " |",
         "|" + "---|" * (len(tasks) + 1),
     ]
     lines += [_score_row(r["model"], r, tasks) for r in rows]
-    lines += [_score_row(label, s, tasks) for label, s in PAPER.items() if any(t in s for t in tasks)]
+    for label, paper in PAPER.items():
+        scores = {t: paper[task_base(t)] for t in tasks if task_base(t) in paper}
+        if scores:
+            lines.append(_score_row(label, scores, tasks))
     return "\n".join(lines)
 
 
@@ -243,7 +266,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     table = markdown_table(rows)
     bench = benchmark_table(benchmark_rows(run_dir))
     if bench:
-        table += "\n\nBenchmarks (lm-eval, offline; percent):\n\n" + bench
+        table += "\n\nBenchmarks (lm-eval; percent):\n\n" + bench
     pngs = plot(run_dir, rows)
     manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
     cfg = manifest.get("config", {})

@@ -43,6 +43,7 @@ from spaceft.generate import (
     HFGenerator,
     VLLMGenerator,
     merge_generate_parts,
+    vllm_dtype,
     vllm_keeps_engine,
     write_generate_parts,
 )
@@ -313,13 +314,14 @@ def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
         if not keep:
             log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
     longest = max(len(tok.prompt_ids) for tok in ws.train_tok) + cfg.generation.max_new_tokens
+    dtype = vllm_dtype(cfg.model.dtype, cfg.train.mixed_precision)
     kv = None
     if not torch.cuda.is_available():  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
         rows = min(concrete(cfg.generation.batch_size), len(ws.train_tok)) * cfg.generation.num_samples
-        kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), cfg.model.dtype)  # + a KV block
+        kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), dtype)  # + a KV block
         kv = -(-kv // cfg.generation.tensor_parallel_size)  # per worker
-    gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=cfg.model.dtype,
+    gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=dtype,
                         num_processes=ws.state.num_processes, max_model_len=longest, kv_cache_bytes=kv,
                         sleep_mode=keep)  # fmt: skip
     if keep:

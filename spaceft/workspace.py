@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -115,6 +116,7 @@ def _load_split(
     path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None
 ) -> tuple[list[Example], list[TokenizedExample], dict[str, Any]]:
     d = cfg.data
+    draw = d.subset == "random" and limit is not None
     examples, report = data_mod.load_examples(
         path,
         fmt=d.format,
@@ -124,9 +126,14 @@ def _load_split(
         system_prompt=d.system_prompt,
         split=split,
         on_bad_row=d.on_bad_row,
-        limit=limit,
+        limit=None if draw else limit,
         response_turn=d.response_turn,
     )
+    subset = None
+    if draw and limit is not None and len(examples) > limit:  # every usable row is read, then drawn from
+        keep = sorted(random.Random(d.seed).sample(range(len(examples)), limit))
+        subset = f"random {limit} of {len(examples)} usable rows (seed {d.seed})"
+        examples = [examples[i] for i in keep]
     tokenized, counts = data_mod.tokenize_examples(
         tokenizer,
         examples,
@@ -138,7 +145,8 @@ def _load_split(
     )
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
-    return examples, tokenized, {"path": path, "load": report.summary(), "tokenize": counts}
+    info = {"path": path, "load": report.summary(), "tokenize": counts}
+    return examples, tokenized, {**info, "subset": subset} if subset else info
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

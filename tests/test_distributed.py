@@ -3,8 +3,10 @@ parts, and `agree` across two gloo processes."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,11 +230,31 @@ class _FakeVLLM:
         self.params: list = []
         self.torn_down = False
         self.calls: list = []
+        self.freeze = False  # as vLLM 0.12+'s in-process core (only where a test says: it is process-wide)
         fake = self
+
+        class EngineCore:
+            """As vLLM's in-process core (0.12-0.30): it freezes the gc heap when built and refers to
+            itself, so only its `shutdown()` (which unfreezes) lets `del` + `gc.collect()` free it."""
+
+            def __init__(self) -> None:
+                self.step_fn = self.step
+                if fake.freeze:
+                    gc.freeze()
+
+            def step(self) -> None:
+                pass
+
+            def shutdown(self) -> None:
+                fake.calls.append(("shutdown",))
+                gc.unfreeze()
 
         class LLM:
             def __init__(self, **kwargs) -> None:
                 fake.llm_kwargs = kwargs
+                fake.core = weakref.ref(core := EngineCore())
+                self.llm_engine = SimpleNamespace(engine_core=SimpleNamespace(engine_core=core,
+                                                                              shutdown=core.shutdown))
 
             def generate(self, prompts, params, use_tqdm=False):
                 fake.params = params
@@ -262,6 +284,54 @@ class _FakeVLLM:
             "vllm.distributed": SimpleNamespace(),
             "vllm.distributed.parallel_state": SimpleNamespace(destroy_model_parallel=destroy_model_parallel),
         }
+
+
+def test_closing_a_vllm_engine_shuts_its_core_down_so_its_memory_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from spaceft.generate import VLLMGenerator
+
+    fake = _FakeVLLM()
+    fake.freeze = True
+    for name, module in fake.modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    try:
+        gen = VLLMGenerator("theta0", GenerationConfig(backend="vllm"), stop_ids=[9], dtype="bfloat16",
+                            num_processes=2)  # fmt: skip
+        assert fake.core() is not None
+        gen.close()
+        gc.collect()
+        assert ("shutdown",) in fake.calls and fake.core() is None  # nothing left holding its tensors
+    finally:
+        gc.unfreeze()
+
+
+def test_keep_alive_needs_a_vllm_whose_reload_reads_a_new_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM 0.10-0.15's `Worker.reload_weights(self)` takes no path (a keyword would raise, and without
+    one it reloads the first model); from 0.16 the worker passes `weights_path` to its model runner."""
+    import sys
+
+    from spaceft.generate import vllm_dtype, vllm_keeps_engine
+
+    def modules(worker_reload, runner_reload) -> dict:
+        worker = SimpleNamespace(Worker=type("Worker", (), {"reload_weights": worker_reload}))
+        runner = SimpleNamespace(GPUModelRunner=type("GPUModelRunner", (), {"reload_weights": runner_reload}))
+        return {"vllm": SimpleNamespace(), "vllm.v1": SimpleNamespace(), "vllm.v1.worker": SimpleNamespace(),
+                "vllm.v1.worker.gpu_worker": worker, "vllm.v1.worker.gpu_model_runner": runner}  # fmt: skip
+
+    def old(self) -> None: ...
+    def forwards(self, *args, **kwargs) -> None: ...
+    def runner_new(self, weights_iterator=None, weights_path=None, is_checkpoint_format=True) -> None: ...
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for worker_reload, runner_reload, keeps in ((old, old, False), (forwards, runner_new, True),
+                                                (forwards, old, False)):  # fmt: skip
+        for name, module in modules(worker_reload, runner_reload).items():
+            monkeypatch.setitem(sys.modules, name, module)
+        keep, why = vllm_keeps_engine()
+        assert keep is keeps and (keep or "cannot take a new weights path" in why)
+    assert vllm_dtype("float32", "bf16") == "bfloat16"  # trained under bf16 autocast: sample in bf16
+    assert vllm_dtype("float32", "no") == "float32" and vllm_dtype("bfloat16", "no") == "bfloat16"
 
 
 def test_vllm_engine_per_process_with_tensor_parallel_groups(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -681,3 +681,41 @@ def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_a
     manifest.data["iterations"] = {str(t): {"train": {"status": "done"}} for t in range(2)}
     manifest.save()
     preflight.check(low)  # every iteration trained: nothing left to round away
+
+
+def test_a_misspelt_lm_eval_task_stops_the_run_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The harness would meet the typo at the first evaluation, after loading the model; preflight
+    looks the name up in the installed harness's task index first."""
+    pytest.importorskip("lm_eval")
+    argv = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": "[arc_chalenge:25]"})
+    line = _fail(capsys, argv)
+    assert "eval.lm_eval_tasks entry 'arc_chalenge:25': lm-eval " in line
+    assert "has no task or group 'arc_chalenge'; close: arc_challenge" in line
+    assert not list((tmp_path / "runs").rglob("iter_0"))  # nothing ran
+    missing = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": f"[{tmp_path / 'mine.yaml'}:2]"})
+    assert "no such task YAML" in _fail(capsys, missing)
+
+
+def test_a_random_subset_is_seeded_kept_in_file_order_and_recorded(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from spaceft.models import load_tokenizer
+    from spaceft.workspace import _load_split
+
+    rows = tmp_path / "pairs.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(40)))
+    tok = load_tokenizer(str(tiny_model_dir))
+
+    def drawn(*over: str) -> tuple[list[str], dict]:
+        cfg = load_config("tiny", [f"data.train={rows}", *over])
+        examples, _, info = _load_split(str(rows), cfg, tok, split="train", limit=cfg.data.train_size)
+        return [e.source.rsplit(":", 1)[1] for e in examples], info
+
+    first, info = drawn("data.train_size=8")
+    assert first == [str(i) for i in range(1, 9)] and "subset" not in info
+    random_0, info = drawn("data.train_size=8", "data.subset=random")
+    assert random_0 == drawn("data.train_size=8", "data.subset=random")[0]  # seeded
+    assert random_0 != first and [int(i) for i in random_0] == sorted(int(i) for i in random_0)
+    assert len(set(random_0)) == 8 and info["subset"] == "random 8 of 40 usable rows (seed 0)"
+    assert drawn("data.train_size=8", "data.subset=random", "data.seed=1")[0] != random_0
+    assert len(drawn("data.train_size=50", "data.subset=random")[0]) == 40  # fewer rows than asked: all

