@@ -166,7 +166,10 @@ class HFGenerator:
             bos_token_id=None,
             decoder_start_token_id=None,
         )
-        kwargs: dict[str, Any] = {"generation_config": plain}
+        # Each process samples its own shard from a whole copy of the weights: never in lockstep with
+        # the others (transformers turns `synced_gpus` on by itself once a ZeRO-3 Accelerator exists in
+        # the process, and a process with fewer batches would then wait for the others forever)
+        kwargs: dict[str, Any] = {"generation_config": plain, "synced_gpus": False}
         if self.cfg.temperature > 0:
             row_seeds = [derive_seed(seeds[r // num_samples], r % num_samples) for r in range(rows)]
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler(row_seeds, self.cfg, self.device)])

@@ -149,9 +149,20 @@ def whole_weights() -> Iterator[None]:
     (`zero.Init`) with no engine to gather them: the next score or eval forward would see empty tensors.
     Every load here is whole, as the first iteration's is (no Accelerator exists yet when it loads);
     DeepSpeed partitions the training model itself when it is prepared.
+
+    The process's first Accelerator is what sets that config (its DeepSpeed plugin's `select()`), and
+    lm-eval builds one of its own when it loads: were that the first, it would set the config inside
+    this block, after it was cleared, and its `from_pretrained` would fail ("DeepSpeed Zero-3 is not
+    compatible with passing a device_map"). So under DeepSpeed the accelerator state is made first.
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        from accelerate import Accelerator
+        from accelerate.state import is_initialized
+
+        if not is_initialized():
+            Accelerator()  # reads the launcher's DeepSpeed settings, as training's and lm-eval's do
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed._hf_deepspeed_config_weak_ref = None
     try:

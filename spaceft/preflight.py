@@ -148,12 +148,19 @@ def weight_count(model_dir: Path) -> int | None:
 def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[int, str]:
     """Bytes a run still writes at its peak, and how they add up: one saved model per iteration left,
     plus, with `train.save_every`, two training states (weights and optimizer state; the old one is
-    replaced only once the new one is complete)."""
+    replaced only once the new one is complete). Under DeepSpeed with 16-bit weights (`model.dtype`, or
+    the launcher's bf16/fp16) a state also holds float32 master weights, and its optimizer moments are
+    float32: (2 + 4 + 4 per moment) bytes per parameter, against (1 + moments) x the weights' bytes."""
     from spaceft.batching import BYTES
 
     model = parameters * BYTES[cfg.model.dtype]
     moments = 0 if cfg.model.lora.r else (2 if cfg.train.optimizer == "adamw" else 1)
-    state = model * (1 + moments) if cfg.train.save_every and iterations_left else 0
+    state = model * (1 + moments)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not cfg.model.lora.r:
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if cfg.model.dtype != "float32" or launched in ("bf16", "fp16"):
+            state = parameters * (2 + 4 + 4 * moments)
+    state = state if cfg.train.save_every and iterations_left else 0
     how = f"{iterations_left} iteration model(s) of {_size(model)}"
     if state:
         how += f" + 2 training states of {_size(state)} (train.save_every)"

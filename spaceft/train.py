@@ -255,7 +255,19 @@ def train_iteration(
     save_model(tr, tokenizer, cfg, iter_dir, {"steps": len(tr.steps), "lr": tr.lr, **last})
     timing = {"train_s": round(train_s, 3), "save_s": round(time.perf_counter() - tic - train_s, 3),
               "tokens_per_s": round(tokens / max(train_s, 1e-9), 1)}  # fmt: skip
-    return {"steps": len(tr.steps), **last, **timing}
+    launch = {"distributed": tr.accelerator.distributed_type.value}  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
+    release_training(tr)
+    return {"steps": len(tr.steps), **last, **timing, **launch}
+
+
+def release_training(tr: Trainer) -> None:
+    """Free what training held once its model is saved: `free_memory()` drops the accelerator's
+    references to the prepared model, optimizer and scheduler and destroys a DeepSpeed engine. Without it
+    every iteration's engine, with its master weights and optimizer state, stayed in memory through the
+    later iterations (measured on CPU, 2 processes: one more live engine per iteration under ZeRO-2,
+    none with it). Under ZeRO-3 one engine per iteration still stays reachable (DeepSpeed 0.19.8: its
+    hooks on the model; docs/ARCHITECTURE.md, "Not done")."""
+    tr.accelerator.free_memory()
 
 
 def setup(
@@ -335,6 +347,7 @@ def train_step(
     # step 1: batch. SFT is maximum likelihood: token NLL summed over the step / its response tokens;
     # the pairwise losses average per prompt. Either way the step's gradient ignores how it is split.
     micro = micro_batches(step_items, cfg, accelerator.process_index, world)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     sft = t.loss is LossType.SFT
     denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
     scale = world / denom * (tr.n_micro if tr.deepspeed else 1)
@@ -344,7 +357,9 @@ def train_step(
     for m, mb in enumerate(micro):
         sync = m == len(micro) - 1
         accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
-        with nullcontext() if sync else accelerator.no_sync(model):
+        # FSDP reduce-scatters every micro-batch (accelerate's sync_each_batch): skipping the sync would
+        # keep each rank's gradients unsharded, a whole model's worth per GPU, until the last one
+        with nullcontext() if sync or fsdp else accelerator.no_sync(model):
             with autocast(t.mixed_precision, accelerator.device):
                 out = forward_batch(model, mb, pad_id, accelerator.device, chunked=t.chunked_logps)
             try:

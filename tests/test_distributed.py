@@ -40,6 +40,57 @@ def _gen(model, tok, **cfg) -> HFGenerator:
                        device=CPU)  # fmt: skip
 
 
+def test_sampling_never_waits_for_other_processes_even_once_zero3_is_set(
+    model, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After training under ZeRO-3 (or once lm-eval's Accelerator exists) transformers' generate would
+    turn `synced_gpus` on by itself and step in lockstep with the other processes, which sample other
+    shards from their own whole copies: a process with fewer batches would wait forever. Here the
+    lockstep's all-reduce would fail, as no process group exists."""
+    from transformers.generation import utils as generation_utils
+
+    monkeypatch.setattr(generation_utils, "is_deepspeed_zero3_enabled", lambda: True)
+    monkeypatch.setattr(generation_utils, "_get_torch_distributed_world_size", lambda: 2)
+    for temperature in (0.0, 1.0):
+        out = _gen(model, tiny_tokenizer, num_samples=1, max_new_tokens=4, temperature=temperature)
+        assert len(out.generate([[40, 41], [42]], num_samples=1, seeds=[1, 2])) == 2
+
+
+def test_the_accelerator_state_exists_before_weights_are_loaded_whole_under_deepspeed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first Accelerator of a DeepSpeed process sets transformers' ZeRO-3 config: made inside
+    `whole_weights` (lm-eval makes its own there) it would undo the block's clearing."""
+    import accelerate
+    import accelerate.state
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from spaceft.models import whole_weights
+
+    made: list[str] = []
+
+    class Accelerator:  # as accelerate's: the first one's DeepSpeed plugin select() sets the config
+        def __init__(self) -> None:
+            if not made:
+                hf_deepspeed._hf_deepspeed_config_weak_ref = "zero3 config"
+            made.append("accelerator")
+
+    monkeypatch.setattr(accelerate, "Accelerator", Accelerator)
+    monkeypatch.setattr(accelerate.state, "is_initialized", lambda: bool(made))
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with whole_weights():
+        assert hf_deepspeed._hf_deepspeed_config_weak_ref is None  # whole loads inside
+        Accelerator()  # lm-eval's, before its from_pretrained
+        assert hf_deepspeed._hf_deepspeed_config_weak_ref is None
+    assert len(made) == 2 and hf_deepspeed._hf_deepspeed_config_weak_ref == "zero3 config"
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    made.clear()
+    with whole_weights():
+        pass
+    assert made == []  # without DeepSpeed no Accelerator is made early
+
+
 def test_a_prompts_samples_do_not_depend_on_its_batch(model, tiny_tokenizer) -> None:
     """Per-prompt seeds: the same prompt and seed give the same K samples alone, or in a batch of three
     (other lengths, so other padding) in another position."""

@@ -223,6 +223,17 @@ def test_a_disk_too_small_for_the_runs_models_stops_it_before_any_work(
     needed, how = preflight.disk_needed(cfg, params, 2)
     assert needed == 2 * 4 * params + 2 * 8 * params and how.startswith("2 iteration model(s) of")
     assert preflight.disk_needed(cfg, params, 0)[0] == 0  # a finished run writes nothing more
+    # DeepSpeed's state of 16-bit weights adds float32 masters, and its moments are float32
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert preflight.disk_needed(cfg, params, 2)[0] == 2 * 4 * params + 2 * (2 + 4 + 4) * params
+    bf16 = load_config("tiny", [f"output_dir={tmp_path}", "train.save_every=1", "model.dtype=bfloat16",
+                                "train.optimizer=adamw"])  # fmt: skip
+    assert preflight.disk_needed(bf16, params, 1)[0] == 2 * params + 2 * (2 + 4 + 8) * params
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert preflight.disk_needed(cfg, params, 2)[0] == needed  # float32 throughout: no masters
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     real = shutil.disk_usage(tmp_path)
 
     def free(n: int) -> None:

@@ -46,13 +46,14 @@ def _free_port() -> int:
 
 def _launch(launcher: str, tmp: Path, model: Path, *args: str, fault: str = "", **over: object):
     """Run `spaceft` under torchrun or accelerate launch with 2 processes; returns (rc, output, seconds)."""
-    if launcher == "torchrun":
+    if launcher in ("torchrun", "fsdp2"):
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port())]
     else:
         cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ACCELERATE_CONFIG),
                "--main_process_port", str(_free_port())]  # fmt: skip
     command = args[0] if args else "run"
-    cmd += ["-m", "spaceft", command, "tiny", *tiny_overrides(tmp, model, **{**K2, **over}), *args[1:]]
+    cmd += [str(Path(__file__).with_name("fsdp2_on_cpu.py"))] if launcher == "fsdp2" else ["-m", "spaceft"]
+    cmd += [command, "tiny", *tiny_overrides(tmp, model, **{**K2, **over}), *args[1:]]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "SPACEFT_FAULT": fault,
            "SPACEFT_EVAL_CACHE": str(tmp / "eval-cache")}  # fmt: skip
     tic = time.perf_counter()
@@ -108,6 +109,26 @@ def test_two_processes_give_the_one_process_result(one: Path, two: Path) -> None
         ea, eb = read_json(one / f"iter_{t}" / "eval.json"), read_json(two / f"iter_{t}" / "eval.json")
         assert ea["accuracy"] == eb["accuracy"] and ea["nll"] == pytest.approx(eb["nll"], rel=1e-5)
     assert read_json(one / "base" / "eval.json") == pytest.approx(read_json(two / "base" / "eval.json"))
+
+
+def test_fsdp2_on_two_processes_gives_the_one_process_result(one: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+    """accelerate's FSDP2 path on CPU (tests/fsdp2_on_cpu.py): sharded training with 2 micro-batches per
+    process per step (each one's gradients reduce-scattered, not held whole until the last), the
+    gathered full state dict saved; the same samples, scores, weights (within lr) and losses as one
+    process."""
+    rc, out, _ = _launch("fsdp2", tmp_path, tiny_model_dir, **{"train.micro_batch_size": 2})
+    assert rc == 0, out[-3000:]
+    run = tmp_path / "runs" / RUN
+    stages = read_json(run / "manifest.json")["iterations"]
+    assert [stages[str(t)]["train"]["distributed"] for t in (0, 1)] == ["FSDP", "FSDP"]
+    for t in (0, 1):
+        same = [(r["prompt_index"], r["response_ids"]) for r in read_table(run / f"iter_{t}" / "synthetic.parquet")]
+        assert same == [(r["prompt_index"], r["response_ids"]) for r in read_table(one / f"iter_{t}" / "synthetic.parquet")]
+        wa, wb = _weights(one, t), _weights(run, t)
+        assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4  # train.lr (module docstring)
+        for ma, mb in zip(_metrics(one, t), _metrics(run, t), strict=True):
+            assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-4)
+            assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
 
 
 def test_two_processes_share_cached_evaluations(two: Path, tiny_model_dir: Path) -> None:
