@@ -364,7 +364,8 @@ class EvalConfig:
     see `spaceft bench`), a local task YAML path, or a harness task by name, its data from the Hub
     (`harness:NAME` where a copy has that name). `:N` after an entry runs it N-shot: the Open LLM
     Leaderboard (v1, SPIN's and SPACE's tables) is arc_challenge:25, harness:hellaswag:10,
-    truthfulqa_mc2:0, winogrande:5, gsm8k:5, harness:mmlu:5."""
+    truthfulqa_mc2:0, winogrande:5, harness:gsm8k:5, harness:mmlu:5 (a bare gsm8k is refused:
+    the offline copy is gsm8k_cot)."""
     lm_eval_limit: int | None = None
     """Examples per lm-eval task (None = all)."""
     lm_eval_chat_template: str = "auto"
@@ -552,6 +553,9 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
         d.get("generation", {}).pop(key, None)
     for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
         d.get("data", {}).pop(key, None)
+    for key, default in DATA_DEFAULTS_UNHASHED.items():  # newer keys at their default: the hash stays
+        if d.get("data", {}).get(key, default) == default:
+            d.get("data", {}).pop(key, None)
     return d
 
 
@@ -560,12 +564,15 @@ def eval_view(config: dict[str, Any]) -> dict[str, Any]:
     data = config.get("data", {})
     settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
     held_out = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
-    if data.get("subset", "first") != "first":  # a random draw of eval_size rows: which rows, by seed
+    if data.get("subset", "first") != "first" and data.get("eval_size"):  # a random draw: which rows
         held_out.update(subset=data["subset"], seed=data.get("seed"))  # (at the default: views stay as before)
     return {"eval": settings, "data": held_out}
 
 
 EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
+DATA_DEFAULTS_UNHASHED = {"subset": "first"}
+"""data keys added after runs existed, left out of the training fingerprint at their default (so those
+runs' fingerprints, and the grid's adoptions, do not change)."""
 EVAL_WHERE_KEYS = ("cache",)
 """eval keys that change where a result comes from, not what it is."""
 

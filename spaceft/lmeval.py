@@ -55,6 +55,12 @@ CHAT_MODES = ("auto", "on", "off")
 answers a request, as in IFEval), off for log-likelihood ones (ARC, HellaSwag score a continuation
 of plain text, as leaderboards do)."""
 
+RENAMED = {
+    "gsm8k": "spaceft's offline GSM8K (8-shot chain of thought, the harness's gsm8k_cot) is now named gsm8k_cot; "
+    "the Open LLM Leaderboard's GSM8K (5-shot, '#### N', data from the Hub) is harness:gsm8k:5",
+}
+"""Names whose meaning changed: refused with the two choices rather than silently run as the other task."""
+
 HARNESS_PREFIX = "harness:"
 """Marks an ``eval.lm_eval_tasks`` entry as the harness's own task of that name (its data from the Hub)
 where ``spaceft bench`` has an offline benchmark of the same name (``harness:hellaswag``)."""
@@ -92,6 +98,8 @@ def parse_task_entry(text: str) -> TaskEntry:
         name, kind = rest.removeprefix(HARNESS_PREFIX), "harness"
     elif rest.endswith((".yaml", ".yml")):
         name, kind = rest, "yaml"
+    elif rest in RENAMED:
+        raise ValueError(f"eval.lm_eval_tasks entry {entry!r}: {RENAMED[rest]}")
     else:
         name, kind = rest, "bench" if rest in known() else "harness"
     if not name or (kind != "yaml" and ":" in name):
@@ -355,10 +363,24 @@ def quiet_git_hash() -> Iterator[None]:
 @contextlib.contextmanager
 def offline(extra: dict[str, str] | None = None, *, hub: bool = False) -> Iterator[None]:
     """Set the Hub-offline variables (unless ``hub``: a harness task by name reads the Hub as the
-    environment allows) and ``extra`` for the duration, then restore them."""
+    environment allows) and ``extra`` for the duration, then restore them.
+
+    ``datasets`` and ``huggingface_hub`` read the variables once, at import (and the harness has
+    imported both), so their module constants are switched as well: the variables alone would leave an
+    imported ``load_dataset`` reaching for the Hub."""
     wanted = {**({} if hub else OFFLINE_ENV), **(extra or {})}
     before = {k: os.environ.get(k) for k in wanted}
     os.environ.update(wanted)
+    constants: list[tuple[Any, str, Any]] = []
+    if not hub:
+        import datasets.config
+        import huggingface_hub.constants
+
+        for module, name in ((datasets.config, "HF_HUB_OFFLINE"), (datasets.config, "HF_DATASETS_OFFLINE"),
+                             (huggingface_hub.constants, "HF_HUB_OFFLINE")):  # fmt: skip
+            if hasattr(module, name):
+                constants.append((module, name, getattr(module, name)))
+                setattr(module, name, True)
     nltk_path: list[str] | None = None
     if "NLTK_DATA" in wanted:  # NLTK reads $NLTK_DATA once, at import: tell an imported NLTK too
         import nltk
@@ -372,6 +394,8 @@ def offline(extra: dict[str, str] | None = None, *, hub: bool = False) -> Iterat
             import nltk
 
             nltk.data.path[:] = nltk_path
+        for module, name, value in constants:
+            setattr(module, name, value)
         for k, v in before.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -402,7 +426,7 @@ def run_lm_eval_chat(
     """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES` and a few-shot count per task name
     (``fewshot``; missing or None: the task's own). One harness call per chat setting and few-shot
     count (``auto`` and mixed counts make several); the results are merged, with the chat setting
-    per task in the provenance."""
+    per task in the provenance (always a mapping, whatever the number of calls)."""
     if chat not in CHAT_MODES:
         raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     shots = dict(fewshot or {})
@@ -410,10 +434,6 @@ def run_lm_eval_chat(
     for t in tasks:
         templated = chat == "on" or (chat == "auto" and is_generative(t))
         groups.setdefault((templated, shots.get(_task_name(t))), []).append(t)
-    if chat != "auto" and len(groups) <= 1:
-        return run_lm_eval(dataclasses.replace(model, chat_template=chat == "on"), tasks, limit=limit,
-                           env=env, gen_kwargs=gen_kwargs, samples_dir=samples_dir,
-                           num_fewshot=next(iter(groups), (False, None))[1])  # fmt: skip
     merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
     for (templated, n_shot), group in groups.items():
         out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
@@ -571,6 +591,12 @@ def resolve_tasks(
             )
         tasks.append(task)
         by_name[name] = e
+    keys: dict[str, str] = {}
+    for name, e in by_name.items():  # a local YAML's task named like a benchmark would share its key
+        key = result_key(e, name)
+        if key in keys:
+            raise ValueError(f"eval.lm_eval_tasks: {keys[key]!r} and {e.text!r} would both be recorded as {key!r}")
+        keys[key] = e.text
     return tasks, env, by_name
 
 
@@ -657,6 +683,11 @@ def lm_eval_for_run(
                            gen_kwargs=gen, fewshot={t: e.shots for t, e in entries.items()})  # fmt: skip
     if not out:
         return {}
+    used = out["provenance"].get("n_shot", {})
+    for t, e in entries.items():  # a task whose YAML fixes its count ignores the one asked for
+        if e.shots is not None and t in used and used[t] != e.shots:
+            log.warning("lm-eval ran %s %d-shot, not %d-shot as %r asks (its task fixes the count)", t,
+                        used[t], e.shots, e.text)  # fmt: skip
     result = {
         "lm_eval": {result_key(entries[t], t) if t in entries else t: m for t, m in out["results"].items()},
         "lm_eval_provenance": {**out["provenance"], "max_gen_toks": cfg.lm_eval_max_gen_toks},

@@ -324,7 +324,8 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
 
     from lm_eval.tasks import TaskManager
 
-    known = set(TaskManager().all_tasks)
+    manager = TaskManager()
+    known = set(manager.all_tasks)
     for e in named:
         if e.target not in known:
             close = difflib.get_close_matches(e.target, sorted(known), n=3)
@@ -332,6 +333,12 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
             raise ValueError(
                 f"eval.lm_eval_tasks entry {e.text!r}: lm-eval {harness_version()} has no task or group "
                 f"{e.target!r}{hint}"
+            )
+        task_cfg = getattr(manager.task_index.get(e.target), "cfg", None) or {}
+        if e.shots and task_cfg.get("num_fewshot") == 0:  # the harness keeps such a task at 0, silently
+            raise ValueError(
+                f"eval.lm_eval_tasks entry {e.text!r}: lm-eval's {e.target} fixes num_fewshot: 0 and ignores "
+                f"a few-shot count; write {e.target} (or {e.target}:0)"
             )
 
 

@@ -179,3 +179,20 @@ def test_float16_is_allowed_with_lora() -> None:
     """peft keeps LoRA adapters (the only trained weights) in float32 over a float16 base."""
     cfg = load_config(None, ["data.train=x.jsonl", "model.dtype=float16", "model.lora.r=8"])
     assert cfg.model.dtype == "float16" and cfg.model.lora.r == 8
+
+
+def test_keys_added_later_leave_fingerprints_of_runs_at_their_defaults_alone() -> None:
+    """`data.subset` came after runs (and the evidence grid's adoptions) recorded their fingerprints: at
+    its default it must not enter them; a random draw must."""
+    from spaceft.config import eval_view, training_view
+    from spaceft.configfile import config_from_dict
+
+    cfg = config_from_dict({"data": {"train": "builtin:arithmetic"}})
+    before = cfg.to_dict()
+    before["data"].pop("subset")  # the dict an older spaceft wrote
+    assert training_view(cfg.to_dict()) == training_view(before)
+    assert eval_view(cfg.to_dict()) == eval_view(before)
+    drawn = config_from_dict({"data": {"train": "x.jsonl", "subset": "random", "eval_size": 5}})
+    first = config_from_dict({"data": {"train": "x.jsonl", "eval_size": 5}})
+    assert drawn.training_fingerprint() != first.training_fingerprint()
+    assert drawn.eval_fingerprint() != first.eval_fingerprint()

@@ -85,9 +85,19 @@ def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, a
 def test_offline_restores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # as read at import, online
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     with offline():
         assert os.environ["HF_DATASETS_OFFLINE"] == "1" and os.environ["HF_HUB_OFFLINE"] == "1"
+        # the libraries read the variables at import: their constants must say offline too
+        assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
     assert "HF_DATASETS_OFFLINE" not in os.environ and os.environ["HF_HUB_OFFLINE"] == "0"
+    assert not datasets.config.HF_HUB_OFFLINE and not huggingface_hub.constants.HF_HUB_OFFLINE
+    with offline(hub=True):  # a harness task by name: the environment decides
+        assert "HF_DATASETS_OFFLINE" not in os.environ and not datasets.config.HF_HUB_OFFLINE
 
 
 def test_harness_runs_local_yamls_offline_and_records_provenance(
@@ -294,7 +304,9 @@ def test_entries_are_parsed_with_their_few_shot_counts_and_malformed_ones_refuse
     assert parsed("hellaswag") == ("bench", "hellaswag", None)  # the offline copy
     assert parsed("harness:hellaswag:10") == ("harness", "hellaswag", 10)  # the harness's own, 10-shot
     assert parsed("arc_challenge:25") == ("harness", "arc_challenge", 25)
-    assert parsed("gsm8k") == ("harness", "gsm8k", None)  # the leaderboard's; the offline copy is gsm8k_cot
+    assert parsed("harness:gsm8k:5") == ("harness", "gsm8k", 5)  # the leaderboard's
+    with pytest.raises(ValueError, match="now named gsm8k_cot; .* is harness:gsm8k:5"):
+        parse_task_entry("gsm8k")  # it meant the chain-of-thought copy before: never silently the other
     assert parsed("gsm8k_cot") == ("bench", "gsm8k_cot", None)
     assert parsed("tasks/mine.yaml:3") == ("yaml", "tasks/mine.yaml", 3)
     for bad in ("harness:", "arc:x", ":5"):
@@ -335,8 +347,9 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
                                                   ARITHMETIC_TASK: True, "local_arc": False}  # fmt: skip
     assert "HF_HUB_OFFLINE" not in os.environ  # restored
     calls.clear()
-    lmeval.run_lm_eval_chat(HarnessModel("m"), [arith, arc_task], "off")  # one setting: one call
+    out = lmeval.run_lm_eval_chat(HarnessModel("m"), [arith, arc_task], "off")  # one setting: one call
     assert calls == [([ARITHMETIC_TASK, "local_arc"], None, False, "1")]
+    assert out["provenance"]["chat_template"] == {ARITHMETIC_TASK: False, "local_arc": False}
 
 
 def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -363,14 +376,14 @@ def test_benchmark_table_names_metric_and_shots_and_sets_paper_numbers_by_task_n
     from spaceft.report import benchmark_rows, benchmark_table
     from spaceft.rundir import write_json
 
-    ev = {"lm_eval": {"arc_challenge:25": {"acc": 0.40, "acc_norm": 0.45}, "gsm8k:5": {"exact_match,strict-match": 0.3},
+    ev = {"lm_eval": {"arc_challenge:25": {"acc": 0.40, "acc_norm": 0.45}, "harness:gsm8k:5": {"exact_match,strict-match": 0.3},
                       "gsm8k_cot": {"exact_match,strict-match": 0.2}, "harness:hellaswag:10": {"acc": 0.5, "acc_norm": 0.6}},
-          "lm_eval_shots": {"arc_challenge:25": 25, "gsm8k:5": 5, "gsm8k_cot": 8, "harness:hellaswag:10": 10}}  # fmt: skip
+          "lm_eval_shots": {"arc_challenge:25": 25, "harness:gsm8k:5": 5, "gsm8k_cot": 8, "harness:hellaswag:10": 10}}  # fmt: skip
     (tmp_path / "base").mkdir()
     write_json(tmp_path / "base" / "eval.json", ev)
     table = benchmark_table(benchmark_rows(tmp_path)).splitlines()
-    assert table[0] == ("| model | arc_challenge:25 (acc_norm, 25-shot) | gsm8k:5 (exact_match, 5-shot) | "
-                        "gsm8k_cot (exact_match, 8-shot) | harness:hellaswag:10 (acc_norm, 10-shot) |")  # fmt: skip
-    assert table[2] == "| base | 45.0 | 30.0 | 20.0 | 60.0 |"  # the leaderboard's acc_norm, not the first metric
+    assert table[0] == ("| model | arc_challenge:25 (acc_norm, 25-shot) | gsm8k_cot (exact_match, 8-shot) | "
+                        "harness:gsm8k:5 (exact_match, 5-shot) | harness:hellaswag:10 (acc_norm, 10-shot) |")  # fmt: skip
+    assert table[2] == "| base | 45.0 | 20.0 | 30.0 | 60.0 |"  # the leaderboard's acc_norm, not the first metric
     # the paper's GSM8K sits under the harness's gsm8k, not under the chain-of-thought variant
-    assert table[3] == "| SPACE paper, start model |  | 37.7 |  |  |"
+    assert table[3] == "| SPACE paper, start model |  |  | 37.7 |  |"

@@ -113,9 +113,8 @@ def test_two_processes_give_the_one_process_result(one: Path, two: Path) -> None
 
 def test_fsdp2_on_two_processes_gives_the_one_process_result(one: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
     """accelerate's FSDP2 path on CPU (tests/fsdp2_on_cpu.py): sharded training with 2 micro-batches per
-    process per step (each one's gradients reduce-scattered, not held whole until the last), the
-    gathered full state dict saved; the same samples, scores, weights (within lr) and losses as one
-    process."""
+    process per step, the gathered full state dict saved; the same samples, weights (within lr) and
+    losses as one process. (Whether gradients are synced per micro-batch does not show in the numbers.)"""
     rc, out, _ = _launch("fsdp2", tmp_path, tiny_model_dir, **{"train.micro_batch_size": 2})
     assert rc == 0, out[-3000:]
     run = tmp_path / "runs" / RUN
