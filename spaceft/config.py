@@ -395,7 +395,8 @@ class EvalConfig:
             for text in self.lm_eval_tasks:  # a malformed entry fails here, not after an iteration's training
                 entry = parse_task_entry(text)
                 if (entry.kind, entry.target) in seen:
-                    raise ValueError(f"eval.lm_eval_tasks: {seen[entry.kind, entry.target]!r} and {text!r} run one task")
+                    first = seen[entry.kind, entry.target]
+                    raise ValueError(f"eval.lm_eval_tasks: {first!r} and {text!r} run one task")
                 seen[entry.kind, entry.target] = text
         if self.lm_eval_chat_template not in ("auto", "on", "off"):
             raise ValueError(
@@ -565,7 +566,7 @@ def eval_view(config: dict[str, Any]) -> dict[str, Any]:
     settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
     held_out = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
     if data.get("subset", "first") != "first" and data.get("eval_size"):  # a random draw: which rows
-        held_out.update(subset=data["subset"], seed=data.get("seed"))  # (at the default: views stay as before)
+        held_out.update(subset=data["subset"], seed=data.get("seed"))  # (at the default: the view as before)
     return {"eval": settings, "data": held_out}
 
 

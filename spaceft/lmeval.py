@@ -56,7 +56,8 @@ answers a request, as in IFEval), off for log-likelihood ones (ARC, HellaSwag sc
 of plain text, as leaderboards do)."""
 
 RENAMED = {
-    "gsm8k": "spaceft's offline GSM8K (8-shot chain of thought, the harness's gsm8k_cot) is now named gsm8k_cot; "
+    "gsm8k": "spaceft's offline GSM8K (8-shot chain of thought, the harness's gsm8k_cot) is now named "
+    "gsm8k_cot; "
     "the Open LLM Leaderboard's GSM8K (5-shot, '#### N', data from the Hub) is harness:gsm8k:5",
 }
 """Names whose meaning changed: refused with the two choices rather than silently run as the other task."""
@@ -497,7 +498,9 @@ def run_lm_eval(
         try:
             with quiet_git_hash():
                 samples = samples_dir is not None
-                out = _simple_evaluate(lm_eval, model, names, manager, limit, gen_kwargs, samples, num_fewshot)
+                out = _simple_evaluate(
+                    lm_eval, model, names, manager, limit, gen_kwargs, samples, num_fewshot
+                )
         except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
             if hub:
                 raise RuntimeError(
@@ -579,14 +582,17 @@ def resolve_tasks(
             task = e.target
         name = _task_name(task)
         if name in by_name:
-            raise ValueError(f"eval.lm_eval_tasks: {by_name[name].text!r} and {e.text!r} both run task {name}")
+            first = by_name[name].text
+            raise ValueError(f"eval.lm_eval_tasks: {first!r} and {e.text!r} both run task {name}")
         if e.shots and isinstance(task, LocalTask) and not has_fewshot_source(task):
             from spaceft.bench.run import BENCHMARKS
 
             own = e.kind == "bench" and e.target in BENCHMARKS  # an offline copy of a harness task
-            hint = f"; the harness's own task, with its train split, is harness:{e.target}:{e.shots}" if own else ""
+            hint = f"; the harness's own task, with its train split, is harness:{e.target}:{e.shots}"
+            hint = hint if own else ""
             raise ValueError(
-                f"eval.lm_eval_tasks entry {e.text!r}: {task.yaml_path} serves only the split it evaluates, so "
+                f"eval.lm_eval_tasks entry {e.text!r}: {task.yaml_path} serves only the split it evaluates, "
+                "so "
                 f"{e.shots} few-shot examples would come from the evaluated items themselves{hint}"
             )
         tasks.append(task)
@@ -595,7 +601,8 @@ def resolve_tasks(
     for name, e in by_name.items():  # a local YAML's task named like a benchmark would share its key
         key = result_key(e, name)
         if key in keys:
-            raise ValueError(f"eval.lm_eval_tasks: {keys[key]!r} and {e.text!r} would both be recorded as {key!r}")
+            first = keys[key]
+            raise ValueError(f"eval.lm_eval_tasks: {first!r} and {e.text!r} would share the key {key!r}")
         keys[key] = e.text
     return tasks, env, by_name
 
@@ -691,9 +698,7 @@ def lm_eval_for_run(
     result = {
         "lm_eval": {result_key(entries[t], t) if t in entries else t: m for t, m in out["results"].items()},
         "lm_eval_provenance": {**out["provenance"], "max_gen_toks": cfg.lm_eval_max_gen_toks},
-        "lm_eval_shots": {
-            result_key(entries[t], t): n for t, n in out["provenance"].get("n_shot", {}).items() if t in entries
-        },
+        "lm_eval_shots": {result_key(entries[t], t): n for t, n in used.items() if t in entries},
     }
     if out.get("subtasks"):  # a group's members (MMLU's subjects and categories)
         result["lm_eval_subtasks"] = out["subtasks"]

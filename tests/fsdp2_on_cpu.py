@@ -18,11 +18,11 @@ os.environ.update(
     ACCELERATE_MIXED_PRECISION="no", FSDP_SYNC_MODULE_STATES="true", FSDP_USE_ORIG_PARAMS="true",
 )  # fmt: skip
 
-from accelerate import PartialState  # noqa: E402
-from accelerate.utils import DistributedType  # noqa: E402
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 
-from spaceft import workspace  # noqa: E402
-from spaceft.cli import main  # noqa: E402
+from spaceft import workspace
+from spaceft.cli import main
 
 _init = workspace.init_processes
 

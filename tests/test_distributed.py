@@ -337,7 +337,9 @@ class _FakeVLLM:
         }
 
 
-def test_closing_a_vllm_engine_shuts_its_core_down_so_its_memory_is_freed(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_closing_a_vllm_engine_shuts_its_core_down_so_its_memory_is_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import sys
 
     from spaceft.generate import VLLMGenerator

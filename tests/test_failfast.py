@@ -705,13 +705,16 @@ def test_a_misspelt_lm_eval_task_stops_the_run_before_any_work(
     assert "eval.lm_eval_tasks entry 'arc_chalenge:25': lm-eval " in line
     assert "has no task or group 'arc_chalenge'; close: arc_challenge" in line
     fixed = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": "[truthfulqa_mc2:5]"})
-    assert "lm-eval's truthfulqa_mc2 fixes num_fewshot: 0 and ignores a few-shot count" in _fail(capsys, fixed)
+    refused = _fail(capsys, fixed)
+    assert "lm-eval's truthfulqa_mc2 fixes num_fewshot: 0 and ignores a few-shot count" in refused
     assert not list((tmp_path / "runs").rglob("iter_0"))  # nothing ran
     missing = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": f"[{tmp_path / 'mine.yaml'}:2]"})
     assert "no such task YAML" in _fail(capsys, missing)
 
 
-def test_a_random_subset_is_seeded_kept_in_file_order_and_recorded(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_random_subset_is_seeded_kept_in_file_order_and_recorded(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
     from spaceft.models import load_tokenizer
     from spaceft.workspace import _load_split
 

@@ -66,7 +66,7 @@ def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, a
         "hellaswag": ("harness", 10),
     }
     # a local task serving only the split it evaluates would take its shots from the evaluated items
-    with pytest.raises(ValueError, match=r"'arithmetic:3': .* serves only the split it evaluates, so 3 few-shot"):
+    with pytest.raises(ValueError, match=r"'arithmetic:3': .* serves only the split it evaluates, so 3 few"):
         resolve_tasks(["arithmetic:3"], tmp_path)
     with pytest.raises(ValueError, match=r"local_arc\.yaml:2': .* serves only the split it evaluates"):
         resolve_tasks([f"{arc_task.yaml_path}:2"], tmp_path)
@@ -204,7 +204,7 @@ def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_ap
                    "subtasks": {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}},
                    "provenance": {"n_samples": {"spaceft_mmlu": 57}}}  # fmt: skip
     entries = {"spaceft_mmlu": lmeval.parse_task_entry("mmlu")}
-    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (list(specs), {}, entries))
+    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (specs, {}, entries))
     monkeypatch.setattr(lmeval, "run_lm_eval_chat", lambda *a, **k: harness_out)
     out = lmeval.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
     assert out["lm_eval"] == {"mmlu": {"acc": 0.3}}
@@ -305,7 +305,7 @@ def test_entries_are_parsed_with_their_few_shot_counts_and_malformed_ones_refuse
     assert parsed("harness:hellaswag:10") == ("harness", "hellaswag", 10)  # the harness's own, 10-shot
     assert parsed("arc_challenge:25") == ("harness", "arc_challenge", 25)
     assert parsed("harness:gsm8k:5") == ("harness", "gsm8k", 5)  # the leaderboard's
-    with pytest.raises(ValueError, match="now named gsm8k_cot; .* is harness:gsm8k:5"):
+    with pytest.raises(ValueError, match=r"now named gsm8k_cot; .* is harness:gsm8k:5"):
         parse_task_entry("gsm8k")  # it meant the chain-of-thought copy before: never silently the other
     assert parsed("gsm8k_cot") == ("bench", "gsm8k_cot", None)
     assert parsed("tasks/mine.yaml:3") == ("yaml", "tasks/mine.yaml", 3)
@@ -331,7 +331,7 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
         return {"results": {n: {"acc": 0.5} for n in names}, "n-shot": dict.fromkeys(names, num_fewshot or 0)}
 
     monkeypatch.setattr(lmeval, "_simple_evaluate", harness)
-    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kwargs: None)  # no indexing of the harness's tasks
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kwargs: None)  # no indexing of its tasks
     arith = arithmetic_task(tmp_path / "tasks", n=2, seed=0)
     tasks = ["winogrande", "arc_challenge", arith, arc_task]
     shots = {"winogrande": 5, "arc_challenge": 25}
@@ -342,7 +342,8 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
         ([ARITHMETIC_TASK], None, True, "1"),  # the generation task under the chat template, Hub off
         (["local_arc"], None, False, "1"),
     ], key=str)  # fmt: skip
-    assert out["provenance"]["n_shot"] == {"winogrande": 5, "arc_challenge": 25, ARITHMETIC_TASK: 0, "local_arc": 0}
+    shots = {"winogrande": 5, "arc_challenge": 25, ARITHMETIC_TASK: 0, "local_arc": 0}
+    assert out["provenance"]["n_shot"] == shots
     assert out["provenance"]["chat_template"] == {"winogrande": False, "arc_challenge": False,
                                                   ARITHMETIC_TASK: True, "local_arc": False}  # fmt: skip
     assert "HF_HUB_OFFLINE" not in os.environ  # restored
@@ -359,7 +360,8 @@ def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: P
     include = harness_task_yaml("arc/arc_easy.yaml")
     task = write_task_yaml(tmp_path / "tasks", "arc_fewshot", data, split="test", include=include,
                            overrides={"training_split": "train",
-                                      "dataset_kwargs": {"data_files": {"test": str(data), "train": str(train)}}})  # fmt: skip
+                                      "dataset_kwargs": {"data_files": {"test": str(data),
+                                                                        "train": str(train)}}})  # fmt: skip
     from spaceft.lmeval import has_fewshot_source, run_lm_eval_chat
 
     assert has_fewshot_source(task)
@@ -368,7 +370,8 @@ def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: P
     assert out["provenance"]["n_shot"] == {"arc_fewshot": 2}
     item = json.loads((tmp_path / "samples" / "arc_fewshot.jsonl").read_text().splitlines()[0])
     # two solved examples from the train split (rows 2-4), then the evaluated question (row 0)
-    assert item["prompt"].count("Answer:") == 3 and item["prompt"].endswith("Question: Which number is 0?\nAnswer:")
+    assert item["prompt"].count("Answer:") == 3
+    assert item["prompt"].endswith("Question: Which number is 0?\nAnswer:")
     assert "Which number is 0?" not in item["prompt"].rsplit("\n\n", 1)[0]
 
 
@@ -376,14 +379,17 @@ def test_benchmark_table_names_metric_and_shots_and_sets_paper_numbers_by_task_n
     from spaceft.report import benchmark_rows, benchmark_table
     from spaceft.rundir import write_json
 
-    ev = {"lm_eval": {"arc_challenge:25": {"acc": 0.40, "acc_norm": 0.45}, "harness:gsm8k:5": {"exact_match,strict-match": 0.3},
-                      "gsm8k_cot": {"exact_match,strict-match": 0.2}, "harness:hellaswag:10": {"acc": 0.5, "acc_norm": 0.6}},
-          "lm_eval_shots": {"arc_challenge:25": 25, "harness:gsm8k:5": 5, "gsm8k_cot": 8, "harness:hellaswag:10": 10}}  # fmt: skip
+    em = "exact_match,strict-match"
+    ev = {"lm_eval": {"arc_challenge:25": {"acc": 0.40, "acc_norm": 0.45}, "harness:gsm8k:5": {em: 0.3},
+                      "gsm8k_cot": {em: 0.2}, "harness:hellaswag:10": {"acc": 0.5, "acc_norm": 0.6}},
+          "lm_eval_shots": {"arc_challenge:25": 25, "harness:gsm8k:5": 5, "gsm8k_cot": 8,
+                            "harness:hellaswag:10": 10}}  # fmt: skip
     (tmp_path / "base").mkdir()
     write_json(tmp_path / "base" / "eval.json", ev)
     table = benchmark_table(benchmark_rows(tmp_path)).splitlines()
     assert table[0] == ("| model | arc_challenge:25 (acc_norm, 25-shot) | gsm8k_cot (exact_match, 8-shot) | "
-                        "harness:gsm8k:5 (exact_match, 5-shot) | harness:hellaswag:10 (acc_norm, 10-shot) |")  # fmt: skip
-    assert table[2] == "| base | 45.0 | 20.0 | 30.0 | 60.0 |"  # the leaderboard's acc_norm, not the first metric
+                        "harness:gsm8k:5 (exact_match, 5-shot) | "
+                        "harness:hellaswag:10 (acc_norm, 10-shot) |")  # fmt: skip
+    assert table[2] == "| base | 45.0 | 20.0 | 30.0 | 60.0 |"  # the leaderboard's acc_norm, not the first
     # the paper's GSM8K sits under the harness's gsm8k, not under the chain-of-thought variant
     assert table[3] == "| SPACE paper, start model |  |  | 37.7 |  |"

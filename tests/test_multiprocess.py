@@ -111,7 +111,9 @@ def test_two_processes_give_the_one_process_result(one: Path, two: Path) -> None
     assert read_json(one / "base" / "eval.json") == pytest.approx(read_json(two / "base" / "eval.json"))
 
 
-def test_fsdp2_on_two_processes_gives_the_one_process_result(one: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_fsdp2_on_two_processes_gives_the_one_process_result(
+    one: Path, tmp_path: Path, tiny_model_dir: Path
+) -> None:
     """accelerate's FSDP2 path on CPU (tests/fsdp2_on_cpu.py): sharded training with 2 micro-batches per
     process per step, the gathered full state dict saved; the same samples, weights (within lr) and
     losses as one process. (Whether gradients are synced per micro-batch does not show in the numbers.)"""
@@ -121,8 +123,10 @@ def test_fsdp2_on_two_processes_gives_the_one_process_result(one: Path, tmp_path
     stages = read_json(run / "manifest.json")["iterations"]
     assert [stages[str(t)]["train"]["distributed"] for t in (0, 1)] == ["FSDP", "FSDP"]
     for t in (0, 1):
-        same = [(r["prompt_index"], r["response_ids"]) for r in read_table(run / f"iter_{t}" / "synthetic.parquet")]
-        assert same == [(r["prompt_index"], r["response_ids"]) for r in read_table(one / f"iter_{t}" / "synthetic.parquet")]
+        samples = [read_table(d / f"iter_{t}" / "synthetic.parquet") for d in (run, one)]
+        assert [[(r["prompt_index"], r["response_ids"]) for r in rows] for rows in samples] == [
+            [(r["prompt_index"], r["response_ids"]) for r in samples[1]]
+        ] * 2
         wa, wb = _weights(one, t), _weights(run, t)
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4  # train.lr (module docstring)
         for ma, mb in zip(_metrics(one, t), _metrics(run, t), strict=True):
