@@ -425,18 +425,18 @@ def run_lm_eval_chat(
     fewshot: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES` and a few-shot count per task name
-    (``fewshot``; missing or None: the task's own). One harness call per chat setting and few-shot
-    count (``auto`` and mixed counts make several); the results are merged, with the chat setting
-    per task in the provenance (always a mapping, whatever the number of calls)."""
+    (``fewshot``; missing or None: the task's own). One harness call per chat setting, few-shot count
+    and kind (local tasks, which run with the Hub off, apart from tasks by name); the results are
+    merged, with the chat setting per task in the provenance (always a mapping)."""
     if chat not in CHAT_MODES:
         raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     shots = dict(fewshot or {})
-    groups: dict[tuple[bool, int | None], list[LocalTask | str]] = {}
-    for t in tasks:
+    groups: dict[tuple[bool, int | None, bool], list[LocalTask | str]] = {}
+    for t in tasks:  # local tasks apart from named ones: a call with a named task has the Hub on
         templated = chat == "on" or (chat == "auto" and is_generative(t))
-        groups.setdefault((templated, shots.get(_task_name(t))), []).append(t)
+        groups.setdefault((templated, shots.get(_task_name(t)), isinstance(t, LocalTask)), []).append(t)
     merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
-    for (templated, n_shot), group in groups.items():
+    for (templated, n_shot, _), group in groups.items():
         out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
                           gen_kwargs=gen_kwargs, samples_dir=samples_dir, num_fewshot=n_shot)  # fmt: skip
         if not out:

@@ -265,8 +265,8 @@ def release_training(tr: Trainer) -> None:
     references to the prepared model, optimizer and scheduler and destroys a DeepSpeed engine. Without it
     every iteration's engine, with its master weights and optimizer state, stayed in memory through the
     later iterations (measured on CPU, 2 processes: one more live engine per iteration under ZeRO-2,
-    none with it). Under ZeRO-3 one engine per iteration still stays reachable (DeepSpeed 0.19.8: its
-    hooks on the model; docs/ARCHITECTURE.md, "Not done")."""
+    none with it). Under ZeRO-3 one engine per iteration still stays alive (cause not found;
+    docs/ARCHITECTURE.md, "Not done")."""
     tr.accelerator.free_memory()
 
 

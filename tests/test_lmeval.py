@@ -333,19 +333,21 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
     monkeypatch.setattr(lmeval, "_simple_evaluate", harness)
     monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kwargs: None)  # no indexing of its tasks
     arith = arithmetic_task(tmp_path / "tasks", n=2, seed=0)
-    tasks = ["winogrande", "arc_challenge", arith, arc_task]
+    tasks = ["winogrande", "arc_challenge", arith, arc_task, "piqa"]
     shots = {"winogrande": 5, "arc_challenge": 25}
     out = lmeval.run_lm_eval_chat(HarnessModel("m"), tasks, "auto", fewshot=shots)
     assert sorted(calls, key=str) == sorted([
         (["winogrande"], 5, False, None),
         (["arc_challenge"], 25, False, None),
         ([ARITHMETIC_TASK], None, True, "1"),  # the generation task under the chat template, Hub off
-        (["local_arc"], None, False, "1"),
+        (["local_arc"], None, False, "1"),  # not in piqa's call: that one has the Hub on
+        (["piqa"], None, False, None),
     ], key=str)  # fmt: skip
-    shots = {"winogrande": 5, "arc_challenge": 25, ARITHMETIC_TASK: 0, "local_arc": 0}
+    shots = {"winogrande": 5, "arc_challenge": 25, ARITHMETIC_TASK: 0, "local_arc": 0, "piqa": 0}
     assert out["provenance"]["n_shot"] == shots
     assert out["provenance"]["chat_template"] == {"winogrande": False, "arc_challenge": False,
-                                                  ARITHMETIC_TASK: True, "local_arc": False}  # fmt: skip
+                                                  ARITHMETIC_TASK: True, "local_arc": False,
+                                                  "piqa": False}  # fmt: skip
     assert "HF_HUB_OFFLINE" not in os.environ  # restored
     calls.clear()
     out = lmeval.run_lm_eval_chat(HarnessModel("m"), [arith, arc_task], "off")  # one setting: one call
