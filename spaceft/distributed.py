@@ -40,6 +40,11 @@ def _accelerate_use_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
+def launched_with_deepspeed() -> bool:
+    """Whether the launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
 def init_processes(timeout_s: int) -> PartialState:
     """The process group (created on first use, with `timeout_s` for every collective)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -86,7 +91,7 @@ def check_launch(*, lora_rank: int) -> None:
             "would wait on it forever (FSDP2). Use DDP for LoRA (the frozen base is not trained, so sharding "
             "saves little), DeepSpeed ZeRO-2, or model.lora.r=0"
         )
-    if lora_rank and flag("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+    if lora_rank and launched_with_deepspeed():
         if flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
             raise ValueError(
                 "model.lora.r > 0 with DeepSpeed ZeRO-3 is not supported (the adapter cannot be merged into "

@@ -91,10 +91,7 @@ def parse_task_entry(text: str) -> TaskEntry:
     from spaceft.bench.run import known
 
     entry = str(text).strip()
-    rest, shots = entry, None
-    head, sep, tail = entry.rpartition(":")
-    if sep and tail.isdigit():
-        rest, shots = head, int(tail)
+    rest, shots = split_shots(entry)
     if rest.startswith(HARNESS_PREFIX):
         name, kind = rest.removeprefix(HARNESS_PREFIX), "harness"
     elif rest.endswith((".yaml", ".yml")):
@@ -109,6 +106,12 @@ def parse_task_entry(text: str) -> TaskEntry:
             "harness:NAME[:SHOTS] or PATH.yaml[:SHOTS]"
         )
     return TaskEntry(entry, name, kind, shots)
+
+
+def split_shots(text: str) -> tuple[str, int | None]:
+    """``NAME:SHOTS`` as (NAME, SHOTS); text without a trailing ``:digits`` as (text, None)."""
+    head, sep, tail = text.rpartition(":")
+    return (head, int(tail)) if sep and tail.isdigit() else (text, None)
 
 
 @dataclass(frozen=True)
@@ -494,7 +497,7 @@ def run_lm_eval(
     with offline(env, hub=hub):
         # Only our directories are indexed when every task is local: indexing the harness's
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
-        manager = TaskManager(include_path=include or None, include_defaults=len(local) < len(tasks))
+        manager = TaskManager(include_path=include or None, include_defaults=hub)
         try:
             with quiet_git_hash():
                 samples = samples_dir is not None
@@ -592,8 +595,7 @@ def resolve_tasks(
             hint = hint if own else ""
             raise ValueError(
                 f"eval.lm_eval_tasks entry {e.text!r}: {task.yaml_path} serves only the split it evaluates, "
-                "so "
-                f"{e.shots} few-shot examples would come from the evaluated items themselves{hint}"
+                f"so {e.shots} few-shot examples would come from the evaluated items themselves{hint}"
             )
         tasks.append(task)
         by_name[name] = e

@@ -157,7 +157,9 @@ def whole_weights() -> Iterator[None]:
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+    from spaceft.distributed import launched_with_deepspeed
+
+    if launched_with_deepspeed():
         from accelerate import Accelerator
         from accelerate.state import is_initialized
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.config import RunConfig
+from spaceft.distributed import launched_with_deepspeed
 from spaceft.rundir import (
     STAGE_OUTPUTS,
     DamagedFileError,
@@ -100,7 +101,7 @@ def check_precision(cfg: RunConfig, iterations: Sequence[int] | None = None) -> 
     first updates are at most 10·lr, so at SPIN's 5e-7 nearly every update rounds away and the run
     trains nothing. DeepSpeed's bf16 engine keeps float32 masters (accelerate launch with a DeepSpeed
     config); LoRA trains float32 adapters."""
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    deepspeed = launched_with_deepspeed()
     if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
         return
     todo = range(cfg.selfplay.iterations) if iterations is None else iterations
@@ -156,7 +157,7 @@ def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[
     model = parameters * BYTES[cfg.model.dtype]
     moments = 0 if cfg.model.lora.r else (2 if cfg.train.optimizer == "adamw" else 1)
     state = model * (1 + moments)
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not cfg.model.lora.r:
+    if launched_with_deepspeed() and not cfg.model.lora.r:
         launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if cfg.model.dtype != "float32" or launched in ("bf16", "fp16"):
             state = parameters * (2 + 4 + 4 * moments)

@@ -78,11 +78,9 @@ sizes differ, and the paper's harness settings (shots, metric) were not checked 
 
 def task_base(key: str) -> str:
     """A benchmark column's task name without its ``harness:`` prefix and ``:SHOTS`` suffix."""
-    from spaceft.lmeval import HARNESS_PREFIX
+    from spaceft.lmeval import HARNESS_PREFIX, split_shots
 
-    head, sep, tail = key.rpartition(":")
-    name = head if sep and tail.isdigit() else key
-    return name.removeprefix(HARNESS_PREFIX)
+    return split_shots(key)[0].removeprefix(HARNESS_PREFIX)
 
 
 def headline_metric(key: str, metrics: dict[str, Any]) -> str | None:
