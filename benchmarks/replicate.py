@@ -30,6 +30,10 @@ OUT/results.json, OUT/results.png.
 With --archive the finished runs' small files are kept in a directory that is committed
 (`grid_archive`): a fresh clone restores them and goes on with what is left, and --report-only rebuilds
 every table from the archive alone.
+
+A finished run keeps its last iteration's model only (`--keep-models` keeps all): the demo model's
+weights are 0.5 GB per iteration, and a full grid keeping all of them fills 70 GB. Start models stay, and
+a tuning run keeps its models until the seed-0 run that adopts them has finished.
 """
 
 from __future__ import annotations
@@ -110,6 +114,9 @@ class GridSpec:
     archive: Path | None = None
     """Where finished runs' small files are kept (committed; `grid_archive`): restored into OUT at start,
     updated after every run."""
+    keep_models: bool = False
+    """Keep every iteration's model of a finished run; by default only the last iteration's is kept (the
+    grid's 40-odd runs would otherwise hold every iteration's weights: 1.5 GB per demo run)."""
 
     def settings(self, method: str) -> list[tuple[str, tuple[str, ...]]]:
         """(label, overrides) of every tuning candidate: learning rates × the method's knob. The lr halves
@@ -233,8 +240,34 @@ class Grid:
             self.save()
             self.report()
             self.save_archive()
+            self.prune()
         self.save()
         return self.run_dir(name)
+
+    def prune(self) -> None:
+        """Delete the models of finished runs that nothing needs any more, keeping each run's last
+        iteration's: not the start models (every run starts from one), nor a tuning run's before its
+        method's best setting is chosen and, for the best, before the seed-0 run that adopts its models
+        finished. Unless `keep_models`."""
+        if self.spec.keep_models:
+            return
+        last = f"iter_{self.spec.iterations - 1}"
+        adopters = {
+            b["run"]: f"{m}-N{b['run'].rsplit('-N', 1)[1]}-s{self.spec.seeds[0]}"
+            for m, b in self.state["best"].items()
+        }
+        for name, entry in self.state["runs"].items():
+            group = entry.get("group", "")
+            if group == "start" or not self.finished(name, self.spec.iterations):
+                continue
+            if group.startswith("tune-"):
+                if group.removeprefix("tune-") not in self.state["best"]:
+                    continue
+                if name in adopters and not self.finished(adopters[name], self.spec.iterations):
+                    continue
+            for model in self.run_dir(name).glob("iter_*/model"):
+                if model.parent.name != last:
+                    shutil.rmtree(model)
 
     def report(self) -> None:
         try:
@@ -402,6 +435,7 @@ class Grid:
                 self.question(n, start_n, seed, "sft-4N")
         self.methods(first, start, rest)
         self.report()
+        self.prune()
 
     def methods(self, n: int, start: str, methods: list[str]) -> None:
         """Tune `methods` at size n, then run each at its best setting for every seed."""
@@ -492,6 +526,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[GridSpec, bool]:
         help="directory (committed) that keeps finished runs' small files: restored at start, "
         "updated after every run, enough for --report-only on a fresh clone",
     )
+    p.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep every iteration's model of finished runs (default: only the last iteration's)",
+    )
     p.add_argument("--report-only", action="store_true", help="rebuild the tables from finished runs")
     a = p.parse_args(argv)
     if "sft" not in a.methods or "space" not in a.methods:
@@ -509,6 +548,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[GridSpec, bool]:
         a.questions,
         a.extra,
         a.archive,
+        a.keep_models,
     )
     return spec, a.report_only
 

@@ -4,6 +4,7 @@ validation-only tuning, adoption of the tuned seed-0 run, compute matching, resu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -271,3 +272,57 @@ def test_diagnostics_cells_are_the_mean_and_the_range_of_the_seeds(tmp_path: Pat
     row = lines[2].split(" | ")
     assert row[:3] == ["| space-N16", "1", "3"]
     assert row[5] == "+0.50 [-1.00, +2.00]" and row[7] == "0.25 [0.25, 0.25]"
+
+
+def test_prune_keeps_start_models_last_iterations_and_models_still_to_be_adopted(tmp_path: Path) -> None:
+    spec = rep.GridSpec(out=tmp_path / "grid", seeds=[0, 1], iterations=2)
+    grid = rep.Grid(spec, lambda *a: rep.Launch(0.0, None))
+
+    def make(name: str, group: str, iterations: int = 2, done: bool = True) -> None:
+        stages = {"train": {"status": "done"}, "eval": {"status": "done"}}
+        its = {str(t): stages for t in range(iterations)}
+        its["base"] = {"eval": {"status": "done"}}
+        if not done:
+            its[str(iterations - 1)] = {"train": {"status": "running"}}
+        (grid.run_dir(name)).mkdir(parents=True)
+        (grid.run_dir(name) / "manifest.json").write_text(json.dumps({"iterations": its}))
+        for t in range(iterations):
+            (grid.run_dir(name) / f"iter_{t}" / "model").mkdir(parents=True)
+        grid.state["runs"][name] = {"group": group}
+
+    make("start-N16", "start", iterations=1)
+    make("tune-space-lr1e-05-N16", "tune-space")  # the best: space-N16-s0 adopts it, not yet finished
+    make("tune-space-lr3e-06-N16", "tune-space")
+    make("tune-spin-lr1e-05-N16", "tune-spin")  # spin's best not chosen yet
+    make("space-N16-s0", "space-N16", done=False)
+    make("sft-N16-s1", "sft-N16")
+    grid.state["best"]["space"] = {"run": "tune-space-lr1e-05-N16"}
+
+    def models() -> set[str]:
+        return {str(p.parent.relative_to(grid.out)) for p in grid.out.glob("*/iter_*/model")}
+
+    grid.prune()
+    kept = {
+        "start-N16/iter_0",
+        "tune-space-lr1e-05-N16/iter_0",
+        "tune-space-lr1e-05-N16/iter_1",
+        "tune-space-lr3e-06-N16/iter_1",
+        "tune-spin-lr1e-05-N16/iter_0",
+        "tune-spin-lr1e-05-N16/iter_1",
+        "space-N16-s0/iter_0",
+        "space-N16-s0/iter_1",
+        "sft-N16-s1/iter_1",
+    }
+    assert models() == kept
+    # the adopting run finished: the tuned run's models go too, and the adopting run's earlier ones
+    shutil.rmtree(grid.run_dir("space-N16-s0"))
+    make("space-N16-s0", "space-N16")
+    grid.prune()
+    assert models() == kept - {"tune-space-lr1e-05-N16/iter_0", "space-N16-s0/iter_0"}
+    # --keep-models prunes nothing
+    keep = rep.Grid(rep.GridSpec(out=tmp_path / "grid2", iterations=2, keep_models=True), grid.launch)
+    keep.state = grid.state
+    keep.out = grid.out
+    make("sft-N16-s2", "sft-N16")
+    keep.prune()
+    assert "sft-N16-s2/iter_0" in models()
