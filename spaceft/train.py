@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -265,9 +266,56 @@ def release_training(tr: Trainer) -> None:
     references to the prepared model, optimizer and scheduler and destroys a DeepSpeed engine. Without it
     every iteration's engine, with its master weights and optimizer state, stayed in memory through the
     later iterations (measured on CPU, 2 processes: one more live engine per iteration under ZeRO-2,
-    none with it). Under ZeRO-3 one engine per iteration still stays alive (cause not found;
-    docs/ARCHITECTURE.md, "Not done")."""
+    none with it). ZeRO-3 needs more: :func:`release_zero3`."""
+    module = getattr(tr.model, "module", tr.model)
     tr.accelerator.free_memory()
+    release_zero3(module)
+
+
+def release_zero3(module: torch.nn.Module) -> dict[str, int]:
+    """Drop the two references DeepSpeed ZeRO-3 keeps, at module level, to a model it trained, each of
+    which keeps the model and, through its hooks, the engine with its master weights and optimizer state
+    alive after ``engine.destroy()``: under ZeRO-3 one engine per iteration stayed (CPU, 2 processes,
+    DeepSpeed 0.19.8: 1/2/3 live after iterations 0/1/2; 0/0/0 with both dropped, neither alone).
+
+    - ``PartitionedParameterCoordinator.__params_to_release`` is an unbounded ``functools.lru_cache`` on
+      the class, keyed by (coordinator, submodule, step): it is emptied (found through the decorators'
+      closures: DeepSpeed wraps it without ``functools.wraps``);
+    - ``parameter_offload.FWD_MODULE_STACK``, the list of modules in a forward pass, still holds the
+      model after training: the model's modules are removed from it.
+
+    Returns how many caches were emptied and modules removed; nothing without DeepSpeed."""
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    cleared, todo, seen = 0, list(vars(cls).values()) if cls is not None else [], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if callable(getattr(obj, "cache_clear", None)):
+            obj.cache_clear()
+            cleared += 1
+        todo.extend(c.cell_contents for c in getattr(obj, "__closure__", None) or () if _has_contents(c))
+        if hasattr(obj, "__wrapped__"):
+            todo.append(obj.__wrapped__)
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    removed = 0
+    if isinstance(stack, list):
+        ours = {id(m) for m in module.modules()}
+        kept = [m for m in stack if id(m) not in ours]
+        removed = len(stack) - len(kept)
+        stack[:] = kept
+    return {"caches": cleared, "stack": removed}
+
+
+def _has_contents(cell: Any) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises)
+    except ValueError:
+        return False
+    return True
 
 
 def setup(
