@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import json
 import logging
@@ -281,6 +282,28 @@ def yaml_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
+class SharedModel:
+    """One harness model (the HF backend) for the several harness calls of one evaluation, so the weights
+    load once, not once per chat setting, few-shot count and kind of task: ``paper_space``'s six
+    benchmarks are five calls. Built at the first call, inside that call's environment."""
+
+    def __init__(self, model: HarnessModel) -> None:
+        self.model = model
+        self.lm: Any = None
+
+    def get(self, lm_eval: Any) -> Any:
+        if self.lm is None:
+            self.lm = lm_eval.api.registry.get_model("hf").create_from_arg_obj(
+                self.model.model_args(),
+                {"batch_size": self.model.batch_size, "max_batch_size": None, "device": _device()},
+            )
+        return self.lm
+
+    def release(self) -> None:
+        self.lm = None
+        gc.collect()
+
+
 def _simple_evaluate(
     lm_eval: Any,
     model: HarnessModel,
@@ -290,10 +313,11 @@ def _simple_evaluate(
     gen_kwargs: dict[str, Any] | None,
     log_samples: bool,
     num_fewshot: int | None = None,
+    shared: SharedModel | None = None,
 ) -> dict[str, Any] | None:
     return lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model.model_args(),
+        model=shared.get(lm_eval) if shared else "hf",
+        model_args=None if shared else model.model_args(),
         tasks=names,
         limit=limit,
         num_fewshot=num_fewshot,
@@ -428,7 +452,8 @@ def run_lm_eval_chat(
     fewshot: Mapping[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """:func:`run_lm_eval` with a chat mode of :data:`CHAT_MODES` and a few-shot count per task name
-    (``fewshot``; missing or None: the task's own). One harness call per chat setting, few-shot count
+    (``fewshot``; missing or None: the task's own). The model loads once (:class:`SharedModel`), for
+    one harness call per chat setting, few-shot count
     and kind (local tasks, which run with the Hub off, apart from tasks by name); the results are
     merged, with the chat setting per task in the provenance (always a mapping)."""
     if chat not in CHAT_MODES:
@@ -439,9 +464,16 @@ def run_lm_eval_chat(
         templated = chat == "on" or (chat == "auto" and is_generative(t))
         groups.setdefault((templated, shots.get(_task_name(t)), isinstance(t, LocalTask)), []).append(t)
     merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
-    for (templated, n_shot, _), group in groups.items():
-        out = run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
-                          gen_kwargs=gen_kwargs, samples_dir=samples_dir, num_fewshot=n_shot)  # fmt: skip
+    shared = SharedModel(model)
+    try:
+        outs = [
+            run_lm_eval(dataclasses.replace(model, chat_template=templated), group, limit=limit, env=env,
+                        gen_kwargs=gen_kwargs, samples_dir=samples_dir, num_fewshot=n_shot, shared=shared)
+            for (templated, n_shot, _), group in groups.items()
+        ]  # fmt: skip
+    finally:
+        shared.release()
+    for (templated, _, _), out in zip(groups, outs, strict=True):
         if not out:
             continue
         names = list(out["results"])
@@ -470,6 +502,7 @@ def run_lm_eval(
     gen_kwargs: dict[str, Any] | None = None,
     samples_dir: Path | None = None,
     num_fewshot: int | None = None,
+    shared: SharedModel | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks on a saved model; call it on every rank.
 
@@ -502,7 +535,7 @@ def run_lm_eval(
             with quiet_git_hash():
                 samples = samples_dir is not None
                 out = _simple_evaluate(
-                    lm_eval, model, names, manager, limit, gen_kwargs, samples, num_fewshot
+                    lm_eval, model, names, manager, limit, gen_kwargs, samples, num_fewshot, shared
                 )
         except ConnectionError as e:  # datasets' OfflineModeIsEnabled and friends
             if hub:

@@ -326,7 +326,7 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     calls: list[tuple[list[str], int | None, bool, str | None]] = []
 
-    def harness(lm_eval, model, names, manager, limit, gen_kwargs, log_samples, num_fewshot=None):
+    def harness(lm_eval, model, names, manager, limit, gen_kwargs, log_samples, num_fewshot=None, *_):
         calls.append((names, num_fewshot, model.chat_template, os.environ.get("HF_HUB_OFFLINE")))
         return {"results": {n: {"acc": 0.5} for n in names}, "n-shot": dict.fromkeys(names, num_fewshot or 0)}
 
@@ -355,7 +355,9 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
     assert out["provenance"]["chat_template"] == {ARITHMETIC_TASK: False, "local_arc": False}
 
 
-def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_local_task_with_a_train_split_runs_few_shot_from_it(
+    tiny_model_dir: Path, tmp_path: Path, arc_task, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data, train = tmp_path / "arc.jsonl", tmp_path / "arc_train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS[:2]))
     train.write_text("".join(json.dumps(r) + "\n" for r in ARC_ROWS[2:]))
@@ -367,9 +369,15 @@ def test_a_local_task_with_a_train_split_runs_few_shot_from_it(tiny_model_dir: P
     from spaceft.lmeval import has_fewshot_source, run_lm_eval_chat
 
     assert has_fewshot_source(task)
-    out = run_lm_eval_chat(HarnessModel(str(tiny_model_dir), batch_size=4), [task], "off", limit=2,
+    from transformers import AutoModelForCausalLM
+
+    loads, load = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        staticmethod(lambda *a, **k: loads.append(a) or load(*a, **k)))  # fmt: skip
+    out = run_lm_eval_chat(HarnessModel(str(tiny_model_dir), batch_size=4), [task, arc_task], "off", limit=2,
                            fewshot={"arc_fewshot": 2}, samples_dir=tmp_path / "samples")  # fmt: skip
-    assert out["provenance"]["n_shot"] == {"arc_fewshot": 2}
+    assert out["provenance"]["n_shot"] == {"arc_fewshot": 2, "local_arc": 0}  # two harness calls
+    assert len(loads) == 1  # on one loaded model
     item = json.loads((tmp_path / "samples" / "arc_fewshot.jsonl").read_text().splitlines()[0])
     # two solved examples from the train split (rows 2-4), then the evaluated question (row 0)
     assert item["prompt"].count("Answer:") == 3
