@@ -455,6 +455,8 @@ def save_model(
     state_dict = None if cfg.model.lora.r else accelerator.get_state_dict(tr.model)
     if accelerator.is_main_process:
         final = mergeable(accelerator.unwrap_model(tr.model))
+        if state_dict is not None:
+            drop_tied_copy(final, state_dict)
         with atomic_dir(iter_dir / "model") as tmp:
             final.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -465,6 +467,30 @@ def save_model(
     accelerator.wait_for_everyone()  # no rank reads the model before it is written
     for tracker in accelerator.trackers:  # not end_training(): it destroys the process group
         tracker.finish()
+
+
+def drop_tied_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Drop the output embedding from a gathered state dict when the model ties it to the input
+    embedding and the two are equal. `save_pretrained` drops a tied copy by shared storage, which a state
+    dict gathered from shards (FSDP2, ZeRO-2) no longer has: `lm_head.weight` was written too, so the
+    files, and the evaluation cache's key, differed from one process's, though the model loaded the same.
+    Returns the key dropped."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text, "tie_word_embeddings", False):
+        return None
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    if get_in is None or get_out is None or get_out() is None:
+        return None
+    names = {id(m): name for name, m in model.named_modules()}
+    key_in, key_out = (f"{names.get(id(m), '?')}.weight" for m in (get_in(), get_out()))
+    if key_in == key_out or key_in not in state_dict or key_out not in state_dict:
+        return None
+    if not torch.equal(state_dict[key_in], state_dict[key_out]):
+        return None
+    del state_dict[key_out]
+    return key_out
 
 
 def _check_precision(model: torch.nn.Module, accelerator: Accelerator, cfg: RunConfig) -> None:

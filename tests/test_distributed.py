@@ -604,3 +604,13 @@ def test_zero3s_module_level_holds_on_a_trained_model_are_dropped(monkeypatch: p
     monkeypatch.delitem(sys.modules, coordinator_mod.__name__)
     monkeypatch.delitem(sys.modules, offload_mod.__name__)
     assert release_zero3(torch.nn.Linear(1, 1)) == {"caches": 0, "stack": 0}  # no DeepSpeed: nothing
+
+
+def test_a_gathered_state_dict_drops_the_tied_copy_only_when_it_is_one(model) -> None:
+    from spaceft.train import drop_tied_copy
+
+    gathered = {k: v.clone() for k, v in model.state_dict().items()}  # shards gathered: no shared storage
+    assert model.config.tie_word_embeddings and "lm_head.weight" in gathered
+    assert drop_tied_copy(model, dict(gathered)) == "lm_head.weight"
+    gathered["lm_head.weight"] += 1  # not a copy: kept
+    assert drop_tied_copy(model, gathered) is None and "lm_head.weight" in gathered

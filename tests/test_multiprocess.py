@@ -128,6 +128,7 @@ def test_fsdp2_on_two_processes_gives_the_one_process_result(
             [(r["prompt_index"], r["response_ids"]) for r in samples[1]]
         ] * 2
         wa, wb = _weights(one, t), _weights(run, t)
+        assert set(wa) == set(wb)  # the tied output embedding is not saved apart (the gather broke the tie)
         assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 3e-4  # train.lr (module docstring)
         for ma, mb in zip(_metrics(one, t), _metrics(run, t), strict=True):
             assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-4)
