@@ -253,10 +253,11 @@ def train_iteration(
     bar.close()
     train_s = time.perf_counter() - tic
     # step 3: save
-    save_model(tr, tokenizer, cfg, iter_dir, {"steps": len(tr.steps), "lr": tr.lr, **last})
+    launch = {"distributed": tr.accelerator.distributed_type.value}  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
+    # the summary also stands in for the stage's entry when a run stopped after the save (work_train)
+    save_model(tr, tokenizer, cfg, iter_dir, {"steps": len(tr.steps), "lr": tr.lr, **last, **launch})
     timing = {"train_s": round(train_s, 3), "save_s": round(time.perf_counter() - tic - train_s, 3),
               "tokens_per_s": round(tokens / max(train_s, 1e-9), 1)}  # fmt: skip
-    launch = {"distributed": tr.accelerator.distributed_type.value}  # NO, MULTI_GPU, FSDP, DEEPSPEED, ...
     release_training(tr)
     return {"steps": len(tr.steps), **last, **timing, **launch}
 
