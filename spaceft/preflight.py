@@ -78,6 +78,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
         check_positions(cfg, model_dir)
         if left:
             check_disk(cfg, model_dir, len(left))
+            check_gpu_memory(cfg, model_dir)
 
 
 def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
@@ -184,6 +185,72 @@ def check_disk(cfg: RunConfig, model_dir: Path, iterations_left: int) -> None:
             f"{cfg.run_dir}: the run still writes about {_size(needed)} ({how}) but the disk has "
             f"{_size(free)} free: free space, choose another output_dir, or lower selfplay.iterations"
         )
+
+
+def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> tuple[int, str] | None:
+    """Bytes per process that training holds whatever its batch size: the weights, their gradients and
+    the optimizer state, as the launch shards them (the environment `accelerate launch` or `torchrun`
+    sets), and how they add up. Activations, the CUDA context and the allocator's slack come on top, so
+    this is a lower bound. None where the launch offloads to the CPU or its ZeRO stage is not in the
+    environment."""
+    from spaceft.batching import BYTES
+
+    world = max(1, int(env.get("WORLD_SIZE", "1")))
+    b = BYTES[cfg.model.dtype]
+    moments = 2 if cfg.train.optimizer == "adamw" else 1
+    if cfg.model.lora.r:
+        return parameters * b, f"the frozen weights, {b} bytes per parameter (LoRA; adapters not counted)"
+    per = f"bytes per parameter with {moments} optimizer moment(s)"
+    full = b * (2 + moments)  # weights, gradients, moments
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+            return None
+        return parameters * full // world, f"{full} {per}, sharded over {world} processes (FSDP)"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # launched_with_deepspeed(), of env
+        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        devices = [
+            env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM")
+        ]
+        if stage not in ("0", "1", "2", "3") or any(d not in ("none", "") for d in devices):
+            return None
+        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
+        w = 2 if cfg.model.dtype != "float32" or mixed in ("bf16", "fp16") else 4
+        state = 4 * moments + (4 if w == 2 else 0)  # float32 moments, and float32 masters of 16-bit weights
+        split = {"0": (1, 1, 1), "1": (1, 1, world), "2": (1, world, world), "3": (world,) * 3}[stage]
+        total = parameters * (w / split[0] + w / split[1] + state / split[2])
+        how = f"{w}-byte weights and gradients, {state} bytes of optimizer state {per[10:]}"
+        return int(total), f"{how}, ZeRO-{stage} over {world} processes"
+    if world > 1:  # DDP also keeps its gradient buckets, a second copy of the gradients
+        return parameters * (full + b), f"{full + b} {per} and DDP's gradient buckets, on each process"
+    return parameters * full, f"{full} {per}"
+
+
+def check_gpu_memory(
+    cfg: RunConfig, model_dir: Path, total: int | None = None, env: Any = os.environ
+) -> None:
+    """A training that cannot fit on its GPU stops before the first generation, not hours later at its
+    first optimizer step. `total`: the GPU's memory (default: this process's CUDA device's)."""
+    if total is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return
+        total = torch.cuda.get_device_properties(int(env.get("LOCAL_RANK", "0"))).total_memory
+    parameters = weight_count(model_dir)
+    need = training_memory(cfg, parameters, env) if parameters else None
+    if need is None:
+        return
+    needed, how = need
+    if needed > total:
+        raise ValueError(
+            f"training {cfg.model.name} ({parameters / 1e9:.2f}B parameters) holds at least "
+            f"{_size(needed)} per GPU ({how}), more than the GPU's {_size(total)}: shard it (accelerate "
+            "launch --config_file spaceft/recipes/accelerate/fsdp2.yaml or zero3.yaml), use more GPUs, "
+            "model.lora.r > 0, model.dtype=bfloat16, or train.optimizer=rmsprop (one moment to AdamW's two)"
+        )
+    if needed > 0.8 * total:
+        log.warning("training holds at least %s per GPU (%s) of the GPU's %s, before activations: it may "
+                    "run out of memory at its first step", _size(needed), how, _size(total))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ run directory

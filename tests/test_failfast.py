@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -257,6 +258,44 @@ def test_a_disk_too_small_for_the_runs_models_stops_it_before_any_work(
     free(0)  # commands that do not train (spaceft eval) are not stopped by what training needs
     evaluating = load_config("tiny", [f"output_dir={tmp_path / 'e'}", f"model.name={tiny_model_dir}"])
     preflight.check(evaluating, trains=False)
+
+
+def test_a_training_that_cannot_fit_on_its_gpu_stops_before_any_work(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights, gradients and optimizer state per GPU as each launch shards them, for the paper's 7.24B
+    Mistral: plain DDP in float32 with AdamW cannot fit an 80 GB GPU; paper_space's ZeRO-3 in bf16 can."""
+    p = 7_241_732_096  # Mistral-7B's parameter count
+    fp32 = load_config("tiny", [f"output_dir={tmp_path}", "train.optimizer=adamw"])
+    bf16 = load_config("tiny", [f"output_dir={tmp_path}", "model.dtype=bfloat16"])
+    ds = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "bf16", "WORLD_SIZE": "8"}
+    assert preflight.training_memory(fp32, p, {})[0] == 16 * p  # weights, gradients, 2 moments
+    assert preflight.training_memory(fp32, p, {"WORLD_SIZE": "8"})[0] == 20 * p  # + DDP's buckets
+    fsdp = {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}
+    assert preflight.training_memory(fp32, p, fsdp)[0] == 16 * p // 8
+    assert preflight.training_memory(fp32, p, {**fsdp, "FSDP_OFFLOAD_PARAMS": "true"}) is None
+    # DeepSpeed: 2-byte weights and gradients, float32 masters and one moment (RMSprop): 2 + 2 + 8
+    z3, z2 = ({**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": stage} for stage in "32")
+    assert preflight.training_memory(bf16, p, z3)[0] == int(12 * p / 8)
+    assert preflight.training_memory(bf16, p, z2)[0] == int((2 + 2 / 8 + 8 / 8) * p)
+    assert preflight.training_memory(bf16, p, ds) is None  # the stage is in a DeepSpeed file: not known
+    off = {**z3, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
+    assert preflight.training_memory(bf16, p, off) is None
+    lora = load_config("tiny", [f"output_dir={tmp_path}", "model.lora.r=8", "model.dtype=bfloat16"])
+    assert preflight.training_memory(lora, p, {"WORLD_SIZE": "8"})[0] == 2 * p
+    monkeypatch.setattr(preflight, "weight_count", lambda d: p)
+    with pytest.raises(ValueError, match=r"holds at least 144\.8 GB per GPU .* more than the GPU's 80\.0 GB"):
+        preflight.check_gpu_memory(fp32, tiny_model_dir, 80 * 10**9, {"WORLD_SIZE": "8"})
+    preflight.check_gpu_memory(bf16, tiny_model_dir, 80 * 10**9, z3)  # 10.9 GB
+    # wired into a run's preflight on a GPU machine: stopped before any generation
+    import torch
+
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**5))
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir))  # the tiny model needs 0.3 MB
+    assert "per GPU" in line and "more than the GPU's 0.1 MB" in line and "fsdp2.yaml" in line
+    assert not list((tmp_path / "runs").glob("*/iter_*"))
 
 
 # ------------------------------------------------------------------------------ paths, before loading
