@@ -251,7 +251,6 @@ class Grid:
         finished. Unless `keep_models`."""
         if self.spec.keep_models:
             return
-        last = f"iter_{self.spec.iterations - 1}"
         adopters = {
             b["run"]: f"{m}-N{b['run'].rsplit('-N', 1)[1]}-s{self.spec.seeds[0]}"
             for m, b in self.state["best"].items()
@@ -265,9 +264,9 @@ class Grid:
                     continue
                 if name in adopters and not self.finished(adopters[name], self.spec.iterations):
                     continue
-            for model in self.run_dir(name).glob("iter_*/model"):
-                if model.parent.name != last:
-                    shutil.rmtree(model)
+            models = sorted(self.run_dir(name).glob("iter_*/model"), key=lambda m: int(m.parent.name[5:]))
+            for model in models[:-1]:  # the run's own last one stays (it may have more than --iterations)
+                shutil.rmtree(model)
 
     def report(self) -> None:
         try:
@@ -374,7 +373,9 @@ class Grid:
         ]
         tuned = self.state["best"][method]["run"]
         force = False
-        has_models = (self.run_dir(tuned) / f"iter_{self.spec.iterations - 1}" / "model").is_dir()
+        has_models = all(
+            (self.run_dir(tuned) / f"iter_{t}" / "model").is_dir() for t in range(self.spec.iterations)
+        )
         if (
             not self.run_dir(name).exists()
             and tuned.endswith(f"N{n}")

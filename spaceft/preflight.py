@@ -213,9 +213,11 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
         ]
         if stage not in ("0", "1", "2", "3") or any(d not in ("none", "") for d in devices):
             return None
-        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
-        w = 2 if cfg.model.dtype != "float32" or mixed in ("bf16", "fp16") else 4
+        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
+        w = 2 if cfg.model.dtype != "float32" or mixed else 4
         state = 4 * moments + (4 if w == 2 else 0)  # float32 moments, and float32 masters of 16-bit weights
+        if stage == "0" and not mixed:  # ZeRO-0 without mixed precision: the torch optimizer, as it is
+            state = w * moments
         split = {"0": (1, 1, 1), "1": (1, 1, world), "2": (1, world, world), "3": (world,) * 3}[stage]
         total = parameters * (w / split[0] + w / split[1] + state / split[2])
         how = f"{w}-byte weights and gradients, {state} bytes of optimizer state {per[10:]}"

@@ -303,6 +303,10 @@ def release_zero3(module: torch.nn.Module) -> dict[str, int]:
     offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
     stack = getattr(offload, "FWD_MODULE_STACK", None)
     removed = 0
+    if any(hasattr(p, "ds_id") for p in module.parameters()) and not cleared:  # ZeRO-3 ran
+        log.warning("DeepSpeed ZeRO-3 trained this model, but its parameter coordinator's cache was not "
+                    "found to empty: this DeepSpeed may keep each iteration's engine in memory "
+                    "(spaceft.train.release_zero3)")  # fmt: skip
     if isinstance(stack, list):
         ours = {id(m) for m in module.modules()}
         kept = [m for m in stack if id(m) not in ours]
@@ -476,9 +480,7 @@ def drop_tied_copy(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) 
     dict gathered from shards (FSDP2, ZeRO-2) no longer has: `lm_head.weight` was written too, so the
     files, and the evaluation cache's key, differed from one process's, though the model loaded the same.
     Returns the key dropped."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if not getattr(text, "tie_word_embeddings", False):
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):  # as transformers ties
         return None
     get_in = getattr(model, "get_input_embeddings", None)
     get_out = getattr(model, "get_output_embeddings", None)

@@ -319,6 +319,10 @@ def test_prune_keeps_start_models_last_iterations_and_models_still_to_be_adopted
     make("space-N16-s0", "space-N16")
     grid.prune()
     assert models() == kept - {"tune-space-lr1e-05-N16/iter_0", "space-N16-s0/iter_0"}
+    # a run with more iterations than the grid's keeps its own last model
+    make("sft-N16-s3", "sft-N16", iterations=3)
+    grid.prune()
+    assert {m for m in models() if m.startswith("sft-N16-s3")} == {"sft-N16-s3/iter_2"}
     # --keep-models prunes nothing
     keep = rep.Grid(rep.GridSpec(out=tmp_path / "grid2", iterations=2, keep_models=True), grid.launch)
     keep.state = grid.state
