@@ -370,7 +370,7 @@ class EvalConfig:
     """Examples per lm-eval task (None = all)."""
     lm_eval_chat_template: str = "auto"
     """auto (chat template for generation tasks such as IFEval, plain text for log-likelihood ones such
-    as ARC) | on | off."""
+    as ARC; a harness group or tag by name is templated when all its tasks generate) | on | off."""
     lm_eval_max_gen_toks: int | None = None
     """Cap on lm-eval's generated tokens (None = each task's own; IFEval's 1280 is slow on CPU)."""
     lm_eval_batch_size: int = 16

@@ -431,13 +431,47 @@ def offline(extra: dict[str, str] | None = None, *, hub: bool = False) -> Iterat
                 os.environ[k] = v
 
 
-def is_generative(task: LocalTask | str) -> bool:
-    """Whether a task generates text (``output_type: generate_until``, includes merged)."""
+def is_generative(task: LocalTask | str, index: Mapping[str, Any] | None = None) -> bool:
+    """Whether a task generates text (``output_type: generate_until``, includes merged). A harness task
+    by name is looked up in the harness's task ``index`` (a group or tag: when all its tasks generate);
+    without an index, or where the index does not say, it counts as not generating."""
     if not isinstance(task, LocalTask):
-        return False  # a harness task by name: its type is known only once the harness loads it
+        return index is not None and harness_output_types(index, task) == {"generate_until"}
     from lm_eval.tasks._yaml_loader import load_yaml
 
     return load_yaml(task.yaml_path, resolve_func=False).get("output_type") == "generate_until"
+
+
+def harness_output_types(index: Mapping[str, Any], name: str, depth: int = 0) -> set[str]:
+    """The output types of a harness task, group or tag by name, from the harness's task index (lm-eval
+    0.4.10+: entries with ``kind``, ``cfg`` and ``tags``); ``{"?"}`` for what the index does not say."""
+    entry = index.get(name)
+    kind = str(getattr(entry, "kind", ""))
+    cfg = getattr(entry, "cfg", None) or {}
+    if entry is None or depth > 8:
+        return {"?"}
+    if kind.endswith("TASK"):
+        return {str(cfg.get("output_type", "?"))}
+    members = cfg.get("task") if kind.endswith("GROUP") else getattr(entry, "tags", None)
+    if isinstance(members, str):
+        members = [members]
+    if not members or not isinstance(members, list | set | tuple):
+        return {"?"}
+    out: set[str] = set()
+    for m in members:  # a group may define a member inline (a mapping with its own config)
+        inline = isinstance(m, dict)
+        out |= {str(m.get("output_type", "?"))} if inline else harness_output_types(index, m, depth + 1)
+    return out
+
+
+def harness_index(tasks: Sequence[LocalTask | str], chat: str) -> Mapping[str, Any] | None:
+    """The harness's task index when `auto` must tell named tasks apart (indexing the harness's task
+    files takes seconds: only then)."""
+    if chat != "auto" or all(isinstance(t, LocalTask) for t in tasks):
+        return None
+    from lm_eval.tasks import TaskManager
+
+    return getattr(TaskManager(), "task_index", None)
 
 
 def run_lm_eval_chat(
@@ -460,8 +494,15 @@ def run_lm_eval_chat(
         raise ValueError(f"chat template mode must be one of {', '.join(CHAT_MODES)}, got {chat!r}")
     shots = dict(fewshot or {})
     groups: dict[tuple[bool, int | None, bool], list[LocalTask | str]] = {}
+    index = harness_index(tasks, chat)
     for t in tasks:  # local tasks apart from named ones: a call with a named task has the Hub on
-        templated = chat == "on" or (chat == "auto" and is_generative(t))
+        templated = chat == "on" or (chat == "auto" and is_generative(t, index))
+        if index is not None and not isinstance(t, LocalTask) and not templated:
+            types = harness_output_types(index, t)
+            if "generate_until" in types:
+                log.warning("lm-eval %s mixes generation with other tasks (%s): run as plain text under "
+                            "lm_eval_chat_template=auto; list its generation tasks apart, or set on",
+                            t, ", ".join(sorted(types)))  # fmt: skip
         groups.setdefault((templated, shots.get(_task_name(t)), isinstance(t, LocalTask)), []).append(t)
     merged: dict[str, Any] = {"results": {}, "stderr": {}, "subtasks": {}}
     shared = SharedModel(model)

@@ -355,6 +355,42 @@ def test_each_few_shot_count_and_chat_setting_is_one_harness_call_and_only_local
     assert out["provenance"]["chat_template"] == {ARITHMETIC_TASK: False, "local_arc": False}
 
 
+def test_auto_templates_named_generation_tasks_and_groups_that_only_generate(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`auto` reads a named task's output type (a group's or tag's: its members') from the harness's task
+    index: IFEval and GSM8K are templated, as their offline copies are; MMLU and HellaSwag are not."""
+    from types import SimpleNamespace
+
+    from lm_eval.tasks import TaskManager
+
+    from spaceft import lmeval
+
+    index = dict(TaskManager().task_index)
+    types = {n: lmeval.harness_output_types(index, n) for n in
+             ("gsm8k", "ifeval", "hellaswag", "mmlu", "mmlu_stem_tasks", "leaderboard_math_hard", "nope")}
+    assert types == {"gsm8k": {"generate_until"}, "ifeval": {"generate_until"},
+                     "hellaswag": {"multiple_choice"}, "mmlu": {"multiple_choice"},
+                     "mmlu_stem_tasks": {"multiple_choice"},
+                     "leaderboard_math_hard": {"generate_until"}, "nope": {"?"}}  # fmt: skip
+    index["mixed"] = SimpleNamespace(kind="Kind.GROUP", cfg={"task": ["gsm8k", "hellaswag"]}, tags=None)
+    calls: list[tuple[list[str], bool]] = []
+
+    def harness(lm_eval, model, names, manager, limit, gen_kwargs, log_samples, num_fewshot=None, *_):
+        calls.append((names, model.chat_template))
+        return {"results": {n: {"acc": 0.5} for n in names}, "n-shot": dict.fromkeys(names, 0)}
+
+    monkeypatch.setattr(lmeval, "_simple_evaluate", harness)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", lambda **kwargs: SimpleNamespace(task_index=index))
+    with caplog.at_level("WARNING", logger="spaceft.lmeval"):
+        lmeval.run_lm_eval_chat(HarnessModel("m"), ["gsm8k", "ifeval", "hellaswag", "mixed"], "auto")
+    assert sorted(calls) == [(["gsm8k", "ifeval"], True), (["hellaswag", "mixed"], False)]
+    assert "lm-eval mixed mixes generation with other tasks (generate_until, multiple_choice)" in caplog.text
+    calls.clear()
+    lmeval.run_lm_eval_chat(HarnessModel("m"), ["gsm8k", "hellaswag"], "off")
+    assert calls == [(["gsm8k", "hellaswag"], False)]
+
+
 def test_a_local_task_with_a_train_split_runs_few_shot_from_it(
     tiny_model_dir: Path, tmp_path: Path, arc_task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
