@@ -442,25 +442,42 @@ def is_generative(task: LocalTask | str, index: Mapping[str, Any] | None = None)
     return load_yaml(task.yaml_path, resolve_func=False).get("output_type") == "generate_until"
 
 
-def harness_output_types(index: Mapping[str, Any], name: str, depth: int = 0) -> set[str]:
-    """The output types of a harness task, group or tag by name, from the harness's task index (lm-eval
-    0.4.10+: entries with ``kind``, ``cfg`` and ``tags``); ``{"?"}`` for what the index does not say."""
+def _harness_entry(index: Mapping[str, Any], name: str) -> tuple[str, dict[str, Any], list[Any] | None]:
+    """(kind, config, members) of a harness task index entry (lm-eval 0.4.10+: entries with ``kind``,
+    ``cfg`` and ``tags``); members None for a task or what the index does not say. A group may define a
+    member inline (a mapping with its own config)."""
     entry = index.get(name)
-    kind = str(getattr(entry, "kind", ""))
+    kind = str(getattr(entry, "kind", "")).rsplit(".", 1)[-1]
     cfg = getattr(entry, "cfg", None) or {}
-    if entry is None or depth > 8:
-        return {"?"}
-    if kind.endswith("TASK"):
-        return {str(cfg.get("output_type", "?"))}
-    members = cfg.get("task") if kind.endswith("GROUP") else getattr(entry, "tags", None)
+    members = cfg.get("task") if kind == "GROUP" else getattr(entry, "tags", None) if kind == "TAG" else None
     if isinstance(members, str):
         members = [members]
-    if not members or not isinstance(members, list | set | tuple):
+    return kind, cfg, list(members) if isinstance(members, list | set | tuple) else None
+
+
+def harness_output_types(index: Mapping[str, Any], name: str, depth: int = 0) -> set[str]:
+    """The output types of a harness task, group or tag by name, from the harness's task index;
+    ``{"?"}`` for what the index does not say."""
+    kind, cfg, members = _harness_entry(index, name)
+    if kind == "TASK":
+        return {str(cfg.get("output_type", "?"))}
+    if not members or depth > 8:
         return {"?"}
     out: set[str] = set()
-    for m in members:  # a group may define a member inline (a mapping with its own config)
+    for m in members:
         inline = isinstance(m, dict)
         out |= {str(m.get("output_type", "?"))} if inline else harness_output_types(index, m, depth + 1)
+    return out
+
+
+def harness_members(index: Mapping[str, Any], name: str, depth: int = 0) -> set[str]:
+    """Every group, tag and task a harness group or tag by name holds, at any depth."""
+    _, _, members = _harness_entry(index, name)
+    out: set[str] = set()
+    for m in (members or []) if depth <= 8 else []:
+        member = m.get("task") if isinstance(m, dict) else m
+        if isinstance(member, str):
+            out |= {member} | harness_members(index, member, depth + 1)
     return out
 
 

@@ -380,7 +380,7 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
     harness task by name is one the installed harness knows (a typo would otherwise surface at the
     first evaluation's harness call, after the model is loaded; indexing the harness's task files
     takes a few seconds, so it is done only when some entry names one)."""
-    from spaceft.lmeval import harness_version, parse_task_entry, require_harness
+    from spaceft.lmeval import harness_members, harness_version, parse_task_entry, require_harness
 
     require_harness()
     parsed = [parse_task_entry(e) for e in entries]
@@ -403,6 +403,12 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
             raise ValueError(
                 f"eval.lm_eval_tasks entry {e.text!r}: lm-eval {harness_version()} has no task or group "
                 f"{e.target!r}{hint}"
+            )
+        inside = [o for o in named if o.target in harness_members(manager.task_index, e.target)]
+        if inside:  # the member would run twice, and its score would come from whichever ran last
+            raise ValueError(
+                f"eval.lm_eval_tasks entry {inside[0].text!r} is part of {e.text!r} (lm-eval's {e.target} "
+                f"runs it): list one of them"
             )
         task_cfg = getattr(manager.task_index.get(e.target), "cfg", None) or {}
         if e.shots and task_cfg.get("num_fewshot") == 0:  # the harness keeps such a task at 0, silently

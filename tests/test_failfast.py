@@ -749,6 +749,9 @@ def test_a_misspelt_lm_eval_task_stops_the_run_before_any_work(
     fixed = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": "[truthfulqa_mc2:5]"})
     refused = _fail(capsys, fixed)
     assert "lm-eval's truthfulqa_mc2 fixes num_fewshot: 0 and ignores a few-shot count" in refused
+    both = "[harness:mmlu:5,harness:mmlu_anatomy]"
+    twice = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": both}))
+    assert "entry 'harness:mmlu_anatomy' is part of 'harness:mmlu:5' (lm-eval's mmlu runs it)" in twice
     assert not list((tmp_path / "runs").rglob("iter_0"))  # nothing ran
     missing = _run_argv(tmp_path, tiny_model_dir, **{"eval.lm_eval_tasks": f"[{tmp_path / 'mine.yaml'}:2]"})
     assert "no such task YAML" in _fail(capsys, missing)
