@@ -237,7 +237,9 @@ def check_gpu_memory(
 
         if not torch.cuda.is_available():
             return
-        total = torch.cuda.get_device_properties(int(env.get("LOCAL_RANK", "0"))).total_memory
+        local = int(env.get("LOCAL_RANK", "0"))  # a launcher may give each process one visible GPU
+        device = local if local < torch.cuda.device_count() else 0
+        total = torch.cuda.get_device_properties(device).total_memory
     parameters = weight_count(model_dir)
     need = training_memory(cfg, parameters, env) if parameters else None
     if need is None:

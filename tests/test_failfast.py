@@ -295,7 +295,10 @@ def test_a_training_that_cannot_fit_on_its_gpu_stops_before_any_work(
 
     monkeypatch.undo()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**5))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # one visible GPU per process: device 0
+    sizes = {0: 10**5}  # no other device: asking for device 3 fails the test
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=sizes[i]))
     run = load_config("tiny", [f"output_dir={tmp_path / 'runs'}", f"model.name={tiny_model_dir}"])
     with pytest.raises(ValueError, match=r"per GPU .* more than the GPU's 0\.1 MB: shard it .*fsdp2\.yaml"):
         preflight.check(run)  # the tiny model needs 0.3 MB
