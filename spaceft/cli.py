@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("prepare-model", help="fetch and convert the embedded default model, print its path")
     from spaceft.bench.run import add_arguments as add_bench_arguments
 
-    add_bench_arguments(sub.add_parser("bench", help="IFEval, ARC-Easy, HellaSwag, GSM8K offline (lm-eval)"))
+    bench_help = "IFEval, ARC-Easy, HellaSwag, GSM8K (CoT), MMLU offline (lm-eval)"
+    add_bench_arguments(sub.add_parser("bench", help=bench_help))
     sub.add_parser("lab", help="the theory lab: exact toy world (spaceft lab --help)", add_help=False)
     return parser
 
