@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -40,9 +40,9 @@ def _accelerate_use_cpu() -> bool:
     return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
-def launched_with_deepspeed() -> bool:
+def launched_with_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     """Whether the launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED)."""
-    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
 
 
 def init_processes(timeout_s: int) -> PartialState:

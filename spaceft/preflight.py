@@ -156,12 +156,11 @@ def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[
     from spaceft.batching import BYTES
 
     model = parameters * BYTES[cfg.model.dtype]
-    moments = 0 if cfg.model.lora.r else (2 if cfg.train.optimizer == "adamw" else 1)
+    moments = 0 if cfg.model.lora.r else _moments(cfg)
     state = model * (1 + moments)
     if launched_with_deepspeed() and not cfg.model.lora.r:
-        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-        if cfg.model.dtype != "float32" or launched in ("bf16", "fp16"):
-            state = parameters * (2 + 4 + 4 * moments)
+        weight, optimizer = deepspeed_bytes(cfg, os.environ)
+        state = parameters * (weight + optimizer)
     state = state if cfg.train.save_every and iterations_left else 0
     how = f"{iterations_left} iteration model(s) of {_size(model)}"
     if state:
@@ -187,6 +186,20 @@ def check_disk(cfg: RunConfig, model_dir: Path, iterations_left: int) -> None:
         )
 
 
+def _moments(cfg: RunConfig) -> int:
+    """Optimizer moments per parameter: AdamW two, RMSprop one."""
+    return 2 if cfg.train.optimizer == "adamw" else 1
+
+
+def deepspeed_bytes(cfg: RunConfig, env: Any) -> tuple[int, int]:
+    """(weight, optimizer state) bytes per parameter under DeepSpeed: 16-bit weights (`model.dtype`, or
+    the launcher's bf16/fp16) come with float32 masters, and the moments are float32."""
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
+    if cfg.model.dtype != "float32" or mixed:
+        return 2, 4 + 4 * _moments(cfg)
+    return 4, 4 * _moments(cfg)
+
+
 def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> tuple[int, str] | None:
     """Bytes per process that training holds whatever its batch size: the weights, their gradients and
     the optimizer state, as the launch shards them (the environment `accelerate launch` or `torchrun`
@@ -197,7 +210,7 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
 
     world = max(1, int(env.get("WORLD_SIZE", "1")))
     b = BYTES[cfg.model.dtype]
-    moments = 2 if cfg.train.optimizer == "adamw" else 1
+    moments = _moments(cfg)
     if cfg.model.lora.r:
         return parameters * b, f"the frozen weights, {b} bytes per parameter (LoRA; adapters not counted)"
     per = f"bytes per parameter with {moments} optimizer moment(s)"
@@ -206,18 +219,16 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
         if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
             return None
         return parameters * full // world, f"{full} {per}, sharded over {world} processes (FSDP)"
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":  # launched_with_deepspeed(), of env
+    if launched_with_deepspeed(env):
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
         devices = [
             env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM")
         ]
         if stage not in ("0", "1", "2", "3") or any(d not in ("none", "") for d in devices):
             return None
-        mixed = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
-        w = 2 if cfg.model.dtype != "float32" or mixed else 4
-        state = 4 * moments + (4 if w == 2 else 0)  # float32 moments, and float32 masters of 16-bit weights
-        if stage == "0" and not mixed:  # ZeRO-0 without mixed precision: the torch optimizer, as it is
-            state = w * moments
+        w, state = deepspeed_bytes(cfg, env)
+        if stage == "0" and env.get("ACCELERATE_MIXED_PRECISION", "no") not in ("bf16", "fp16"):
+            state = w * moments  # ZeRO-0 without mixed precision: the torch optimizer, as it is
         split = {"0": (1, 1, 1), "1": (1, 1, world), "2": (1, world, world), "3": (world,) * 3}[stage]
         total = parameters * (w / split[0] + w / split[1] + state / split[2])
         how = f"{w}-byte weights and gradients, {state} bytes of optimizer state {per[10:]}"
