@@ -16,9 +16,11 @@ parallel through Accelerate. Two rules keep a multi-process run from hanging:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +45,78 @@ def _accelerate_use_cpu() -> bool:
 def launched_with_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     """Whether the launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED)."""
     return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """A DeepSpeed launch's ZeRO settings, as accelerate resolves them."""
+
+    stage: int | None
+    """0–3; None where neither the DeepSpeed config file nor the launcher gives one."""
+    offload: bool
+    """Optimizer state or weights offloaded to the CPU or NVMe."""
+    mixed: bool
+    """DeepSpeed's bf16 or fp16 engine (16-bit weights with float32 masters)."""
+
+
+def zero_settings(env: Mapping[str, str] = os.environ) -> ZeroSettings | None:
+    """The ZeRO settings of a DeepSpeed launch (None without DeepSpeed). A DeepSpeed config file
+    (`deepspeed_config_file`, ACCELERATE_DEEPSPEED_CONFIG_FILE) wins over the launcher's variables where
+    it gives a value other than "auto", as accelerate fills it; a file that is not JSON is refused here,
+    naming its line, rather than in accelerate's Accelerator without its name."""
+    if not launched_with_deepspeed(env):
+        return None
+    stage: Any = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    devices: list[Any] = [env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE") for k in ("OPTIMIZER", "PARAM")]
+    mixed: Any = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path != "none" and os.path.isfile(path):  # (accelerate also takes a base64 string: not read here)
+        try:
+            with open(path, encoding="utf-8") as f:
+                ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{e.lineno}: the DeepSpeed config file (deepspeed_config_file) is not valid JSON: "
+                f"{e.msg}"
+            ) from None
+        zero = ds.get("zero_optimization") or {}
+        given = lambda v: v is not None and v != "auto"  # noqa: E731
+        stage = zero["stage"] if given(zero.get("stage")) else stage
+        for i, key in enumerate(("offload_optimizer", "offload_param")):
+            device = (zero.get(key) or {}).get("device")
+            devices[i] = device if given(device) else devices[i]
+        enabled = [(ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")]
+        if True in enabled:
+            mixed = True
+        elif all(given(e) for e in enabled):  # both turned off
+            mixed = False
+    stage = int(stage) if str(stage) in ("0", "1", "2", "3") else None
+    offload = any(str(d).lower() not in ("none", "") for d in devices if d is not None)
+    return ZeroSettings(stage, offload, mixed)
+
+
+def fsdp_shards(env: Mapping[str, str] = os.environ) -> int | None:
+    """Over how many processes an FSDP launch splits each parameter, its gradient and optimizer state at
+    rest (None without FSDP): all of them for full and gradient/optimizer sharding, the processes of one
+    node for FSDP1's hybrid strategies, one for NO_SHARD; FSDP2 shards over all processes but the
+    replicas of a hybrid (`parallelism_config_dp_replicate_size`) mesh."""
+    if env.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    world = max(1, int(env.get("WORLD_SIZE", "1")))
+    if env.get("FSDP_VERSION", "1") == "2":
+        replicas = env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1")
+        use = env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
+        return max(1, world // int(replicas)) if use and replicas.isdigit() and int(replicas) > 0 else world
+    strategy = env.get("FSDP_SHARDING_STRATEGY") or "None"
+    if strategy == "None":  # accelerate's FSDP1 fallback
+        strategy = env.get("FSDP_RESHARD_AFTER_FORWARD") or "FULL_SHARD"
+    names = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
+    name = names[int(strategy) - 1] if strategy.isdigit() and 0 < int(strategy) <= 5 else strategy.upper()
+    if name == "NO_SHARD":
+        return 1
+    if name.startswith("HYBRID"):
+        return max(1, min(world, int(env.get("LOCAL_WORLD_SIZE", str(world)))))
+    return world
 
 
 def init_processes(timeout_s: int) -> PartialState:
@@ -91,8 +165,9 @@ def check_launch(*, lora_rank: int) -> None:
             "would wait on it forever (FSDP2). Use DDP for LoRA (the frozen base is not trained, so sharding "
             "saves little), DeepSpeed ZeRO-2, or model.lora.r=0"
         )
-    if lora_rank and launched_with_deepspeed():
-        if flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+    zero = zero_settings()
+    if lora_rank and zero is not None:
+        if zero.stage == 3:
             raise ValueError(
                 "model.lora.r > 0 with DeepSpeed ZeRO-3 is not supported (the adapter cannot be merged into "
                 "partitioned weights on save): use ZeRO-2 (zero_stage: 2) or DDP for LoRA, or model.lora.r=0"

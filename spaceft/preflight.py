@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.config import RunConfig
-from spaceft.distributed import launched_with_deepspeed
+from spaceft.distributed import fsdp_shards, zero_settings
 from spaceft.rundir import (
     STAGE_OUTPUTS,
     DamagedFileError,
@@ -100,10 +100,11 @@ def check_precision(cfg: RunConfig, iterations: Sequence[int] | None = None) -> 
     """Full fine-tuning of bf16 weights with no float32 master copy at a small learning rate is refused:
     bf16 resolves a weight of 0.02 to steps of 1.2e-4 (an update under 6e-5 rounds away), and RMSprop's
     first updates are at most 10·lr, so at SPIN's 5e-7 nearly every update rounds away and the run
-    trains nothing. DeepSpeed's bf16 engine keeps float32 masters (accelerate launch with a DeepSpeed
-    config); LoRA trains float32 adapters."""
-    deepspeed = launched_with_deepspeed()
-    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
+    trains nothing. DeepSpeed keeps float32 masters (its bf16 engine, or ZeRO-1 to 3: ZeRO-0 without mixed
+    precision is the torch optimizer on bf16 weights); LoRA trains float32 adapters."""
+    zero = zero_settings()
+    masters = zero is not None and (zero.mixed or zero.stage != 0)  # ZeRO-0 alone is the torch optimizer
+    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or masters:
         return
     todo = range(cfg.selfplay.iterations) if iterations is None else iterations
     lowest = min(cfg.train.lr_for(t) for t in todo)
@@ -158,7 +159,7 @@ def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[
     model = parameters * BYTES[cfg.model.dtype]
     moments = 0 if cfg.model.lora.r else _moments(cfg)
     state = model * (1 + moments)
-    if launched_with_deepspeed() and not cfg.model.lora.r:
+    if zero_settings() is not None and not cfg.model.lora.r:
         weight, optimizer = deepspeed_bytes(cfg, os.environ)
         state = parameters * (weight + optimizer)
     state = state if cfg.train.save_every and iterations_left else 0
@@ -194,8 +195,8 @@ def _moments(cfg: RunConfig) -> int:
 def deepspeed_bytes(cfg: RunConfig, env: Any) -> tuple[int, int]:
     """(weight, optimizer state) bytes per parameter under DeepSpeed: 16-bit weights (`model.dtype`, or
     the launcher's bf16/fp16) come with float32 masters, and the moments are float32."""
-    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
-    if cfg.model.dtype != "float32" or mixed:
+    zero = zero_settings(env)
+    if cfg.model.dtype != "float32" or (zero is not None and zero.mixed):
         return 2, 4 + 4 * _moments(cfg)
     return 4, 4 * _moments(cfg)
 
@@ -204,8 +205,8 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
     """Bytes per process that training holds whatever its batch size: the weights, their gradients and
     the optimizer state, as the launch shards them (the environment `accelerate launch` or `torchrun`
     sets), and how they add up. Activations, the CUDA context and the allocator's slack come on top, so
-    this is a lower bound. None where the launch offloads to the CPU or its ZeRO stage is not in the
-    environment."""
+    this is a lower bound. None where the launch offloads to the CPU, or its ZeRO stage is given neither by
+    the launcher nor by its DeepSpeed config file."""
     from spaceft.batching import BYTES
 
     world = max(1, int(env.get("WORLD_SIZE", "1")))
@@ -215,24 +216,22 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
         return parameters * b, f"the frozen weights, {b} bytes per parameter (LoRA; adapters not counted)"
     per = f"bytes per parameter with {moments} optimizer moment(s)"
     full = b * (2 + moments)  # weights, gradients, moments
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    shards = fsdp_shards(env)
+    if shards is not None:
         if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
             return None
-        return parameters * full // world, f"{full} {per}, sharded over {world} processes (FSDP)"
-    if launched_with_deepspeed(env):
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-        devices = [
-            env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM")
-        ]
-        if stage not in ("0", "1", "2", "3") or any(d not in ("none", "") for d in devices):
+        return parameters * full // shards, f"{full} {per}, sharded over {shards} of {world} processes (FSDP)"
+    zero = zero_settings(env)
+    if zero is not None:
+        if zero.stage is None or zero.offload:
             return None
         w, state = deepspeed_bytes(cfg, env)
-        if stage == "0" and env.get("ACCELERATE_MIXED_PRECISION", "no") not in ("bf16", "fp16"):
+        if zero.stage == 0 and not zero.mixed:
             state = w * moments  # ZeRO-0 without mixed precision: the torch optimizer, as it is
-        split = {"0": (1, 1, 1), "1": (1, 1, world), "2": (1, world, world), "3": (world,) * 3}[stage]
+        split = ((1, 1, 1), (1, 1, world), (1, world, world), (world,) * 3)[zero.stage]
         total = parameters * (w / split[0] + w / split[1] + state / split[2])
         how = f"{w}-byte weights and gradients, {state} bytes of optimizer state {per[10:]}"
-        return int(total), f"{how}, ZeRO-{stage} over {world} processes"
+        return int(total), f"{how}, ZeRO-{zero.stage} over {world} processes"
     if world > 1:  # DDP also keeps its gradient buckets, a second copy of the gradients
         return parameters * (full + b), f"{full + b} {per} and DDP's gradient buckets, on each process"
     return parameters * full, f"{full} {per}"

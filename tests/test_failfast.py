@@ -283,6 +283,24 @@ def test_a_training_that_cannot_fit_on_its_gpu_stops_before_any_work(
     assert preflight.training_memory(bf16, p, ds) is None  # the stage is in a DeepSpeed file: not known
     off = {**z3, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     assert preflight.training_memory(bf16, p, off) is None
+    # a DeepSpeed config file gives the stage (the launcher's variables then do not)
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    ds_file = {**ds, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(file), "ACCELERATE_MIXED_PRECISION": "no"}
+    # bf16 from the file: 2-byte weights, their gradients over 8, masters and AdamW's moments over 8
+    assert preflight.training_memory(fp32, p, ds_file)[0] == int((2 + 2 / 8 + 12 / 8) * p)
+    # FSDP1's strategies: hybrid shards within a node, NO_SHARD not at all; FSDP2's hybrid mesh replicates
+    nodes = {**fsdp, "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}
+    def fsdp_bytes(**env: str) -> int:
+        return preflight.training_memory(fp32, p, {**nodes, **env})[0]
+
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="HYBRID_SHARD") == 4 * p  # within a node of 4
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="4") == 4 * p  # (the same, by number)
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="SHARD_GRAD_OP") == p
+    assert fsdp_bytes(FSDP_RESHARD_AFTER_FORWARD="NO_SHARD") == 16 * p  # accelerate's FSDP1 fallback
+    hsdp = {"FSDP_VERSION": "2", "ACCELERATE_USE_PARALLELISM_CONFIG": "true"}
+    assert fsdp_bytes(**hsdp, PARALLELISM_CONFIG_DP_REPLICATE_SIZE="2") == 2 * p
+    assert fsdp_bytes(**hsdp, FSDP_SHARDING_STRATEGY="NO_SHARD") == p  # FSDP1's strategy: not FSDP2's
     lora = load_config("tiny", [f"output_dir={tmp_path}", "model.lora.r=8", "model.dtype=bfloat16"])
     assert preflight.training_memory(lora, p, {"WORLD_SIZE": "8"})[0] == 2 * p
     monkeypatch.setattr(preflight, "weight_count", lambda d: p)
@@ -729,6 +747,11 @@ def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_a
         preflight.check_precision(load_config("tiny", [*base, "train.lr_after=1e-6", "selfplay.iterations=3",
                                                        "train.lr_switch_iteration=2"]))  # fmt: skip
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")  # ZeRO-0 alone keeps no float32 masters
+    with pytest.raises(ValueError, match="at lr 5e-07"):
+        preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # its bf16 engine does
     preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     low = load_config("tiny", [*base, "train.lr=5e-7", f"model.name={tiny_model_dir}"])
