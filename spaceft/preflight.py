@@ -392,7 +392,13 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
     harness task by name is one the installed harness knows (a typo would otherwise surface at the
     first evaluation's harness call, after the model is loaded; indexing the harness's task files
     takes a few seconds, so it is done only when some entry names one)."""
-    from spaceft.lmeval import harness_members, harness_version, parse_task_entry, require_harness
+    from spaceft.lmeval import (
+        harness_members,
+        harness_tasks,
+        harness_version,
+        parse_task_entry,
+        require_harness,
+    )
 
     require_harness()
     parsed = [parse_task_entry(e) for e in entries]
@@ -404,9 +410,7 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
         return
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager()
+    manager = harness_tasks()
     known = set(manager.all_tasks)
     for e in named:
         if e.target not in known:
