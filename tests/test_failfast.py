@@ -732,6 +732,25 @@ def test_config_is_printed_only_with_verbose(
     assert "# resolved config:\nname: tiny-space" in capsys.readouterr().out
 
 
+def test_the_vllm_backend_without_vllm_is_refused_before_the_start_models_evaluation(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paper_space samples with vLLM, and its first generation comes after an hour of lm-eval on the start
+    model: a missing or broken vLLM is found in preflight instead."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, installed or not
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"generation.backend": "vllm"}))
+    assert "generation.backend=vllm, but vLLM cannot be imported (ModuleNotFoundError" in line
+    assert "or set generation.backend=hf" in line
+    assert not list((tmp_path / "runs").glob("*/base")) and not list((tmp_path / "runs").glob("*/iter_*"))
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "generation.backend=vllm", "selfplay.iterations=3"])
+    manifest = SimpleNamespace(data={"iterations": {"0": {"generate": {"status": "done"}}}})
+    assert preflight.ungenerated(cfg, manifest) == [1, 2]  # checked only while some generation is left
+    sft = load_config("tiny", [f"output_dir={tmp_path / 's'}", "generation.backend=vllm", "train.loss=sft"])
+    preflight.check(sft)  # SFT samples nothing
+
+
 def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
