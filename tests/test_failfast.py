@@ -751,6 +751,38 @@ def test_the_vllm_backend_without_vllm_is_refused_before_the_start_models_evalua
     preflight.check(sft)  # SFT samples nothing
 
 
+def test_a_tracker_that_cannot_receive_the_metrics_is_refused_before_any_work(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate leaves out a tracker whose package is missing (a debug line): the run would log nowhere
+    but metrics.jsonl. W&B without an API key would stop at the first train stage: warned."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"logging.report_to": "wandb"}))
+    assert "logging.report_to=wandb, but wandb is not installed: accelerate would leave it out" in line
+    assert not list((tmp_path / "runs").glob("*/base"))
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "logging.report_to=wandb"])
+    with caplog.at_level("WARNING", logger="spaceft.preflight"):
+        preflight.check_tracker(cfg)
+        assert "no W&B API key is set" in caplog.text
+        caplog.clear()
+        (tmp_path / "no-netrc").write_text("machine api.wandb.ai login user password k3y\n")
+        preflight.check_tracker(cfg)  # `wandb login`'s entry
+        preflight.check_tracker(cfg, {"WANDB_MODE": "offline"})
+        preflight.check_tracker(cfg, {"WANDB_API_KEY": "k"})
+    assert caplog.text == ""
+    preflight.check_tracker(load_config("tiny", [f"output_dir={tmp_path}", "logging.report_to=tensorboard"]))
+
+
 def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
