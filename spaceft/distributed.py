@@ -134,7 +134,7 @@ def init_processes(timeout_s: int) -> PartialState:
     return state
 
 
-def check_launch(*, lora_rank: int) -> None:
+def check_launch(*, lora_rank: int, tensor_parallel: int = 1) -> None:
     """Refuse, before any work, launch settings that would not do what they say.
 
     * FSDP without GPUs: accelerate (1.15) applies FSDP only to GPU-type process groups; on CPU the
@@ -143,10 +143,23 @@ def check_launch(*, lora_rank: int) -> None:
       save, on the main process alone, so the saved model would be wrong (or the save would hang).
     * More processes on a node than it has visible GPUs: each process takes the GPU of its local rank, so
       the extra ones would die in CUDA's "invalid device ordinal" (or NCCL's duplicate-GPU error).
+    * `generation.tensor_parallel_size` (vLLM) that does not divide the processes, or, in one process,
+      exceeds the visible GPUs: the first generation would fail, after the start model's evaluation.
     """
     flag = os.environ.get
     local = int(flag("LOCAL_WORLD_SIZE", "1"))
+    world = int(flag("WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if tensor_parallel > 1 and world > 1 and world % tensor_parallel:
+        raise ValueError(
+            f"generation.tensor_parallel_size={tensor_parallel} must divide the {world} launched processes "
+            "(each group of that many consecutive processes shares one vLLM engine)"
+        )
+    if tensor_parallel > 1 and world == 1 and gpus and tensor_parallel > gpus:
+        raise ValueError(
+            f"generation.tensor_parallel_size={tensor_parallel} needs as many GPUs for its one vLLM engine, "
+            f"but {gpus} are visible (CUDA_VISIBLE_DEVICES={flag('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
     if local > 1 and not _accelerate_use_cpu() and gpus and local > gpus:
         raise ValueError(
             f"{local} processes were launched on this node but it has {gpus} visible "

@@ -239,7 +239,7 @@ def _start_model_hash(manifest: Manifest, start: str, commit: str | None) -> str
 def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True) -> Workspace:
     """Start the process group, resolve the model, load and tokenize the data, update the manifest
     (`trains`: whether this command may train, for the checks of what training needs)."""
-    check_launch(lora_rank=cfg.model.lora.r)
+    check_launch(lora_rank=cfg.model.lora.r, tensor_parallel=cfg.generation.tensor_parallel_size)
     state = init_processes(cfg.selfplay.distributed_timeout_s)
     check = partial(preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains)
     agree(state, attempt(check)[1], "checking the run")  # issue 9: fail before any work, on every process

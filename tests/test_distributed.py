@@ -294,6 +294,26 @@ def test_more_processes_than_gpus_on_a_node_is_refused_before_any_work(
     check_launch(lora_rank=0)
 
 
+def test_a_vllm_tensor_parallel_size_the_launch_cannot_hold_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found before the start model's evaluation, not at the first generation."""
+    from spaceft.distributed import check_launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 must divide the 6 launched processes"):
+        check_launch(lora_rank=0, tensor_parallel=4)
+    check_launch(lora_rank=0, tensor_parallel=2)  # three engines of two processes
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs as many GPUs .* but 2 are visible"):
+        check_launch(lora_rank=0, tensor_parallel=4)
+    check_launch(lora_rank=0, tensor_parallel=2)  # one engine over both GPUs
+
+
 def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_path: Path) -> None:
     """DeepSpeed steps inside backward: the message must not claim the weights were spared."""
     from accelerate import Accelerator
