@@ -52,7 +52,9 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 
-def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, trains: bool = True) -> None:
+def check(
+    cfg: RunConfig, *, force: bool = False, main_process: bool = True, trains: bool = True, processes: int = 1
+) -> None:
     """Every check of this module, in order; the run directory's lock is held from here on.
 
     Only the main process locks, cleans and repairs the run directory (under `accelerate launch`
@@ -70,6 +72,7 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
     left = untrained(cfg, manifest) if manifest is not None and trains else []
     if left:  # the main process decides for all (the caller's `agree`)
         check_precision(cfg, left)
+        check_batch_split(cfg, processes)
         if cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic and ungenerated(cfg, manifest):
             check_vllm()
         check_tracker(cfg)
@@ -92,6 +95,22 @@ def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
         t for t in range(cfg.selfplay.iterations)
         if stages.get(str(t), {}).get("train", {}).get("status") != "done"
     ]  # fmt: skip
+
+
+def check_batch_split(cfg: RunConfig, processes: int) -> None:
+    """Every process runs the same number of micro-batches (an idle one would hang the gradient
+    all-reduce), so each optimizer step is cut to a multiple of the processes (`train.step_slices`). A
+    global batch that is not one would leave the same share of every step out, unseen: with 3 processes
+    and a global batch of 4, 6 of 10 prompts per epoch were trained on. Refused."""
+    g = cfg.train.global_batch_size
+    if processes > 1 and g % processes:
+        lower, upper = g - g % processes, g - g % processes + processes
+        fits = f"{lower} or {upper}" if lower else str(upper)
+        raise ValueError(
+            f"train.global_batch_size={g} is not a multiple of the {processes} processes: every optimizer "
+            f"step would leave {g % processes} of its prompts out (each process must run as many "
+            f"micro-batches as the others); use {fits}"
+        )
 
 
 def ungenerated(cfg: RunConfig, manifest: Manifest) -> list[int]:

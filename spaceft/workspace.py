@@ -241,7 +241,10 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True) -> Work
     (`trains`: whether this command may train, for the checks of what training needs)."""
     check_launch(lora_rank=cfg.model.lora.r, tensor_parallel=cfg.generation.tensor_parallel_size)
     state = init_processes(cfg.selfplay.distributed_timeout_s)
-    check = partial(preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains)
+    check = partial(
+        preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains,
+        processes=state.num_processes,
+    )  # fmt: skip
     agree(state, attempt(check)[1], "checking the run")  # issue 9: fail before any work, on every process
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.main_process_first():  # one process converts the default model / writes the task data
