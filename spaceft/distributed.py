@@ -52,7 +52,7 @@ class ZeroSettings:
     """A DeepSpeed launch's ZeRO settings, as accelerate resolves them."""
 
     stage: int | None
-    """0–3; None where neither the DeepSpeed config file nor the launcher gives one."""
+    """0–3; None for a value DeepSpeed would not take."""
     offload: bool
     """Optimizer state or weights offloaded to the CPU or NVMe."""
     mixed: bool
@@ -60,17 +60,24 @@ class ZeroSettings:
 
 
 def zero_settings(env: Mapping[str, str] = os.environ) -> ZeroSettings | None:
-    """The ZeRO settings of a DeepSpeed launch (None without DeepSpeed). A DeepSpeed config file
-    (`deepspeed_config_file`, ACCELERATE_DEEPSPEED_CONFIG_FILE) wins over the launcher's variables where
-    it gives a value other than "auto", as accelerate fills it; a file that is not JSON is refused here,
-    naming its line, rather than in accelerate's Accelerator without its name."""
+    """The ZeRO settings of a DeepSpeed launch (None without DeepSpeed), resolved as accelerate (1.15)
+    and DeepSpeed resolve them. Without a DeepSpeed config file: the launcher's variables (stage 2 and no
+    offload by default). With one (`deepspeed_config_file`, ACCELERATE_DEEPSPEED_CONFIG_FILE): the file's
+    values; a value "auto" is filled from the launcher's variables, and a key the file leaves out takes
+    DeepSpeed's default (stage 0, no offload). bf16/fp16: a section the file leaves out, or an "auto"
+    `enabled`, follows the launcher's mixed precision (fp8 runs bf16); a section without `enabled` is
+    off. A file that is not JSON is refused here, naming its line (accelerate's own error names neither)."""
     if not launched_with_deepspeed(env):
         return None
-    stage: Any = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    devices: list[Any] = [env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE") for k in ("OPTIMIZER", "PARAM")]
-    mixed: Any = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
+    launcher = {
+        "stage": env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
+        "offload_optimizer": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"),
+        "offload_param": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"),
+    }
     path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if path != "none" and os.path.isfile(path):  # (accelerate also takes a base64 string: not read here)
+    ds: dict[str, Any] = {}
+    file = path != "none" and os.path.isfile(path)  # (accelerate also takes a base64 string: not read here)
+    if file:
         try:
             with open(path, encoding="utf-8") as f:
                 ds = json.load(f)
@@ -79,20 +86,25 @@ def zero_settings(env: Mapping[str, str] = os.environ) -> ZeroSettings | None:
                 f"{path}:{e.lineno}: the DeepSpeed config file (deepspeed_config_file) is not valid JSON: "
                 f"{e.msg}"
             ) from None
-        zero = ds.get("zero_optimization") or {}
-        given = lambda v: v is not None and v != "auto"  # noqa: E731
-        stage = zero["stage"] if given(zero.get("stage")) else stage
-        for i, key in enumerate(("offload_optimizer", "offload_param")):
-            device = (zero.get(key) or {}).get("device")
-            devices[i] = device if given(device) else devices[i]
-        enabled = [(ds.get(k) or {}).get("enabled") for k in ("bf16", "fp16")]
-        if True in enabled:
-            mixed = True
-        elif all(given(e) for e in enabled):  # both turned off
-            mixed = False
-    stage = int(stage) if str(stage) in ("0", "1", "2", "3") else None
-    offload = any(str(d).lower() not in ("none", "") for d in devices if d is not None)
-    return ZeroSettings(stage, offload, mixed)
+    zero = ds.get("zero_optimization") or {}
+    given = {
+        "stage": zero.get("stage", 0),
+        "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none"),
+        "offload_param": (zero.get("offload_param") or {}).get("device", "none"),
+    }
+    value = {k: launcher[k] if not file or given[k] == "auto" else given[k] for k in launcher}
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+
+    def enabled(dtype: str) -> bool:
+        section = ds.get(dtype)
+        on = section.get("enabled", False) if isinstance(section, dict) else "auto"
+        if on == "auto":
+            return precision == dtype or (dtype == "bf16" and precision == "fp8")
+        return str(on).lower() == "true"
+
+    stage = int(value["stage"]) if str(value["stage"]) in ("0", "1", "2", "3") else None
+    offload = any(str(value[k]).lower() not in ("none", "") for k in ("offload_optimizer", "offload_param"))
+    return ZeroSettings(stage, offload, enabled("bf16") or enabled("fp16"))
 
 
 def fsdp_shards(env: Mapping[str, str] = os.environ) -> int | None:
@@ -134,7 +146,7 @@ def init_processes(timeout_s: int) -> PartialState:
     return state
 
 
-def check_launch(*, lora_rank: int, tensor_parallel: int = 1) -> None:
+def check_launch(*, lora_rank: int) -> None:
     """Refuse, before any work, launch settings that would not do what they say.
 
     * FSDP without GPUs: accelerate (1.15) applies FSDP only to GPU-type process groups; on CPU the
@@ -143,23 +155,10 @@ def check_launch(*, lora_rank: int, tensor_parallel: int = 1) -> None:
       save, on the main process alone, so the saved model would be wrong (or the save would hang).
     * More processes on a node than it has visible GPUs: each process takes the GPU of its local rank, so
       the extra ones would die in CUDA's "invalid device ordinal" (or NCCL's duplicate-GPU error).
-    * `generation.tensor_parallel_size` (vLLM) that does not divide the processes, or, in one process,
-      exceeds the visible GPUs: the first generation would fail, after the start model's evaluation.
     """
     flag = os.environ.get
     local = int(flag("LOCAL_WORLD_SIZE", "1"))
-    world = int(flag("WORLD_SIZE", "1"))
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if tensor_parallel > 1 and world > 1 and world % tensor_parallel:
-        raise ValueError(
-            f"generation.tensor_parallel_size={tensor_parallel} must divide the {world} launched processes "
-            "(each group of that many consecutive processes shares one vLLM engine)"
-        )
-    if tensor_parallel > 1 and world == 1 and gpus and tensor_parallel > gpus:
-        raise ValueError(
-            f"generation.tensor_parallel_size={tensor_parallel} needs as many GPUs for its one vLLM engine, "
-            f"but {gpus} are visible (CUDA_VISIBLE_DEVICES={flag('CUDA_VISIBLE_DEVICES', 'unset')})"
-        )
     if local > 1 and not _accelerate_use_cpu() and gpus and local > gpus:
         raise ValueError(
             f"{local} processes were launched on this node but it has {gpus} visible "

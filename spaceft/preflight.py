@@ -23,6 +23,7 @@ import errno
 import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -53,7 +54,13 @@ DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 
 def check(
-    cfg: RunConfig, *, force: bool = False, main_process: bool = True, trains: bool = True, processes: int = 1
+    cfg: RunConfig,
+    *,
+    force: bool = False,
+    main_process: bool = True,
+    trains: bool = True,
+    generates: bool = True,
+    processes: int = 1,
 ) -> None:
     """Every check of this module, in order; the run directory's lock is held from here on.
 
@@ -73,9 +80,11 @@ def check(
     if left:  # the main process decides for all (the caller's `agree`)
         check_precision(cfg, left)
         check_batch_split(cfg, processes)
-        if cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic and ungenerated(cfg, manifest):
-            check_vllm()
         check_tracker(cfg)
+    vllm = cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic
+    if vllm and manifest is not None and generates and ungenerated(cfg, manifest):
+        check_vllm()
+        check_tensor_parallel(cfg.generation.tensor_parallel_size, processes)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     if cfg.eval.enabled and cfg.eval.lm_eval_tasks:
@@ -104,7 +113,8 @@ def check_batch_split(cfg: RunConfig, processes: int) -> None:
     and a global batch of 4, 6 of 10 prompts per epoch were trained on. Refused."""
     g = cfg.train.global_batch_size
     if processes > 1 and g % processes:
-        lower, upper = g - g % processes, g - g % processes + processes
+        step = math.lcm(processes, cfg.train.micro_batch_size)  # (also a multiple of the micro-batch)
+        lower, upper = g - g % step, g - g % step + step
         fits = f"{lower} or {upper}" if lower else str(upper)
         raise ValueError(
             f"train.global_batch_size={g} is not a multiple of the {processes} processes: every optimizer "
@@ -162,6 +172,24 @@ def check_tracker(cfg: RunConfig, env: Any = os.environ) -> None:
         log.warning("logging.report_to=wandb, but no W&B API key is set (WANDB_API_KEY, or `wandb login`'s "
                     "netrc entry): without a terminal the first train stage will stop; set one, or "
                     "WANDB_MODE=offline")  # fmt: skip
+
+
+def check_tensor_parallel(size: int, processes: int) -> None:
+    """A vLLM `tensor_parallel_size` the launch cannot hold: each `size` consecutive processes share one
+    engine (so `size` divides them), and one process spreads its engine over `size` visible GPUs."""
+    if size > 1 and processes > 1 and processes % size:
+        raise ValueError(
+            f"generation.tensor_parallel_size={size} must divide the {processes} launched processes "
+            "(each group of that many consecutive processes shares one vLLM engine)"
+        )
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if size > 1 and processes == 1 and gpus and size > gpus:
+        raise ValueError(
+            f"generation.tensor_parallel_size={size} needs as many GPUs for its one vLLM engine, but {gpus} "
+            f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
 
 
 # ------------------------------------------------------------------------------------ precision

@@ -254,6 +254,28 @@ def test_a_deepspeed_config_file_is_read_for_its_zero_stage(
     assert zero_settings().mixed  # the launcher's precision, where the file gives none
     ds.write_text(json.dumps({"bf16": {"enabled": False}, "fp16": {"enabled": False}}))
     assert not zero_settings().mixed
+    # accelerate's rules for what the file leaves out (its DeepSpeedPlugin and set_mixed_precision)
+    for bf16, precision, mixed in (
+        ({"enabled": False}, "bf16", False),  # the file's word, whatever the launcher says
+        ({}, "bf16", False),  # a section without `enabled`: DeepSpeed's default, off
+        ({"enabled": "auto"}, "bf16", True),
+        (None, "fp8", True),  # fp8 runs bf16 under DeepSpeed
+        (None, "no", False),
+    ):
+        section = {"bf16": bf16} if bf16 is not None else {}
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+        assert zero_settings().mixed is mixed, (bf16, precision)
+    ds.write_text(json.dumps({"zero_optimization": {}}))  # a stage the file leaves out: DeepSpeed's 0
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert (zero_settings().stage, zero_settings().offload) == (0, False)
+    check_launch(lora_rank=8)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    assert (zero_settings().stage, zero_settings().offload) == (3, True)  # without a file: the launcher's
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    assert zero_settings().stage == 2  # accelerate's default
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
     ds.write_text('{\n  "zero_optimization": {"stage": 3},\n  "bf16": {"enabled": true,}\n}\n')
     named = rf"^{re.escape(str(ds))}:3: the DeepSpeed config file .* not valid JSON"
     with pytest.raises(ValueError, match=named):
@@ -293,25 +315,6 @@ def test_more_processes_than_gpus_on_a_node_is_refused_before_any_work(
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     check_launch(lora_rank=0)
 
-
-def test_a_vllm_tensor_parallel_size_the_launch_cannot_hold_is_refused(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Found before the start model's evaluation, not at the first generation."""
-    from spaceft.distributed import check_launch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("WORLD_SIZE", "6")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 must divide the 6 launched processes"):
-        check_launch(lora_rank=0, tensor_parallel=4)
-    check_launch(lora_rank=0, tensor_parallel=2)  # three engines of two processes
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs as many GPUs .* but 2 are visible"):
-        check_launch(lora_rank=0, tensor_parallel=4)
-    check_launch(lora_rank=0, tensor_parallel=2)  # one engine over both GPUs
 
 
 def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_path: Path) -> None:

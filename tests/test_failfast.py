@@ -280,7 +280,7 @@ def test_a_training_that_cannot_fit_on_its_gpu_stops_before_any_work(
     assert preflight.training_memory(bf16, p, z2)[0] == int((2 + 2 / 8 + 8 / 8) * p)
     z0 = {**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0", "ACCELERATE_MIXED_PRECISION": "no"}
     assert preflight.training_memory(bf16, p, z0)[0] == (2 + 2 + 2) * p  # the torch optimizer: bf16 moment
-    assert preflight.training_memory(bf16, p, ds) is None  # the stage is in a DeepSpeed file: not known
+    assert preflight.training_memory(bf16, p, ds) == preflight.training_memory(bf16, p, z2)  # accelerate's 2
     off = {**z3, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     assert preflight.training_memory(bf16, p, off) is None
     # a DeepSpeed config file gives the stage (the launcher's variables then do not)
@@ -749,6 +749,22 @@ def test_the_vllm_backend_without_vllm_is_refused_before_the_start_models_evalua
     assert preflight.ungenerated(cfg, manifest) == [1, 2]  # checked only while some generation is left
     sft = load_config("tiny", [f"output_dir={tmp_path / 's'}", "generation.backend=vllm", "train.loss=sft"])
     preflight.check(sft)  # SFT samples nothing
+    vllm = [f"output_dir={tmp_path / 't'}", "generation.backend=vllm"]
+    preflight.check(load_config("tiny", vllm), generates=False)  # `spaceft train` on a box without vLLM
+    # a tensor-parallel size the launch cannot hold, found with it (the first generation used to)
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+    tp4 = load_config("tiny", [*vllm, "generation.tensor_parallel_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 must divide the 6 launched processes"):
+        preflight.check(tp4, processes=6)
+    preflight.check(tp4, processes=12)  # three engines of four processes
+    preflight.check(tp4, processes=6, generates=False)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs as many GPUs .* but 2 are visible"):
+        preflight.check_tensor_parallel(4, 1)
+    preflight.check_tensor_parallel(2, 1)  # one engine over both GPUs
 
 
 def test_a_tracker_that_cannot_receive_the_metrics_is_refused_before_any_work(
@@ -798,6 +814,9 @@ def test_a_global_batch_the_processes_cannot_share_is_refused_before_any_work(tm
     with pytest.raises(ValueError, match=r"global_batch_size=2 .* 3 processes: .* leave 2 .* use 3$"):
         preflight.check(run(2, "b"), processes=3)
     preflight.check(run(6, "c"), processes=3)
+    paper = load_config("paper_space", [f"output_dir={tmp_path}", "name=f"])  # 64 in micro-batches of 4
+    with pytest.raises(ValueError, match=r"global_batch_size=64 .* 6 processes: .* leave 4 .* use 60 or 72$"):
+        preflight.check_batch_split(paper, 6)
     preflight.check(run(4, "d"), processes=1)
     preflight.check(run(4, "e"), processes=3, trains=False)  # `spaceft eval` trains nothing
     epoch = train_mod.step_slices(10, run(6, "c"), 0, world=3)[:2]  # steps of 6 and of 4 cut to 3
