@@ -82,7 +82,7 @@ def check(
         check_batch_split(cfg, processes)
         check_tracker(cfg)
     vllm = cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic
-    if vllm and manifest is not None and generates and ungenerated(cfg, manifest):
+    if vllm and manifest is not None and generates and unfinished(cfg, manifest, "generate"):
         check_vllm()
         check_tensor_parallel(cfg.generation.tensor_parallel_size, processes)
     for key in ("train", "eval"):
@@ -97,13 +97,18 @@ def check(
             check_gpu_memory(cfg, model_dir)
 
 
-def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
-    """The iterations whose train stage has not finished."""
+def unfinished(cfg: RunConfig, manifest: Manifest, stage: str) -> list[int]:
+    """The iterations whose `stage` has not finished."""
     stages = manifest.data["iterations"]
     return [
         t for t in range(cfg.selfplay.iterations)
-        if stages.get(str(t), {}).get("train", {}).get("status") != "done"
+        if stages.get(str(t), {}).get(stage, {}).get("status") != "done"
     ]  # fmt: skip
+
+
+def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
+    """The iterations whose train stage has not finished."""
+    return unfinished(cfg, manifest, "train")
 
 
 def check_batch_split(cfg: RunConfig, processes: int) -> None:
@@ -121,15 +126,6 @@ def check_batch_split(cfg: RunConfig, processes: int) -> None:
             f"step would leave {g % processes} of its prompts out (each process must run as many "
             f"micro-batches as the others); use {fits}"
         )
-
-
-def ungenerated(cfg: RunConfig, manifest: Manifest) -> list[int]:
-    """The iterations whose generate stage has not finished."""
-    stages = manifest.data["iterations"]
-    return [
-        t for t in range(cfg.selfplay.iterations)
-        if stages.get(str(t), {}).get("generate", {}).get("status") != "done"
-    ]  # fmt: skip
 
 
 def check_vllm() -> None:

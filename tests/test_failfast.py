@@ -746,7 +746,7 @@ def test_the_vllm_backend_without_vllm_is_refused_before_the_start_models_evalua
     assert not list((tmp_path / "runs").glob("*/base")) and not list((tmp_path / "runs").glob("*/iter_*"))
     cfg = load_config("tiny", [f"output_dir={tmp_path}", "generation.backend=vllm", "selfplay.iterations=3"])
     manifest = SimpleNamespace(data={"iterations": {"0": {"generate": {"status": "done"}}}})
-    assert preflight.ungenerated(cfg, manifest) == [1, 2]  # checked only while some generation is left
+    assert preflight.unfinished(cfg, manifest, "generate") == [1, 2]  # checked while generation is left
     sft = load_config("tiny", [f"output_dir={tmp_path / 's'}", "generation.backend=vllm", "train.loss=sft"])
     preflight.check(sft)  # SFT samples nothing
     vllm = [f"output_dir={tmp_path / 't'}", "generation.backend=vllm"]
