@@ -112,7 +112,8 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     assert grid.state["runs"]["space-N4-s0"]["invocations"] == 1
     assert grid.state["runs"]["space-N4-s0"]["cpu_s"] == 0.5
     md = (out / "results.md").read_text()
-    assert "### Q2" in md and "| space-N4 | 1 |" in md and "sft-matched-N4" in md
+    assert "### Q2: SPACE on N = 4 against SFT on N, on N with SPACE's compute and on 4N\n" in md
+    assert "| space-N4 | 1 |" in md and "sft-matched-N4" in md
     assert (out / "results.png").stat().st_size > 0
     assert "| space-N4 | 1 |" in md.split("### Cost per run")[1]
     assert "## Diagnostics per iteration" in (out / "space-N4-s0" / "report.md").read_text()
