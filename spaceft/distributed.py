@@ -86,6 +86,8 @@ def zero_settings(env: Mapping[str, str] = os.environ) -> ZeroSettings | None:
                 f"{path}:{e.lineno}: the DeepSpeed config file (deepspeed_config_file) is not valid JSON: "
                 f"{e.msg}"
             ) from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{path}: the DeepSpeed config file (deepspeed_config_file) must hold an object")
     zero = ds.get("zero_optimization") or {}
     given = {
         "stage": zero.get("stage", 0),

@@ -303,8 +303,8 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
     """Bytes per process that training holds whatever its batch size: the weights, their gradients and
     the optimizer state, as the launch shards them (the environment `accelerate launch` or `torchrun`
     sets), and how they add up. Activations, the CUDA context and the allocator's slack come on top, so
-    this is a lower bound. None where the launch offloads to the CPU, or its ZeRO stage is given neither by
-    the launcher nor by its DeepSpeed config file."""
+    this is a lower bound. None where the launch offloads to the CPU, or names a ZeRO stage DeepSpeed would
+    not take."""
     from spaceft.batching import BYTES
 
     world = max(1, int(env.get("WORLD_SIZE", "1")))

@@ -280,6 +280,9 @@ def test_a_deepspeed_config_file_is_read_for_its_zero_stage(
     named = rf"^{re.escape(str(ds))}:3: the DeepSpeed config file .* not valid JSON"
     with pytest.raises(ValueError, match=named):
         check_launch(lora_rank=8)
+    ds.write_text("[]")
+    with pytest.raises(ValueError, match=r"ds\.json: the DeepSpeed config file .* must hold an object"):
+        zero_settings()
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     assert zero_settings() is None  # the file is not read without DeepSpeed
 
