@@ -343,12 +343,16 @@ def write_results(out: Path, state: dict[str, Any], iterations: int) -> None:
     ]
     md += ["### Q1: does SPACE improve steadily while the margin methods peak and degrade?", ""]
     md += trajectory_tables(g, methods, n0, iterations)
-    for n in sizes:
-        rows = [f"space-N{n}", f"sft-N{n}", f"sft-matched-N{n}", f"sft-4N-N{n}"]
-        md += [f"### Q2: SPACE on N = {n} against SFT on N, on N with SPACE's compute, and on 4N", ""]
-        md += comparison_table(
-            out, state, g, [r for r in rows if r in g or n == n0], f"space-N{n}", iterations
-        )
+    for n in sizes[1:]:  # the further sizes' own trajectories (SPACE, SFT and SFT on 4N run there)
+        md += trajectory_tables(g, [m for m in ("sft", "sft-4N", "space") if f"{m}-N{n}" in g], n, iterations)
+    for n in sizes:  # (the first size's table lists every row, finished or not; the others what ran)
+        named = {f"sft-N{n}": "SFT on N", f"sft-matched-N{n}": "on N with SPACE's compute"}
+        named[f"sft-4N-N{n}"] = "on 4N"
+        rows = [f"space-N{n}", *(r for r in named if r in g or n == n0)]
+        parts = [named[r] for r in rows[1:]] or ["SFT"]
+        title = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+        md += [f"### Q2: SPACE on N = {n} against {title}", ""]
+        md += comparison_table(out, state, g, rows, f"space-N{n}", iterations)
     md += ["### Q3: μ = K = 3 against μ = 1 (gain and cost)", ""]
     md += comparison_table(out, state, g, [f"space-N{n0}", f"space-mu3-N{n0}"], f"space-N{n0}", iterations)
     md += ["### Q4: fresh samples every iteration against reusing iteration 0's", ""]
@@ -356,6 +360,7 @@ def write_results(out: Path, state: dict[str, Any], iterations: int) -> None:
     labels = [f"{m}-N{n0}" for m in methods] + [
         f"{q}-N{n0}" for q in ("sft-matched", "sft-4N", "space-mu3", "space-reuse")
     ]
+    labels += [f"{m}-N{n}" for n in sizes[1:] for m in ("sft", "sft-4N", "space") if f"{m}-N{n}" in g]
     md += ["### Diagnostics per iteration (mean over seeds [lowest seed, highest seed])", ""]
     md += diagnostics_tables(g, labels, iterations)
     md += ["### Cost per run", "", *cost_table(out, state, g)]

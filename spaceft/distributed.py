@@ -16,9 +16,11 @@ parallel through Accelerate. Two rules keep a multi-process run from hanging:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -43,6 +45,92 @@ def _accelerate_use_cpu() -> bool:
 def launched_with_deepspeed(env: Mapping[str, str] = os.environ) -> bool:
     """Whether the launcher asked for DeepSpeed (accelerate's ACCELERATE_USE_DEEPSPEED)."""
     return env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """A DeepSpeed launch's ZeRO settings, as accelerate resolves them."""
+
+    stage: int | None
+    """0–3; None for a value DeepSpeed would not take."""
+    offload: bool
+    """Optimizer state or weights offloaded to the CPU or NVMe."""
+    mixed: bool
+    """DeepSpeed's bf16 or fp16 engine (16-bit weights with float32 masters)."""
+
+
+def zero_settings(env: Mapping[str, str] = os.environ) -> ZeroSettings | None:
+    """The ZeRO settings of a DeepSpeed launch (None without DeepSpeed), resolved as accelerate (1.15)
+    and DeepSpeed resolve them. Without a DeepSpeed config file: the launcher's variables (stage 2 and no
+    offload by default). With one (`deepspeed_config_file`, ACCELERATE_DEEPSPEED_CONFIG_FILE): the file's
+    values; a value "auto" is filled from the launcher's variables, and a key the file leaves out takes
+    DeepSpeed's default (stage 0, no offload). bf16/fp16: a section the file leaves out, or an "auto"
+    `enabled`, follows the launcher's mixed precision (fp8 runs bf16); a section without `enabled` is
+    off. A file that is not JSON is refused here, naming its line (accelerate's own error names neither)."""
+    if not launched_with_deepspeed(env):
+        return None
+    launcher = {
+        "stage": env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"),
+        "offload_optimizer": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none"),
+        "offload_param": env.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none"),
+    }
+    path = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    ds: dict[str, Any] = {}
+    file = path != "none" and os.path.isfile(path)  # (accelerate also takes a base64 string: not read here)
+    if file:
+        try:
+            with open(path, encoding="utf-8") as f:
+                ds = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{e.lineno}: the DeepSpeed config file (deepspeed_config_file) is not valid JSON: "
+                f"{e.msg}"
+            ) from None
+        if not isinstance(ds, dict):
+            raise ValueError(f"{path}: the DeepSpeed config file (deepspeed_config_file) must hold an object")
+    zero = ds.get("zero_optimization") or {}
+    given = {
+        "stage": zero.get("stage", 0),
+        "offload_optimizer": (zero.get("offload_optimizer") or {}).get("device", "none"),
+        "offload_param": (zero.get("offload_param") or {}).get("device", "none"),
+    }
+    value = {k: launcher[k] if not file or given[k] == "auto" else given[k] for k in launcher}
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+
+    def enabled(dtype: str) -> bool:
+        section = ds.get(dtype)
+        on = section.get("enabled", False) if isinstance(section, dict) else "auto"
+        if on == "auto":
+            return precision == dtype or (dtype == "bf16" and precision == "fp8")
+        return str(on).lower() == "true"
+
+    stage = int(value["stage"]) if str(value["stage"]) in ("0", "1", "2", "3") else None
+    offload = any(str(value[k]).lower() not in ("none", "") for k in ("offload_optimizer", "offload_param"))
+    return ZeroSettings(stage, offload, enabled("bf16") or enabled("fp16"))
+
+
+def fsdp_shards(env: Mapping[str, str] = os.environ) -> int | None:
+    """Over how many processes an FSDP launch splits each parameter, its gradient and optimizer state at
+    rest (None without FSDP): all of them for full and gradient/optimizer sharding, the processes of one
+    node for FSDP1's hybrid strategies, one for NO_SHARD; FSDP2 shards over all processes but the
+    replicas of a hybrid (`parallelism_config_dp_replicate_size`) mesh."""
+    if env.get("ACCELERATE_USE_FSDP", "").lower() != "true":
+        return None
+    world = max(1, int(env.get("WORLD_SIZE", "1")))
+    if env.get("FSDP_VERSION", "1") == "2":
+        replicas = env.get("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1")
+        use = env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "").lower() == "true"
+        return max(1, world // int(replicas)) if use and replicas.isdigit() and int(replicas) > 0 else world
+    strategy = env.get("FSDP_SHARDING_STRATEGY") or "None"
+    if strategy == "None":  # accelerate's FSDP1 fallback
+        strategy = env.get("FSDP_RESHARD_AFTER_FORWARD") or "FULL_SHARD"
+    names = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
+    name = names[int(strategy) - 1] if strategy.isdigit() and 0 < int(strategy) <= 5 else strategy.upper()
+    if name == "NO_SHARD":
+        return 1
+    if name.startswith("HYBRID"):
+        return max(1, min(world, int(env.get("LOCAL_WORLD_SIZE", str(world)))))
+    return world
 
 
 def init_processes(timeout_s: int) -> PartialState:
@@ -91,8 +179,9 @@ def check_launch(*, lora_rank: int) -> None:
             "would wait on it forever (FSDP2). Use DDP for LoRA (the frozen base is not trained, so sharding "
             "saves little), DeepSpeed ZeRO-2, or model.lora.r=0"
         )
-    if lora_rank and launched_with_deepspeed():
-        if flag("ACCELERATE_DEEPSPEED_ZERO_STAGE", "") == "3":
+    zero = zero_settings()
+    if lora_rank and zero is not None:
+        if zero.stage == 3:
             raise ValueError(
                 "model.lora.r > 0 with DeepSpeed ZeRO-3 is not supported (the adapter cannot be merged into "
                 "partitioned weights on save): use ZeRO-2 (zero_stage: 2) or DDP for LoRA, or model.lora.r=0"

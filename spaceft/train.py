@@ -134,7 +134,8 @@ def step_slices(n: int, cfg: RunConfig, iteration: int, world: int = 1) -> list[
 
     With several processes every step is cut to a multiple of `world` prompts, so each rank runs the
     same number of micro-batches (an idle rank would deadlock DDP's all-reduce or FSDP's gathers);
-    the few prompts cut from an epoch's last step differ from epoch to epoch.
+    preflight refuses a global batch that is not such a multiple, so only an epoch's last step is cut,
+    by fewer prompts than processes, and the prompts cut differ from epoch to epoch.
     """
     gbs = min(cfg.train.global_batch_size, n)
     steps = []

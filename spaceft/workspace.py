@@ -236,12 +236,16 @@ def _start_model_hash(manifest: Manifest, start: str, commit: str | None) -> str
     return file_hash(path)
 
 
-def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True) -> Workspace:
+def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generates: bool = True) -> Workspace:
     """Start the process group, resolve the model, load and tokenize the data, update the manifest
-    (`trains`: whether this command may train, for the checks of what training needs)."""
+    (`trains`, `generates`: whether this command may train or generate, for the checks of what those
+    need)."""
     check_launch(lora_rank=cfg.model.lora.r)
     state = init_processes(cfg.selfplay.distributed_timeout_s)
-    check = partial(preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains)
+    check = partial(
+        preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains,
+        generates=generates, processes=state.num_processes,
+    )  # fmt: skip
     agree(state, attempt(check)[1], "checking the run")  # issue 9: fail before any work, on every process
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.main_process_first():  # one process converts the default model / writes the task data

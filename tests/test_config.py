@@ -67,6 +67,15 @@ def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:
     assert message in str(err.value)
 
 
+def test_a_recipe_that_is_not_yaml_is_named_with_its_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  name: x\n train:\n  lr: 1e-5\n")  # train: indented by one space
+    with pytest.raises(ValueError) as err:
+        load_config(bad)
+    problem = "expected <block end>, but found '<block mapping start>'"
+    assert str(err.value) == f"{bad}:3:2: not valid YAML: {problem}"
+
+
 def test_train_data_is_required() -> None:
     with pytest.raises(ValueError, match=r"data\.train is required"):
         config_from_dict({})

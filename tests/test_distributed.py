@@ -4,7 +4,9 @@ parts, and `agree` across two gloo processes."""
 from __future__ import annotations
 
 import gc
+import json
 import os
+import re
 import socket
 import weakref
 from pathlib import Path
@@ -226,6 +228,65 @@ def test_launch_settings_that_would_not_do_what_they_say_are_refused(
         check_launch(lora_rank=lora)
 
 
+def test_a_deepspeed_config_file_is_read_for_its_zero_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`deepspeed_config_file` launches set no ACCELERATE_DEEPSPEED_ZERO_STAGE: the stage in the file is what
+    DeepSpeed runs, so LoRA under a file's ZeRO-3 is refused as under the launcher's; "auto" defers to the
+    launcher, as accelerate fills it; a file that is not JSON is named with its line."""
+    from spaceft.distributed import check_launch, zero_settings
+
+    ds = tmp_path / "ds.json"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}))
+    with pytest.raises(ValueError, match="with DeepSpeed ZeRO-3"):
+        check_launch(lora_rank=8)
+    launcher_says_2 = {**os.environ, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}
+    assert zero_settings() == zero_settings(launcher_says_2)  # the file wins
+    assert zero_settings().mixed and not zero_settings().offload
+    auto = {"zero_optimization": {"stage": "auto", "offload_optimizer": {"device": "cpu"}}}
+    ds.write_text(json.dumps(auto))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    check_launch(lora_rank=8)
+    assert zero_settings().stage == 2 and zero_settings().offload and not zero_settings().mixed
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert zero_settings().mixed  # the launcher's precision, where the file gives none
+    ds.write_text(json.dumps({"bf16": {"enabled": False}, "fp16": {"enabled": False}}))
+    assert not zero_settings().mixed
+    # accelerate's rules for what the file leaves out (its DeepSpeedPlugin and set_mixed_precision)
+    for bf16, precision, mixed in (
+        ({"enabled": False}, "bf16", False),  # the file's word, whatever the launcher says
+        ({}, "bf16", False),  # a section without `enabled`: DeepSpeed's default, off
+        ({"enabled": "auto"}, "bf16", True),
+        (None, "fp8", True),  # fp8 runs bf16 under DeepSpeed
+        (None, "no", False),
+    ):
+        section = {"bf16": bf16} if bf16 is not None else {}
+        ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, **section}))
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", precision)
+        assert zero_settings().mixed is mixed, (bf16, precision)
+    ds.write_text(json.dumps({"zero_optimization": {}}))  # a stage the file leaves out: DeepSpeed's 0
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    assert (zero_settings().stage, zero_settings().offload) == (0, False)
+    check_launch(lora_rank=8)
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    assert (zero_settings().stage, zero_settings().offload) == (3, True)  # without a file: the launcher's
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    assert zero_settings().stage == 2  # accelerate's default
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    ds.write_text('{\n  "zero_optimization": {"stage": 3},\n  "bf16": {"enabled": true,}\n}\n')
+    named = rf"^{re.escape(str(ds))}:3: the DeepSpeed config file .* not valid JSON"
+    with pytest.raises(ValueError, match=named):
+        check_launch(lora_rank=8)
+    ds.write_text("[]")
+    with pytest.raises(ValueError, match=r"ds\.json: the DeepSpeed config file .* must hold an object"):
+        zero_settings()
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    assert zero_settings() is None  # the file is not read without DeepSpeed
+
+
 def test_lora_under_fsdp_is_refused_on_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saving would merge the adapter into sharded weights on the main process alone."""
     from spaceft.distributed import check_launch
@@ -256,6 +317,7 @@ def test_more_processes_than_gpus_on_a_node_is_refused_before_any_work(
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     check_launch(lora_rank=0)
+
 
 
 def test_a_non_finite_gradient_under_deepspeed_says_the_step_was_applied(tmp_path: Path) -> None:

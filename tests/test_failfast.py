@@ -280,9 +280,27 @@ def test_a_training_that_cannot_fit_on_its_gpu_stops_before_any_work(
     assert preflight.training_memory(bf16, p, z2)[0] == int((2 + 2 / 8 + 8 / 8) * p)
     z0 = {**ds, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "0", "ACCELERATE_MIXED_PRECISION": "no"}
     assert preflight.training_memory(bf16, p, z0)[0] == (2 + 2 + 2) * p  # the torch optimizer: bf16 moment
-    assert preflight.training_memory(bf16, p, ds) is None  # the stage is in a DeepSpeed file: not known
+    assert preflight.training_memory(bf16, p, ds) == preflight.training_memory(bf16, p, z2)  # accelerate's 2
     off = {**z3, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}
     assert preflight.training_memory(bf16, p, off) is None
+    # a DeepSpeed config file gives the stage (the launcher's variables then do not)
+    file = tmp_path / "ds.json"
+    file.write_text(json.dumps({"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}))
+    ds_file = {**ds, "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(file), "ACCELERATE_MIXED_PRECISION": "no"}
+    # bf16 from the file: 2-byte weights, their gradients over 8, masters and AdamW's moments over 8
+    assert preflight.training_memory(fp32, p, ds_file)[0] == int((2 + 2 / 8 + 12 / 8) * p)
+    # FSDP1's strategies: hybrid shards within a node, NO_SHARD not at all; FSDP2's hybrid mesh replicates
+    nodes = {**fsdp, "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "16"}
+    def fsdp_bytes(**env: str) -> int:
+        return preflight.training_memory(fp32, p, {**nodes, **env})[0]
+
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="HYBRID_SHARD") == 4 * p  # within a node of 4
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="4") == 4 * p  # (the same, by number)
+    assert fsdp_bytes(FSDP_SHARDING_STRATEGY="SHARD_GRAD_OP") == p
+    assert fsdp_bytes(FSDP_RESHARD_AFTER_FORWARD="NO_SHARD") == 16 * p  # accelerate's FSDP1 fallback
+    hsdp = {"FSDP_VERSION": "2", "ACCELERATE_USE_PARALLELISM_CONFIG": "true"}
+    assert fsdp_bytes(**hsdp, PARALLELISM_CONFIG_DP_REPLICATE_SIZE="2") == 2 * p
+    assert fsdp_bytes(**hsdp, FSDP_SHARDING_STRATEGY="NO_SHARD") == p  # FSDP1's strategy: not FSDP2's
     lora = load_config("tiny", [f"output_dir={tmp_path}", "model.lora.r=8", "model.dtype=bfloat16"])
     assert preflight.training_memory(lora, p, {"WORLD_SIZE": "8"})[0] == 2 * p
     monkeypatch.setattr(preflight, "weight_count", lambda d: p)
@@ -714,6 +732,97 @@ def test_config_is_printed_only_with_verbose(
     assert "# resolved config:\nname: tiny-space" in capsys.readouterr().out
 
 
+def test_the_vllm_backend_without_vllm_is_refused_before_the_start_models_evaluation(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """paper_space samples with vLLM, and its first generation comes after an hour of lm-eval on the start
+    model: a missing or broken vLLM is found in preflight instead."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` fails, installed or not
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"generation.backend": "vllm"}))
+    assert "generation.backend=vllm, but vLLM cannot be imported (ModuleNotFoundError" in line
+    assert "or set generation.backend=hf" in line
+    assert not list((tmp_path / "runs").glob("*/base")) and not list((tmp_path / "runs").glob("*/iter_*"))
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "generation.backend=vllm", "selfplay.iterations=3"])
+    manifest = SimpleNamespace(data={"iterations": {"0": {"generate": {"status": "done"}}}})
+    assert preflight.unfinished(cfg, manifest, "generate") == [1, 2]  # checked while generation is left
+    sft = load_config("tiny", [f"output_dir={tmp_path / 's'}", "generation.backend=vllm", "train.loss=sft"])
+    preflight.check(sft)  # SFT samples nothing
+    vllm = [f"output_dir={tmp_path / 't'}", "generation.backend=vllm"]
+    preflight.check(load_config("tiny", vllm), generates=False)  # `spaceft train` on a box without vLLM
+    # a tensor-parallel size the launch cannot hold, found with it (the first generation used to)
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+    tp4 = load_config("tiny", [*vllm, "generation.tensor_parallel_size=4", "train.global_batch_size=12"])
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 must divide the 6 launched processes"):
+        preflight.check(tp4, processes=6)
+    preflight.check(tp4, processes=12)  # three engines of four processes
+    preflight.check(tp4, processes=6, generates=False)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=4 needs as many GPUs .* but 2 are visible"):
+        preflight.check_tensor_parallel(4, 1)
+    preflight.check_tensor_parallel(2, 1)  # one engine over both GPUs
+
+
+def test_a_tracker_that_cannot_receive_the_metrics_is_refused_before_any_work(
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """accelerate leaves out a tracker whose package is missing (a debug line): the run would log nowhere
+    but metrics.jsonl. W&B without an API key would stop at the first train stage: warned."""
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: False)
+    line = _fail(capsys, _run_argv(tmp_path, tiny_model_dir, **{"logging.report_to": "wandb"}))
+    assert "logging.report_to=wandb, but wandb is not installed: accelerate would leave it out" in line
+    assert not list((tmp_path / "runs").glob("*/base"))
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config("tiny", [f"output_dir={tmp_path}", "logging.report_to=wandb"])
+    with caplog.at_level("WARNING", logger="spaceft.preflight"):
+        preflight.check_tracker(cfg)
+        assert "no W&B API key is set" in caplog.text
+        caplog.clear()
+        (tmp_path / "no-netrc").write_text("machine api.wandb.ai login user password k3y\n")
+        preflight.check_tracker(cfg)  # `wandb login`'s entry
+        preflight.check_tracker(cfg, {"WANDB_MODE": "offline"})
+        preflight.check_tracker(cfg, {"WANDB_API_KEY": "k"})
+    assert caplog.text == ""
+    preflight.check_tracker(load_config("tiny", [f"output_dir={tmp_path}", "logging.report_to=tensorboard"]))
+
+
+def test_a_global_batch_the_processes_cannot_share_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Each step is cut to a multiple of the processes: with 3 and a global batch of 4, one prompt of every
+    step went untrained (6 of 10 per epoch, `test_steps_are_cut_to_a_multiple_of_the_world_size`)."""
+    from spaceft import train as train_mod
+
+    def run(g: int, name: str):
+        over = [f"output_dir={tmp_path}", f"name={name}", f"train.global_batch_size={g}"]
+        return load_config("tiny", [*over, "train.micro_batch_size=1"])
+
+    left_out = r"global_batch_size=4 is not a multiple of the 3 processes: every optimizer step would "
+    with pytest.raises(ValueError, match=left_out + r"leave 1 of its prompts out .* use 3 or 6"):
+        preflight.check(run(4, "a"), processes=3)
+    with pytest.raises(ValueError, match=r"global_batch_size=2 .* 3 processes: .* leave 2 .* use 3$"):
+        preflight.check(run(2, "b"), processes=3)
+    preflight.check(run(6, "c"), processes=3)
+    paper = load_config("paper_space", [f"output_dir={tmp_path}", "name=f"])  # 64 in micro-batches of 4
+    with pytest.raises(ValueError, match=r"global_batch_size=64 .* 6 processes: .* leave 4 .* use 60 or 72$"):
+        preflight.check_batch_split(paper, 6)
+    preflight.check(run(4, "d"), processes=1)
+    preflight.check(run(4, "e"), processes=3, trains=False)  # `spaceft eval` trains nothing
+    epoch = train_mod.step_slices(10, run(6, "c"), 0, world=3)[:2]  # steps of 6 and of 4 cut to 3
+    assert len({i for s in epoch for i in s}) == 9  # only the epoch's tail loses prompts: fewer than 3
+
+
 def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_any_work(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -729,6 +838,11 @@ def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_a
         preflight.check_precision(load_config("tiny", [*base, "train.lr_after=1e-6", "selfplay.iterations=3",
                                                        "train.lr_switch_iteration=2"]))  # fmt: skip
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "0")  # ZeRO-0 alone keeps no float32 masters
+    with pytest.raises(ValueError, match="at lr 5e-07"):
+        preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # its bf16 engine does
     preflight.check_precision(load_config("tiny", [*base, "train.lr=5e-7"]))
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     low = load_config("tiny", [*base, "train.lr=5e-7", f"model.name={tiny_model_dir}"])

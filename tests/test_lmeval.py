@@ -6,6 +6,7 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -389,6 +390,43 @@ def test_auto_templates_named_generation_tasks_and_groups_that_only_generate(
     calls.clear()
     lmeval.run_lm_eval_chat(HarnessModel("m"), ["gsm8k", "hellaswag"], "off")
     assert calls == [(["gsm8k", "hellaswag"], False)]
+
+
+def test_the_harness_task_index_is_built_once_per_process(
+    tmp_path: Path, arc_task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preflight, `auto`'s output-type lookup and every harness call of every evaluation share one
+    default task manager (each used to index the harness's ~15,000 task files again); local tasks still
+    get a manager of their own directories."""
+    from types import SimpleNamespace
+
+    from spaceft import lmeval, preflight
+
+    made: list[dict[str, Any]] = []
+    index = {
+        name: SimpleNamespace(kind="Kind.TASK", cfg={"output_type": output}, tags=None)
+        for name, output in (("gsm8k", "generate_until"), ("hellaswag", "multiple_choice"))
+    }
+
+    class Manager:  # a stand-in class: a real index built by another test is never reused for it
+        def __init__(self, **kwargs: Any) -> None:
+            made.append(kwargs)
+            self.task_index, self.all_tasks = index, list(index)
+
+    managers: list[Any] = []
+
+    def harness(lm_eval, model, names, manager, limit, gen_kwargs, log_samples, num_fewshot=None, *_):
+        managers.append(manager)
+        return {"results": {n: {"acc": 0.5} for n in names}, "n-shot": dict.fromkeys(names, 0)}
+
+    monkeypatch.setattr(lmeval, "_simple_evaluate", harness)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager", Manager)
+    preflight.check_lm_eval_tasks(["harness:gsm8k", "harness:hellaswag"])
+    for _ in range(2):  # two evaluations, each of two harness calls (templated or not)
+        lmeval.run_lm_eval_chat(HarnessModel("m"), ["gsm8k", "hellaswag"], "auto")
+    assert made == [{}] and len(managers) == 4 and len({id(m) for m in managers}) == 1
+    lmeval.run_lm_eval_chat(HarnessModel("m"), [arc_task], "auto")  # a local task: its directory indexed
+    assert made[1] == {"include_path": [str(arc_task.yaml_path.parent)], "include_defaults": False}
 
 
 def test_a_local_task_with_a_train_split_runs_few_shot_from_it(

@@ -112,7 +112,8 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     assert grid.state["runs"]["space-N4-s0"]["invocations"] == 1
     assert grid.state["runs"]["space-N4-s0"]["cpu_s"] == 0.5
     md = (out / "results.md").read_text()
-    assert "### Q2" in md and "| space-N4 | 1 |" in md and "sft-matched-N4" in md
+    assert "### Q2: SPACE on N = 4 against SFT on N, on N with SPACE's compute and on 4N\n" in md
+    assert "| space-N4 | 1 |" in md and "sft-matched-N4" in md
     assert (out / "results.png").stat().st_size > 0
     assert "| space-N4 | 1 |" in md.split("### Cost per run")[1]
     assert "## Diagnostics per iteration" in (out / "space-N4-s0" / "report.md").read_text()
@@ -121,6 +122,19 @@ def test_grid_runs_in_order_adopts_the_tuned_run_and_resumes(tmp_path: Path, tin
     again = rep.Grid(spec, launch)
     again.run()
     assert calls == [] and again.launched == 0
+    # a further size gets its own trajectories and diagnostics (N = 8 here: the N = 4 runs once more)
+    state = json.loads(json.dumps(grid.state))
+    for name in ("space-N4-s0", "sft-N4-s0"):
+        alias = name.replace("-N4-", "-N8-")
+        (out / alias).symlink_to(out / name)
+        group = state["runs"][name]["group"].replace("-N4", "-N8")
+        state["runs"][alias] = {**state["runs"][name], "group": group, "n": 8}
+    rep.write_results(out, state, spec.iterations)
+    md = (out / "results.md").read_text()
+    q1 = md.split("### Q1")[1].split("### Q2")[0]
+    assert "#### Held-out exact match (N = 8)" in q1 and "| space | 1 |" in q1.split("(N = 8)")[1]
+    assert "### Q2: SPACE on N = 8 against SFT on N\n" in md
+    assert "| space-N8 | 1 |" in md.split("### Diagnostics per iteration")[1].split("### Cost")[0]
 
 
 def test_selection_prefers_accuracy_then_nll(tmp_path: Path) -> None:
