@@ -343,8 +343,10 @@ def write_results(out: Path, state: dict[str, Any], iterations: int) -> None:
     ]
     md += ["### Q1: does SPACE improve steadily while the margin methods peak and degrade?", ""]
     md += trajectory_tables(g, methods, n0, iterations)
-    for n in sizes[1:]:  # the further sizes' own trajectories (SPACE, SFT and SFT on 4N run there)
-        md += trajectory_tables(g, [m for m in ("sft", "sft-4N", "space") if f"{m}-N{n}" in g], n, iterations)
+    # the further sizes run SPACE, SFT and SFT on 4N: their own trajectories and diagnostics
+    later = {n: [m for m in ("sft", "sft-4N", "space") if f"{m}-N{n}" in g] for n in sizes[1:]}
+    for n, ran in later.items():
+        md += trajectory_tables(g, ran, n, iterations)
     for n in sizes:  # (the first size's table lists every row, finished or not; the others what ran)
         named = {f"sft-N{n}": "SFT on N", f"sft-matched-N{n}": "on N with SPACE's compute"}
         named[f"sft-4N-N{n}"] = "on 4N"
@@ -360,7 +362,7 @@ def write_results(out: Path, state: dict[str, Any], iterations: int) -> None:
     labels = [f"{m}-N{n0}" for m in methods] + [
         f"{q}-N{n0}" for q in ("sft-matched", "sft-4N", "space-mu3", "space-reuse")
     ]
-    labels += [f"{m}-N{n}" for n in sizes[1:] for m in ("sft", "sft-4N", "space") if f"{m}-N{n}" in g]
+    labels += [f"{m}-N{n}" for n, ran in later.items() for m in ran]
     md += ["### Diagnostics per iteration (mean over seeds [lowest seed, highest seed])", ""]
     md += diagnostics_tables(g, labels, iterations)
     md += ["### Cost per run", "", *cost_table(out, state, g)]

@@ -133,6 +133,11 @@ def fsdp_shards(env: Mapping[str, str] = os.environ) -> int | None:
     return world
 
 
+def visible_gpus() -> int:
+    """The GPUs this process sees (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def init_processes(timeout_s: int) -> PartialState:
     """The process group (created on first use, with `timeout_s` for every collective)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -160,7 +165,7 @@ def check_launch(*, lora_rank: int) -> None:
     """
     flag = os.environ.get
     local = int(flag("LOCAL_WORLD_SIZE", "1"))
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if local > 1 and not _accelerate_use_cpu() and gpus and local > gpus:
         raise ValueError(
             f"{local} processes were launched on this node but it has {gpus} visible "

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.config import RunConfig
-from spaceft.distributed import fsdp_shards, zero_settings
+from spaceft.distributed import ZeroSettings, fsdp_shards, visible_gpus, zero_settings
 from spaceft.rundir import (
     STAGE_OUTPUTS,
     DamagedFileError,
@@ -178,9 +178,7 @@ def check_tensor_parallel(size: int, processes: int) -> None:
             f"generation.tensor_parallel_size={size} must divide the {processes} launched processes "
             "(each group of that many consecutive processes shares one vLLM engine)"
         )
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = visible_gpus()
     if size > 1 and processes == 1 and gpus and size > gpus:
         raise ValueError(
             f"generation.tensor_parallel_size={size} needs as many GPUs for its one vLLM engine, but {gpus} "
@@ -257,8 +255,9 @@ def disk_needed(cfg: RunConfig, parameters: int, iterations_left: int) -> tuple[
     model = parameters * BYTES[cfg.model.dtype]
     moments = 0 if cfg.model.lora.r else _moments(cfg)
     state = model * (1 + moments)
-    if zero_settings() is not None and not cfg.model.lora.r:
-        weight, optimizer = deepspeed_bytes(cfg, os.environ)
+    zero = zero_settings()
+    if zero is not None and not cfg.model.lora.r:
+        weight, optimizer = deepspeed_bytes(cfg, zero)
         state = parameters * (weight + optimizer)
     state = state if cfg.train.save_every and iterations_left else 0
     how = f"{iterations_left} iteration model(s) of {_size(model)}"
@@ -290,11 +289,10 @@ def _moments(cfg: RunConfig) -> int:
     return 2 if cfg.train.optimizer == "adamw" else 1
 
 
-def deepspeed_bytes(cfg: RunConfig, env: Any) -> tuple[int, int]:
+def deepspeed_bytes(cfg: RunConfig, zero: ZeroSettings) -> tuple[int, int]:
     """(weight, optimizer state) bytes per parameter under DeepSpeed: 16-bit weights (`model.dtype`, or
-    the launcher's bf16/fp16) come with float32 masters, and the moments are float32."""
-    zero = zero_settings(env)
-    if cfg.model.dtype != "float32" or (zero is not None and zero.mixed):
+    the launch's bf16/fp16) come with float32 masters, and the moments are float32."""
+    if cfg.model.dtype != "float32" or zero.mixed:
         return 2, 4 + 4 * _moments(cfg)
     return 4, 4 * _moments(cfg)
 
@@ -323,7 +321,7 @@ def training_memory(cfg: RunConfig, parameters: int, env: Any = os.environ) -> t
     if zero is not None:
         if zero.stage is None or zero.offload:
             return None
-        w, state = deepspeed_bytes(cfg, env)
+        w, state = deepspeed_bytes(cfg, zero)
         if zero.stage == 0 and not zero.mixed:
             state = w * moments  # ZeRO-0 without mixed precision: the torch optimizer, as it is
         split = ((1, 1, 1), (1, 1, world), (1, world, world), (world,) * 3)[zero.stage]
