@@ -18,7 +18,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 test: install
-	$(BIN)/ruff check spaceft tests benchmarks
+	$(BIN)/ruff check spaceft tests benchmarks experiments
 	$(BIN)/python -m pytest -q
 
 demo: install
@@ -32,7 +32,7 @@ bench: install   # spaceft vs TRL: loss check, then speed / MFU / memory (a few 
 	nice -n 19 $(BIN)/python benchmarks/vs_trl.py
 
 lint: install
-	$(BIN)/ruff check spaceft tests benchmarks
+	$(BIN)/ruff check spaceft tests benchmarks experiments
 
 clean:
 	rm -rf $(VENV) runs lab_out

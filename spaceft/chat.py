@@ -460,7 +460,7 @@ def template_drift(
     checked.
     A healthy template leaves a few samples different, mostly in the middle (a name split into unusual
     pieces): of the 576 samples SmolLM2-135M drew at temperature 1 in the N = 16 grid of
-    benchmarks/replicate.py, 4.3 % differed, 1.2 % at a boundary. A template that drifts changes nearly
+    experiments/replicate.py, 4.3 % differed, 1.2 % at a boundary. A template that drifts changes nearly
     all of them at a boundary (the first token, or the last one or two).
 
     Returns ``{"checked", "mismatch_fraction", "boundary_fraction"}`` and, when some sample differs at a

@@ -21,15 +21,25 @@ os.environ["SPACEFT_EVAL_CACHE"] = tempfile.mkdtemp(prefix="spaceft-evals-")
 atexit.register(shutil.rmtree, os.environ["SPACEFT_EVAL_CACHE"], ignore_errors=True)
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_benchmark(name: str) -> ModuleType:
-    """Import benchmarks/<name>.py (a directory of scripts, not a package); the scripts import each other,
+    """Import benchmarks/<name>.py, a measuring tool."""
+    return _load_script(ROOT / "benchmarks", name)
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import experiments/<name>.py, an experiment's driver or its analysis."""
+    return _load_script(ROOT / "experiments", name)
+
+
+def _load_script(directory: Path, name: str) -> ModuleType:
+    """Import directory/<name>.py (a directory of scripts, not a package); the scripts import each other,
     and dataclasses look their module up in sys.modules, so both are set up first."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    if str(directory) not in sys.path:
+        sys.path.insert(0, str(directory))
+    spec = importlib.util.spec_from_file_location(name, directory / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

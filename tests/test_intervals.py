@@ -6,13 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from spaceft.intervals import (
-    Interval,
-    paired_difference,
-    pooled_interval,
-    resample_counts,
-    seed_interval,
-)
+from .conftest import load_experiment
+
+intervals = load_experiment("intervals")
+Interval = intervals.Interval
+paired_difference = intervals.paired_difference
+pooled_interval = intervals.pooled_interval
+resample_counts = intervals.resample_counts
+seed_interval = intervals.seed_interval
 
 
 def test_accuracy_interval_matches_the_exact_binomial_bootstrap() -> None:
@@ -71,7 +72,7 @@ def test_einsum_sums_equal_a_direct_loop_over_drawn_indices() -> None:
     rng = np.random.default_rng(5)
     num, den = rng.normal(size=(3, 6)), rng.integers(1, 9, size=(3, 6)).astype(float)
     c_seed, c_prob = resample_counts(3, 6, replicates=50, seed=1)
-    from spaceft.intervals import _pooled
+    _pooled = intervals._pooled
 
     fast = _pooled(num, den, c_seed, c_prob)
     for r in range(50):

@@ -1,4 +1,4 @@
-"""benchmarks/real_pairs.py without models: its benchmark plan, its archive (a fresh clone goes on with
+"""experiments/real_pairs.py without models: its benchmark plan, its archive (a fresh clone goes on with
 what another machine finished) and its table (paired changes on the items both models answered)."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .conftest import load_benchmark
+from .conftest import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    return load_benchmark("real_pairs")
+    return load_experiment("real_pairs")
 
 
 rp = _module()

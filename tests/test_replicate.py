@@ -1,4 +1,4 @@
-"""The replication grid runner (benchmarks/replicate.py) on the tiny random model, in-process: order,
+"""The replication grid runner (experiments/replicate.py) on the tiny random model, in-process: order,
 validation-only tuning, adoption of the tuned seed-0 run, compute matching, resume, tables."""
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from spaceft.rundir import read_json
 from spaceft.selfplay import run
 from spaceft.tasks import make_arithmetic
 
-from .conftest import load_benchmark
+from .conftest import load_experiment
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    return load_benchmark("replicate")
+    return load_experiment("replicate")
 
 
 rep = _module()
@@ -275,7 +275,7 @@ def test_diagnostics_cells_are_the_mean_and_the_range_of_the_seeds(tmp_path: Pat
     table says so rather than call that a 95% interval."""
     import json
 
-    tables = load_benchmark("replicate_tables")
+    tables = load_experiment("replicate_tables")
     runs = {}
     for seed, reward in enumerate([0.5, -1.0, 2.0]):
         run = tmp_path / f"space-s{seed}"

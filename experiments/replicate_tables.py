@@ -1,7 +1,7 @@
 """Tables and plots of the replication grid (`replicate.py`), one table per question of the paper.
 
 Every accuracy and NLL is pooled over seeds × held-out problems with its 95% crossed-bootstrap interval
-(`spaceft.intervals`); differences are paired on the same problems and seeds. Training-side numbers
+(`intervals.py`); differences are paired on the same problems and seeds. Training-side numbers
 (rewards, log-likelihoods, sample statistics) are one number per run, so their interval is over seeds
 only. Compute is in forward-token equivalents (`spaceft.costs`): tokens forwarded + 3 × tokens trained.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 from grid_archive import DIAGNOSTICS
+from intervals import Interval, paired_difference, pooled_interval
 
 from spaceft.costs import run_costs
-from spaceft.intervals import Interval, paired_difference, pooled_interval
 from spaceft.report import collect_diagnostics
 from spaceft.rundir import read_json, write_json
 

@@ -10,8 +10,8 @@ held-out NLL of GPT-4's answers per iteration. AlpacaEval itself is never a benc
 trained on its answers.
 
     spaceft bench --fetch --tasks alpaca_eval,ifeval,arc_easy,hellaswag
-    python benchmarks/real_pairs.py --out runs/real --pairs 32 --seeds 0 1
-    python benchmarks/real_pairs.py --out runs/real --report-only
+    python experiments/real_pairs.py --out runs/real --pairs 32 --seeds 0 1
+    python experiments/real_pairs.py --out runs/real --report-only
 
 Re-running skips finished runs and benchmarks and resumes an interrupted run. The defaults are cut to
 what two CPU cores do in about an hour and a half; a GPU takes the recipe's own sizes
@@ -31,8 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grid_archive
-
-from spaceft.intervals import pooled_interval
+from intervals import pooled_interval
 
 METHODS = {"space": ["train.loss=space"], "spin": ["train.loss=spin"], "sft": ["train.loss=sft"]}
 BENCH = {  # benchmark: (lm-eval task name, per-item metric)

@@ -24,8 +24,8 @@ invocations and says so) and, from the artefacts, the tokens forwarded and back-
 problems and seeds and its seed count) and the plots are rebuilt after every run: OUT/results.md,
 OUT/results.json, OUT/results.png.
 
-    nice -n 19 python benchmarks/replicate.py --out runs/grid --archive docs/grid_runs --sizes 16 64
-    python benchmarks/replicate.py --out runs/grid --archive docs/grid_runs --report-only
+    nice -n 19 python experiments/replicate.py --out runs/grid --archive experiments/grid_runs --sizes 16 64
+    python experiments/replicate.py --out runs/grid --archive experiments/grid_runs --report-only
 
 With --archive the finished runs' small files are kept in a directory that is committed
 (`grid_archive`): a fresh clone restores them and goes on with what is left, and --report-only rebuilds
@@ -54,11 +54,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grid_archive
+from intervals import pooled_interval
 from replicate_tables import costs_of, diagnostics_of, write_results
 
 from spaceft.configfile import load_config
 from spaceft.costs import TRAIN_FACTOR, run_costs
-from spaceft.intervals import pooled_interval
 from spaceft.rundir import read_json, write_json
 from spaceft.tasks import write_arithmetic_jsonl
 
