@@ -20,9 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from spaceft import data as data_mod
-from spaceft.chat import DEFAULT_TEMPLATE_DATE
-from spaceft.data import TokenizedExample
+from spaceft.chat import TokenizedExample
+from spaceft.rundata import training_data
 from spaceft.rundir import read_json, read_table
 
 log = logging.getLogger(__name__)
@@ -50,42 +49,6 @@ class IterationCost:
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "compute": self.compute}
-
-
-def training_data(run_dir: Path) -> list[TokenizedExample]:
-    """The run's real training pairs, tokenized exactly as the run did (from its manifest's config)."""
-    from spaceft.models import load_tokenizer
-
-    manifest = read_json(run_dir / "manifest.json")
-    cfg = manifest["config"]
-    d = cfg["data"]
-    tokenizer = load_tokenizer(
-        manifest["start_model"],
-        revision=cfg["model"].get("revision"),
-        trust_remote_code=cfg["model"].get("trust_remote_code", False),
-    )
-    examples, _ = data_mod.load_examples(
-        manifest["data"]["train"]["path"],
-        fmt=d["format"],
-        prompt_field=d["prompt_field"],
-        response_field=d["response_field"],
-        messages_field=d["messages_field"],
-        system_prompt=d["system_prompt"],
-        split=d["split"],
-        on_bad_row=d["on_bad_row"],
-        limit=d["train_size"],
-        response_turn=d.get("response_turn", "last"),  # a run from before the key: the default
-    )
-    tokenized, _ = data_mod.tokenize_examples(
-        tokenizer,
-        examples,
-        max_prompt_tokens=d["max_prompt_tokens"],
-        max_response_tokens=d["max_response_tokens"],
-        overlong=d["overlong"],
-        template_date=d.get("template_date", DEFAULT_TEMPLATE_DATE),  # a run from before the key: the default
-        on_bad_row=d["on_bad_row"],
-    )
-    return tokenized
 
 
 def _sources(selfplay: dict[str, Any], t: int) -> list[int]:

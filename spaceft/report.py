@@ -342,7 +342,7 @@ def collect_diagnostics(
             syn = read_table(d / "synthetic.parquet")
             if syn:
                 if real_ids is None:
-                    from spaceft.costs import training_data
+                    from spaceft.rundata import training_data
 
                     real_ids = {tok.index: tok.response_ids for tok in training_data(run_dir)}
                 same = sum(tuple(r["response_ids"]) == real_ids.get(r["prompt_index"]) for r in syn)

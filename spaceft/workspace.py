@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import random
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -22,14 +21,15 @@ import torch
 from accelerate import PartialState
 from transformers import AutoConfig
 
-from spaceft import data as data_mod
 from spaceft import preflight
 from spaceft.batching import ModelShape, auto_batch_size
+from spaceft.chat import TokenizedExample, end_of_turn_id
 from spaceft.config import RunConfig, eval_view, training_view
-from spaceft.data import Example, TokenizedExample
+from spaceft.data import Example
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes
 from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
+from spaceft.rundata import load_split
 from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Workspace:
     @cached_property
     def end_of_turn(self) -> int:
         """The id every real response ends on (spaceft.chat.end_of_turn_id)."""
-        return data_mod.end_of_turn_id(self.tokenizer)
+        return end_of_turn_id(self.tokenizer)
 
     @cached_property
     def stop_ids(self) -> list[int]:
@@ -110,43 +110,6 @@ def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
     if not path.exists():
         write_arithmetic_jsonl(path, n, seed=cfg.data.seed, split=split)
     return str(path)
-
-
-def _load_split(
-    path: str, cfg: RunConfig, tokenizer: Any, *, split: str, limit: int | None
-) -> tuple[list[Example], list[TokenizedExample], dict[str, Any]]:
-    d = cfg.data
-    draw = d.subset == "random" and limit is not None
-    examples, report = data_mod.load_examples(
-        path,
-        fmt=d.format,
-        prompt_field=d.prompt_field,
-        response_field=d.response_field,
-        messages_field=d.messages_field,
-        system_prompt=d.system_prompt,
-        split=split,
-        on_bad_row=d.on_bad_row,
-        limit=None if draw else limit,
-        response_turn=d.response_turn,
-    )
-    subset = None
-    if draw and limit is not None and len(examples) > limit:  # every usable row is read, then drawn from
-        keep = sorted(random.Random(d.seed).sample(range(len(examples)), limit))
-        subset = f"random {limit} of {len(examples)} usable rows (seed {d.seed})"
-        examples = [examples[i] for i in keep]
-    tokenized, counts = data_mod.tokenize_examples(
-        tokenizer,
-        examples,
-        max_prompt_tokens=d.max_prompt_tokens,
-        max_response_tokens=d.max_response_tokens,
-        overlong=d.overlong,
-        template_date=d.template_date,
-        on_bad_row=d.on_bad_row,
-    )
-    if not tokenized:
-        raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")
-    info = {"path": path, "load": report.summary(), "tokenize": counts}
-    return examples, tokenized, {**info, "subset": subset} if subset else info
 
 
 def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
@@ -258,15 +221,15 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generat
         start, commit = _pin_hub_model(cfg, hub_id, state)
     tokenizer = load_tokenizer(start, trust_remote_code=cfg.model.trust_remote_code)
     assert train_path is not None
-    train_ex, train_tok, train_info = _load_split(
-        train_path, cfg, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
+    train_ex, train_tok, train_info = load_split(
+        train_path, cfg.data, tokenizer, split=cfg.data.split, limit=cfg.data.train_size
     )
     eval_ex: list[Example] = []
     eval_tok: list[TokenizedExample] = []
     eval_info: dict[str, Any] | None = None
     if eval_path:
-        eval_ex, eval_tok, eval_info = _load_split(
-            eval_path, cfg, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
+        eval_ex, eval_tok, eval_info = load_split(
+            eval_path, cfg.data, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
         )
     if state.is_main_process:
         _warn_longer_than_samples(cfg, train_tok)

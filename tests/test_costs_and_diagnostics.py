@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from spaceft import workspace
 from spaceft.config import load_config
-from spaceft.costs import run_costs, training_data
+from spaceft.costs import run_costs
 from spaceft.report import collect_diagnostics, diagnostics_table, final_epoch_means
+from spaceft.rundata import training_data
 from spaceft.rundir import write_json, write_table
 from spaceft.selfplay import prepare, run, train_items
 
@@ -173,3 +175,42 @@ def test_the_report_table_shows_rewards_only_for_losses_with_an_opponent(tmp_pat
     table = markdown_table([row])
     assert row["loss_first"] == 0.5 and row["steps"] == 1
     assert ("reward real" in table) == ("reward_real" in row) == (loss == "space")
+
+
+def test_a_random_subset_is_what_the_report_and_the_costs_read(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`data.subset: random` (paper_space) trains on a seeded draw of the rows, not the first ones: the
+    report's "synthetic = real" and the run's costs must read the responses the run trained on.
+
+    12 rows, row i: prompt "p" + "x" * i, response "r" * (i + 1), so every row has its own lengths; the
+    run keeps 4. Each kept prompt gets one sample equal to its real response: identical = 1. With
+    epochs = 2 and one sample per prompt, trained = 2 × Σ (prompt + response) over the 4 kept rows, both
+    counted twice (the real pair and the synthetic one); the first 4 rows would give other sums."""
+    rows = [{"prompt": "p" + "x" * i, "completion": "r" * (i + 1)} for i in range(12)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    overrides = tiny_overrides(
+        tmp_path, tiny_model_dir,
+        **{"data.train": str(path), "data.eval": "null", "data.train_size": 4, "data.subset": "random",
+           "data.seed": 3, "eval.enabled": False, "train.epochs": 2},
+    )  # fmt: skip
+    cfg = load_config("spaceft/recipes/tiny.yaml", overrides)
+    ws = workspace.prepare(cfg)
+    kept = [ex.response for ex in ws.train_examples]
+    assert kept != [r["completion"] for r in rows[:4]], "the draw must differ from the first rows"
+    d = cfg.run_dir / "iter_0"
+    d.mkdir(parents=True)
+    write_table(
+        d / "synthetic.parquet",
+        [{"prompt_index": t.index, "sample": 0, "response_ids": list(t.response_ids),
+          "length": len(t.response_ids), "hit_cap": False} for t in ws.train_tok],
+    )  # fmt: skip
+    manifest = json.loads((cfg.run_dir / "manifest.json").read_text())
+    manifest["iterations"] = {"0": {"train": {"status": "done"}}}
+    write_json(cfg.run_dir / "manifest.json", manifest)
+
+    [row] = collect_diagnostics(cfg.run_dir)
+    assert row["identical"] == 1.0
+    [cost] = run_costs(cfg.run_dir)
+    pair_tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in ws.train_tok)
+    assert cost.trained == 2 * 2 * pair_tokens
+    assert training_data(cfg.run_dir) == ws.train_tok

@@ -878,7 +878,7 @@ def test_a_random_subset_is_seeded_kept_in_file_order_and_recorded(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     from spaceft.models import load_tokenizer
-    from spaceft.workspace import _load_split
+    from spaceft.rundata import load_split
 
     rows = tmp_path / "pairs.jsonl"
     rows.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(40)))
@@ -886,7 +886,7 @@ def test_a_random_subset_is_seeded_kept_in_file_order_and_recorded(
 
     def drawn(*over: str) -> tuple[list[str], dict]:
         cfg = load_config("tiny", [f"data.train={rows}", *over])
-        examples, _, info = _load_split(str(rows), cfg, tok, split="train", limit=cfg.data.train_size)
+        examples, _, info = load_split(str(rows), cfg.data, tok, split="train", limit=cfg.data.train_size)
         return [e.source.rsplit(":", 1)[1] for e in examples], info
 
     first, info = drawn("data.train_size=8")

@@ -280,7 +280,7 @@ def test_a_sentencepiece_chat_model_gives_the_one_process_result_on_two_processe
         ea, eb = read_json(one / f"iter_{t}" / "eval.json"), read_json(two / f"iter_{t}" / "eval.json")
         assert ea["n"] == 4 and ea["nll"] == pytest.approx(eb["nll"], rel=1e-5)
         assert manifest["iterations"][str(t)]["generate"]["template_drift"]["checked"] == 16
-    from spaceft.costs import training_data
+    from spaceft.rundata import training_data
 
     pairs = training_data(two)  # every conversation kept, BOS once, each answer opening with the \n
     assert len(pairs) == 8 and all(p.prompt_ids.count(tokenizer.bos_token_id) == 1 for p in pairs)
