@@ -279,11 +279,45 @@ def chunked_table(
 
 
 def content_hash(*parts: Any) -> str:
-    """A short sha256 of values (ints, strings, sequences of ints) that identify some content."""
+    """A short sha256 of values (ints, strings, sequences of ints) that identify some content.
+
+    The digest is that of each part's `repr`, but the text is fed to the hash piece by piece
+    (`_repr_pieces`): a parts tag over 50k prompts' token lists would otherwise build one string of
+    hundreds of MB. The digests are the ones the whole `repr` gave, so recorded tags and cache keys stay
+    valid."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(repr(p).encode() + b"\x00")
+        for piece in _repr_pieces(p):
+            h.update(piece.encode())
+        h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+_CONTAINERS = (list, tuple, dict)
+
+
+def _repr_pieces(obj: Any) -> Iterator[str]:
+    """Pieces whose concatenation is `repr(obj)`, each at most one innermost container's text.
+
+    A list, tuple or dict whose first item is itself a plain container is written item by item; any
+    other value (a token list, a key tuple, a number) by its own `repr`. Exact types only: a subclass
+    (a named tuple) has its own `repr`, which is used whole."""
+    kind = type(obj)
+    if kind is dict and obj and type(next(iter(obj.values()))) in _CONTAINERS:
+        yield "{"
+        for i, (key, value) in enumerate(obj.items()):
+            yield f"{', ' if i else ''}{key!r}: "
+            yield from _repr_pieces(value)
+        yield "}"
+    elif (kind is list or kind is tuple) and obj and type(obj[0]) in _CONTAINERS:
+        yield "[" if kind is list else "("
+        for i, item in enumerate(obj):
+            if i:
+                yield ", "
+            yield from _repr_pieces(item)
+        yield "]" if kind is list else ("," if len(obj) == 1 else "") + ")"
+    else:
+        yield repr(obj)
 
 
 def library_versions() -> dict[str, str]:
