@@ -230,15 +230,21 @@ class GenerationConfig:
 @dataclass
 class TrainConfig:
     loss: LossType = LossType.SPACE
-    """space | spin | spin_hinge | ipo | simpo | sft."""
+    """space | spin | spin_hinge | ipo | simpo | tspin | sft."""
     mu: float = 1.0
     """SPACE noise ratio mu (seed recommends 1)."""
     beta: float | None = None
-    """Reward scale; None = the method's default (space 1.0, spin 0.1, simpo 2.0)."""
+    """Reward scale; None = the method's default (space 1.0, spin 0.1, simpo 2.0, tspin 1.0: its alpha)."""
     tau: float = 0.1
     """S-IPO regularisation tau (target margin 1/(2 tau))."""
     gamma: float = 1.0
     """S-SimPO target reward margin gamma."""
+    history_weight: float = 0.1
+    """T-SPIN's beta: weight of the historical advantage of the synthetic over the proto-synthetic
+    response (the paper's 0.1; 0 keeps only the current advantage, its 'w/o H-A' ablation)."""
+    history_start_iteration: int = 1
+    """First iteration whose T-SPIN loss includes the historical term. The paper sets beta = 0 in
+    iteration 0, where the synthetic and proto-synthetic responses both come from the start model."""
     optimizer: str = "rmsprop"
     """rmsprop (the seed's choice) | adamw."""
     lr: float = 5e-7
@@ -279,7 +285,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.loss = LossType(self.loss)
         _finite("train", self, "mu", "beta", "tau", "gamma", "lr", "lr_after", "warmup_ratio", "weight_decay",
-                "max_grad_norm")  # fmt: skip
+                "max_grad_norm", "history_weight")  # fmt: skip
         if self.mu <= 0:
             raise ValueError(f"train.mu must be > 0 (the noise ratio), got {self.mu}")
         if self.beta is not None and self.beta <= 0:
@@ -306,6 +312,8 @@ class TrainConfig:
             raise ValueError("train.epochs, train.global_batch_size and train.micro_batch_size must be >= 1")
         if self.tau <= 0 or self.gamma < 0:
             raise ValueError("train.tau must be > 0 and train.gamma >= 0")
+        if self.history_weight < 0 or self.history_start_iteration < 0:
+            raise ValueError("train.history_weight and train.history_start_iteration must be >= 0")
         if self.save_every < 0 or self.max_grad_norm < 0:
             raise ValueError("train.save_every and train.max_grad_norm must be >= 0 (0 disables)")
         if self.mixed_precision not in ("no", "bf16"):
@@ -315,6 +323,10 @@ class TrainConfig:
                 f"train.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"train.micro_batch_size ({self.micro_batch_size})"
             )
+
+    def history_weight_for(self, iteration: int) -> float:
+        """T-SPIN's beta in `iteration`: 0 before `history_start_iteration`, then `history_weight`."""
+        return self.history_weight if iteration >= self.history_start_iteration else 0.0
 
     def lr_for(self, iteration: int) -> float:
         """Peak learning rate of `iteration`: `lr`, or `lr_after` from `lr_switch_iteration` on when set."""
@@ -557,6 +569,9 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
     for key, default in DATA_DEFAULTS_UNHASHED.items():  # newer keys at their default: the hash stays
         if d.get("data", {}).get(key, default) == default:
             d.get("data", {}).pop(key, None)
+    for key, default in TRAIN_DEFAULTS_UNHASHED.items():
+        if d.get("train", {}).get(key, default) == default:
+            d.get("train", {}).pop(key, None)
     return d
 
 
@@ -574,6 +589,8 @@ EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
 DATA_DEFAULTS_UNHASHED = {"subset": "first"}
 """data keys added after runs existed, left out of the training fingerprint at their default (so those
 runs' fingerprints, and the grid's adoptions, do not change)."""
+TRAIN_DEFAULTS_UNHASHED = {"history_weight": 0.1, "history_start_iteration": 1}
+"""train keys added after runs existed (T-SPIN's), left out of the training fingerprint at their default."""
 EVAL_WHERE_KEYS = ("cache",)
 """eval keys that change where a result comes from, not what it is."""
 

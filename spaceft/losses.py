@@ -1,15 +1,17 @@
-"""Objectives of self-play fine-tuning: SPACE, SPIN, S-IPO, S-SimPO and SFT.
+"""Objectives of self-play fine-tuning: SPACE, SPIN, S-IPO, S-SimPO, T-SPIN and SFT.
 
 Every loss is a pure function on flat tensors of *summed* sequence log-probabilities (prompt tokens
 masked), with K synthetic responses per prompt:
 
     real       [B]      log p(y | x) of the real (SFT) response of each prompt
     synthetic  [B, K]   log p(y'_j | x) of the K responses sampled from the opponent p_θt
+    proto      [B]      log p(y0 | x) of a proto-synthetic response, drawn once from the start model
+                        p_θ0 and kept across iterations (T-SPIN only)
 
 Each returns a :class:`LossOutput` holding the per-prompt loss ``[B]`` (the caller reduces, so the
 reduction is explicit and the same however a batch is split across ranks or accumulation steps) and
 the detached rewards. The reward of a response is r(u|x) = β·(log p_θ(u|x) − log p_θt(u|x)), except for
-S-SimPO which is reference-free.
+S-SimPO and T-SPIN, which are reference-free.
 
 Departures from the papers, all deliberate:
 
@@ -19,7 +21,9 @@ Departures from the papers, all deliberate:
   stays a fixed point.
 * With K > 1 synthetic responses, SPIN, S-IPO and S-SimPO average the pairwise loss over the K pairs
   (real, y'_j); SPACE averages its noise term over j, which is the NCE estimator with noise ratio μ
-  when K = μ.
+  when K = μ; T-SPIN averages both of its terms over j (the paper uses K = 1).
+* T-SPIN's α is ``beta`` here (the reward scale, as every other loss's), and its β is
+  ``history_weight``.
 * SFT in :func:`compute_loss` is the mean token NLL *per sequence*. Averaging that over sequences
   weights short responses more than maximum likelihood does; a caller that wants the maximum
   likelihood estimate weights each sequence by its length when reducing (see ``compute_loss``).
@@ -47,6 +51,7 @@ __all__ = [
     "simpo_loss",
     "space_loss",
     "spin_loss",
+    "tspin_loss",
 ]
 
 
@@ -58,6 +63,7 @@ class LossType(StrEnum):
     SPIN_HINGE = "spin_hinge"
     IPO = "ipo"
     SIMPO = "simpo"
+    TSPIN = "tspin"
     SFT = "sft"
 
     @property
@@ -69,6 +75,11 @@ class LossType(StrEnum):
     def uses_synthetic(self) -> bool:
         """Whether the loss needs synthetic responses sampled from the opponent."""
         return self is not LossType.SFT
+
+    @property
+    def uses_proto(self) -> bool:
+        """Whether the loss needs a proto-synthetic response per prompt, drawn once from the start model."""
+        return self is LossType.TSPIN
 
     @property
     def length_normalized(self) -> bool:
@@ -85,12 +96,17 @@ class LossType(StrEnum):
 # SPIN: λ = 0.1, the value of its experiments (arXiv 2401.01335).
 # S-SimPO: β = 2.0 and γ = 1.0 (γ/β = 0.5), the Llama-3-Base setting of SimPO (arXiv 2405.14734,
 # training_configs/llama-3-8b-base-simpo.yaml in the authors' repository).
+# T-SPIN: α = 1.0, the default of its experiments (arXiv 2601.08198, Sec. 4.3).
 _DEFAULT_BETA: dict[LossType, float] = {
     LossType.SPACE: 1.0,
     LossType.SPIN: 0.1,
     LossType.SPIN_HINGE: 0.1,
     LossType.SIMPO: 2.0,
+    LossType.TSPIN: 1.0,
 }
+
+DEFAULT_HISTORY_WEIGHT = 0.1
+"""T-SPIN's β, the weight of the historical advantage: 0.1 in the paper's experiments (Sec. 4.3)."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,8 @@ class LossOutput:
     """[B] reward of the real response (detached)."""
     synthetic_rewards: Tensor
     """[B, K] rewards of the synthetic responses (detached)."""
+    proto_rewards: Tensor | None = None
+    """[B] rewards of the proto-synthetic responses (detached); None for losses without them."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,6 +348,60 @@ def simpo_loss(
     return LossOutput(pair_losses.mean(dim=-1), real_rewards.detach(), synthetic_rewards.detach())
 
 
+def tspin_loss(
+    policy_real_logps: Tensor,
+    policy_synthetic_logps: Tensor,
+    policy_proto_logps: Tensor,
+    *,
+    alpha: float = 1.0,
+    history_weight: float = DEFAULT_HISTORY_WEIGHT,
+) -> LossOutput:
+    """T-SPIN: triplet-based self-play (arXiv 2601.08198, Eq. 7); reference-free.
+
+    The reward is the policy's own scaled log-likelihood, c(x, u) = α·log p_θ(u|x) (Eq. 6, from the
+    entropy-regularised opponent of Eq. 5 and Proposition 1), and with ℓ(z) = −log σ(z) per prompt
+
+        L = mean_j ℓ(c(y) − c(y'_j)) + β · mean_j ℓ(c(y'_j) − c(y0))
+
+    the current advantage of the real y over the synthetic y'_j ~ p_θt plus β times the historical
+    advantage of y'_j over the proto-synthetic y0 ~ p_θ0 (Eq. 4 with the class of Eq. 6). Defaults
+    α = 1, β = 0.1 are the paper's (Sec. 4.3). No opponent log-probs enter, so the loss is not stationary
+    at p_θ = p_θt: with y' = y the current term is ℓ(0) with zero gradient, but in expectation over
+    y, y' from the same distribution it pulls the policy towards the uniform distribution (the lab
+    measures this; docs/THEORY_LAB.md).
+
+    Args:
+        policy_real_logps: [B] summed log p_θ(y|x).
+        policy_synthetic_logps: [B, K] summed log p_θ(y'_j|x).
+        policy_proto_logps: [B] summed log p_θ(y0|x) of the proto-synthetic response.
+        alpha: reward scale α > 0 (the entropy coefficient of Eq. 5).
+        history_weight: β ≥ 0, the weight of the historical advantage.
+    """
+    _check_pair_shapes(policy_real_logps, policy_synthetic_logps, "tspin_loss(policy)")
+    _check_same_shape(policy_real_logps, policy_proto_logps, "policy_real_logps", "policy_proto_logps")
+    _check_positive(alpha=alpha)
+    if not (math.isfinite(history_weight) and history_weight >= 0):
+        raise ValueError(f"history_weight must be a finite number >= 0, got {history_weight}")
+    _check_finite(
+        policy_real_logps=policy_real_logps,
+        policy_synthetic_logps=policy_synthetic_logps,
+        policy_proto_logps=policy_proto_logps,
+    )
+    real_rewards = alpha * policy_real_logps  # [B]  c = α log p_θ (Eq. 6)
+    synthetic_rewards = alpha * policy_synthetic_logps  # [B, K]
+    proto_rewards = alpha * policy_proto_logps  # [B]
+    # Eq. 7, first term: ℓ(α log p_θ(y) − α log p_θ(y'))
+    current = -F.logsigmoid(real_rewards.unsqueeze(-1) - synthetic_rewards).mean(dim=-1)  # [B]
+    # Eq. 7, second term: β·ℓ(α log p_θ(y') − α log p_θ(y0))
+    history = -F.logsigmoid(synthetic_rewards - proto_rewards.unsqueeze(-1)).mean(dim=-1)  # [B]
+    return LossOutput(
+        current + history_weight * history,
+        real_rewards.detach(),
+        synthetic_rewards.detach(),
+        proto_rewards.detach(),
+    )
+
+
 def sft_loss(token_logps: Tensor, mask: Tensor) -> Tensor:
     """Mean token negative log-likelihood of each sequence.
 
@@ -366,15 +438,19 @@ def compute_loss(
     opponent_synthetic_logps: Tensor | None = None,
     real_lengths: Tensor | None = None,
     synthetic_lengths: Tensor | None = None,
+    policy_proto_logps: Tensor | None = None,
     mu: float = 1.0,
     beta: float | None = None,
     tau: float = 0.1,
     gamma: float = 1.0,
+    history_weight: float = DEFAULT_HISTORY_WEIGHT,
 ) -> LossOutput:
     """Dispatch to the loss of ``loss_type``.
 
     ``beta=None`` means the method's default (:attr:`LossType.default_beta`): 1.0 for SPACE, 0.1 for
-    SPIN, 2.0 for S-SimPO; S-IPO and SFT have no β. Arguments a loss does not use are ignored.
+    SPIN, 2.0 for S-SimPO, 1.0 for T-SPIN (its α); S-IPO and SFT have no β. T-SPIN needs
+    ``policy_proto_logps`` [B] and weighs its historical term by ``history_weight`` (its β). Arguments
+    a loss does not use are ignored.
 
     SFT is the mean token NLL of the real response, −log p_θ(y) / |y|, from the summed log-prob and
     ``real_lengths``; ``policy_synthetic_logps`` may be an empty [B, 0] tensor. Its rewards are
@@ -391,6 +467,16 @@ def compute_loss(
             raise ValueError("loss simpo: needs real_lengths and synthetic_lengths")
         return simpo_loss(
             policy_real_logps, policy_synthetic_logps, real_lengths, synthetic_lengths, beta=beta, gamma=gamma
+        )
+    if loss_type is LossType.TSPIN:
+        if policy_proto_logps is None:
+            raise ValueError("loss tspin: needs policy_proto_logps (the proto-synthetic responses)")
+        return tspin_loss(
+            policy_real_logps,
+            policy_synthetic_logps,
+            policy_proto_logps,
+            alpha=beta,
+            history_weight=history_weight,
         )
     if opponent_real_logps is None or opponent_synthetic_logps is None:
         raise ValueError(f"loss {loss_type}: needs opponent_real_logps and opponent_synthetic_logps")

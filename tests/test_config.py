@@ -27,6 +27,18 @@ def test_defaults_follow_the_seed_and_spin() -> None:
     assert [spin.train.lr_for(t) for t in range(4)] == [5e-7, 5e-7, 1e-7, 1e-7]
 
 
+def test_tspin_defaults_are_the_papers() -> None:
+    """arXiv 2601.08198, Sec. 4.3: α = 1 (train.beta's default), β = 0.1 from iteration 1 on (0 in 0)."""
+    cfg = config_from_dict({**MIN, "train": {"loss": "tspin"}})
+    assert cfg.train.loss is LossType.TSPIN and not cfg.train.loss.needs_opponent
+    assert cfg.train.beta is None and cfg.train.loss.default_beta == 1.0
+    assert [cfg.train.history_weight_for(t) for t in range(3)] == [0.0, 0.1, 0.1]
+    late = config_from_dict({**MIN, "train": {"loss": "tspin", "history_start_iteration": 2}})
+    assert [late.train.history_weight_for(t) for t in range(3)] == [0.0, 0.0, 0.1]
+    # T-SPIN samples like S-SimPO: no opponent density, so tempered decoding is not refused
+    config_from_dict({**MIN, "train": {"loss": "tspin"}, "generation": {"temperature": 0.7}})
+
+
 def test_overrides_are_typed_and_nested() -> None:
     assert parse_overrides(["train.lr=1e-7", "model.name=gpt2", "eval.lm_eval_tasks=[a, b]"]) == {
         "train": {"lr": "1e-7"},  # YAML 1.1 scalar; the dataclass field's type coerces it
@@ -57,6 +69,8 @@ def test_recipe_plus_overrides(tmp_path: Path) -> None:
         (["logging.report_to=mlflow"], "logging.report_to"),
         (["logging.log_every=0"], "logging.log_every"),
         (["train.tau=0"], "train.tau"),
+        (["train.history_weight=-0.1"], "train.history_weight"),
+        (["train.history_weight=nan"], "train.history_weight must be a finite number"),
         (["train.save_every=-1"], "train.save_every"),
         (["model.dtype=float16"], "model.dtype=float16 would train float16 weights"),
     ],
@@ -201,6 +215,10 @@ def test_keys_added_later_leave_fingerprints_of_runs_at_their_defaults_alone() -
     before["data"].pop("subset")  # the dict an older spaceft wrote
     assert training_view(cfg.to_dict()) == training_view(before)
     assert eval_view(cfg.to_dict()) == eval_view(before)
+    before["train"].pop("history_weight"), before["train"].pop("history_start_iteration")
+    assert training_view(cfg.to_dict()) == training_view(before)
+    tspin = config_from_dict({"data": {"train": "builtin:arithmetic"}, "train": {"history_weight": 0.3}})
+    assert tspin.training_fingerprint() != cfg.training_fingerprint()
     drawn = config_from_dict({"data": {"train": "x.jsonl", "subset": "random", "eval_size": 5}})
     first = config_from_dict({"data": {"train": "x.jsonl", "eval_size": 5}})
     assert drawn.training_fingerprint() != first.training_fingerprint()

@@ -17,6 +17,7 @@ from spaceft.losses import (
     simpo_loss,
     space_loss,
     spin_loss,
+    tspin_loss,
 )
 
 F64 = torch.float64
@@ -76,6 +77,68 @@ def test_spin_sigmoid_and_hinge_hand_computed() -> None:
     assert_close(out.real_rewards, [1.0])
     assert_close(out.synthetic_rewards, [[-1.0, 0.0]])
     assert_close(spin_loss(*args, beta=0.1, kind="hinge").losses, [0.0])
+
+
+def test_tspin_hand_computed() -> None:
+    """T-SPIN (arXiv 2601.08198, Eq. 7) with the paper's α = 1, β = 0.1, K = 1.
+
+    c = α·log p_θ: c(y) = −1, c(y') = −2, c(y0) = −4.
+    current: ℓ(−1 − (−2)) = log(1 + e^−1) = 0.3132616875
+    history: ℓ(−2 − (−4)) = log(1 + e^−2) = 0.1269280110
+    L = 0.3132616875 + 0.1·0.1269280110 = 0.3259544886.
+    """
+    out = tspin_loss(t(-1.0), t([-2.0]), t(-4.0))
+    assert_close(out.losses, [0.32595448862252013])
+    assert_close(out.real_rewards, [-1.0])
+    assert_close(out.synthetic_rewards, [[-2.0]])
+    assert out.proto_rewards is not None
+    assert_close(out.proto_rewards, [-4.0])
+
+
+def test_tspin_alpha_half_two_samples() -> None:
+    """α = 0.5, β = 0.3, K = 2: log p_θ(y) = −6, log p_θ(y') = [−4, −10], log p_θ(y0) = −8.
+
+    c(y) = −3, c(y') = [−2, −5], c(y0) = −4.
+    current: (ℓ(−3 + 2) + ℓ(−3 + 5))/2 = (log(1 + e) + log(1 + e^−2))/2 = (1.3132617 + 0.1269280)/2
+           = 0.7200948
+    history: (ℓ(−2 + 4) + ℓ(−5 + 4))/2 = (0.1269280 + 1.3132617)/2 = 0.7200948
+    L = 0.7200948·(1 + 0.3) = 0.9361233; with β = 0 only the current term is left.
+    """
+    args = (t(-6.0), t([-4.0, -10.0]), t(-8.0))
+    out = tspin_loss(*args, alpha=0.5, history_weight=0.3)
+    assert_close(out.losses, [0.936123304064777])
+    assert_close(out.real_rewards, [-3.0])
+    assert_close(out.synthetic_rewards, [[-2.0, -5.0]])
+    assert_close(tspin_loss(*args, alpha=0.5, history_weight=0.0).losses, [0.7200948492805976])
+
+
+def test_tspin_autograd_equals_theorem_1() -> None:
+    """Theorem 1 of the paper with ℓ' (z) = −σ(−z), u = c(y) − c(y'), v = c(y') − c(y0):
+
+    ∂L/∂log p(y) = α·ℓ'(u),  ∂L/∂log p(y') = α·(−ℓ'(u) + β·ℓ'(v)),  ∂L/∂log p(y0) = −α·β·ℓ'(v).
+    """
+    g = torch.Generator().manual_seed(7)
+    real, syn, proto = (-20 * torch.rand(5, generator=g, dtype=F64) for _ in range(3))
+    real.requires_grad_(), syn.requires_grad_(), proto.requires_grad_()
+    alpha, beta = 0.7, 0.3
+    tspin_loss(real, syn.unsqueeze(-1), proto, alpha=alpha, history_weight=beta).losses.sum().backward()
+    with torch.no_grad():
+        d_u = -torch.sigmoid(-alpha * (real - syn))  # ℓ'(u)
+        d_v = -torch.sigmoid(-alpha * (syn - proto))  # ℓ'(v)
+    assert real.grad is not None and syn.grad is not None and proto.grad is not None
+    assert_close(real.grad, alpha * d_u)
+    assert_close(syn.grad, alpha * (-d_u + beta * d_v))
+    assert_close(proto.grad, -alpha * beta * d_v)
+
+
+def test_tspin_without_history_is_reference_free_spin() -> None:
+    """β = 0: T-SPIN is SPIN's logistic loss with the opponent's log-probs replaced by 0 and λ = α."""
+    x = _random_inputs()
+    real, syn = x["policy_real_logps"], x["policy_synthetic_logps"]
+    proto = -torch.rand(4, dtype=F64) * 30
+    out = tspin_loss(real, syn, proto, alpha=0.4, history_weight=0.0)
+    spin = spin_loss(real, syn, torch.zeros_like(real), torch.zeros_like(syn), beta=0.4)
+    torch.testing.assert_close(out.losses, spin.losses, rtol=1e-15, atol=0)
 
 
 def test_spin_hinge_active() -> None:
@@ -211,6 +274,25 @@ def test_spin_is_blind_when_synthetic_equals_real(kind: str) -> None:
     assert torch.equal(theta.grad, torch.zeros_like(r))
 
 
+def test_tspin_terms_are_blind_to_identical_responses() -> None:
+    """y' = y: the current term is ℓ(0) = log 2 with zero gradient; y0 = y': the historical term too.
+
+    Per pair, T-SPIN is as blind as SPIN; unlike SPIN it has no reference, so *in expectation* over
+    distinct y, y' from the same distribution it is not stationary (tests/test_lab.py).
+    """
+    logp = torch.linspace(-40.0, -0.5, 9, dtype=F64).requires_grad_()
+    out = tspin_loss(logp, logp.unsqueeze(-1), logp.detach().clone(), history_weight=0.1)
+    torch.testing.assert_close(out.losses, torch.full_like(logp, 1.1 * math.log(2.0)), rtol=1e-15, atol=0)
+    out.losses.sum().backward()
+    assert logp.grad is not None
+    torch.testing.assert_close(logp.grad, 0.1 * -0.5 * torch.ones_like(logp), rtol=1e-15, atol=0)
+    # the current term's ±α·ℓ'(0) cancel; what is left is the historical term's β·α·ℓ'(0) = −0.05 on y'
+    # (y0 was detached); with y0 the same tensor as y = y' that cancels too
+    logp.grad = None
+    tspin_loss(logp, logp.unsqueeze(-1), logp).losses.sum().backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
 @pytest.mark.parametrize("mu", [0.25, 1.0, 3.0, 7.0])
 def test_space_has_unique_minimum_at_zero_reward_when_synthetic_equals_real(mu: float) -> None:
     """y' = y: f(r) = softplus(log μ − r) + μ·softplus(r − log μ), f'(r) = −σ(log μ − r) + μσ(r − log μ).
@@ -259,6 +341,7 @@ def test_large_magnitude_logps_are_finite(dtype: torch.dtype, loss_type: LossTyp
         opponent_synthetic_logps=os_,
         real_lengths=lengths,
         synthetic_lengths=torch.full_like(os_, 500.0),
+        policy_proto_logps=orr,
         mu=3.0,
     )
     assert out.losses.dtype == dtype
@@ -327,6 +410,12 @@ def test_space_rejects_bad_mu(mu: float) -> None:
         (lambda a: simpo_loss(a[0], a[1], torch.ones(2), -torch.ones(2, 3)), "synthetic_lengths must be > 0"),
         (lambda a: simpo_loss(a[0], a[1], torch.ones(3), torch.ones(2, 3)), "real_lengths"),
         (lambda a: simpo_loss(a[0], a[1], torch.ones(2), torch.ones(2, 3), gamma=math.nan), "gamma"),
+        (lambda a: tspin_loss(a[0], a[1], a[2], alpha=0.0), "alpha must be"),
+        (lambda a: tspin_loss(a[0], a[1], a[2], history_weight=-0.1), "history_weight must be"),
+        (lambda a: tspin_loss(a[0], a[1], a[2], history_weight=math.inf), "history_weight must be"),
+        (lambda a: tspin_loss(a[0], a[1], torch.zeros(3, dtype=F64)), "policy_proto_logps"),
+        (lambda a: tspin_loss(a[0], a[1], t(0.0, -math.inf)), "non-finite"),
+        (lambda a: tspin_loss(a[0], a[0], a[2]), r"shape \[B, K\]"),
     ],
 )
 def test_bad_hyperparameters_and_lengths(call: Callable[[list[torch.Tensor]], object], match: str) -> None:
@@ -352,6 +441,8 @@ def test_compute_loss_rejects_missing_inputs() -> None:
         compute_loss(LossType.SPACE, policy_real_logps=pr, policy_synthetic_logps=ps)
     with pytest.raises(ValueError, match="needs real_lengths and synthetic_lengths"):
         compute_loss(LossType.SIMPO, policy_real_logps=pr, policy_synthetic_logps=ps)
+    with pytest.raises(ValueError, match="needs policy_proto_logps"):
+        compute_loss(LossType.TSPIN, policy_real_logps=pr, policy_synthetic_logps=ps)
     with pytest.raises(ValueError, match="needs real_lengths"):
         compute_loss(LossType.SFT, policy_real_logps=pr, policy_synthetic_logps=ps[:, :0])
     with pytest.raises(ValueError, match="real_lengths must be > 0"):
@@ -366,7 +457,7 @@ def test_compute_loss_rejects_missing_inputs() -> None:
 
 
 def test_loss_type_properties() -> None:
-    assert {x.value for x in LossType} == {"space", "spin", "spin_hinge", "ipo", "simpo", "sft"}
+    assert {x.value for x in LossType} == {"space", "spin", "spin_hinge", "ipo", "simpo", "tspin", "sft"}
     assert {x for x in LossType if x.needs_opponent} == {
         LossType.SPACE,
         LossType.SPIN,
@@ -375,6 +466,8 @@ def test_loss_type_properties() -> None:
     }
     assert {x for x in LossType if not x.uses_synthetic} == {LossType.SFT}
     assert {x for x in LossType if x.length_normalized} == {LossType.SIMPO}
+    assert {x for x in LossType if x.uses_proto} == {LossType.TSPIN}
+    assert LossType.TSPIN.default_beta == 1.0  # the paper's α
     assert LossType.SPACE.default_beta == 1.0 and LossType.SPIN.default_beta == 0.1
     assert LossType.SIMPO.default_beta == 2.0 and LossType.IPO.default_beta is None
     assert LossType("space") is LossType.SPACE and f"{LossType.SPIN_HINGE}" == "spin_hinge"
@@ -412,6 +505,13 @@ def test_compute_loss_dispatch_equals_direct_calls() -> None:
     _same(compute_loss(LossType.SIMPO, **x), simpo_loss(pair[0], pair[1], *lengths, beta=2.0, gamma=1.0))
     direct = simpo_loss(pair[0], pair[1], *lengths, beta=2.5, gamma=0.3)
     _same(compute_loss("simpo", **x, beta=2.5, gamma=0.3), direct)
+    proto = x["opponent_real_logps"]
+    _same(compute_loss("tspin", **x, policy_proto_logps=proto), tspin_loss(pair[0], pair[1], proto))
+    direct = tspin_loss(pair[0], pair[1], proto, alpha=0.5, history_weight=0.3)
+    tspin = compute_loss("tspin", **x, policy_proto_logps=proto, beta=0.5, history_weight=0.3)
+    _same(tspin, direct)
+    assert tspin.proto_rewards is not None and direct.proto_rewards is not None
+    torch.testing.assert_close(tspin.proto_rewards, direct.proto_rewards, rtol=0, atol=0)
 
 
 def test_compute_loss_sft_is_mean_token_nll() -> None:
