@@ -46,10 +46,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from spaceft.data import Example
+from spaceft.data import DataError, Example
 
 logger = logging.getLogger(__name__)
 
@@ -340,8 +339,6 @@ def tokenize_examples(
         "skipped_overlong", "skipped_bad", "truncated", "prompt_turns_dropped"}``; truncated examples
         count as kept.
     """
-    from spaceft.data import DataError
-
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
     if max_prompt_tokens < 1 or max_response_tokens < 2:

@@ -401,7 +401,7 @@ class EvalConfig:
         if self.lm_eval_limit is not None and self.lm_eval_limit < 1:
             raise ValueError(f"eval.lm_eval_limit must be >= 1 (or null for all), got {self.lm_eval_limit}")
         if self.lm_eval_tasks:
-            from spaceft.lmeval import parse_task_entry
+            from spaceft.bench.catalog import parse_task_entry
 
             seen: dict[tuple[str, str], str] = {}
             for text in self.lm_eval_tasks:  # a malformed entry fails here, not after an iteration's training
@@ -608,18 +608,3 @@ def _to_plain(obj: Any) -> Any:
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
-
-# ---------------------------------------------------------------------------- building from dicts
-
-
-_READERS = ("config_from_dict", "load_config", "parse_overrides", "read_recipe")
-
-
-def __getattr__(name: str) -> Any:
-    """The readers live in configfile.py (which imports this module); `from spaceft.config import
-    load_config` still works."""
-    if name in _READERS:
-        from spaceft import configfile
-
-        return getattr(configfile, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

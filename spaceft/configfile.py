@@ -3,8 +3,7 @@ overrides, checked against the dataclasses of `spaceft.config` field by field.
 
 Values are converted only where that is lossless (an int where a float is wanted, a YAML 1.1 "5e-7"
 string to a float); anything else is an error naming the key, and an unknown key is an error that names
-the nearest key of its section. `spaceft.config` re-exports `load_config`, `config_from_dict`,
-`parse_overrides` and `read_recipe`.
+the nearest key of its section.
 """
 
 from __future__ import annotations

@@ -454,15 +454,3 @@ def load_examples(
     # skipped rows are a warning (they survive -q): the user asked to skip, not to be told nothing
     (logger.warning if report.skipped else logger.info)("%s", report.summary())
     return examples, report
-
-
-# The chat-template tokenization that used to live here has its own module; the old names still work.
-_MOVED_TO_CHAT = ("TokenizedExample", "end_of_turn_id", "render_prompt_ids", "tokenize_examples")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED_TO_CHAT:
-        from spaceft import chat
-
-        return getattr(chat, name)
-    raise AttributeError(f"module 'spaceft.data' has no attribute {name!r}")

@@ -72,7 +72,7 @@ def cacheable(eval_settings: dict[str, Any]) -> bool:
     bench`'s, whose data is pinned by hash and whose task files are spaceft's code. A local task YAML or a
     harness task read from the Hub or the `datasets` cache could change without the key noticing. (The
     entries as written, few-shot counts included, are part of the key.)"""
-    from spaceft.lmeval import parse_task_entry
+    from spaceft.bench.catalog import parse_task_entry
 
     return all(parse_task_entry(t).kind == "bench" for t in eval_settings.get("lm_eval_tasks") or [])
 

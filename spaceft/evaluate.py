@@ -24,10 +24,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from spaceft.batching import concrete
+from spaceft.bench.in_run import lm_eval_for_run
+from spaceft.chat import TokenizedExample
 from spaceft.config import EvalConfig, GenerationConfig, ModelConfig
-from spaceft.data import Example, TokenizedExample
+from spaceft.data import Example
 from spaceft.generate import HFGenerator
-from spaceft.lmeval import lm_eval_for_run
 from spaceft.rundir import ONE_PROCESS, Shard, atomic_path, merge_parts, write_json, write_parts
 from spaceft.score import score_sequences
 from spaceft.tasks import exact_match, parse_answer

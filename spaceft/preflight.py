@@ -488,13 +488,8 @@ def check_lm_eval_tasks(entries: Sequence[str]) -> None:
     harness task by name is one the installed harness knows (a typo would otherwise surface at the
     first evaluation's harness call, after the model is loaded; indexing the harness's task files
     takes a few seconds, so it is done only when some entry names one)."""
-    from spaceft.lmeval import (
-        harness_members,
-        harness_tasks,
-        harness_version,
-        parse_task_entry,
-        require_harness,
-    )
+    from spaceft.bench.catalog import parse_task_entry
+    from spaceft.lmeval import harness_members, harness_tasks, harness_version, require_harness
 
     require_harness()
     parsed = [parse_task_entry(e) for e in entries]

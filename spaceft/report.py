@@ -78,7 +78,7 @@ sizes differ, and the paper's harness settings (shots, metric) were not checked 
 
 def task_base(key: str) -> str:
     """A benchmark column's task name without its ``harness:`` prefix and ``:SHOTS`` suffix."""
-    from spaceft.lmeval import HARNESS_PREFIX, split_shots
+    from spaceft.bench.catalog import HARNESS_PREFIX, split_shots
 
     return split_shots(key)[0].removeprefix(HARNESS_PREFIX)
 

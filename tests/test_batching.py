@@ -12,7 +12,7 @@ import torch
 from spaceft import batching
 from spaceft.batching import CPU_CAP, ModelShape, auto_batch_size, per_prompt_bytes
 from spaceft.cli import main
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.rundir import read_json
 
 from .conftest import tiny_overrides

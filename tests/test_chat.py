@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from spaceft import chat
 from spaceft.chat import (
     ChatTokenizer,
     end_of_turn_id,
@@ -309,14 +308,6 @@ def test_no_chat_template_falls_back_to_plain_text(caplog: pytest.LogCaptureFixt
         max_response_tokens=8,
     )
     assert tokenized[0].response_ids == (*ids("yo"), bare.eos_token_id)
-
-
-def test_old_import_path_still_works() -> None:
-    from spaceft import data
-
-    assert data.tokenize_examples is chat.tokenize_examples
-    with pytest.raises(AttributeError):
-        _ = data.no_such_name
 
 
 # ------------------------------------------------------------------------------------------ end to end

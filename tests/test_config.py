@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from spaceft.cli import shipped_recipes
-from spaceft.config import config_from_dict, load_config, parse_overrides
+from spaceft.configfile import config_from_dict, load_config, parse_overrides
 from spaceft.losses import LossType
 
 MIN = {"data": {"train": "x.jsonl"}}
@@ -188,7 +188,7 @@ def test_lora_dropout_is_refused_where_rewards_compare_with_the_opponent() -> No
 
 
 def test_a_shipped_recipe_loads_by_name_and_a_file_wins(tmp_path, monkeypatch) -> None:
-    from spaceft.config import load_config
+    from spaceft.configfile import load_config
 
     assert load_config("demo").name == "demo-space"
     monkeypatch.chdir(tmp_path)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from spaceft import workspace
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.costs import run_costs
 from spaceft.report import collect_diagnostics, diagnostics_table, final_epoch_means
 from spaceft.rundata import training_data

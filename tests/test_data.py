@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from spaceft import data
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.data import DataError, Example, load_examples
 
 CHATML = (

@@ -588,7 +588,7 @@ def test_tensor_parallel_size_must_divide_the_processes() -> None:
 
 
 def test_the_hf_model_is_released_before_a_vllm_engine_starts(tmp_path: Path) -> None:
-    from spaceft.config import config_from_dict
+    from spaceft.configfile import config_from_dict
     from spaceft.rundir import Manifest
     from spaceft.selfplay import Step, load_generate
     from spaceft.workspace import Workspace

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from spaceft.chat import TokenizedExample
 from spaceft.config import EvalConfig, ModelConfig
-from spaceft.data import Example, TokenizedExample
+from spaceft.data import Example
 from spaceft.evaluate import answer_exact_match, evaluate, resolve_metric
 from spaceft.models import load_model
 

@@ -23,7 +23,8 @@ import yaml
 
 from spaceft import preflight
 from spaceft.cli import build_parser, main, split_overrides
-from spaceft.config import ModelConfig, load_config
+from spaceft.config import ModelConfig
+from spaceft.configfile import load_config
 from spaceft.rundir import (
     DamagedFileError,
     Manifest,
@@ -668,7 +669,8 @@ def test_resume_marker_is_removed_first(saved_state, monkeypatch: pytest.MonkeyP
 
 def test_non_finite_loss_before_any_saved_state(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from spaceft import train as train_mod
-    from spaceft.config import ModelConfig, config_from_dict
+    from spaceft.config import ModelConfig
+    from spaceft.configfile import config_from_dict
     from spaceft.losses import LossOutput
     from spaceft.models import load_model, load_tokenizer
 

@@ -55,7 +55,7 @@ def test_model_args_carry_dtype_revision_and_trust_remote_code() -> None:
 
 
 def test_lm_eval_tasks_entries_resolve_to_local_tasks_or_names(tmp_path: Path, arc_task) -> None:
-    from spaceft.lmeval import resolve_tasks
+    from spaceft.bench.in_run import resolve_tasks
 
     specs = ["some_harness_task:5", "arithmetic", str(arc_task.yaml_path), "harness:hellaswag:10"]
     tasks, env, entries = resolve_tasks(specs, tmp_path)
@@ -198,16 +198,16 @@ def test_mmlu_runs_as_the_harness_groups_of_subjects_offline_and_quietly(
 def test_a_run_records_a_groups_headline_under_its_benchmark_name_and_members_apart(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from spaceft import lmeval
+    from spaceft.bench import catalog, in_run
     from spaceft.config import EvalConfig
 
     harness_out = {"results": {"spaceft_mmlu": {"acc": 0.3}}, "stderr": {"spaceft_mmlu": {"acc": 0.01}},
                    "subtasks": {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}},
                    "provenance": {"n_samples": {"spaceft_mmlu": 57}}}  # fmt: skip
-    entries = {"spaceft_mmlu": lmeval.parse_task_entry("mmlu")}
-    monkeypatch.setattr(lmeval, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (specs, {}, entries))
-    monkeypatch.setattr(lmeval, "run_lm_eval_chat", lambda *a, **k: harness_out)
-    out = lmeval.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
+    entries = {"spaceft_mmlu": catalog.parse_task_entry("mmlu")}
+    monkeypatch.setattr(in_run, "resolve_tasks", lambda specs, task_dir, cache_dir=None: (specs, {}, entries))
+    monkeypatch.setattr(in_run, "run_lm_eval_chat", lambda *a, **k: harness_out)
+    out = in_run.lm_eval_for_run("m", EvalConfig(lm_eval_tasks=["mmlu"]), None, tmp_path)
     assert out["lm_eval"] == {"mmlu": {"acc": 0.3}}
     assert out["lm_eval_subtasks"] == {"spaceft_mmlu_anatomy": {"acc": 0.5, "acc_stderr": 0.1}}
 
@@ -243,8 +243,8 @@ def test_lm_eval_from_the_main_process_only_is_refused_under_several_processes(
     """The harness would shard across 2 processes and wait forever for the one that never joins."""
     import accelerate
 
+    from spaceft.bench.in_run import lm_eval_for_run
     from spaceft.config import EvalConfig
-    from spaceft.lmeval import lm_eval_for_run
 
     class TwoProcesses:
         num_processes = 2
@@ -295,8 +295,8 @@ def test_run_records_lm_eval_in_eval_json_manifest_and_report(
 
 
 def test_entries_are_parsed_with_their_few_shot_counts_and_malformed_ones_refused() -> None:
+    from spaceft.bench.catalog import parse_task_entry
     from spaceft.config import EvalConfig
-    from spaceft.lmeval import parse_task_entry
 
     def parsed(text: str) -> tuple[str, str, int | None]:
         e = parse_task_entry(text)
@@ -440,7 +440,8 @@ def test_a_local_task_with_a_train_split_runs_few_shot_from_it(
                            overrides={"training_split": "train",
                                       "dataset_kwargs": {"data_files": {"test": str(data),
                                                                         "train": str(train)}}})  # fmt: skip
-    from spaceft.lmeval import has_fewshot_source, run_lm_eval_chat
+    from spaceft.bench.in_run import has_fewshot_source
+    from spaceft.lmeval import run_lm_eval_chat
 
     assert has_fewshot_source(task)
     from transformers import AutoModelForCausalLM

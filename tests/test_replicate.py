@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from spaceft.config import load_config
+from spaceft.configfile import load_config
 from spaceft.rundir import read_json
 from spaceft.selfplay import run
 from spaceft.tasks import make_arithmetic

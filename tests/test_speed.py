@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from spaceft.config import ModelConfig, config_from_dict
+from spaceft.config import ModelConfig
+from spaceft.configfile import config_from_dict
 from spaceft.models import load_model
 from spaceft.score import autocast, pack, score_sequences
 from spaceft.train import TrainItem, forward_batch, micro_batches, train_iteration, warmup_then_decay

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spaceft import train as train_mod
-from spaceft.config import ModelConfig, config_from_dict
+from spaceft.config import ModelConfig
+from spaceft.configfile import config_from_dict
 from spaceft.losses import LossOutput
 from spaceft.models import load_model
 from spaceft.score import score_sequences

@@ -15,8 +15,8 @@ vllm = pytest.importorskip("vllm", reason="vLLM is an optional extra: pip instal
 
 
 def test_vllm_generator_samples_k_seeded_responses_ending_in_stop_ids() -> None:
+    from spaceft.chat import end_of_turn_id, render_prompt_ids
     from spaceft.config import GenerationConfig
-    from spaceft.data import end_of_turn_id, render_prompt_ids
     from spaceft.default_model import ensure_default_model
     from spaceft.generate import VLLMGenerator
     from spaceft.models import load_tokenizer

@@ -34,10 +34,10 @@ leaderboard's few-shot tasks are the harness's own (``harness:hellaswag:10``, ``
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spaceft.bench.catalog import BENCHMARKS, known
 from spaceft.lmeval import (
     ARITHMETIC_TASK,
     HarnessModel,
@@ -53,44 +53,6 @@ log = logging.getLogger(__name__)
 ARITHMETIC_SIZE = 200
 """Held-out arithmetic problems written for the ``arithmetic`` benchmark (seed 0)."""
 
-
-@dataclass(frozen=True)
-class Benchmark:
-    """A harness task run on data fetched by :func:`spaceft.bench.sources.ensure_data`."""
-
-    name: str
-    harness_yaml: str
-    """The harness's YAML, relative to ``lm_eval/tasks``."""
-    split: str
-    """The split name the harness task evaluates (our single data file is served under it)."""
-    metric: str
-    """The headline metric in the harness's results (filter suffix kept)."""
-    needs_punkt: bool = False
-    """IFEval counts sentences with NLTK's Punkt (see :mod:`spaceft.bench.punkt`)."""
-    subjects_of: str | None = None
-    """For a group of one harness task per subject (written by :mod:`spaceft.bench.mmlu`): the
-    per-subject data it reads (:data:`spaceft.bench.sources.SUBJECT_SOURCES`)."""
-    source: str = ""
-    """The data of :mod:`spaceft.bench.sources` it reads (default: its name)."""
-
-    @property
-    def data_name(self) -> str:
-        """The name of its data in :mod:`spaceft.bench.sources`."""
-        return self.subjects_of or self.source or self.name
-
-
-BENCHMARKS: dict[str, Benchmark] = {
-    b.name: b
-    for b in (
-        Benchmark("ifeval", "ifeval/ifeval.yaml", "train", "prompt_level_strict_acc", needs_punkt=True),
-        Benchmark("arc_easy", "arc/arc_easy.yaml", "test", "acc"),
-        Benchmark("hellaswag", "hellaswag/hellaswag.yaml", "validation", "acc_norm"),
-        Benchmark("gsm8k_cot", "gsm8k/gsm8k-cot.yaml", "test", "exact_match,strict-match", source="gsm8k"),
-        Benchmark("mmlu", "mmlu/default/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
-        Benchmark("mmlu_continuation", "mmlu/continuation/_mmlu.yaml", "test", "acc", subjects_of="mmlu"),
-    )
-}
-"""Benchmarks backed by PyPI data, by name; ``arithmetic`` (the embedded task) is added in :func:`prepare`."""
 
 LEADERBOARD_METRIC = {
     "arc_challenge": "acc_norm",
@@ -112,10 +74,6 @@ HEADLINE = {
 
 TASK_NAMES = {**{b.name: f"spaceft_{b.name}" for b in BENCHMARKS.values()}, "arithmetic": ARITHMETIC_TASK}
 """The harness task name of each benchmark's local YAML."""
-
-
-def known() -> list[str]:
-    return [*BENCHMARKS, "arithmetic"]
 
 
 def prepare(
