@@ -408,7 +408,7 @@ class Grid:
         key = str(n)
         if key not in self.state["matched_epochs"]:
             space = self.run_dir(f"space-N{n}-s{self.spec.seeds[0]}")
-            from spaceft.costs import training_data
+            from spaceft.rundata import training_data
 
             tokenized = training_data(space)
             costs = run_costs(space, tokenized)
