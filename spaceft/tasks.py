@@ -1,4 +1,4 @@
-"""The embedded task: seeded arithmetic word problems with a verifiable answer.
+"""The embedded task: seeded arithmetic word problems with a verifiable answer, plainly or variously worded.
 
 A small GSM8K-style task that SmolLM2-135M-Instruct can learn but does not already solve: short word
 problems needing one or two operations on small whole numbers, each with a short worked solution
@@ -247,13 +247,14 @@ def _draw(n: int, *, seed: int, stream: str, keep: Callable[[str], bool]) -> lis
     return problems
 
 
-def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
+def make_arithmetic(n: int, *, seed: int, split: str = "train", worded: bool = False) -> list[dict]:
     """Make ``n`` distinct arithmetic word problems of one split, deterministically for ``seed``.
 
     Each row is ``{"messages": [{"role": "user", "content": prompt},
     {"role": "assistant", "content": solution}], "answer": "42"}``; the solution ends in
     ``#### <answer>``. No two splits share a problem key (see the module docstring for validation's
-    rule), and a longer list of a split extends a shorter one.
+    rule), and a longer list of a split extends a shorter one. ``worded`` gives the same problems with
+    each solution drawn from its :func:`worded_variants` (a row's draw depends on that row alone).
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -268,7 +269,7 @@ def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
         {
             "messages": [
                 {"role": "user", "content": p.prompt},
-                {"role": "assistant", "content": f"{p.solution}\n#### {p.answer}"},
+                {"role": "assistant", "content": _solution(p, seed, worded)},
             ],
             "answer": str(p.answer),
         }
@@ -276,14 +277,56 @@ def make_arithmetic(n: int, *, seed: int, split: str = "train") -> list[dict]:
     ]
 
 
+def _solution(p: _Problem, seed: int, worded: bool) -> str:
+    if not worded:
+        return f"{p.solution}\n#### {p.answer}"
+    # its own stream per row (string seeds are hashed with SHA-512: stable across runs and platforms)
+    rng = random.Random(f"spaceft-arithmetic-worded:{seed}:{p.prompt}")
+    return rng.choice(worded_variants(p.solution, p.answer))
+
+
+# The worded task: one problem, many correct solutions. A solution is an opener, the template's
+# sentences with each equation written in one of several notations, and a closer, then the answer line;
+# all of them equally likely, so a model that matched the data would reproduce a given real solution in
+# 1 of 100 samples (one equation) or 1 of 500 (two).
+_OPENERS = ("", "Let's work it out. ", "Step by step. ", "Here is the reasoning. ", "We compute it. ")
+_CLOSERS = ("", " So the answer is {answer}.", " The answer is {answer}.", " Final answer: {answer}.")
+_OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
+_EQUATION_FORMS = (
+    "{a} {op} {b} = {c}",
+    "{a}{op}{b} = {c}",
+    "{c} ({a} {op} {b})",
+    "{a} {word} {b} = {c}",
+    "{a} {word} {b}, which is {c},",
+)
+_EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\$?\d+)")
+
+
+def worded_variants(solution: str, answer: int) -> list[str]:
+    """Every wording of a template ``solution`` (each ends in ``#### answer``): openers × the notations
+    of each equation × closers; 100 for a one-equation solution, 500 for two."""
+    parts = _EQUATION.split(solution)  # text, (a, op, b, c), text, …
+    texts, equations = parts[::5], [tuple(parts[i : i + 4]) for i in range(1, len(parts), 5)]
+    bodies = [texts[0]]
+    for (a, op, b, c), text in zip(equations, texts[1:], strict=True):
+        forms = [f.format(a=a, op=op, b=b, c=c, word=_OP_WORDS[op]) for f in _EQUATION_FORMS]
+        bodies = [body + form + text for body in bodies for form in forms]
+    return [
+        f"{opener}{body}{closer.format(answer=answer)}\n#### {answer}"
+        for opener in _OPENERS
+        for body in bodies
+        for closer in _CLOSERS
+    ]
+
+
 def _in_train(key: str) -> bool:
     return split_of(key) == "train"
 
 
-def write_arithmetic_jsonl(path: Path, n: int, *, seed: int, split: str) -> Path:
+def write_arithmetic_jsonl(path: Path, n: int, *, seed: int, split: str, worded: bool = False) -> Path:
     """Write :func:`make_arithmetic` rows as JSON lines to ``path`` atomically; return ``path``."""
     path = Path(path)
-    rows = make_arithmetic(n, seed=seed, split=split)
+    rows = make_arithmetic(n, seed=seed, split=split, worded=worded)
     from spaceft.rundir import atomic_path  # its temporary file follows the umask, unlike mkstemp's
 
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
