@@ -21,11 +21,16 @@ The rule (`ChatTokenizer.pair_ids`):
 4. BOS exactly once, as the model was trained: texts are encoded without special tokens, and the BOS is
    prepended only when the tokenizer's normal encoding adds one and the template did not render it
    (zephyr: added; Llama-2, Llama-3, Gemma: rendered by the template, never doubled; ChatML: none).
-5. The rule is checked against what the model writes: every iteration the generate stage re-renders
-   the model's own samples by the rule (`template_drift`) and records how many come back as different
-   ids; when most differ at the start or end of the response, the template renders the assistant turn
-   otherwise than the model was trained on (Mistral-Instruct v0.1/v0.2's hub template), every real
-   response carries a marker, and the run warns.
+5. The rule is checked against what the model writes (`spaceft.drift`): every iteration the generate
+   stage re-renders the model's own samples by the rule and records how many come back as different
+   ids, and how the samples start compared with the start most real responses share; a template that
+   renders the assistant turn otherwise than the model was trained on (Mistral-Instruct v0.1/v0.2's hub
+   template) gives every real response a marker, and the run warns.
+6. Every render, the prompt's and the whole conversation's, gets the same template variables:
+   ``data.chat_template_kwargs``, plus ``enable_thinking=False`` for templates that take that switch
+   (Qwen3, SmolLM3) unless it is given (`template_kwargs` says why). A template that still puts text
+   between the generation prompt and a real answer (an empty think block with thinking on) is warned
+   about when the tokenizer is first used.
 
 A template without a system role (Gemma's raises on one) gets the system turn merged into the first user
 turn, separated by a blank line, with a warning once per tokenizer. Without any chat template the
@@ -44,7 +49,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from typing import Any
 
@@ -58,9 +63,8 @@ __all__ = [
     "TokenizedExample",
     "end_of_turn_id",
     "render_prompt_ids",
-    "template_drift",
+    "template_kwargs",
     "tokenize_examples",
-    "warn_template_drift",
 ]
 
 OVERLONG_POLICIES = ("error", "skip", "truncate")
@@ -181,18 +185,68 @@ def _today_is(day: date) -> Iterator[None]:
         templates.datetime = real
 
 
-class ChatTokenizer:
-    """A tokenizer plus the facts the tokenization rule needs, worked out once (see the module doc)."""
+def takes_thinking_switch(tokenizer: Any) -> bool:
+    """Whether the tokenizer's chat template reads an `enable_thinking` variable (Qwen3, SmolLM3 and
+    the hybrid reasoning models after them)."""
+    return "enable_thinking" in str(getattr(tokenizer, "chat_template", None) or "")
 
-    def __init__(self, tokenizer: Any, template_date: str = DEFAULT_TEMPLATE_DATE) -> None:
+
+def template_kwargs(tokenizer: Any, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The variables every render of this tokenizer's template gets: `given` (data.chat_template_kwargs),
+    and ``enable_thinking=False`` where the template takes that switch and `given` does not set it.
+
+    Why off: a thinking template renders the last assistant turn of a conversation as ``<think>\n\n
+    </think>\n\n`` + answer, while with thinking on its generation prompt ends at ``<|im_start|>
+    assistant\n`` and the model goes on to write its reasoning. Every real response would then start
+    with an empty think block that no sample starts with: a constant marker of realness. With thinking
+    off the template puts that empty block at the end of the generation prompt instead, so it is part of
+    the prompt of both sides, the model answers straight after it, and a real response is the answer
+    alone, as the samples are. (With thinking on, the data would need real reasoning traces in every
+    response for the two sides to look alike; ChatTokenizer warns when the template adds to real
+    responses a prefix that the generation prompt lacks.)
+    """
+    out = dict(given or {})
+    if takes_thinking_switch(tokenizer):
+        out.setdefault("enable_thinking", False)
+    return out
+
+
+class ChatTokenizer:
+    """A tokenizer plus the facts the tokenization rule needs, worked out once (see the module doc).
+
+    `chat_template_kwargs` are passed to every render, the prompt's and the whole conversation's
+    (`template_kwargs` adds the safe default of a thinking switch)."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        template_date: str = DEFAULT_TEMPLATE_DATE,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.day = date.fromisoformat(template_date)
         # Llama 3.x templates take a `date_string` variable before they call strftime_now
-        self.template_kwargs = {"date_string": self.day.strftime("%d %b %Y")}
+        self.template_kwargs = {
+            "date_string": self.day.strftime("%d %b %Y"),
+            **template_kwargs(tokenizer, chat_template_kwargs),
+        }
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.eot = end_of_turn_id(tokenizer)
         self.bos = _bos_added_by_encoding(tokenizer)
         self.supports_system = self._probe_system() if self.has_template else True
+        self.answer_prefix = self._probe_answer_prefix() if self.has_template else ""
+        if self.answer_prefix.strip():
+            _warn_once(
+                tokenizer,
+                "answer_prefix",
+                f"the chat template of {_name(tokenizer)} (with {self.template_kwargs}) puts "
+                f"{self.answer_prefix!r} before every assistant answer in a conversation but not at the end "
+                "of its generation prompt: every real response starts with it, while the model writes "
+                "its own text there (a thinking template with enable_thinking on writes reasoning), so "
+                "that prefix alone marks a response as real. Set data.chat_template_kwargs so that the "
+                "generation prompt ends where the answer starts (enable_thinking: false for thinking "
+                "templates, the default)",
+            )
         if not self.has_template:
             _warn_once(
                 tokenizer,
@@ -210,6 +264,25 @@ class ChatTokenizer:
         except jinja2.TemplateError:
             return False
         return True
+
+    def keeps_edge_whitespace(self) -> bool:
+        """Whether a response's leading or trailing whitespace reaches its tokens (templates that
+        `trim` the content, as Llama 3's and Gemma's do, drop it)."""
+        prompt = [{"role": "user", "content": "hi"}]
+        try:
+            return self.pair_ids(prompt, f" {_PROBE}\n")[1] != self.pair_ids(prompt, _PROBE)[1]
+        except ChatTemplateError:
+            return True
+
+    def _probe_answer_prefix(self) -> str:
+        """What the conversation's render puts between the generation prompt and the answer's text
+        (whitespace for most templates; an empty think block for a thinking template with thinking on)."""
+        prompt = [{"role": "user", "content": "hi"}]
+        head, whole = self.prompt_text(prompt), self.conversation_text(prompt, _PROBE)
+        at = whole.find(_PROBE)
+        if not whole.startswith(head) or at < len(head):
+            return ""  # a template that renders the prompt otherwise: `split` refuses those rows
+        return whole[len(head) : at]
 
     # ------------------------------------------------------------------------------------------ text
 
@@ -293,10 +366,13 @@ class ChatTokenizer:
 
 
 def render_prompt_ids(
-    tokenizer: Any, prompt: Sequence[dict[str, str]], template_date: str = DEFAULT_TEMPLATE_DATE
+    tokenizer: Any,
+    prompt: Sequence[dict[str, str]],
+    template_date: str = DEFAULT_TEMPLATE_DATE,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """The prompt's token ids as the model sees them before it answers (see `ChatTokenizer`)."""
-    return ChatTokenizer(tokenizer, template_date).prompt_ids(prompt)
+    return ChatTokenizer(tokenizer, template_date, chat_template_kwargs).prompt_ids(prompt)
 
 
 def _shorter_prompts(prompt: Sequence[dict[str, str]]) -> list[list[dict[str, str]]]:
@@ -318,6 +394,8 @@ def tokenize_examples(
     batch_size: int = 512,
     template_date: str = DEFAULT_TEMPLATE_DATE,
     on_bad_row: str = "error",
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    strip_responses: bool = False,
 ) -> tuple[list[TokenizedExample], dict[str, int]]:
     """Tokenizes examples by the module's rule and applies the over-long policy.
 
@@ -334,10 +412,15 @@ def tokenize_examples(
        would end the response there, unflagged), or a pair whose prompt ids are not a prefix of the
        conversation's (a token merged across the boundary).
 
+    Responses that begin or end with whitespace are counted in ``edge_whitespace`` where the template
+    keeps it (Llama 3's and Gemma's trim it): a model hardly ever writes a space or a newline before
+    its answer or before its end-of-turn, so those tokens mark such a response as real. With
+    ``strip_responses`` they are stripped first (and still counted); without it a warning suggests it.
+
     Returns:
         The kept examples (``index`` is the position in ``examples``) and the counts ``{"kept",
-        "skipped_overlong", "skipped_bad", "truncated", "prompt_turns_dropped"}``; truncated examples
-        count as kept.
+        "skipped_overlong", "skipped_bad", "truncated", "prompt_turns_dropped", "edge_whitespace"}``;
+        truncated examples count as kept.
     """
     if overlong not in OVERLONG_POLICIES:
         raise ValueError(f"overlong must be one of {list(OVERLONG_POLICIES)}, got {overlong!r}")
@@ -346,12 +429,19 @@ def tokenize_examples(
             "max_prompt_tokens must be >= 1 and max_response_tokens >= 2 (one content token and "
             f"the end-of-turn), got {max_prompt_tokens} and {max_response_tokens}"
         )
-    chat = ChatTokenizer(tokenizer, template_date)
+    chat = ChatTokenizer(tokenizer, template_date, chat_template_kwargs)
     eot_text = tokenizer.convert_ids_to_tokens(chat.eot)
-    counts = {"kept": 0, "skipped_overlong": 0, "skipped_bad": 0, "truncated": 0, "prompt_turns_dropped": 0}
+    counts = {"kept": 0, "skipped_overlong": 0, "skipped_bad": 0, "truncated": 0, "prompt_turns_dropped": 0,
+              "edge_whitespace": 0}  # fmt: skip
+    keeps_whitespace = chat.keeps_edge_whitespace()
     tokenized: list[TokenizedExample] = []
     for start in range(0, len(examples), batch_size):
-        batch = examples[start : start + batch_size]
+        batch = list(examples[start : start + batch_size])
+        if keeps_whitespace:
+            edged = [i for i, ex in enumerate(batch) if ex.response != ex.response.strip()]
+            counts["edge_whitespace"] += len(edged)
+            for i in edged if strip_responses else ():
+                batch[i] = replace(batch[i], response=batch[i].response.strip())
         # step 1
         texts = [chat.prompt_text(ex.prompt) for ex in batch]
         texts += [chat.conversation_text(ex.prompt, ex.response) for ex in batch]
@@ -408,6 +498,13 @@ def tokenize_examples(
             tokenized.append(TokenizedExample(tuple(prompt), tuple(response), start + offset, truncated=cut))
             counts["kept"] += 1
             counts["truncated"] += 1
+    if counts["edge_whitespace"] and not strip_responses:
+        logger.warning(
+            "%d of %d real responses begin or end with whitespace, which the chat template keeps: the model "
+            "hardly ever writes those tokens before its answer or its end-of-turn, so they mark those "
+            "responses as real; set data.strip_responses=true to strip them",
+            counts["edge_whitespace"], len(examples),
+        )  # fmt: skip
     bad = f", {counts['skipped_bad']} that cannot be tokenized exactly" if counts["skipped_bad"] else ""
     logger.log(
         logging.WARNING if counts["skipped_overlong"] or counts["truncated"] or bad else logging.INFO,
@@ -427,103 +524,3 @@ def tokenize_examples(
             "or set overlong='truncate'"
         )
     return tokenized, counts
-
-
-DRIFT_SAMPLE = 512
-"""Synthetic samples `template_drift` re-renders per iteration (the first rows of the table)."""
-DRIFT_WARN = 0.5
-"""Share of checked samples re-rendered differently at a response boundary above which a run warns."""
-
-
-def template_drift(
-    chat: ChatTokenizer,
-    prompts: Mapping[int, Sequence[dict[str, str]]] | Sequence[Sequence[dict[str, str]]],
-    samples: Sequence[tuple[int, Sequence[int], bool]],
-) -> dict[str, Any]:
-    """Whether real responses, tokenized by the rule, look like what the model writes.
-
-    The rule tokenizes a real response as the chat template renders it. That is what the model writes
-    only if the template renders the assistant turn the way the model was trained on: Mistral-Instruct
-    v0.1/v0.2's template renders ``[/INST]The answer`` (no space: ``The``) where the model, trained on
-    ``[/INST]`` followed by ``▁The``, writes ``▁The``. Then every real response starts with a token
-    that no synthetic one does, and the classifier learns that instead of the data.
-
-    The check runs the rule on the model's own output: each of the first `DRIFT_SAMPLE` samples
-    `(prompt_index, response_ids, hit_cap)` is decoded, stripped (as datasets store responses; a capped
-    one only at its start), rendered after its prompt and tokenized again; a sample the model wrote the
-    way the rule writes it comes back as the same ids (a capped one as a prefix). An untrained model's
-    random tokens do not (a leading space is stripped away). Samples that are empty or that stopped on a
-    stop id other than end-of-turn (counted by the generate stage's `other_stop_fraction`) are not
-    checked.
-    A healthy template leaves a few samples different, mostly in the middle (a name split into unusual
-    pieces): of the 576 samples SmolLM2-135M drew at temperature 1 in the N = 16 grid of
-    experiments/replicate.py, 4.3 % differed, 1.2 % at a boundary. A template that drifts changes nearly
-    all of them at a boundary (the first token, or the last one or two).
-
-    Returns ``{"checked", "mismatch_fraction", "boundary_fraction"}`` and, when some sample differs at a
-    boundary, ``"example"``: its first differing tokens as written and as re-rendered.
-    """
-    tokenizer = chat.tokenizer
-    checked = mismatched = boundary = 0
-    example: dict[str, list[str]] | None = None
-    for prompt_index, ids, hit_cap in samples[:DRIFT_SAMPLE]:
-        written = [int(i) for i in ids]
-        if not hit_cap and written[-1:] != [chat.eot]:
-            continue  # stopped on eos, not end-of-turn: `other_stop_fraction` counts those
-        text = tokenizer.decode(written, skip_special_tokens=True)
-        text = text.lstrip() if hit_cap else text.strip()  # as a dataset stores it (a cut one keeps its end)
-        if not text.strip():
-            continue  # an empty answer: no dataset holds one, and the rule refuses it
-        try:
-            _, rendered = chat.pair_ids(prompts[prompt_index], text)
-        except ChatTemplateError:
-            rendered = []
-        checked += 1
-        same = rendered[: len(written)] == written if hit_cap else rendered == written
-        if same:
-            continue
-        mismatched += 1
-        at = next((i for i, (a, b) in enumerate(zip(written, rendered, strict=False)) if a != b),
-                  min(len(written), len(rendered)))  # fmt: skip
-        at_end = not hit_cap and len(written) - at <= 2 and len(rendered) - at <= 2  # the last token or two
-        if at == 0 or at_end:
-            boundary += 1
-            if example is None:
-                start = max(0, min(at, len(written) - 1) - 2)
-                convert = tokenizer.convert_ids_to_tokens
-                example = {"written": convert(written[start : at + 3]),
-                           "rendered": convert(rendered[start : at + 3])}  # fmt: skip
-    out: dict[str, Any] = {
-        "checked": checked,
-        "mismatch_fraction": mismatched / max(checked, 1),
-        "boundary_fraction": boundary / max(checked, 1),
-    }
-    if example is not None:
-        out["example"] = example
-    return out
-
-
-def warn_template_drift(drift: dict[str, Any], name: str, has_template: bool = True) -> None:
-    """Log `template_drift`'s finding when most samples re-render differently at a boundary."""
-    if drift["checked"] < 4 or drift["boundary_fraction"] <= DRIFT_WARN:
-        return
-    ex = drift.get("example", {})
-    if not has_template:
-        logger.warning(
-            "%.0f%% of the model's own samples come back as different tokens at the start or end of the "
-            "response when rendered as plain text (%s has no chat template; the model wrote %s, plain text "
-            "gives %s). Real responses are tokenized that way, so each carries a token the synthetic ones "
-            "do not: give the tokenizer the chat template the model was trained with",
-            100 * drift["boundary_fraction"], name, ex.get("written"), ex.get("rendered"),
-        )  # fmt: skip
-        return
-    logger.warning(
-        "%.0f%% of the model's own samples come back as different tokens at the start or end of the "
-        "response when the chat template of %s renders them (the model wrote %s, the template gives %s). "
-        "Real responses are tokenized the template's way, so each carries a token the synthetic ones do "
-        "not, and the real-vs-synthetic classifier can learn that instead of the data. Fix the chat "
-        "template to render the assistant turn as the model was trained on (Mistral-Instruct v0.1/v0.2's "
-        "hub template leaves out the space after [/INST]), save the tokenizer with the model, and point "
-        "model.name at that directory",
-        100 * drift["boundary_fraction"], name, ex.get("written"), ex.get("rendered"),
-    )  # fmt: skip

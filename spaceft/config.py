@@ -23,7 +23,9 @@ from typing import Any
 
 import yaml
 
-from spaceft.chat import DEFAULT_TEMPLATE_DATE
+from spaceft.chat import DEFAULT_TEMPLATE_DATE, OVERLONG_POLICIES
+from spaceft.data import BAD_ROW_POLICIES, FORMATS, RESPONSE_TURNS
+from spaceft.lmeval import CHAT_MODES
 from spaceft.losses import LossType
 
 
@@ -130,14 +132,16 @@ class DataConfig:
     fixed, so that prompts tokenize the same on every day a run is resumed (spaceft.chat)."""
 
     def __post_init__(self) -> None:
-        if self.on_bad_row not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}")
-        if self.response_turn not in ("last", "first"):
-            raise ValueError(f"data.response_turn must be 'last' or 'first', got {self.response_turn!r}")
+        if self.on_bad_row not in BAD_ROW_POLICIES:
+            raise ValueError(f"data.on_bad_row must be {_one_of(BAD_ROW_POLICIES)}, got {self.on_bad_row!r}")
+        if self.response_turn not in RESPONSE_TURNS:
+            raise ValueError(
+                f"data.response_turn must be {_one_of(RESPONSE_TURNS)}, got {self.response_turn!r}"
+            )
         if self.subset not in ("first", "random"):
             raise ValueError(f"data.subset must be 'first' or 'random', got {self.subset!r}")
-        if self.overlong not in ("error", "skip", "truncate"):
-            raise ValueError(f"data.overlong must be error, skip or truncate, got {self.overlong!r}")
+        if self.overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"data.overlong must be {_one_of(OVERLONG_POLICIES)}, got {self.overlong!r}")
         try:
             date.fromisoformat(self.template_date)
         except (TypeError, ValueError):
@@ -153,11 +157,8 @@ class DataConfig:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ValueError(f"data.{key} must be >= 1 (or null for every row), got {value}")
-        if self.format not in ("auto", "messages", "prompt_completion", "prompt_response"):
-            raise ValueError(
-                "data.format must be auto, messages, prompt_completion or prompt_response, "
-                f"got {self.format!r}"
-            )
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format must be {_one_of(FORMATS)}, got {self.format!r}")
 
 
 @dataclass
@@ -410,10 +411,9 @@ class EvalConfig:
                     first = seen[entry.kind, entry.target]
                     raise ValueError(f"eval.lm_eval_tasks: {first!r} and {text!r} run one task")
                 seen[entry.kind, entry.target] = text
-        if self.lm_eval_chat_template not in ("auto", "on", "off"):
-            raise ValueError(
-                f"eval.lm_eval_chat_template must be auto, on or off, got {self.lm_eval_chat_template!r}"
-            )
+        if self.lm_eval_chat_template not in CHAT_MODES:
+            mode = self.lm_eval_chat_template
+            raise ValueError(f"eval.lm_eval_chat_template must be {_one_of(CHAT_MODES)}, got {mode!r}")
         if self.task_metric not in ("auto", "exact_match", "none") and ":" not in self.task_metric:
             raise ValueError(
                 "eval.task_metric must be auto, exact_match, none or 'package.module:function' "
@@ -485,8 +485,6 @@ class RunConfig:
                 "writes NaN/inf weights. Use model.dtype=bfloat16, or float32 with "
                 "train.mixed_precision=bf16, or LoRA (model.lora.r > 0: peft keeps adapters in float32)"
             )
-        if self.train.loss.uses_synthetic and self.selfplay.mix_previous and self.generation.num_samples < 1:
-            raise ValueError("selfplay.mix_previous needs synthetic samples")
         if self.model.lora.r and self.model.lora.dropout and self.train.loss.needs_opponent:
             raise ValueError(
                 f"model.lora.dropout={self.model.lora.dropout}: the {self.train.loss} loss compares the "
@@ -535,6 +533,11 @@ class RunConfig:
 
     def eval_fingerprint(self) -> str:
         return _hash(eval_view(self.to_dict()))
+
+
+def _one_of(choices: tuple[str, ...]) -> str:
+    """'a, b or c': the choices as an error message lists them."""
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
 
 
 def _batch_size(section: str, value: int | str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,28 @@ import yaml
 
 from spaceft.config import RunConfig
 from spaceft.losses import LossType
+
+
+class _SettingsLoader(yaml.SafeLoader):
+    """YAML as a person types a setting: only true and false are booleans. YAML 1.1 also reads yes, no,
+    on and off as booleans, which would turn `train.mixed_precision: no` and
+    `eval.lm_eval_chat_template: off` into False; here they stay strings, and a boolean setting still
+    accepts them (`_coerce`)."""
+
+
+_SettingsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_SettingsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+BOOL_WORDS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
+"""YAML 1.1's other spellings of a boolean, read as one where a setting is a boolean."""
+
+
+def _read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_SettingsLoader)  # a SafeLoader: builds plain data only
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -48,6 +71,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
         raise ValueError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -144,7 +169,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _read_yaml(raw) if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -177,7 +202,7 @@ def read_recipe(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in _seen:
         raise ValueError(f"{path}: recipe 'base' chain loops back to itself")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:  # path:line:column, as editors read it
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)

@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,17 @@ __all__ = [
 ]
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("auto", "messages", "prompt_completion", "prompt_response")
-BAD_ROW_POLICIES = ("error", "skip")
+Format = Literal["auto", "messages", "prompt_completion", "prompt_response"]
+FORMATS: tuple[Format, ...] = get_args(Format)
+BadRowPolicy = Literal["error", "skip"]
+BAD_ROW_POLICIES: tuple[BadRowPolicy, ...] = get_args(BadRowPolicy)
+ResponseTurn = Literal["last", "first"]
+"""Which assistant turn of a conversation is the response (the turns before it are the prompt)."""
+RESPONSE_TURNS: tuple[ResponseTurn, ...] = get_args(ResponseTurn)
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+FILE_SUFFIXES = JSON_SUFFIXES + PARQUET_SUFFIXES
+"""The files `load_examples` reads; anything else local is a `datasets.save_to_disk` directory."""
 
 # Keys of `LoadReport.skipped`; each names one way a row can be bad.
 BAD_ROW_REASONS = (
@@ -201,9 +208,9 @@ def _load_hub_dataset(name: str, split: str) -> Any:
         raise DataError(f"{name}: could not load it as a Hugging Face Hub dataset ({exc})") from exc
 
 
-def _looks_local(path: str) -> bool:
+def looks_local(path: str) -> bool:
     """Whether a path that does not exist was meant as a local file rather than a hub dataset name."""
-    return path.lower().endswith(JSON_SUFFIXES + PARQUET_SUFFIXES) or path.startswith(("/", ".", "~"))
+    return path.lower().endswith(FILE_SUFFIXES) or path.startswith(("/", ".", "~"))
 
 
 def _iter_source(path: str, split: str) -> Iterator[tuple[int, _Row]]:
@@ -225,7 +232,7 @@ def _iter_source(path: str, split: str) -> Iterator[tuple[int, _Row]]:
                 f"{path}: unsupported file type; use .jsonl, .json, .parquet or a datasets.save_to_disk "
                 "directory"
             )
-    elif _looks_local(path):
+    elif looks_local(path):
         raise DataError(f"{path}: no such file or directory")
     else:
         yield from enumerate(_load_hub_dataset(path, split), start=1)
@@ -409,8 +416,8 @@ def load_examples(
         raise ValueError(f"on_bad_row must be one of {list(BAD_ROW_POLICIES)}, got {on_bad_row!r}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be a positive number of examples or None, got {limit}")
-    if response_turn not in ("last", "first"):
-        raise ValueError(f"response_turn must be 'last' or 'first', got {response_turn!r}")
+    if response_turn not in RESPONSE_TURNS:
+        raise ValueError(f"response_turn must be one of {list(RESPONSE_TURNS)}, got {response_turn!r}")
 
     report = LoadReport(path=path)
     examples: list[Example] = []

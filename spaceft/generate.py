@@ -34,7 +34,7 @@ from transformers import LogitsProcessorList
 
 from spaceft.batching import concrete
 from spaceft.config import GenerationConfig
-from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, write_parts
+from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, pending_parts, write_parts
 from spaceft.score import autocast
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,23 @@ def cut_at_stop(ids: Sequence[int], stop_ids: set[int]) -> Completion:
         if tok in stop_ids:
             return Completion(tuple(out), hit_cap=False)
     return Completion(tuple(out), hit_cap=True)
+
+
+def stop_ids(end_of_turn: int, tokenizer: Any, model_path: str) -> list[int]:
+    """The ids generation stops on: end-of-turn, the tokenizer's eos where it differs, and every end id
+    of the model's own `generation_config.json` (Llama-3.1 lists <|end_of_text|>, <|eom_id|> and
+    <|eot_id|>). A model may end a turn on any of those; without them as stop ids it would write on past
+    its end, into text no real response has. A sample that stops on one other than end-of-turn is still
+    counted (`merge_generate_parts`'s `other_stop_fraction`): no real response ends on it."""
+    ids = {end_of_turn}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    try:
+        shipped = TransformersGenerationConfig.from_pretrained(model_path).eos_token_id
+    except (OSError, ValueError):  # no generation_config.json: the model names no other end
+        shipped = None
+    ids.update(int(i) for i in ([shipped] if isinstance(shipped, int) else shipped or []))
+    return sorted(ids)
 
 
 def prompt_seed(seed: int, iteration: int, prompt_index: int) -> int:
@@ -214,6 +231,9 @@ class VLLMGenerator:
     `if __name__ == "__main__":` (the `spaceft` console script is).
     """
 
+    whole_shard = True
+    """Asked once for all of a process's prompts (`write_generate_parts`): vLLM batches them itself."""
+
     def __init__(
         self,
         model_path: str,
@@ -316,6 +336,8 @@ class VLLMGenerator:
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
+        if not prompts:  # a shard finished before a resume: nothing to ask, and no engine step to join
+            return []
         params = [  # one seed per prompt: a shared seed would correlate the samples of different prompts
             SamplingParams(
                 n=num_samples,
@@ -465,15 +487,36 @@ def write_generate_parts(
 
     `write=False`: a helper of a tensor-parallel vLLM group; it takes part in generation, and its
     group's first process writes the parts.
+
+    A generator with `whole_shard` set (vLLM) is asked once for all of this shard's prompts that have
+    no part yet, which are then written part by part. Under a launcher every process then makes one
+    `generate` call: shards hold different numbers of batches (5 batches over 2 processes: 3 and 2), and
+    a call per batch would leave engines that run in step with each other (a tensor-parallel group, or
+    vLLM's data-parallel lockstep) waiting on the process with fewer batches. The members of a
+    tensor-parallel group also agree on which prompts to ask for: each reads the finished parts before
+    its call, and its group's parts are written only after the call, which every member must join.
+    Samples do not change, since each prompt is sampled under its own seed whatever it is batched with.
     """
     chunks = _chunks(prompts, cfg)
     mine = sum(len(chunks[c]) for c in shard.units(len(chunks)))
     bar = tqdm(total=mine, desc=f"generate iter {iteration}", unit="prompt", disable=not progress)
 
-    def make_chunk(c: int) -> list[dict[str, Any]]:
-        chunk = chunks[c]
+    def sample(chunk: Sequence[tuple[int, Sequence[int]]]) -> list[list[Completion]]:
         seeds = [prompt_seed(cfg.seed, iteration, index) for index, _ in chunk]
         completions = generator.generate([p for _, p in chunk], num_samples=cfg.num_samples, seeds=seeds)
+        bar.update(len(chunk))
+        return completions
+
+    sampled: dict[int, list[list[Completion]]] = {}
+    if getattr(generator, "whole_shard", False):
+        pending = pending_parts(out, len(chunks), tag=tag, shard=shard)
+        together = sample([p for c in pending for p in chunks[c]])
+        for c in pending:
+            sampled[c], together = together[: len(chunks[c])], together[len(chunks[c]) :]
+
+    def make_chunk(c: int) -> list[dict[str, Any]]:
+        chunk = chunks[c]
+        completions = sampled.pop(c) if c in sampled else sample(chunk)
         rows = []
         for (index, _), comps in zip(chunk, completions, strict=True):
             for j, comp in enumerate(comps):
@@ -487,7 +530,6 @@ def write_generate_parts(
                         "hit_cap": comp.hit_cap,
                     }
                 )
-        bar.update(len(chunk))
         return rows
 
     write_parts(out, len(chunks), make_chunk, stage="generate", tag=tag, shard=shard, write=write)

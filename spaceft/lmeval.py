@@ -39,7 +39,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -53,7 +53,8 @@ OFFLINE_ENV = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 ARITHMETIC_TASK = "spaceft_arithmetic"
 """The embedded arithmetic task's name in the harness (its YAML ships with spaceft)."""
 
-CHAT_MODES = ("auto", "on", "off")
+ChatMode = Literal["auto", "on", "off"]
+CHAT_MODES: tuple[ChatMode, ...] = get_args(ChatMode)
 """Chat template use: on / off for every task, or auto: on for generation tasks (an instruct model
 answers a request, as in IFEval), off for log-likelihood ones (ARC, HellaSwag score a continuation
 of plain text, as leaderboards do)."""

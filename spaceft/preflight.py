@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.config import RunConfig
+from spaceft.data import looks_local
 from spaceft.distributed import ZeroSettings, fsdp_shards, visible_gpus, zero_settings
 from spaceft.rundir import (
     STAGE_OUTPUTS,
@@ -50,7 +51,6 @@ WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".arrow")
 
 
 def check(
@@ -476,7 +476,7 @@ def check_data_path(key: str, spec: str | None) -> None:
     path = Path(spec).expanduser()
     if path.exists():
         return
-    if spec.endswith(DATA_SUFFIXES) or spec.startswith((".", "/", "~")):
+    if looks_local(spec):
         raise FileNotFoundError(
             f"{key}: no such file or directory: {spec} (a .jsonl/.json/.parquet file, a dataset directory, a "
             "hub dataset name or builtin:arithmetic)"

@@ -50,6 +50,8 @@ def load_split(
         overlong=d.overlong,
         template_date=d.template_date,
         on_bad_row=d.on_bad_row,
+        chat_template_kwargs=d.chat_template_kwargs,
+        strip_responses=d.strip_responses,
     )
     if not tokenized:
         raise ValueError(f"{path}: no usable examples ({report.summary()}; {counts})")

@@ -251,6 +251,11 @@ def write_parts(
             on_chunk(c)
 
 
+def pending_parts(out: Path, n_chunks: int, *, tag: str = "", shard: Shard = ONE_PROCESS) -> list[int]:
+    """This shard's parts of `out` that are not written yet (what `write_parts` will compute)."""
+    return [c for c in shard.units(n_chunks) if not _part(out, tag, c).exists()]
+
+
 def merge_parts(out: Path, n_chunks: int, *, tag: str = "") -> list[dict[str, Any]]:
     """Join the parts of `out` in order into `out`, then remove them (and any stale ones)."""
     rows: list[dict[str, Any]] = []
@@ -262,20 +267,6 @@ def merge_parts(out: Path, n_chunks: int, *, tag: str = "") -> list[dict[str, An
     write_table(out, rows)
     shutil.rmtree(parts_dir(out))
     return rows
-
-
-def chunked_table(
-    out: Path,
-    n_chunks: int,
-    make_chunk: Callable[[int], list[dict[str, Any]]],
-    *,
-    stage: str,
-    tag: str = "",
-    on_chunk: Callable[[int], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One process: write every part of `out`, then join them."""
-    write_parts(out, n_chunks, make_chunk, stage=stage, tag=tag, on_chunk=on_chunk)
-    return merge_parts(out, n_chunks, tag=tag)
 
 
 def content_hash(*parts: Any) -> str:

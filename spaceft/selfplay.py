@@ -35,9 +35,9 @@ from transformers import AutoConfig
 
 from spaceft import evalcache
 from spaceft.batching import ModelShape, concrete, kv_cache_bytes
-from spaceft.chat import ChatTokenizer, template_drift, warn_template_drift
 from spaceft.config import GENERATION_WHERE_KEYS, RunConfig
 from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
+from spaceft.drift import template_drift, warn_template_drift
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
 from spaceft.generate import (
     HFGenerator,
@@ -336,9 +336,9 @@ def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, A
     entry = merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot)
     rows = read_table(out)
     prompts = {tok.index: ws.train_examples[tok.index].prompt for tok in ws.train_tok}
-    chat = ChatTokenizer(ws.tokenizer, ws.cfg.data.template_date)
+    chat = ws.chat
     samples = [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in rows]
-    drift = template_drift(chat, prompts, samples)
+    drift = template_drift(chat, prompts, samples, [tok.response_ids for tok in ws.train_tok])
     warn_template_drift(drift, ws.cfg.model.name, chat.has_template)
     return {**entry, "template_drift": drift, "opponent": ws.opponent_hash(t)}
 

@@ -23,10 +23,11 @@ from transformers import AutoConfig
 
 from spaceft import preflight
 from spaceft.batching import ModelShape, auto_batch_size
-from spaceft.chat import TokenizedExample, end_of_turn_id
+from spaceft.chat import ChatTokenizer, TokenizedExample, end_of_turn_id
 from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes
+from spaceft.generate import stop_ids
 from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundata import load_split
@@ -76,11 +77,15 @@ class Workspace:
 
     @cached_property
     def stop_ids(self) -> list[int]:
-        """End-of-turn, and eos where it differs (Llama-3: <|eot_id|> and <|end_of_text|>)."""
-        ids = {self.end_of_turn}
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return sorted(ids)
+        """What generation stops on (spaceft.generate.stop_ids): end-of-turn, the tokenizer's eos and
+        the start model's own generation_config end ids."""
+        return stop_ids(self.end_of_turn, self.tokenizer, self.start_model)
+
+    @cached_property
+    def chat(self) -> ChatTokenizer:
+        """The tokenization rule with this run's template settings (the ones its data was tokenized by)."""
+        d = self.cfg.data
+        return ChatTokenizer(self.tokenizer, d.template_date, d.chat_template_kwargs)
 
     def decode(self, ids: Sequence[int]) -> str:
         """A response's text for people reading the tables (training uses the ids)."""
@@ -231,6 +236,7 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generat
         eval_ex, eval_tok, eval_info = load_split(
             eval_path, cfg.data, tokenizer, split=cfg.data.eval_split, limit=cfg.data.eval_size
         )
+    _refuse_cut_unlike_samples(cfg, train_tok)  # the same on every process: no agree needed
     if state.is_main_process:
         _warn_longer_than_samples(cfg, train_tok)
     data_hash = file_hash(Path(train_path)) if Path(train_path).exists() else train_path
@@ -246,6 +252,27 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generat
         manifest.data = Manifest.open(cfg.run_dir).data
     _resolve_batch_sizes(ws)
     return ws
+
+
+def _refuse_cut_unlike_samples(cfg: RunConfig, train_tok: list[TokenizedExample]) -> None:
+    """Refuse real responses cut (data.overlong=truncate) at a length no synthetic sample is cut at.
+
+    A cut real response is exactly `data.max_response_tokens` = L tokens without end-of-turn; a capped
+    sample is `generation.max_new_tokens` = M tokens without it. With L != M every cut real response
+    has a shape no sample has. Cutting the samples at L instead is no way out: for L < M it is the same
+    as sampling with M = L (a sample's first L tokens are drawn the same whether generation goes on or
+    not), which the config can say openly instead of spaceft overriding M behind it; for L > M no
+    sample is long enough to be cut at L. So the two caps must agree, and the run stops before any work
+    (only when some response was cut: with none, no such marker exists)."""
+    d, cap = cfg.data, cfg.generation.max_new_tokens
+    cut = sum(t.truncated for t in train_tok)
+    if cut and cfg.train.loss.uses_synthetic and d.max_response_tokens != cap:
+        raise ValueError(
+            f"data.overlong=truncate cut {cut} of {len(train_tok)} real responses to "
+            f"data.max_response_tokens={d.max_response_tokens} tokens without end-of-turn, but synthetic "
+            f"samples are capped at generation.max_new_tokens={cap}: the cut length alone marks those "
+            "responses as real. Set both to the same number"
+        )
 
 
 def _warn_longer_than_samples(cfg: RunConfig, train_tok: list[TokenizedExample]) -> None:

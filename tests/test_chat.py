@@ -16,15 +16,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from spaceft.chat import (
-    ChatTokenizer,
-    end_of_turn_id,
-    render_prompt_ids,
-    template_drift,
-    tokenize_examples,
-    warn_template_drift,
-)
+from spaceft import chat
+from spaceft.chat import ChatTokenizer, end_of_turn_id, render_prompt_ids, tokenize_examples
 from spaceft.data import DataError, Example
+from spaceft.drift import template_drift, warn_template_drift
 
 from .chat_tokenizers import BUILDERS
 from .test_data import PAIRS, make_tokenizer
@@ -177,7 +172,7 @@ def test_chatml_pairs_keep_their_previous_ids() -> None:
     tokenized, counts = tokenize_examples(tokenizer, examples, max_prompt_tokens=512, max_response_tokens=64)
     assert counts == {
         "kept": 3, "skipped_overlong": 0, "skipped_bad": 0,
-        "truncated": 0, "prompt_turns_dropped": 0,
+        "truncated": 0, "prompt_turns_dropped": 0, "edge_whitespace": 0,
     }
     eot = end_of_turn_id(tokenizer)
     for position, (example, item) in enumerate(zip(examples, tokenized, strict=True)):
@@ -226,7 +221,7 @@ def test_overlong_skip_keeps_stable_indices() -> None:
     )
     assert counts == {
         "kept": 1, "skipped_overlong": 2, "skipped_bad": 0,
-        "truncated": 0, "prompt_turns_dropped": 0,
+        "truncated": 0, "prompt_turns_dropped": 0, "edge_whitespace": 0,
     }
     assert [item.index for item in tokenized] == [0]
     with pytest.raises(DataError, match="every one of the 3 examples is over-long"):
@@ -245,7 +240,7 @@ def test_truncated_response_ends_like_a_capped_sample() -> None:
     )
     assert counts == {
         "kept": 2, "skipped_overlong": 1, "skipped_bad": 0,
-        "truncated": 1, "prompt_turns_dropped": 0,
+        "truncated": 1, "prompt_turns_dropped": 0, "edge_whitespace": 0,
     }
     assert [t.index for t in tokenized] == [0, 2]
     assert tokenized[1].response_ids == tuple(tokenizer("a muc", add_special_tokens=False)["input_ids"])
@@ -319,7 +314,8 @@ def write_family_model(tmp: Path, tokenizer: PreTrainedTokenizerFast) -> Path:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, pad_token_id=pad)  # fmt: skip
+                         tie_word_embeddings=True, pad_token_id=pad, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)  # fmt: skip  (its generation_config's stop ids)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -377,7 +373,8 @@ def test_rewards_start_at_zero_for_every_template(
     prompts = [tuple(r["messages"][:-1]) for r in rows]
     drawn = [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in samples]
     again = template_drift(ChatTokenizer(tokenizer), prompts, drawn)
-    assert drift == again and len(samples) == 8
+    assert {k: drift[k] for k in again} == again and len(samples) == 8
+    assert drift["real_start_fraction"] == 1.0  # every real answer starts "The answer is"
 
 
 # template_drift: the rule applied to the model's own samples. Each sample is (prompt index, ids, hit_cap).

@@ -223,3 +223,21 @@ def test_keys_added_later_leave_fingerprints_of_runs_at_their_defaults_alone() -
     first = config_from_dict({"data": {"train": "x.jsonl", "eval_size": 5}})
     assert drawn.training_fingerprint() != first.training_fingerprint()
     assert drawn.eval_fingerprint() != first.eval_fingerprint()
+
+
+def test_settings_read_as_typed_where_yaml_11_would_read_a_boolean(tmp_path: Path) -> None:
+    """YAML 1.1 reads no / off / yes / on as booleans: `mixed_precision: no` became False and was refused
+    ("expected a string, got False"). A string setting keeps the word; a boolean one reads it as one."""
+    cfg = load_config("tiny", ["train.mixed_precision=no", "eval.lm_eval_chat_template=off"])
+    assert cfg.train.mixed_precision == "no" and cfg.eval.lm_eval_chat_template == "off"
+    recipe = tmp_path / "r.yaml"  # mixed_precision: a string setting; enabled, progress: boolean ones
+    recipe.write_text("base: tiny\ntrain: {mixed_precision: no}\neval: {enabled: no}\n"
+                      "logging: {progress: Off}\n")  # fmt: skip
+    cfg = load_config(recipe)
+    assert cfg.train.mixed_precision == "no" and cfg.eval.enabled is False and cfg.logging.progress is False
+    on = load_config("tiny", ["eval.enabled=yes", "logging.progress=true", "eval.lm_eval_chat_template=on"])
+    assert on.eval.enabled is True and on.logging.progress is True and on.eval.lm_eval_chat_template == "on"
+    with pytest.raises(ValueError, match=r"logging\.progress: expected true or false, got 'maybe'"):
+        load_config("tiny", ["logging.progress=maybe"])
+    with pytest.raises(ValueError, match=r"train\.mixed_precision must be 'no' or 'bf16', got 'off'"):
+        load_config("tiny", ["train.mixed_precision=off"])
