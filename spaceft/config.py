@@ -130,6 +130,14 @@ class DataConfig:
     template_date: str = DEFAULT_TEMPLATE_DATE
     """YYYY-MM-DD: the date a chat template that prints today's date renders (Llama 3.2/3.3, SmolLM3);
     fixed, so that prompts tokenize the same on every day a run is resumed (spaceft.chat)."""
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Variables passed to every render of the chat template, prompt and whole conversation alike (e.g.
+    {enable_thinking: false}). A template that takes `enable_thinking` gets false unless this sets it:
+    with thinking on, every real response would start with an empty think block that the model's own
+    samples (which think) never start with (spaceft.chat.template_kwargs)."""
+    strip_responses: bool = False
+    """Strip leading and trailing whitespace from real responses: tokens the model hardly ever writes
+    there, which would mark those responses as real (they are counted, and warned about, either way)."""
 
     def __post_init__(self) -> None:
         if self.on_bad_row not in BAD_ROW_POLICIES:
@@ -148,6 +156,13 @@ class DataConfig:
             raise ValueError(
                 f"data.template_date must be a date YYYY-MM-DD, got {self.template_date!r}"
             ) from None
+        if not isinstance(self.chat_template_kwargs, dict) or not all(
+            isinstance(k, str) for k in self.chat_template_kwargs
+        ):
+            raise ValueError(
+                "data.chat_template_kwargs must map template variable names to values, got "
+                f"{self.chat_template_kwargs!r}"
+            )
         if self.max_prompt_tokens < 1 or self.max_response_tokens < 2:
             raise ValueError(
                 "data.max_prompt_tokens must be >= 1 and data.max_response_tokens >= 2 "
@@ -589,7 +604,8 @@ def eval_view(config: dict[str, Any]) -> dict[str, Any]:
 
 
 EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
-DATA_DEFAULTS_UNHASHED = {"subset": "first"}
+DATA_DEFAULTS_UNHASHED: dict[str, Any] = {"subset": "first", "chat_template_kwargs": {},
+                                          "strip_responses": False}  # fmt: skip
 """data keys added after runs existed, left out of the training fingerprint at their default (so those
 runs' fingerprints, and the grid's adoptions, do not change)."""
 TRAIN_DEFAULTS_UNHASHED = {"history_weight": 0.1, "history_start_iteration": 1}
