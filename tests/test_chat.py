@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from spaceft import chat
 from spaceft.chat import ChatTokenizer, end_of_turn_id, render_prompt_ids, tokenize_examples
 from spaceft.data import DataError, Example
 from spaceft.drift import template_drift, warn_template_drift
