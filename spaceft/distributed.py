@@ -219,10 +219,23 @@ def attempt(fn: Callable[..., Any], *args: Any) -> tuple[Any, BaseException | No
         return None, e
 
 
-def agree(state: PartialState, error: BaseException | None, what: str) -> None:
+def patient_group(state: PartialState, timeout_s: float) -> Any:
+    """A gloo group of every process whose collectives wait up to `timeout_s` (None with one process).
+
+    For a wait known to outlast the process group's timeout: the other processes waiting while the main
+    process downloads a model. `agree` and `broadcast` take it as `group`; the default group's timeout
+    (`selfplay.distributed_timeout_s`) stays short for every collective that should be quick. Gloo,
+    whatever the default backend: it waits on the CPU and needs no GPU. Every process must create it."""
+    if state.num_processes == 1 or not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def agree(state: PartialState, error: BaseException | None, what: str, group: Any = None) -> None:
     """Barrier at which every process learns whether any failed; then all raise, or none does.
 
     The failed process re-raises its own exception; the others raise `RankFailedError` naming it.
+    `group`: a `patient_group` to wait longer than the process group's timeout.
     """
     if state.num_processes == 1 or not dist.is_initialized():
         if error is not None:
@@ -230,7 +243,7 @@ def agree(state: PartialState, error: BaseException | None, what: str) -> None:
         return
     message = None if error is None else f"{type(error).__name__}: {error}"
     gathered: list[str | None] = [None] * state.num_processes
-    dist.all_gather_object(gathered, message)
+    dist.all_gather_object(gathered, message, group=group)
     if error is not None:
         raise error
     failed = [(rank, msg) for rank, msg in enumerate(gathered) if msg is not None]
@@ -239,10 +252,10 @@ def agree(state: PartialState, error: BaseException | None, what: str) -> None:
         raise RankFailedError(f"{what} failed on process {rank} of {state.num_processes}: {msg}")
 
 
-def broadcast(state: PartialState, obj: Any) -> Any:
+def broadcast(state: PartialState, obj: Any, group: Any = None) -> Any:
     """The main process's `obj` on every process (a decision all must share, such as a cache hit)."""
     if state.num_processes == 1 or not dist.is_initialized():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]

@@ -26,7 +26,7 @@ from spaceft.batching import ModelShape, auto_batch_size
 from spaceft.chat import ChatTokenizer, TokenizedExample, end_of_turn_id
 from spaceft.config import RunConfig, eval_view, training_view
 from spaceft.data import Example
-from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes
+from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes, patient_group
 from spaceft.generate import stop_ids
 from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
@@ -332,9 +332,18 @@ def _choose_batch_sizes(ws: Workspace, auto: list[str]) -> dict[str, int]:
     return {name: int(recorded[name]) for name in auto}
 
 
+HUB_DOWNLOAD_LIMIT_S = 12 * 3600
+"""How long the other processes wait for the main process to download the start model: a first
+download of a 70B model's 140 GB takes hours on a slow link, far past the process group's timeout
+(`selfplay.distributed_timeout_s`, 30 min by default), which a collective waiting on it would die of."""
+
+
 def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[str, str]:
     """The local snapshot of `repo_id` and its commit: the commit this run recorded, else the one the
-    main process resolves from `model.revision` (or the default branch); every process uses it."""
+    main process resolves from `model.revision` (or the default branch); every process uses it.
+
+    The others wait for the main process's download in a `patient_group` with its own limit
+    (`HUB_DOWNLOAD_LIMIT_S`), not in the process group, whose timeout is meant for quick collectives."""
     pin = partial(pin_snapshot, repo_id, cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code)
 
     def pin_as_recorded() -> tuple[Path, str]:
@@ -345,13 +354,16 @@ def _pin_hub_model(cfg: RunConfig, repo_id: str, state: PartialState) -> tuple[s
 
     pinned: tuple[Path, str] | None = None
     error = None
+    patient = patient_group(state, HUB_DOWNLOAD_LIMIT_S)
     if state.is_main_process:  # everything that can fail here is inside attempt: the others wait at agree
         pinned, error = attempt(pin_as_recorded)
-    agree(state, error, f"fetching the model {repo_id}")
-    commit = broadcast(state, pinned[1] if pinned else None)
+    agree(state, error, f"fetching the model {repo_id}", group=patient)
+    commit = broadcast(state, pinned[1] if pinned else None, group=patient)
     if pinned is None:  # the main process has downloaded it: read the cache (another node downloads)
         pinned, error = attempt(partial(pin, commit=commit, local_first=True))
-    agree(state, error, f"reading the model {repo_id} at commit {commit}")
+    agree(state, error, f"reading the model {repo_id} at commit {commit}", group=patient)
+    if patient is not None:
+        torch.distributed.destroy_process_group(patient)
     assert pinned is not None
     path = pinned[0]
     log.info("model %s: commit %s, read from %s", repo_id, commit, path)
