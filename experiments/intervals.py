@@ -81,6 +81,30 @@ def _interval(estimate: float, reps: np.ndarray, shape: tuple[int, int]) -> Inte
     return Interval(float(estimate), float(lo), float(hi), seeds=shape[0], problems=shape[1])
 
 
+def bootstrap_p(a_num: np.ndarray | list, b_num: np.ndarray | list, **kwargs: object) -> float:
+    """Two-sided p-value of a paired difference: twice the smaller share of its bootstrap replicates on
+    either side of 0 (the replicates of `paired_difference`, same draws; at most 1)."""
+    an, bn = _as_table(a_num, "a"), _as_table(b_num, "b")
+    c_seed, c_prob = resample_counts(
+        *an.shape, int(kwargs.get("replicates", REPLICATES)), int(kwargs.get("seed", 0))
+    )
+    ones = np.ones_like(an)
+    reps = _pooled(an, ones, c_seed, c_prob) - _pooled(bn, ones, c_seed, c_prob)
+    return float(min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0))))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input's order: the i-th smallest is multiplied by
+    (m − i + 1), made non-decreasing, and capped at 1. Reject where adjusted p < α."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    adjusted = [0.0] * len(pvalues)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
 def pooled_interval(
     numerator: np.ndarray | list,
     denominator: np.ndarray | list | None = None,

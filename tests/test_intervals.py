@@ -94,3 +94,18 @@ def test_seed_interval_and_input_checks() -> None:
         pooled_interval([[1.0]], [[0.0]])
     with pytest.raises(ValueError, match="non-finite"):
         pooled_interval([[float("nan")]])
+
+
+def test_holm_adjusts_step_down_in_the_input_order() -> None:
+    """p = [0.01, 0.04, 0.03, 0.005], m = 4. Sorted: 0.005·4 = 0.02, 0.01·3 = 0.03, 0.03·2 = 0.06,
+    0.04·1 = 0.04 → raised to 0.06 (non-decreasing). In input order: [0.03, 0.06, 0.06, 0.02]."""
+    assert intervals.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert intervals.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_p_is_zero_when_every_replicate_is_on_one_side() -> None:
+    """a beats b on every problem of every seed: every replicate's difference is 1 > 0, so p = 0; a
+    table against itself gives differences of exactly 0 on both sides, p = 1."""
+    a, b = np.ones((3, 10)), np.zeros((3, 10))
+    assert intervals.bootstrap_p(a, b, replicates=200) == 0.0
+    assert intervals.bootstrap_p(a, a, replicates=200) == 1.0
