@@ -1,7 +1,9 @@
-"""Tests of the theory lab: the exact world, SPACE's Theorems 2 and 3, sampled-mode bookkeeping, the CLI."""
+"""Tests of the theory lab: the exact world, SPACE's Theorems 2 and 3, T-SPIN's population map,
+sampled-mode bookkeeping, the CLI."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from spaceft.lab.policies import TabularPolicy, make_policy
 from spaceft.lab.population import PopulationConfig, population_objective, run_population_seed
 from spaceft.lab.sampled import SampledConfig, run_sampled_seed
 from spaceft.lab.world import END, World, WorldConfig, empirical_logps, kl_divergence, total_variation
-from spaceft.losses import LossType
+from spaceft.losses import LossType, tspin_loss
 
 # P = 2 prompts, A = 2 letters, responses of up to 3 letters: R = 1 + 2 + 4 + 8 = 15 per prompt.
 TINY = WorldConfig(num_prompts=2, alphabet_size=2, max_len=3, teacher_scale=1.5, seed=3)
@@ -198,16 +200,95 @@ def test_sft_must_be_token_weighted_to_reach_p_data(tiny: World) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# T-SPIN in population mode
+# --------------------------------------------------------------------------------------------------
+
+
+def _random_tables(world: World, seed: int, n: int) -> list[torch.Tensor]:
+    """n random models' log-probs [P, R]; the first is population mode's random start of ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (world.num_prompts, world.num_nodes, world.vocab_size)
+    return [world.sequence_logps(torch.randn(shape, generator=g, dtype=torch.float64)) for _ in range(n)]
+
+
+def test_tspin_objective_equals_the_triplet_sum(tiny: World) -> None:
+    """J_t = (1/P) Σ_x Σ_{y, y', y0} p_data(y) p_t(y') p_0(y0) L(y, y', y0), L the library's loss on all
+    R³ triplets: the two-grid evaluation the lab minimises is the same number."""
+    theta, opp, proto = _random_tables(tiny, 4, 3)
+    method = build_methods(["tspin"], tspin_alpha=0.7, tspin_beta=0.3)[0]
+    p, r = tiny.num_prompts, tiny.num_responses
+    shape = (p, r, r, r)
+    losses = tspin_loss(
+        theta[:, :, None, None].expand(shape).reshape(-1),
+        theta[:, None, :, None].expand(shape).reshape(-1, 1),
+        theta[:, None, None, :].expand(shape).reshape(-1),
+        alpha=0.7,
+        history_weight=0.3,
+    ).losses
+    joint = tiny.data_logps[:, :, None, None] + opp[:, None, :, None] + proto[:, None, None, :]
+    expected = (joint.exp().reshape(-1) * losses).sum().item() / p
+    assert population_objective(method, tiny, theta, opp, proto).item() == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="proto-synthetic"):
+        population_objective(method, tiny, theta, opp)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
+def test_tspin_iteration_without_history_is_the_tempered_density_ratio(tiny: World, alpha: float) -> None:
+    """β = 0 (T-SPIN's first iteration): the minimiser is p_θ1 ∝ (p_data / p_θ0)^(1/α), not p_data.
+
+    The logistic fit of y ~ p_data against y' ~ p_θ0 has the score difference log p_data/p_θ0
+    (c = log p_data − log p_θ0 satisfies its stationarity condition pair by pair), and c = α log p_θ
+    without a reference gives the power 1/α; SPIN's reference would multiply by p_θ0 instead.
+    """
+    method = build_methods(["tspin"], tspin_alpha=alpha)
+    records = run_population_seed(tiny, method, PopulationConfig(iterations=1, max_steps=300), seed=0)
+    (start,) = _random_tables(tiny, 0, 1)
+    target = torch.log_softmax((tiny.data_logps - start) / alpha, dim=-1)
+    kl_target = records["tspin"][1]["kl"]
+    assert kl_target == pytest.approx(kl_divergence(tiny.data_logps, target).mean().item(), abs=1e-7)
+    assert kl_target > 0.05
+
+
+def test_tspin_moves_from_p_data_to_the_uniform_distribution(tiny: World) -> None:
+    """Synthetic = real: p_θt = p_θ0 = p_data. The current term is symmetric in y, y', its minimiser has
+    equal scores: one iteration takes p_data to the uniform distribution (KL = log R − H(p_data))."""
+    tspin = build_methods(["tspin"])
+    records = run_population_seed(tiny, tspin, PopulationConfig(iterations=1, start="data"), 0)["tspin"]
+    entropy = -(tiny.data_logps.exp() * tiny.data_logps).sum(-1).mean().item()
+    assert records[1]["grad_norm_at_start"] > 1e-2  # p_data is not stationary
+    assert records[1]["kl"] == pytest.approx(math.log(tiny.num_responses) - entropy, abs=1e-7)
+
+
+def test_tspin_history_term_turns_a_two_cycle_into_a_damped_one(tiny: World) -> None:
+    """α = 1, β = 0: p_θ1 ∝ p_data/p_θ0 and p_θ2 ∝ p_data/p_θ1 = p_θ0, a 2-cycle forever. β = 0.1 (from
+    iteration 2, the paper's schedule) breaks the cycle and shrinks the swing, but not towards p_data.
+
+    Tiny world, seed 0: β = 0 gives KL 1.479, 1.105, 1.479, …; β = 0.1 gives 1.479, 1.105, 0.601, 0.342,
+    0.444, 0.211, 0.357 (swings 0.50, 0.26, 0.10, 0.23, 0.15).
+    """
+    config = PopulationConfig(iterations=6, max_steps=300)
+    runs = run_population_seed(tiny, build_methods(["tspin"], tspin_beta=0.0), config, 0)["tspin"]
+    kl = [r["kl"] for r in runs]
+    assert kl[2] == pytest.approx(kl[0], abs=1e-7) and kl[4] == pytest.approx(kl[0], abs=1e-7)
+    assert abs(kl[1] - kl[0]) > 0.1
+    damped = [r["kl"] for r in run_population_seed(tiny, build_methods(["tspin"]), config, 0)["tspin"]]
+    assert abs(damped[3] - damped[1]) > 0.1  # no longer a 2-cycle
+    swings = [abs(b - a) for a, b in itertools.pairwise(damped[1:])]
+    assert max(swings[-2:]) < 0.5 * swings[0]
+    assert min(damped[1:]) > 0.1  # and nowhere near p_data
+
+
+# --------------------------------------------------------------------------------------------------
 # sampled mode
 # --------------------------------------------------------------------------------------------------
 
 
 def test_sampled_run_bookkeeping(tiny: World) -> None:
     """A short run: record layout, exact KL of the final model against a direct sum, shared start."""
-    methods = build_methods(["sft", "spin", "space"], mus=[3.0])
+    methods = build_methods(["sft", "spin", "space", "tspin"], mus=[3.0])
     config = SampledConfig(num_real=4, iterations=2, epochs=1, batch_size=4, lr=0.05, sft_start_epochs=1)
     out = run_sampled_seed(tiny, methods, config, seed=5, keep_models=True)
-    assert list(out["methods"]) == ["sft", "spin", "space_mu3"]
+    assert list(out["methods"]) == ["sft", "spin", "space_mu3", "tspin"]
     starts = {json.dumps(recs[0], sort_keys=True) for recs in out["methods"].values()}
     assert len(starts) == 1  # every method starts from the same SFT model
     real = out["real"]
@@ -249,9 +330,12 @@ def test_factored_policy_runs(tiny: World) -> None:
 
 def test_build_methods() -> None:
     methods = build_methods()
-    assert [m.key for m in methods] == ["sft", "spin", "ipo", "simpo", "space_mu1", "space_mu3", "space_mu7"]
-    k = {m.key: m.num_synthetic for m in methods}
-    assert k == {"sft": 0, "spin": 1, "ipo": 1, "simpo": 1, "space_mu1": 1, "space_mu3": 3, "space_mu7": 7}
+    keys = ["sft", "spin", "ipo", "simpo", "space_mu1", "space_mu3", "space_mu7", "tspin"]
+    assert [m.key for m in methods] == keys
+    assert [m.num_synthetic for m in methods] == [0, 1, 1, 1, 1, 3, 7, 1]
+    tspin = build_methods(["tspin"], tspin_alpha=0.5, tspin_beta=0.3)[0]
+    assert tspin.beta == 0.5 and tspin.history_weight == 0.3 and tspin.loss_type is LossType.TSPIN
+    assert tspin.at_iteration(1).history_weight == 0.0 and tspin.at_iteration(2) is tspin
     assert all(m.num_synthetic == 2 for m in build_methods(["spin", "space"], num_synthetic=2))
     spin = build_methods(["spin"], spin_beta=0.5)[0]
     assert isinstance(spin, Method) and spin.beta == 0.5 and spin.loss_type is LossType.SPIN
@@ -289,7 +373,7 @@ def test_cli_help_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     text = capsys.readouterr().out
     assert "spaceft lab" in text and "--N" in text and "--mu" in text and "lab_out" in text
-    for bad in (["--N", "0"], ["--mu", "0"], ["--seeds", "0"], ["--methods", "dpo"]):
+    for bad in (["--N", "0"], ["--mu", "0"], ["--seeds", "0"], ["--methods", "dpo"], ["--tspin-alpha", "0"]):
         with pytest.raises(SystemExit) as info:
             main(bad)
         assert info.value.code == 2

@@ -5,7 +5,8 @@ teacher distribution p_data, and small autoregressive models p_θ (a logit table
 shared across prompts). Two modes, both driven by the library's own losses (:mod:`spaceft.losses`):
 
 * population mode (:mod:`spaceft.lab.population`): exact expectations, no sampling — checks SPACE's
-  Theorem 2 (the minimiser is p_data from any start) and Theorem 3 (p_data is a fixed point);
+  Theorem 2 (the minimiser is p_data from any start) and Theorem 3 (p_data is a fixed point), and
+  T-SPIN's iteration map (it has neither property);
 * sampled mode (:mod:`spaceft.lab.sampled`): N fixed real samples per prompt, K synthetic samples per
   iteration, E epochs of RMSProp — what practitioners run, with exact KL bookkeeping.
 

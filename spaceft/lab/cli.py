@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 _EPILOG = """\
 examples:
-  spaceft lab                                   # default grid: 7 methods x 3 seeds x 10 iterations
+  spaceft lab                                   # default grid: 8 methods x 3 seeds x 10 iterations
   spaceft lab --mode sampled --N 64 --epochs 8  # more data, more epochs per iteration
   spaceft lab --methods spin space --mu 1 --spin-beta 1.0 --out lab_spin_beta1
 """
@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tau", type=float, default=d_lab.tau, help="S-IPO's tau (%(default)s)")
     m.add_argument("--simpo-beta", type=float, default=d_lab.simpo_beta, help="S-SimPO's beta (%(default)s)")
     m.add_argument("--gamma", type=float, default=d_lab.gamma, help="S-SimPO's margin gamma (%(default)s)")
+    m.add_argument(
+        "--tspin-alpha", type=float, default=d_lab.tspin_alpha, help="T-SPIN's alpha (%(default)s)"
+    )
+    m.add_argument(
+        "--tspin-beta",
+        type=float,
+        default=d_lab.tspin_beta,
+        help="T-SPIN's beta, weight of the historical term from iteration 2 on (%(default)s)",
+    )
 
     s = p.add_argument_group("sampled mode")
     s.add_argument(
@@ -196,6 +205,8 @@ def config_from_args(args: argparse.Namespace) -> LabConfig:
         tau=args.tau,
         simpo_beta=args.simpo_beta,
         gamma=args.gamma,
+        tspin_alpha=args.tspin_alpha,
+        tspin_beta=args.tspin_beta,
         seeds=tuple(range(args.seed_start, args.seed_start + args.seeds)),
         mode=args.mode,
     )

@@ -54,6 +54,10 @@ class LabConfig:
     """S-SimPO's β."""
     gamma: float = 1.0
     """S-SimPO's margin γ."""
+    tspin_alpha: float = 1.0
+    """T-SPIN's α, the reward scale of c = α·log p_θ (the paper's 1.0)."""
+    tspin_beta: float = 0.1
+    """T-SPIN's β, the weight of the historical term (the paper's 0.1; 0 from the first iteration)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     """Seeds of the real set, the synthetic draws and the initial model (the world has its own)."""
     mode: str = "both"
@@ -68,6 +72,8 @@ class LabConfig:
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if any(not mu > 0 for mu in self.mus):
             raise ValueError(f"every μ must be > 0, got {self.mus}")
+        if not (self.tspin_alpha > 0 and self.tspin_beta >= 0):
+            raise ValueError(f"T-SPIN needs α > 0 and β >= 0, got {self.tspin_alpha} and {self.tspin_beta}")
         self.build_methods()  # validates names, K and duplicates early
 
     def build_methods(self) -> list[Method]:
@@ -80,6 +86,8 @@ class LabConfig:
             tau=self.tau,
             simpo_beta=self.simpo_beta,
             gamma=self.gamma,
+            tspin_alpha=self.tspin_alpha,
+            tspin_beta=self.tspin_beta,
         )
 
 
@@ -108,6 +116,7 @@ def run_lab(config: LabConfig) -> dict:
                 "beta": m.beta if m.beta is not None else m.loss_type.default_beta,
                 "tau": m.tau,
                 "gamma": m.gamma,
+                **({"history_weight": m.history_weight} if m.loss_type.uses_proto else {}),
             }
             for m in methods
         ],

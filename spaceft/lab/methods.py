@@ -1,10 +1,11 @@
 """The methods the lab compares, and their objectives on the lab's exact log-prob tables.
 
 A :class:`Method` is a :class:`~spaceft.losses.LossType` plus its hyper-parameters and K. Its
-:meth:`Method.outputs` gathers the log-probs of a batch of (prompt, real, synthetic) response indices
-from full ``[P, R]`` tables and calls :func:`spaceft.losses.compute_loss`, so the lab exercises the
-library's real losses. The reduction is a weighted mean: weights 1 in sampled mode, the exact
-probabilities p_data(y)·p_θt(y') in population mode; SFT weights each sequence by its length as well,
+:meth:`Method.outputs` gathers the log-probs of a batch of (prompt, real, synthetic[, proto]) response
+indices from full ``[P, R]`` tables and calls :func:`spaceft.losses.compute_loss`, so the lab exercises
+the library's real losses. The reduction is a weighted mean: weights 1 in sampled mode, the exact
+probabilities p_data(y)·p_θt(y') (times p_θ0(y0) for T-SPIN) in population mode; SFT weights each
+sequence by its length as well,
 which makes it token-averaged, i.e. maximum likelihood (the per-sequence mean token NLL alone would
 favour short responses and miss p_data even with infinite data).
 """
@@ -12,14 +13,14 @@ favour short responses and miss p_data even with infinite data).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import Tensor
 
 from spaceft.losses import LossOutput, LossType, compute_loss
 
-METHOD_NAMES = ("sft", "spin", "spin_hinge", "ipo", "simpo", "space")
-DEFAULT_METHODS = ("sft", "spin", "ipo", "simpo", "space")
+METHOD_NAMES = ("sft", "spin", "spin_hinge", "ipo", "simpo", "space", "tspin")
+DEFAULT_METHODS = ("sft", "spin", "ipo", "simpo", "space", "tspin")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,18 @@ class Method:
     """S-IPO's τ."""
     gamma: float = 1.0
     """S-SimPO's margin γ."""
+    history_weight: float = 0.1
+    """T-SPIN's β, the weight of its historical term."""
+    history_start: int = 2
+    """First iteration (1-based, as the lab counts) whose T-SPIN loss has the historical term: the
+    paper sets β = 0 in its first iteration, where y' and y0 both come from the start model."""
+
+    def at_iteration(self, iteration: int) -> Method:
+        """The method as lab iteration ``iteration`` (1-based) runs it: T-SPIN has β = 0 before
+        ``history_start``."""
+        if self.loss_type.uses_proto and iteration < self.history_start:
+            return replace(self, history_weight=0.0)
+        return self
 
     def outputs(
         self,
@@ -51,14 +64,16 @@ class Method:
         prompt: Tensor,
         real: Tensor,
         synthetic: Tensor,
+        proto: Tensor | None = None,
     ) -> LossOutput:
-        """The loss of each (prompt, real, synthetic) triple.
+        """The loss of each (prompt, real, synthetic[, proto]) item.
 
         Args:
             policy_logps: [P, R] log p_θ of every response.
             opponent_logps: [P, R] log p_θt (detached), or None for methods that need no opponent.
             lengths: [R] generated tokens per response.
             prompt: [B] prompt index; real: [B] real response index; synthetic: [B, K] response indices.
+            proto: [B] proto-synthetic response index (methods that use one; see ``LossType.uses_proto``).
         """
         rows = prompt.unsqueeze(-1)  # [B, 1]
         opp_real = opp_syn = None
@@ -66,6 +81,11 @@ class Method:
             if opponent_logps is None:
                 raise ValueError(f"method {self.key} needs the opponent's log-probs")
             opp_real, opp_syn = opponent_logps[prompt, real], opponent_logps[rows, synthetic]
+        policy_proto = None
+        if self.loss_type.uses_proto:
+            if proto is None:
+                raise ValueError(f"method {self.key} needs proto-synthetic responses")
+            policy_proto = policy_logps[prompt, proto]  # [B]
         return self.loss(
             policy_logps[prompt, real],  # [B]
             policy_logps[rows, synthetic],  # [B, K]
@@ -73,6 +93,7 @@ class Method:
             opp_syn,
             lengths[real],
             lengths[synthetic],
+            policy_proto,
         )
 
     def loss(
@@ -83,6 +104,7 @@ class Method:
         opponent_synthetic: Tensor | None,
         real_lengths: Tensor,
         synthetic_lengths: Tensor,
+        policy_proto: Tensor | None = None,
     ) -> LossOutput:
         """:func:`spaceft.losses.compute_loss` with this method's settings, on gathered log-probs."""
         return compute_loss(
@@ -93,10 +115,12 @@ class Method:
             opponent_synthetic_logps=opponent_synthetic,
             real_lengths=real_lengths,
             synthetic_lengths=synthetic_lengths,
+            policy_proto_logps=policy_proto,
             mu=self.mu,
             beta=self.beta,
             tau=self.tau,
             gamma=self.gamma,
+            history_weight=self.history_weight,
         )
 
     def reduce(self, out: LossOutput, real_lengths: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -117,6 +141,8 @@ def build_methods(
     tau: float = 0.1,
     simpo_beta: float = 2.0,
     gamma: float = 1.0,
+    tspin_alpha: float = 1.0,
+    tspin_beta: float = 0.1,
 ) -> list[Method]:
     """Methods in the order given; ``space`` expands to one method per μ.
 
@@ -142,6 +168,9 @@ def build_methods(
             methods.append(Method(name, label, LossType(name), k, beta=spin_beta))
         elif name == "ipo":
             methods.append(Method("ipo", "S-IPO", LossType.IPO, k, tau=tau))
+        elif name == "tspin":
+            tspin = Method("tspin", "T-SPIN", LossType.TSPIN, k, beta=tspin_alpha, history_weight=tspin_beta)
+            methods.append(tspin)
         else:
             methods.append(Method("simpo", "S-SimPO", LossType.SIMPO, k, beta=simpo_beta, gamma=gamma))
     keys = [m.key for m in methods]

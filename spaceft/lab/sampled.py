@@ -5,7 +5,8 @@ starting model is SFT on them for a few epochs. Then, for t = 1 … T and each m
 the SPACE seed, as in ``spaceft.selfplay``):
 
 1. opponent p_θt ← the current model (its log-probs of every response, detached);
-2. draw K synthetic responses per real pair from p_θt;
+2. draw K synthetic responses per real pair from p_θt; T-SPIN's proto-synthetic response y0 of each
+   pair is the first of them in iteration 1 (drawn from the start model), kept for the whole run;
 3. E epochs of RMSProp (a fresh optimiser per iteration, 10% linear warm-up then linear decay, as
    ``spaceft.train``) on the method's loss over the N·P pairs;
 4. record exact KL(p_data‖p_θ), KL(p̂‖p_θ) to the empirical distribution p̂ of the real responses,
@@ -91,8 +92,10 @@ def train_epochs(
     lr: float,
     warmup_ratio: float,
     generator: torch.Generator,
+    proto: Tensor | None = None,
 ) -> None:
-    """E epochs of RMSProp on ``method``'s loss over ``pairs`` = (prompt [B], real [B], synthetic [B, K]).
+    """E epochs of RMSProp on ``method``'s loss over ``pairs`` = (prompt [B], real [B], synthetic [B, K])
+    and, for a method that uses them, the proto-synthetic responses ``proto`` [B].
 
     A fresh optimiser with linear warm-up and linear decay, like one iteration of ``spaceft.train``
     (and ``transformers``' ``linear`` schedule). A cold RMSProp has no bias correction: its first steps
@@ -115,7 +118,10 @@ def train_epochs(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             logps = world.sequence_logps(policy())  # [P, R]
-            out = method.outputs(logps, opponent_logps, world.lengths, prompt[idx], real[idx], synthetic[idx])
+            batch_proto = None if proto is None else proto[idx]
+            out = method.outputs(
+                logps, opponent_logps, world.lengths, prompt[idx], real[idx], synthetic[idx], batch_proto
+            )
             loss = method.reduce(out, world.lengths[real[idx]])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -206,6 +212,7 @@ def _run_method(
     with torch.no_grad():
         records = [_record(world, world.sequence_logps(policy()), emp, real, 0)]
     k = method.num_synthetic
+    proto: Tensor | None = None
     for t in range(1, config.iterations + 1):
         # step 1: the opponent is the current model, frozen for the iteration
         with torch.no_grad():
@@ -216,11 +223,13 @@ def _run_method(
             synthetic = synthetic.view(world.num_prompts * config.num_real, k)  # [P·N, K]
         else:
             synthetic = torch.empty(len(real_flat), 0, dtype=torch.long)
+        if method.loss_type.uses_proto and proto is None:
+            proto = synthetic[:, 0].clone()  # y0 ~ p_θ0, the start model, kept across iterations
         pairs = (prompt_flat, real_flat, synthetic)
         # step 3: E epochs on the method's loss
         train_epochs(
             policy,
-            method,
+            method.at_iteration(t),
             world,
             opponent if method.loss_type.needs_opponent else None,
             pairs,
@@ -229,6 +238,7 @@ def _run_method(
             lr=config.lr,
             warmup_ratio=config.warmup_ratio,
             generator=g,
+            proto=proto,
         )
         # step 4: exact metrics of the new model, rewards of this iteration's pairs
         with torch.no_grad():
@@ -237,7 +247,7 @@ def _run_method(
             # how far this iteration moved the model
             rec["kl_from_opponent"] = kl_divergence(opponent, logps).mean().item()
             if method.loss_type.uses_synthetic:
-                out = method.outputs(logps, opponent, world.lengths, *pairs)
+                out = method.outputs(logps, opponent, world.lengths, *pairs, proto)
                 rec["frac_synthetic_equals_real"] = (
                     (synthetic == real_flat.unsqueeze(-1)).double().mean().item()
                 )
