@@ -509,6 +509,7 @@ def test_a_kept_engine_sleeps_and_takes_the_next_opponent_in_place(
     assert "enable_sleep_mode" not in fake.llm_kwargs  # an engine built per iteration never sleeps
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("iterations", "fail_in_score"), [(3, False), (1, False), (3, True)])
 def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path, iterations: int,

@@ -855,6 +855,7 @@ def test_bf16_weights_without_float32_masters_at_a_small_lr_are_refused_before_a
     preflight.check(low)  # every iteration trained: nothing left to round away
 
 
+@pytest.mark.slow
 def test_a_misspelt_lm_eval_task_stops_the_run_before_any_work(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

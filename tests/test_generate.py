@@ -173,6 +173,7 @@ def test_samples_that_stop_on_eos_instead_of_end_of_turn_are_counted(
     assert "1 of 4 samples stopped on a stop token other than end-of-turn (id 9)" in caplog.text
 
 
+@pytest.mark.slow
 def test_samples_are_drawn_under_the_autocast_that_scores_them(
     model, tiny_tokenizer, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
