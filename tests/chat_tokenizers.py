@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 WORDS = (
@@ -198,6 +198,45 @@ def gemma() -> PreTrainedTokenizerFast:
         tok, GEMMA_TEMPLATE, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
     )
     fast.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return fast
+
+
+# Qwen3's structure: the last assistant turn of a conversation is rendered after an empty think block;
+# the generation prompt ends at "assistant\n", and gets that empty block only when enable_thinking is false.
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'assistant' and loop.last %}"
+    "{{ '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% if enable_thinking is defined and enable_thinking is false %}{{ '<think>\\n\\n</think>\\n\\n' }}"
+    "{% endif %}{% endif %}"
+)
+# Qwen2/3's pre-tokenizer pattern: a run of newlines is one piece ("\n\n" then "The", never "\n" "\nThe")
+QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+
+
+def qwen3() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with Qwen's pre-tokenizer and a ``ĊĊ`` token, ``<think>``/``</think>`` as added
+    (not special) tokens, as Qwen3 ships them, and the thinking template."""
+    specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    pieces = ["Ġ" + w for w in WORDS if w.isascii()] + [w for w in WORDS if w.isascii()] + ["ĊĊ"]
+    extra, merges = _merges_for(pieces)
+    vocab: dict[str, int] = {}
+    for token in [*specials, *alphabet, *extra]:
+        vocab.setdefault(token, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tok.decoder = decoders.ByteLevel()
+    fast = _fast(tok, QWEN3_TEMPLATE, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.add_tokens(["<think>", "</think>"])
     return fast
 
 
