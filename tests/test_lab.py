@@ -261,7 +261,7 @@ def test_tspin_moves_from_p_data_to_the_uniform_distribution(tiny: World) -> Non
 
 def test_tspin_history_term_turns_a_two_cycle_into_a_damped_one(tiny: World) -> None:
     """α = 1, β = 0: p_θ1 ∝ p_data/p_θ0 and p_θ2 ∝ p_data/p_θ1 = p_θ0, a 2-cycle forever. β = 0.1 (from
-    iteration 2, the paper's schedule) breaks the cycle and shrinks the swing, but not towards p_data.
+    iteration 2, the paper's schedule) breaks the cycle (here the swing shrinks), but not towards p_data.
 
     Tiny world, seed 0: β = 0 gives KL 1.479, 1.105, 1.479, …; β = 0.1 gives 1.479, 1.105, 0.601, 0.342,
     0.444, 0.211, 0.357 (swings 0.50, 0.26, 0.10, 0.23, 0.15).
