@@ -27,7 +27,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spaceft.score import pack, sequence_logps
+    from spaceft.token_logps import pack, sequence_logps
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 2,

@@ -36,8 +36,8 @@ def main() -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from spaceft.configfile import config_from_dict
-    from spaceft.score import pack
-    from spaceft.train import TrainItem, forward_batch, micro_batches
+    from spaceft.microbatch import TrainItem, compose, forward_batch
+    from spaceft.token_logps import pack
 
     g = torch.Generator().manual_seed(0)
 
@@ -70,7 +70,7 @@ def main() -> int:
                     },
                 }
             )
-            micro = micro_batches(items, cfg, rank=0, world=1)
+            micro = [[items[i] for i in grp] for grp in compose(items, cfg, 0, world=1)]
             real = padded = 0
             tic = time.perf_counter()
             for mb in micro:

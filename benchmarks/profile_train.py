@@ -32,9 +32,9 @@ def main() -> int:
 
     from spaceft.config import ModelConfig
     from spaceft.losses import compute_loss
+    from spaceft.microbatch import TrainItem, forward_batch
     from spaceft.models import load_model, load_tokenizer
-    from spaceft.score import autocast
-    from spaceft.train import TrainItem, forward_batch
+    from spaceft.token_logps import autocast
 
     dtype, mixed, *_ = PRECISIONS[args.precision]
     path = model_path(args.model)

@@ -121,9 +121,10 @@ def run_spaceft(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
     from spaceft.config import ModelConfig
     from spaceft.configfile import config_from_dict
+    from spaceft.microbatch import TrainItem
     from spaceft.models import load_model, load_tokenizer
-    from spaceft.score import score_sequences
-    from spaceft.train import TrainItem, train_iteration
+    from spaceft.token_logps import score_sequences
+    from spaceft.train import train_iteration
 
     dtype, mixed, *_ = PRECISIONS[args.precision]
     tok = load_tokenizer(path)
@@ -246,7 +247,7 @@ def trl_loss_check(path: str, *, n: int = 4, seed: int = 0) -> dict[str, tuple[f
     from trl import DPOConfig, DPOTrainer
 
     from spaceft.losses import compute_loss
-    from spaceft.score import pack, sequence_logps
+    from spaceft.token_logps import pack, sequence_logps
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:

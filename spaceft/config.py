@@ -626,4 +626,3 @@ def _to_plain(obj: Any) -> Any:
 
 def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-

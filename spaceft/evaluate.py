@@ -30,8 +30,8 @@ from spaceft.config import EvalConfig, GenerationConfig, ModelConfig
 from spaceft.data import Example
 from spaceft.generate import HFGenerator
 from spaceft.rundir import ONE_PROCESS, Shard, atomic_path, merge_parts, write_json, write_parts
-from spaceft.score import score_sequences
 from spaceft.tasks import exact_match, parse_answer
+from spaceft.token_logps import score_sequences
 
 log = logging.getLogger(__name__)
 

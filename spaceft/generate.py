@@ -35,7 +35,7 @@ from transformers import LogitsProcessorList
 from spaceft.batching import concrete
 from spaceft.config import GenerationConfig
 from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, pending_parts, write_parts
-from spaceft.score import autocast
+from spaceft.token_logps import autocast
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ class VLLMGenerator:
 
     The engine's log-probs are never used as the opponent's scores: the score stage recomputes them with
     the same HF forward that training uses, so that at the first step of an iteration policy and
-    opponent log-probs are computed by the same code in the same precision and every reward is 0 up to
-    the rounding of differently padded batches (spaceft.score); vLLM's kernels (and its bf16/fp8
+    opponent log-probs are computed by the same code, precision and micro-batches and every reward is
+    exactly 0 (spaceft.microbatch); vLLM's kernels (and its bf16/fp8
     paths, prefix caching, batch-dependent reductions) give values that differ in the low digits, which
     would show up as spurious rewards.
 

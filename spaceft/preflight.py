@@ -112,19 +112,19 @@ def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
 
 
 def check_batch_split(cfg: RunConfig, processes: int) -> None:
-    """Every process runs the same number of micro-batches (an idle one would hang the gradient
-    all-reduce), so each optimizer step is cut to a multiple of the processes (`train.step_slices`). A
-    global batch that is not one would leave the same share of every step out, unseen: with 3 processes
-    and a global batch of 4, 6 of 10 prompts per epoch were trained on. Refused."""
+    """Every process runs as many micro-batches per step as the busiest (an idle one would hang the
+    gradient all-reduce): where a step's micro-batches do not divide among the processes, the short ones
+    run a stand-in whose loss is multiplied by 0 (`microbatch.rank_groups`). A global batch that is not
+    a multiple of the processes would do that on every step, compute for nothing. Refused."""
     g = cfg.train.global_batch_size
     if processes > 1 and g % processes:
         step = math.lcm(processes, cfg.train.micro_batch_size)  # (also a multiple of the micro-batch)
         lower, upper = g - g % step, g - g % step + step
         fits = f"{lower} or {upper}" if lower else str(upper)
         raise ValueError(
-            f"train.global_batch_size={g} is not a multiple of the {processes} processes: every optimizer "
-            f"step would leave {g % processes} of its prompts out (each process must run as many "
-            f"micro-batches as the others); use {fits}"
+            f"train.global_batch_size={g} is not a multiple of the {processes} processes: on every optimizer "
+            "step some processes would run a stand-in micro-batch that trains nothing (each process must "
+            f"run as many micro-batches as the others); use {fits}"
         )
 
 

@@ -47,10 +47,11 @@ from spaceft.generate import (
     vllm_keeps_engine,
     write_generate_parts,
 )
+from spaceft.microbatch import TrainItem, compose, composition_tag
 from spaceft.models import whole_weights
 from spaceft.rundir import Manifest, content_hash, file_hashes, read_json, read_table
-from spaceft.score import ScoreItem, logps_by_content, merge_score_parts, score_key, write_score_parts
-from spaceft.train import RUN_CONFIG_FILE, TrainItem, train_iteration
+from spaceft.score import merge_score_parts, with_opponent_scores, write_score_parts
+from spaceft.train import RUN_CONFIG_FILE, train_iteration
 from spaceft.workspace import StaleRunError, Workspace, loaded_model, prepare, release_models
 
 log = logging.getLogger(__name__)
@@ -123,59 +124,55 @@ def _sources(ws: Workspace, t: int) -> list[int]:
     return [t, t - 1] if ws.cfg.selfplay.mix_previous and t > 0 else [t]
 
 
-def _score_items(ws: Workspace, t: int) -> list[ScoreItem]:
-    items = [ScoreItem("real", tok.index, 0, -1, tok.prompt_ids, tok.response_ids) for tok in ws.train_tok]
-    by_index = {tok.index: tok for tok in ws.train_tok}
-    for src in _sources(ws, t):
-        for index, samples in sorted(_synthetic(ws, src).items()):
-            for j, ids in enumerate(samples):
-                items.append(ScoreItem("synthetic", index, j, src, by_index[index].prompt_ids, ids))
-    return items
-
-
-def train_items(ws: Workspace, t: int) -> list[TrainItem]:
-    """Assemble (prompt, real, K synthetic, opponent log-probs) for iteration t.
-
-    Opponent scores are looked up by (θt's weights hash, token ids): a score of other tokens or from
-    another opponent cannot be found, and its absence is an error, never a silent reuse.
-    """
-    loss = ws.cfg.train.loss
-    if not loss.uses_synthetic:
-        return [TrainItem(tok.prompt_ids, tok.response_ids, ()) for tok in ws.train_tok]
-    scores = OpponentScores(ws, t) if loss.needs_opponent else None
-    items = []
+def _plain_items(ws: Workspace, t: int) -> tuple[list[TrainItem], list[tuple[int, int]]]:
+    """Iteration t's training items, without the opponent's scores, and each one's (prompt index,
+    iteration that sampled its synthetic responses)."""
+    if not ws.cfg.train.loss.uses_synthetic:
+        return [TrainItem(tok.prompt_ids, tok.response_ids, ()) for tok in ws.train_tok], [
+            (tok.index, -1) for tok in ws.train_tok
+        ]
+    items, origins = [], []
     for src in _sources(ws, t):
         synthetic = _synthetic(ws, src)
         for tok in ws.train_tok:
-            samples = synthetic[tok.index]
-            if scores is None:
-                opp_real, opp_syn = 0.0, tuple(0.0 for _ in samples)
-            else:
-                opp_real = scores.get(tok.prompt_ids, tok.response_ids, f"prompt {tok.index}'s real response")
-                opp_syn = tuple(
-                    scores.get(tok.prompt_ids, s, f"prompt {tok.index}'s sample {j} of iteration {src}")
-                    for j, s in enumerate(samples)
-                )
-            items.append(TrainItem(tok.prompt_ids, tok.response_ids, tuple(samples), opp_real, opp_syn))
-    return items
+            items.append(TrainItem(tok.prompt_ids, tok.response_ids, tuple(synthetic[tok.index])))
+            origins.append((tok.index, src))
+    return items, origins
 
 
-class OpponentScores:
-    """iter_t/opponent_logps.parquet, looked up by (opponent weights hash, prompt ids, response ids)."""
+@dataclass(frozen=True)
+class Batches:
+    """Iteration t's training items and its micro-batches, which the score stage and training share."""
 
-    def __init__(self, ws: Workspace, t: int) -> None:
-        self.path = ws.iter_dir(t) / "opponent_logps.parquet"
-        self.t = t
-        self.opponent = ws.opponent_hash(t)
-        self.logps = logps_by_content(read_table(self.path))
+    items: list[TrainItem]
+    origins: list[tuple[int, int]]
+    groups: list[tuple[int, ...]]
+    composition: str  # `microbatch.composition_tag`: recorded by the score stage, checked by training
 
-    def get(self, prompt: tuple[int, ...], response: tuple[int, ...], what: str) -> float:
-        key = score_key(self.opponent, prompt, response)
-        if key not in self.logps:
-            raise RuntimeError(
-                f"{self.path} has no score of {what} by this opponent: re-run `spaceft score -t {self.t}`"
-            )
-        return self.logps[key]
+
+def batches(ws: Workspace, t: int) -> Batches:
+    items, origins = _plain_items(ws, t)
+    groups = compose(items, ws.cfg, t, ws.state.num_processes)
+    return Batches(items, origins, groups, composition_tag(groups, items, ws.cfg))
+
+
+def train_items(ws: Workspace, t: int) -> list[TrainItem]:
+    """Iteration t's items with the opponent's log-probs, which were computed in these micro-batches.
+
+    Scores are looked up by item and checked against (θt's weights hash, token ids): a score of other
+    tokens, of another opponent or of other micro-batches is an error, never a silent reuse.
+    """
+    b = batches(ws, t)
+    if not ws.cfg.train.loss.needs_opponent:
+        return b.items
+    path = ws.iter_dir(t) / "opponent_logps.parquet"
+    if (ws.manifest.stage(t, "score") or {}).get("composition") != b.composition:
+        raise RuntimeError(
+            f"{path} was scored in other micro-batches than training would use (another micro-batch size, "
+            f"length grouping, number of processes or data): re-run `spaceft score -t {t}` with this "
+            "training's settings and processes"
+        )
+    return with_opponent_scores(b.items, read_table(path), ws.opponent_hash(t), str(path))
 
 
 def _synthetic_hashes(ws: Workspace, t: int) -> dict[str, str]:
@@ -193,6 +190,10 @@ def _score_is_stale(ws: Workspace, t: int) -> bool:
         return True
     if entry.get("opponent", ws.opponent_hash(t)) != ws.opponent_hash(t):
         log.warning("iteration %d: the opponent's weights changed since scoring; re-scoring", t)
+        return True
+    if not ws.manifest.is_done(t, "train") and entry.get("composition") != batches(ws, t).composition:
+        log.warning("iteration %d: training's micro-batches changed since scoring (micro-batch size, length "
+                    "grouping, number of processes or data); re-scoring in the new ones", t)  # fmt: skip
         return True
     return False
 
@@ -343,37 +344,33 @@ def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, A
     return {**entry, "template_drift": drift, "opponent": ws.opponent_hash(t)}
 
 
-def load_score(ws: Workspace, step: Step) -> list[ScoreItem]:
-    return _score_items(ws, int(step.iteration))
+def load_score(ws: Workspace, step: Step) -> Batches:
+    return batches(ws, int(step.iteration))
 
 
-def _score_batch(ws: Workspace) -> int:
-    return ws.cfg.train.micro_batch_size * (1 + ws.cfg.generation.num_samples)
-
-
-def work_score(ws: Workspace, step: Step, items: list[ScoreItem]) -> dict[str, float]:
+def work_score(ws: Workspace, step: Step, b: Batches) -> dict[str, float]:
     t = int(step.iteration)
     return write_score_parts(
         loaded_model(ws, ws.opponent_path(t)),
-        items,
+        b.items,
+        b.groups,
+        b.origins,
         ws.iter_dir(t) / "opponent_logps.parquet",
         pad_id=ws.tokenizer.pad_token_id,
-        batch_size=_score_batch(ws),
         device=ws.device,
         opponent=ws.opponent_hash(t),
+        composition=b.composition,
         shard=shard_of(ws.state),
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
-        mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training: rewards start at 0
+        mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training
         chunked=ws.cfg.train.chunked_logps,  # and the same log-prob path
     )
 
 
-def finish_score(
-    ws: Workspace, step: Step, items: list[ScoreItem], speed: dict[str, float] | None
-) -> dict[str, Any]:
+def finish_score(ws: Workspace, step: Step, b: Batches, speed: dict[str, float] | None) -> dict[str, Any]:
     t = int(step.iteration)
     out = ws.iter_dir(t) / "opponent_logps.parquet"
-    info = merge_score_parts(out, items, batch_size=_score_batch(ws), opponent=ws.opponent_hash(t))
+    info = merge_score_parts(out, b.groups, opponent=ws.opponent_hash(t), composition=b.composition)
     return {**info, **(speed or {}), "inputs": _synthetic_hashes(ws, t)}
 
 

@@ -15,20 +15,34 @@ hidden states it would feed its output layer (true for Llama/Qwen/Mistral/SmolLM
 linear logit scale is fine too), checked once per model on a real forward; models with a non-linear
 logit transform (Gemma-2's soft-capping), a LoRA-wrapped head, or sharded weights (FSDP, ZeRO-3) get
 the logits path instead.
+
+On top of the kernels: `pack` (prompt + response rows and their response mask), `sequence_logps` (a
+packed batch's summed response log-probs) and `score_sequences` (many sequences, batched by length).
+The score stage and training both compute log-probs through `sequence_logps`, so the opponent's cached
+scores and the policy's first-step log-probs come from the same code; `spaceft.microbatch` makes them
+come from the same batches too.
+
+Precision: the vocabulary projection and the log-softmax run in float32 whatever the model's dtype or
+autocast, for every model whose head `output_head` finds. Under bf16 the logits of a trained model lie
+around 8-32, where bf16's steps are 0.06-0.125 nats: a last-bit difference in a hidden state would move
+a token's log-prob by that much. The float32 head costs one V x H matmul per token in float32 (2-4 % of
+a 7B model's FLOPs; docs/PERFORMANCE.md measures it on CPU). Models whose head is not found (soft-capped
+logits, a LoRA-wrapped or sharded head) keep their own logits, up-cast before the log-softmax.
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +134,24 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def chunked_token_logps(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, *, chunk: int | None = None
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    *,
+    chunk: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """log_softmax(F.linear(hidden, weight, bias).float(), -1).gather(-1, targets) in chunks.
 
-    hidden [T, H], weight [V, H], bias [V] or None, targets [T] -> [T] float32. Equal (values and
-    gradients) to that naive one-liner under the same autocast state; holds at most [chunk, V] logits.
+    hidden [T, H], weight [V, H], bias [V] or None, targets [T] -> [T] float32. The projection runs in
+    `dtype` (None: the dtype F.linear would use here, autocast's if active). Equal (values and
+    gradients) to that naive one-liner in the same dtype; holds at most [chunk, V] logits.
     """
     if chunk is None:
         chunk = max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk, _compute_dtype(hidden, weight))
+    dtype = dtype or _compute_dtype(hidden, weight)
+    return _ChunkedTokenLogps.apply(hidden, weight, bias, targets, chunk, dtype)
 
 
 # ------------------------------------------------------------------------------- the model's output head
@@ -214,3 +236,138 @@ def output_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
             head = None
     _VERIFIED[model] = head is not None
     return head
+
+
+# ------------------------------------------------------------------------- sequences of a packed batch
+
+
+def autocast(mixed_precision: str, device: torch.device) -> AbstractContextManager[Any]:
+    """bf16 autocast under `train.mixed_precision=bf16`, else nothing (the weights stay float32).
+
+    Training, the score stage and generation all enter it, so the opponent's cached log-probs are
+    computed exactly as the policy's are at an iteration's first step.
+    """
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if mixed_precision != "no":
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}: use 'no' or 'bf16'")
+    return nullcontext()
+
+
+@dataclass
+class PackedBatch:
+    input_ids: Tensor  # [N, L] right-padded prompt+response
+    attention_mask: Tensor  # [N, L]
+    response_mask: Tensor  # [N, L-1] 1 where target token L+1 is a response token
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return PackedBatch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.response_mask.to(device)
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> PackedBatch:
+    """Concatenate each prompt with its response, right-pad to the longest, mark response targets."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    length = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    n = len(prompts)
+    input_ids = torch.full((n, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, length), dtype=torch.long)
+    response_mask = torch.zeros((n, length - 1), dtype=torch.float32)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if len(r) == 0:
+            raise ValueError("empty response: every response has at least its end-of-turn token")
+        if len(p) == 0:  # the first response token would have no position predicting it
+            raise ValueError("empty prompt: a response is scored after at least one prompt token")
+        seq = list(p) + list(r)
+        input_ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[i, : len(seq)] = 1
+        # target position k predicts token k+1: response tokens are targets len(p)-1 .. len(seq)-2
+        response_mask[i, len(p) - 1 : len(seq) - 1] = 1.0
+    return PackedBatch(input_ids, attention_mask, response_mask)
+
+
+def sequence_logps(
+    model: torch.nn.Module, batch: PackedBatch, *, chunked: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch.
+
+    Only the positions from the first response target on are computed (`logits_to_keep`). When the
+    model's logits are a plain linear head of its hidden states (`output_head`) the model returns the
+    hidden states and the head runs here, in float32 (module docstring): with `chunked` on the response
+    tokens only, a chunk at a time, so no [N, L, V] tensor exists in either pass; without, on every kept
+    position at once (faster in float32 on CPU, more memory). Other models' logits go through
+    `selective_log_softmax`. Models whose forward ignores `logits_to_keep` return all positions, which
+    every path handles.
+    """
+    length = batch.input_ids.shape[1]
+    first = int(batch.response_mask.any(0).float().argmax())  # first target position with a response token
+    keep = length - first  # positions first .. L-1 (the last one predicts nothing and is dropped)
+    head = output_head(model, batch.input_ids, batch.attention_mask)
+    with head_as_identity(head) if head is not None else nullcontext():
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            use_cache=False,
+            logits_to_keep=keep,
+        ).logits  # [N, keep, H] hidden states with the head swapped out, else [N, keep, V] logits
+    start = length - out.shape[1]  # == first if honoured, 0 if the model returned every position
+    mask = batch.response_mask[:, start:]  # [N, L-1-start]
+    targets = batch.input_ids[:, start + 1 :]  # [N, L-1-start]
+    if head is None:
+        token_logps = selective_log_softmax(out[:, :-1], targets) * mask
+    elif chunked:
+        picked = mask.bool()
+        hidden = out[:, :-1][picked]  # [T, H]: response positions only, no prompt or padding
+        w, b = head.linear.weight, head.linear.bias
+        logps = chunked_token_logps(hidden, w, b, targets[picked], dtype=torch.float32)  # [T]
+        token_logps = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(
+            picked, logps
+        )  # back to [N, L-1-start] so the sum runs in the same order as the logits path
+    else:
+        w, b = head.linear.weight.float(), None if head.linear.bias is None else head.linear.bias.float()
+        with torch.autocast(out.device.type, enabled=False):
+            logits = F.linear(out[:, :-1].float(), w, b)  # [N, L-1-start, V] float32
+        token_logps = selective_log_softmax(logits, targets) * mask
+    del out
+    return token_logps.sum(-1), batch.response_mask.sum(-1)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device,
+    desc: str = "score",
+    progress: bool = True,
+    mixed_precision: str = "no",
+    chunked: bool = True,
+) -> list[float]:
+    """Summed log p(response | prompt) under `model` (eval mode), in input order.
+
+    Sequences are batched in length order so padding is small; the result is put back in order. For
+    held-out likelihoods: an opponent's scores for training are computed in training's own micro-batches
+    (`spaceft.microbatch`), where other batches would differ from the policy's in the last bits.
+    """
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = [0.0] * len(prompts)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[start : start + batch_size]
+        batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id).to(device)
+        with autocast(mixed_precision, device):
+            logps, _ = sequence_logps(model, batch, chunked=chunked)
+        for i, v in zip(idx, logps.tolist(), strict=True):
+            out[i] = v
+    model.train(was_training)
+    return out

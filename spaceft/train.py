@@ -3,7 +3,8 @@
 One readable loop: batch → policy forward (real and synthetic responses in ONE concatenated
 forward) → loss from `losses.py` by `LossType` → backward → clip → step → log → checkpoint.
 `accelerate launch` gives DDP / FSDP / DeepSpeed unchanged; the opponent's log-probs come from the
-score stage's cache, so no second model is ever held.
+score stage's cache, computed in these very micro-batches (`spaceft.microbatch`), so no second model is
+ever held and every reward is exactly 0 at the first step.
 
 Reduction: each optimizer step averages the per-prompt losses of the `global_batch_size` prompts it
 covers (SFT: the per-token NLL over all their response tokens, i.e. maximum likelihood), whatever the
@@ -12,8 +13,9 @@ world_size / prompts_in_step; DDP then averages) — tests/test_train.py proves 
 
 Resume: every `save_every` optimizer steps the full training state (weights, optimizer and RNG via
 `Accelerator.save_state`; the scheduler and step counter as JSON in `progress.json`) is written to
-`train_state/` atomically. The data order of epoch e is a permutation seeded by (seed, iteration, e),
-so a resumed run replays exactly the remaining steps and ends bit-identical to an uninterrupted one.
+`train_state/` atomically. The micro-batches and the order each epoch visits them in are seeded
+(`spaceft.microbatch`), so a resumed run replays exactly the remaining steps and ends bit-identical to
+an uninterrupted one.
 `progress.json` is the resume marker: written last, removed first. Nothing in the state is unpickled:
 the scheduler is not registered with Accelerate (whose custom states load with `weights_only=False`)
 and Accelerate loads the rest with `weights_only=True`; a state holding any other pickle is refused.
@@ -41,13 +43,14 @@ from transformers import PreTrainedTokenizerBase
 
 from spaceft.config import RunConfig, TrainConfig
 from spaceft.losses import LossOutput, LossType, compute_loss
+from spaceft.microbatch import TrainItem, compose, forward_batch, rank_groups, step_groups
 from spaceft.models import apply_lora, mergeable
 from spaceft.rundir import (
     atomic_dir,
     maybe_fail,
     write_json,
 )
-from spaceft.score import autocast, pack, sequence_logps
+from spaceft.token_logps import autocast
 from spaceft.train_state import drop_state, load_state, save_state, truncate_metrics
 
 log = logging.getLogger(__name__)
@@ -58,53 +61,6 @@ RUN_CONFIG_FILE = "spaceft_config.yaml"
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stops and the last good checkpoint is kept."""
-
-
-@dataclass(frozen=True)
-class TrainItem:
-    """One prompt with its real response, K synthetic responses and the opponent's log-probs."""
-
-    prompt_ids: tuple[int, ...]
-    real_ids: tuple[int, ...]
-    synthetic_ids: tuple[tuple[int, ...], ...]  # K responses (empty for SFT)
-    opponent_real: float = 0.0
-    opponent_synthetic: tuple[float, ...] = ()
-
-
-def forward_batch(
-    model: torch.nn.Module,
-    items: Sequence[TrainItem],
-    pad_id: int,
-    device: torch.device,
-    *,
-    chunked: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Policy log-probs of a micro-batch: B real + B·K synthetic sequences in one forward.
-
-    Returns policy_real [B], policy_synthetic [B, K], real_lengths [B], synthetic_lengths [B, K],
-    opponent_real [B], opponent_synthetic [B, K] and the number of non-pad tokens.
-    """
-    b = len(items)
-    k = len(items[0].synthetic_ids)
-    if any(len(it.synthetic_ids) != k for it in items):
-        raise ValueError("every prompt in a batch needs the same number K of synthetic responses")
-    # step 1: pack [B real ; B*K synthetic] sequences (prompt + response), right-padded
-    prompts = [it.prompt_ids for it in items] + [it.prompt_ids for it in items for _ in range(k)]
-    responses = [it.real_ids for it in items] + [s for it in items for s in it.synthetic_ids]
-    batch = pack(prompts, responses, pad_id).to(device)
-    # step 2: one forward; summed response log-probs [B + B*K]
-    logps, lengths = sequence_logps(model, batch, chunked=chunked)
-    return {
-        "policy_real": logps[:b],  # [B]
-        "policy_synthetic": logps[b:].view(b, k),  # [B, K]
-        "real_lengths": lengths[:b],
-        "synthetic_lengths": lengths[b:].view(b, k),
-        "opponent_real": torch.tensor([it.opponent_real for it in items], device=device),
-        "opponent_synthetic": torch.tensor([list(it.opponent_synthetic) for it in items], device=device).view(
-            b, k
-        ),
-        "num_tokens": torch.tensor(batch.num_tokens, device=device),
-    }
 
 
 def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig) -> LossOutput:
@@ -122,31 +78,6 @@ def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig) -> LossOutput:
         tau=t.tau,
         gamma=t.gamma,
     )
-
-
-def epoch_order(n: int, *, seed: int, iteration: int, epoch: int) -> list[int]:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + iteration * 1009 + epoch)
-    return torch.randperm(n, generator=g).tolist()
-
-
-def step_slices(n: int, cfg: RunConfig, iteration: int, world: int = 1) -> list[list[int]]:
-    """Item indices of every optimizer step of the iteration, all epochs, in order.
-
-    With several processes every step is cut to a multiple of `world` prompts, so each rank runs the
-    same number of micro-batches (an idle rank would deadlock DDP's all-reduce or FSDP's gathers);
-    preflight refuses a global batch that is not such a multiple, so only an epoch's last step is cut,
-    by fewer prompts than processes, and the prompts cut differ from epoch to epoch.
-    """
-    gbs = min(cfg.train.global_batch_size, n)
-    steps = []
-    for epoch in range(cfg.train.epochs):
-        order = epoch_order(n, seed=cfg.train.seed, iteration=iteration, epoch=epoch)
-        for i in range(0, n, gbs):
-            chunk = order[i : i + gbs]
-            chunk = chunk[: len(chunk) - len(chunk) % world]
-            if chunk:
-                steps.append(chunk)
-    return steps
 
 
 def make_optimizer(params: Any, cfg: RunConfig, lr: float) -> torch.optim.Optimizer:
@@ -168,28 +99,6 @@ def warmup_then_decay(optimizer: torch.optim.Optimizer, warmup: int, total: int)
     return LambdaLR(optimizer, factor)
 
 
-def micro_batches(
-    step_items: Sequence[TrainItem], cfg: RunConfig, rank: int, world: int
-) -> list[list[TrainItem]]:
-    """This process's micro-batches of one optimizer step.
-
-    With `train.group_by_length` the step's prompts are first sorted by the length their packed
-    micro-batch row will have (prompt + longest of its responses; ties keep the seeded order), so each
-    micro-batch pads to similar lengths. The step's set of prompts — hence its gradient — is unchanged,
-    and the order is a pure function of the step, so a resumed run replays it exactly.
-    """
-    if cfg.train.group_by_length:
-        step_items = sorted(step_items, key=packed_length)
-    mine = list(step_items[rank::world])
-    size = cfg.train.micro_batch_size
-    return [mine[i : i + size] for i in range(0, len(mine), size)]
-
-
-def packed_length(item: TrainItem) -> int:
-    """Tokens of the longest sequence this prompt adds to a packed micro-batch."""
-    return len(item.prompt_ids) + max([len(item.real_ids), *(len(s) for s in item.synthetic_ids)])
-
-
 @dataclass
 class Trainer:
     """Everything one iteration's loop needs, built once by `setup`."""
@@ -198,7 +107,8 @@ class Trainer:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
-    steps: list[list[int]]  # item indices of every optimizer step (all epochs)
+    groups: list[tuple[int, ...]]  # item indices of every micro-batch (`microbatch.compose`)
+    steps: list[list[int]]  # group indices of every optimizer step (all epochs)
     n_micro: int  # micro-batches per rank per step
     lr: float  # this iteration's peak learning rate
     start: int  # first step to run (> 0 when resuming)
@@ -239,7 +149,7 @@ def train_iteration(
     # step 2: the loop
     for step in range(tr.start, len(tr.steps)):
         last = train_step(
-            tr, [items[i] for i in tr.steps[step]], cfg, tokenizer.pad_token_id, iteration, step
+            tr, items, cfg, tokenizer.pad_token_id, iteration, step
         )
         tokens += last["tokens_per_s"] * last["step_s"]
         if step == 0 and cfg.train.loss.needs_opponent:
@@ -347,18 +257,20 @@ def setup(
     model.train()
     _check_precision(model, accelerator, cfg)
     world = accelerator.num_processes
-    steps = step_slices(len(items), cfg, iteration, world)
+    groups = compose(items, cfg, iteration, world)
+    steps = step_groups(groups, cfg, iteration)
     if not steps:
-        raise ValueError(f"{len(items)} training prompts cannot be split across {world} processes")
-    n_micro = math.ceil(len(steps[0]) / world / t.micro_batch_size)
+        raise ValueError("no training prompts")
+    n_micro = math.ceil(len(steps[0]) / world)
+    micro_size = len(groups[0])
     ds = accelerator.state.deepspeed_plugin
     if ds is not None:
         # DeepSpeed needs concrete sizes without a prepared dataloader; its backward divides the
         # loss by gradient_accumulation_steps, which the loop undoes (it normalises by prompts itself)
         ds.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=t.micro_batch_size,
+            train_micro_batch_size_per_gpu=micro_size,
             gradient_accumulation_steps=n_micro,
-            train_batch_size=t.micro_batch_size * n_micro * world,
+            train_batch_size=micro_size * n_micro * world,
             gradient_clipping=t.max_grad_norm,
         )
     lr = t.lr_for(iteration)
@@ -367,7 +279,7 @@ def setup(
     # The scheduler is NOT prepared: Accelerate's wrapper steps it once per process per call (it
     # assumes per-process step counts), while `steps` already counts global optimizer steps.
     model, optimizer = accelerator.prepare(model, optimizer)
-    tr = Trainer(accelerator, model, optimizer, scheduler, steps, n_micro, lr, 0,
+    tr = Trainer(accelerator, model, optimizer, scheduler, groups, steps, n_micro, lr, 0,
                  iter_dir / "train_state", iter_dir / "metrics.jsonl")  # fmt: skip
     tr.start = _resume(tr, iteration)
     return tr
@@ -388,11 +300,11 @@ def _resume(tr: Trainer, iteration: int) -> int:
 
 
 def train_step(
-    tr: Trainer, step_items: Sequence[TrainItem], cfg: RunConfig, pad_id: int, iteration: int, step: int
+    tr: Trainer, items: Sequence[TrainItem], cfg: RunConfig, pad_id: int, iteration: int, step: int
 ) -> dict[str, float]:
-    """One optimizer step over `step_items`; returns its metrics.
+    """Optimizer step `step` over its groups of `items`; returns its metrics.
 
-    1. this process's micro-batches (length-grouped)
+    1. this process's micro-batches: its share of the step's groups (`microbatch.rank_groups`)
     2. per micro-batch: policy forward → loss → backward (gradients sync only on the last)
     3. clip, optimizer step (unless a value is not finite: weights and saved state stay good)
     """
@@ -400,15 +312,18 @@ def train_step(
     world = accelerator.num_processes
     # step 1: batch. SFT is maximum likelihood: token NLL summed over the step / its response tokens;
     # the pairwise losses average per prompt. Either way the step's gradient ignores how it is split.
-    micro = micro_batches(step_items, cfg, accelerator.process_index, world)
+    groups = [tr.groups[g] for g in tr.steps[step]]
+    micro = [([items[i] for i in tr.groups[g]], counts)
+             for g, counts in rank_groups(tr.steps[step], accelerator.process_index, world)]  # fmt: skip
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     sft = t.loss is LossType.SFT
+    step_items = [items[i] for grp in groups for i in grp]
     denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
     scale = world / denom * (tr.n_micro if tr.deepspeed else 1)
     sums = torch.zeros(10, device=accelerator.device)
     tic = time.perf_counter()
     # step 2: forward → loss → backward, per micro-batch
-    for m, mb in enumerate(micro):
+    for m, (mb, counts) in enumerate(micro):
         sync = m == len(micro) - 1
         accelerator.gradient_state._set_sync_gradients(sync)  # DeepSpeed steps only on the last
         # FSDP reduce-scatters every micro-batch (accelerate's sync_each_batch): skipping the sync would
@@ -425,8 +340,10 @@ def train_step(
                 finite = False
             _stop_if(not finite, accelerator, "loss", iteration, step, tr.state_dir)
             weights = out["real_lengths"] if sft else 1.0  # SFT's per-prompt loss is a token mean
-            accelerator.backward((res.losses * weights).sum() * scale)
-        sums += _batch_stats(res, out, weights)
+            # a stand-in (counts False) only keeps this process in step with the others: weight 0
+            accelerator.backward((res.losses * weights).sum() * (scale if counts else 0.0))
+        if counts:
+            sums += _batch_stats(res, out, weights)
     # step 3: clip and step
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
     _stop_if(grad_norm is not None and not math.isfinite(float(grad_norm)), accelerator, "gradient",

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaC
 
 from spaceft.config import ModelConfig
 from spaceft.models import load_model
-from spaceft.score import pack, score_sequences, sequence_logps
+from spaceft.token_logps import pack, score_sequences, sequence_logps
 
 SMALL = {"vocab_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 

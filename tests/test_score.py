@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spaceft.score import ScoreItem, pack, score_sequences, score_stage, selective_log_softmax, sequence_logps
+from spaceft.microbatch import TrainItem, compose
+from spaceft.score import merge_score_parts, with_opponent_scores, write_score_parts
+from spaceft.token_logps import pack, score_sequences, selective_log_softmax, sequence_logps
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -53,23 +55,36 @@ def test_sequence_logps_equal_a_direct_sum(tiny_model_dir: Path) -> None:
 
 def test_score_stage_resumes_without_duplicates(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     from spaceft.config import ModelConfig
+    from spaceft.configfile import config_from_dict
     from spaceft.models import load_model
     from spaceft.rundir import InjectedFault, read_table
 
     model = load_model(str(tiny_model_dir), ModelConfig())
-    items = [ScoreItem("real", i, 0, -1, (1, 2, i + 3), (4, 5)) for i in range(40)]
-    kwargs = {"pad_id": 0, "batch_size": 2, "device": torch.device("cpu"), "progress": False}
-    full = tmp_path / "full.parquet"
-    score_stage(model, items, full, **kwargs)
+    items = [TrainItem((1, 2, i + 3), (4, 5), ((6,), (7, 8))) for i in range(40)]
+    cfg = config_from_dict({"data": {"train": "x"}, "train": {"global_batch_size": 4, "micro_batch_size": 2}})
+    groups = compose(items, cfg, 0, world=1)  # 20 groups: 3 parts of up to 8
+    origins = [(i, 0) for i in range(40)]
+
+    def score(out: Path) -> list[dict]:
+        kw = {"pad_id": 0, "device": torch.device("cpu"), "progress": False}
+        kw |= {"opponent": "o", "composition": "c"}
+        write_score_parts(model, items, groups, origins, out, **kw)
+        merge_score_parts(out, groups, opponent="o", composition="c")
+        return read_table(out)
+
+    full = score(tmp_path / "full.parquet")
     out = tmp_path / "resumed.parquet"
     monkeypatch.setenv("SPACEFT_FAULT", "score:1")
     with pytest.raises(InjectedFault):
-        score_stage(model, items, out, **kwargs)
+        score(out)
     assert not out.exists() and len(list((tmp_path / "resumed.parts").iterdir())) == 1
     monkeypatch.delenv("SPACEFT_FAULT")
-    score_stage(model, items, out, **kwargs)
-    assert read_table(out) == read_table(full)
-    assert sorted(r["prompt_index"] for r in read_table(out)) == list(range(40))
+    assert score(out) == full
+    assert sorted(r["item"] for r in full if r["kind"] == "real") == list(range(40))
+    scored = with_opponent_scores(items, full, "o", "t")
+    assert [len(it.opponent_synthetic) for it in scored] == [2] * 40
+    with pytest.raises(RuntimeError, match="t has no score of item 0's real response by this opponent"):
+        with_opponent_scores(items, full, "another", "t")
 
 
 def test_logits_to_keep_path_equals_the_full_projection(tiny_model_dir: Path) -> None:

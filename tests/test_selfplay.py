@@ -212,7 +212,8 @@ def test_a_score_of_another_opponent_is_never_read(
     write_table(path, rows)
     capsys.readouterr()
     assert _run(tmp_path, tiny_model_dir, "--iteration", "0", command="train", **over) == 2
-    assert "opponent_logps.parquet has no score of prompt" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "opponent_logps.parquet has no score of item 0's real response by this opponent" in err
 
 
 def test_gpu_check_script_dry_run_and_its_stage_amounts(
@@ -305,17 +306,18 @@ def test_the_logits_path_is_used_by_scoring_and_training_alike(
 ) -> None:
     """train.chunked_logps=false reaches both passes (the chunked kernel is never called) and rewards
     still start at 0; with the default the chunked kernel is what runs."""
-    from spaceft import score
+    from spaceft import token_logps
 
     calls: list[int] = []
-    real_kernel = score.chunked_token_logps
-    monkeypatch.setattr(score, "chunked_token_logps", lambda *a, **k: calls.append(1) or real_kernel(*a, **k))
+    real_kernel = token_logps.chunked_token_logps
+    monkeypatch.setattr(token_logps, "chunked_token_logps",
+                        lambda *a, **k: calls.append(1) or real_kernel(*a, **k))  # fmt: skip
     over = {"selfplay.iterations": 1, "eval.enabled": "false", "generation.num_samples": 2, "train.mu": 2.0}
     assert _run(tmp_path / "logits", tiny_model_dir, **over, **{"train.chunked_logps": "false"}) == 0
     assert calls == []
     run_dir = next((tmp_path / "logits" / "runs").iterdir())
     first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["rewards/abs_mean"] < 1e-5
+    assert first["rewards/abs_mean"] == 0.0  # the opponent was scored in these very micro-batches
     assert _run(tmp_path / "chunked", tiny_model_dir, **over) == 0
     assert calls  # the default path
     chunked_dir = next((tmp_path / "chunked" / "runs").iterdir())

@@ -11,9 +11,10 @@ import torch
 
 from spaceft.config import ModelConfig
 from spaceft.configfile import config_from_dict
+from spaceft.microbatch import TrainItem, compose, forward_batch
 from spaceft.models import load_model
-from spaceft.score import autocast, pack, score_sequences
-from spaceft.train import TrainItem, forward_batch, micro_batches, train_iteration, warmup_then_decay
+from spaceft.token_logps import autocast, pack, score_sequences
+from spaceft.train import train_iteration, warmup_then_decay
 from tests.test_train import _cfg, _items, _Tok
 
 CPU = torch.device("cpu")
@@ -94,29 +95,27 @@ def test_warmup_starts_above_zero_and_ends_above_zero() -> None:
 
 
 def test_length_grouping_keeps_the_step_and_cuts_padding() -> None:
-    lengths = [40, 3, 38, 5, 36, 4, 2, 39]  # a shuffled step: long and short prompts alternate
+    lengths = [40, 3, 38, 5, 36, 4, 2, 39]  # long and short prompts
     items = [TrainItem(tuple(range(n)), (1, 2), ((3,), (4, 5, 6))) for n in lengths]
 
-    def padded(groups: list[list[TrainItem]]) -> int:
+    def padded(groups: list[tuple[int, ...]]) -> int:
         total = 0
-        for mb in groups:
+        for grp in groups:
+            mb = [items[i] for i in grp]
             b = pack([it.prompt_ids for it in mb for _ in range(3)],
                      [r for it in mb for r in (it.real_ids, *it.synthetic_ids)], pad_id=0)  # fmt: skip
             total += b.input_ids.numel() - b.num_tokens
         return total
 
     cfg = _cfg(Path("unused"), micro_batch_size=2)
-    grouped = micro_batches(items, cfg, rank=0, world=1)
+    grouped = compose(items, cfg, 0, world=1)
     cfg.train.group_by_length = False
-    plain = micro_batches(items, cfg, rank=0, world=1)
-    assert [len(it.prompt_ids) for mb in plain for it in mb] == lengths  # off: the seeded order
-    assert [[len(it.prompt_ids) for it in mb] for mb in grouped] == [[2, 3], [4, 5], [36, 38], [39, 40]]
+    plain = compose(items, cfg, 0, world=1)
+    assert sorted(i for grp in plain for i in grp) == list(range(8))  # every prompt once
+    assert [[lengths[i] for i in grp] for grp in grouped] == [[2, 3], [4, 5], [36, 38], [39, 40]]
     assert padded(grouped) < padded(plain) / 5
-    # two ranks share the sorted step: the union is the step, and each rank's share is deterministic
-    cfg.train.group_by_length = True
-    ranks = [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
-    assert sorted(len(it.prompt_ids) for r in ranks for mb in r for it in mb) == sorted(lengths)
-    assert ranks == [micro_batches(items, cfg, rank=r, world=2) for r in (0, 1)]
+    assert compose(items, cfg, 0, world=1) == plain  # a pure function of (data, settings, seed, iteration)
+    assert compose(items, cfg, 1, world=1) != plain  # each iteration has its own groups
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spaceft.score import pack, sequence_logps
-from spaceft.token_logps import chunked_token_logps, output_head, selective_log_softmax
+from spaceft.token_logps import chunked_token_logps, output_head, pack, selective_log_softmax, sequence_logps
 
 # (parameter dtype, autocast) -> tolerance. bf16 results are compared with the naive path run in the
 # same precision; the tolerance covers the different matmul blocking of chunks (bf16 has 8 bits).

@@ -12,9 +12,10 @@ from spaceft import train as train_mod
 from spaceft.config import ModelConfig
 from spaceft.configfile import config_from_dict
 from spaceft.losses import LossOutput
+from spaceft.microbatch import TrainItem, forward_batch
 from spaceft.models import load_model
-from spaceft.score import score_sequences
-from spaceft.train import NonFiniteLossError, TrainItem, forward_batch, train_iteration
+from spaceft.token_logps import score_sequences
+from spaceft.train import NonFiniteLossError, train_iteration
 
 CPU = torch.device("cpu")
 
@@ -141,13 +142,33 @@ def test_nan_weights_stop_through_the_real_loss_path(tiny_model_dir: Path, tmp_p
         train_iteration(model, _Tok(), items, _cfg(tmp_path), iteration=0, iter_dir=tmp_path / "it")
 
 
-def test_steps_are_cut_to_a_multiple_of_the_world_size(tmp_path: Path) -> None:
+def test_every_epoch_visits_the_same_micro_batches_in_its_own_order(tmp_path: Path) -> None:
+    from spaceft.microbatch import compose, step_groups
+
+    items = [TrainItem((1,) * (1 + i), (2,), ((3,),)) for i in range(10)]
     cfg = _cfg(tmp_path, global_batch_size=4, micro_batch_size=2, epochs=2)
-    one = train_mod.step_slices(10, cfg, 0, world=1)
-    assert [len(s) for s in one] == [4, 4, 2, 4, 4, 2]
-    three = train_mod.step_slices(10, cfg, 0, world=3)
-    assert [len(s) for s in three] == [3, 3, 3, 3]  # every rank gets the same number of prompts
-    assert sorted(i for s in one[:3] for i in s) == list(range(10))  # one epoch covers every prompt once
+    groups = compose(items, cfg, 0, world=1)
+    assert [len(g) for g in groups] == [2, 2, 2, 2, 2]
+    assert sorted(i for g in groups for i in g) == list(range(10))  # a partition of the items
+    steps = step_groups(groups, cfg, 0)
+    assert [len(s) for s in steps] == [2, 2, 1, 2, 2, 1]  # 4 prompts a step; an epoch's last step is short
+    first, second = steps[:3], steps[3:]
+    assert sorted(g for s in first for g in s) == sorted(g for s in second for g in s) == list(range(5))
+    assert first != second  # the same groups, another order
+    # when a step holds fewer prompts per process than a micro-batch, the micro-batch shrinks
+    two_processes = compose(items, _cfg(tmp_path, global_batch_size=4, micro_batch_size=4), 0, world=2)
+    assert [len(g) for g in two_processes] == [2, 2, 2, 2, 2]
+
+
+def test_stand_ins_keep_the_processes_in_step() -> None:
+    """Three processes, a step of 4 groups: every process runs 2 micro-batches; the 2 stand-ins count 0."""
+    from spaceft.microbatch import rank_groups
+
+    ranks = [rank_groups([7, 3, 5, 1], r, 3) for r in range(3)]
+    assert ranks == [[(7, True), (1, True)], [(3, True), (3, False)], [(5, True), (5, False)]]
+    assert sorted(g for r in ranks for g, counts in r if counts) == [1, 3, 5, 7]  # each group counts once
+    assert rank_groups([4, 2], 1, 2) == [(2, True)]  # divisible: no stand-in
+    assert rank_groups([4], 1, 2) == [(4, False)]  # fewer groups than processes
 
 
 def test_tensorboard_receives_the_metrics(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -300,9 +321,9 @@ def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
         tr = train_mod.setup(load_model(str(tiny_model_dir), ModelConfig()), items, cfg, iteration=0,
                              iter_dir=tmp_path / f"{loss}-{micro}")  # fmt: skip
         applied = _capture_applied_gradients(tr)
-        logged = train_mod.train_step(tr, [items[i] for i in tr.steps[0]], cfg, 0, 0, 0)
+        logged = train_mod.train_step(tr, items, cfg, 0, 0, 0)
         assert logged["loss"] == pytest.approx(float(objective), rel=1e-5)
-        assert len(tr.steps[0]) == 7 and len(applied) == 1
+        assert sum(len(tr.groups[g]) for g in tr.steps[0]) == 7 and len(applied) == 1
         assert float((applied[0] - expected).norm() / expected.norm()) < 1e-5, (loss, micro)
 
 
