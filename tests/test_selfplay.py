@@ -66,13 +66,11 @@ def test_rewards_start_at_zero_and_loss_falls(reference: Path) -> None:
     for t in (0, 1):
         lines = [json.loads(x) for x in (reference / f"iter_{t}" / "metrics.jsonl").read_text().splitlines()]
         assert [m["step"] for m in lines] == [1, 2, 3, 4]
-        # step 1 sees policy == opponent: r = 0, so L = softplus(0) + softplus(0) = 2 ln 2 (mu = 1), up to
-        # float32 rounding: the score stage and the training step batch the same sequences differently, and
-        # a sum of ~300 token log-probs (|log p| ~ 300) differs by a few ulps of 300 (~3e-5) between shapes
+        # step 1 sees policy == opponent, scored in the same micro-batches: r = 0 exactly, so
+        # L = softplus(0) + softplus(0) = 2 ln 2 (mu = 1)
         first = lines[0]
-        tol = 1e-7 * abs(first["logps/real"]) + 1e-5
-        assert abs(first["rewards/real"]) < tol and abs(first["rewards/synthetic"]) < tol
-        assert first["loss"] == pytest.approx(2 * math.log(2), abs=tol)
+        assert first["rewards/real"] == first["rewards/synthetic"] == first["rewards/abs_mean"] == 0.0
+        assert first["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)
         second_epoch = lines[2:]
         assert max(m["loss"] for m in second_epoch) < lines[0]["loss"]
         assert all(m["rewards/real"] > m["rewards/synthetic"] for m in second_epoch)

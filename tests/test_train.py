@@ -214,22 +214,42 @@ def test_gradient_checkpointing_gives_the_same_gradient(tiny_model_dir: Path, tm
     assert info["grad_norm"] == pytest.approx(plain, rel=1e-5)
 
 
+def _scored_in_training_batches(model, items: list[TrainItem], cfg) -> list[TrainItem]:
+    """The items with the model's own log-probs as the opponent's, computed as the score stage does: in
+    the micro-batches training will use, in eval mode without gradients."""
+    from dataclasses import replace
+
+    from spaceft.microbatch import compose
+
+    model.eval()
+    out = list(items)
+    with torch.no_grad():
+        for grp in compose(items, cfg, 0, world=1):
+            res = forward_batch(model, [items[i] for i in grp], 0, CPU)
+            for b, i in enumerate(grp):
+                out[i] = replace(items[i], opponent_real=float(res["policy_real"][b]),
+                                 opponent_synthetic=tuple(res["policy_synthetic"][b].tolist()))  # fmt: skip
+    model.train()
+    return out
+
+
 def test_first_step_reward_bias_is_recorded_and_warned(
     tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """mean |reward| at step 1 is logged every iteration; cached scores that disagree with the training
-    forward by 0.5 nats (as a precision or batching mismatch would) are reported, agreeing ones are not."""
+    """mean |reward| at step 1 is logged every iteration. Scores from the training's own micro-batches
+    give exactly 0 and no warning; scores off by 0.5 nats, or a model with dropout left on (noise only
+    training mode has), are reported with the causes that remain."""
     import logging
     from dataclasses import replace
 
     model = load_model(str(tiny_model_dir), ModelConfig())
-    items = _items(model)
+    items = _scored_in_training_batches(model, _items(model), _cfg(tmp_path / "ok"))
     with caplog.at_level(logging.WARNING, logger="spaceft.train"):
         info = train_iteration(
             model, _Tok(), items, _cfg(tmp_path / "ok"), iteration=0, iter_dir=tmp_path / "a"
         )
     first = json.loads((tmp_path / "a" / "metrics.jsonl").read_text().splitlines()[0])
-    assert first["rewards/abs_mean"] < 1e-5 and "rewards/abs_mean" in info
+    assert first["rewards/abs_mean"] == 0.0 and "rewards/abs_mean" in info
     assert not [r for r in caplog.records if "first step" in r.getMessage()]
     model = load_model(str(tiny_model_dir), ModelConfig())
     shifted = [
@@ -245,7 +265,16 @@ def test_first_step_reward_bias_is_recorded_and_warned(
     first = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/abs_mean"] - 0.5) < 1e-4
     [warning] = [r.getMessage() for r in caplog.records if "first step" in r.getMessage()]
-    assert "iteration 3" in warning and "0.5 nats" in warning
+    assert "iteration 3" in warning and "0.5 nats" in warning and "dropout" in warning
+    caplog.clear()
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    for module in model.modules():  # a dropout the loader did not know about
+        if hasattr(module, "attention_dropout"):
+            module.attention_dropout = 0.2
+    with caplog.at_level(logging.WARNING, logger="spaceft.train"):
+        train_iteration(model, _Tok(), items, _cfg(tmp_path / "drop"), iteration=1, iter_dir=tmp_path / "c")
+    [warning] = [r.getMessage() for r in caplog.records if "first step" in r.getMessage()]
+    assert "iteration 1" in warning and "training mode" in warning
 
 
 def test_the_start_reward_check_divides_out_beta_only_where_the_rewards_carry_it() -> None:
