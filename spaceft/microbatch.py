@@ -45,18 +45,21 @@ from spaceft.token_logps import pack, sequence_logps
 
 @dataclass(frozen=True)
 class TrainItem:
-    """One prompt with its real response, K synthetic responses and the opponent's log-probs."""
+    """One prompt with its real response, K synthetic responses, the opponent's log-probs and, for
+    T-SPIN, the proto-synthetic response drawn once from the start model."""
 
     prompt_ids: tuple[int, ...]
     real_ids: tuple[int, ...]
     synthetic_ids: tuple[tuple[int, ...], ...]  # K responses (empty for SFT)
     opponent_real: float = 0.0
     opponent_synthetic: tuple[float, ...] = ()
+    proto_ids: tuple[int, ...] = ()  # y0 ~ p_θ0 (empty: the loss uses none)
 
 
 def packed_length(item: TrainItem) -> int:
     """Tokens of the longest sequence this prompt adds to a packed micro-batch."""
-    return len(item.prompt_ids) + max([len(item.real_ids), *(len(s) for s in item.synthetic_ids)])
+    responses = [item.real_ids, *item.synthetic_ids, item.proto_ids]
+    return len(item.prompt_ids) + max(len(r) for r in responses)
 
 
 def step_size(cfg: RunConfig, n: int) -> int:
@@ -113,7 +116,10 @@ def composition_tag(groups: Sequence[Sequence[int]], items: Sequence[TrainItem],
     setting of the forward pass (precision, log-prob path, attention)."""
     m, t = cfg.model, cfg.train
     settings = (t.mixed_precision, t.chunked_logps, m.dtype, m.attn_implementation)
-    tokens = content_hash(*((it.prompt_ids, it.real_ids, it.synthetic_ids) for it in items))
+    # proto responses only where items carry them: the tags of losses without them stay as they were
+    rows = ((it.prompt_ids, it.real_ids, it.synthetic_ids) + ((it.proto_ids,) if it.proto_ids else ())
+            for it in items)
+    tokens = content_hash(*rows)
     return content_hash(settings, tokens, [tuple(grp) for grp in groups])
 
 
@@ -125,27 +131,38 @@ def forward_batch(
     *,
     chunked: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Log-probs of a micro-batch under `model`: B real + B·K synthetic sequences in one forward.
+    """Log-probs of a micro-batch under `model`: B real + B·K synthetic (+ B proto-synthetic, when the
+    items carry them) sequences in one forward.
 
     Returns policy_real [B], policy_synthetic [B, K], real_lengths [B], synthetic_lengths [B, K],
-    opponent_real [B], opponent_synthetic [B, K] (from the items) and the number of non-pad tokens.
+    opponent_real [B], opponent_synthetic [B, K] (from the items), the number of non-pad tokens and,
+    with proto responses, policy_proto [B] and proto_lengths [B].
     The score stage calls it with the opponent, training with the policy: the same rows, the same packing.
     """
     b = len(items)
     k = len(items[0].synthetic_ids)
     if any(len(it.synthetic_ids) != k for it in items):
         raise ValueError("every prompt in a batch needs the same number K of synthetic responses")
-    # step 1: pack [B real ; B*K synthetic] sequences (prompt + response), right-padded
+    proto = bool(items[0].proto_ids)
+    if any(bool(it.proto_ids) != proto for it in items):
+        raise ValueError("either every prompt in a batch has a proto-synthetic response or none has")
+    # step 1: pack [B real ; B*K synthetic ; B proto] sequences (prompt + response), right-padded
     prompts = [it.prompt_ids for it in items] + [it.prompt_ids for it in items for _ in range(k)]
     responses = [it.real_ids for it in items] + [s for it in items for s in it.synthetic_ids]
+    if proto:
+        prompts += [it.prompt_ids for it in items]
+        responses += [it.proto_ids for it in items]
     batch = pack(prompts, responses, pad_id).to(device)
-    # step 2: one forward; summed response log-probs [B + B*K]
+    # step 2: one forward; summed response log-probs [B + B*K (+ B)]
     logps, lengths = sequence_logps(model, batch, chunked=chunked)
+    end = b + b * k  # where the proto rows start
+    extra = {"policy_proto": logps[end:], "proto_lengths": lengths[end:]} if proto else {}  # [B], [B]
     return {
         "policy_real": logps[:b],  # [B]
-        "policy_synthetic": logps[b:].view(b, k),  # [B, K]
+        "policy_synthetic": logps[b:end].view(b, k),  # [B, K]
         "real_lengths": lengths[:b],
-        "synthetic_lengths": lengths[b:].view(b, k),
+        "synthetic_lengths": lengths[b:end].view(b, k),
+        **extra,
         "opponent_real": torch.tensor([it.opponent_real for it in items], device=device),
         "opponent_synthetic": torch.tensor(  # items not scored yet (the score stage's) carry none: 0
             [list(it.opponent_synthetic) or [0.0] * k for it in items], device=device

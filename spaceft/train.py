@@ -63,7 +63,9 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; training stops and the last good checkpoint is kept."""
 
 
-def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig) -> LossOutput:
+def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig, *, iteration: int) -> LossOutput:
+    """The loss of a micro-batch's forward (`microbatch.forward_batch`) in `iteration` (T-SPIN's
+    historical term is weighed by that iteration's β)."""
     t = cfg.train
     return compute_loss(
         t.loss,
@@ -73,10 +75,12 @@ def loss_from_batch(out: dict[str, torch.Tensor], cfg: RunConfig) -> LossOutput:
         opponent_synthetic_logps=out["opponent_synthetic"] if t.loss.needs_opponent else None,
         real_lengths=out["real_lengths"],
         synthetic_lengths=out["synthetic_lengths"],
+        policy_proto_logps=out.get("policy_proto"),
         mu=t.mu,
         beta=t.beta,
         tau=t.tau,
         gamma=t.gamma,
+        history_weight=t.history_weight_for(iteration),
     )
 
 
@@ -320,7 +324,7 @@ def train_step(
     step_items = [items[i] for grp in groups for i in grp]
     denom = sum(len(it.real_ids) for it in step_items) if sft else len(step_items)
     scale = world / denom * (tr.n_micro if tr.deepspeed else 1)
-    sums = torch.zeros(10, device=accelerator.device)
+    sums = torch.zeros(len(STATS), device=accelerator.device)
     tic = time.perf_counter()
     # step 2: forward → loss → backward, per micro-batch
     for m, (mb, counts) in enumerate(micro):
@@ -332,7 +336,7 @@ def train_step(
             with autocast(t.mixed_precision, accelerator.device):
                 out = forward_batch(model, mb, pad_id, accelerator.device, chunked=t.chunked_logps)
             try:
-                res = loss_from_batch(out, cfg)
+                res = loss_from_batch(out, cfg, iteration=iteration)
                 finite = bool(torch.isfinite(res.losses).all())
             except ValueError as e:  # the losses reject non-finite log-probs
                 if "non-finite" not in str(e):
@@ -515,11 +519,18 @@ def _stop_if(
         )
 
 
+STATS = ("prompts", "loss", "real", "synthetic", "accuracy", "logp_real", "logp_synthetic", "tokens",
+         "abs_reward", "loss_weight", "proto", "proto_prompts")
+"""The sums `_batch_stats` returns per micro-batch and `_metrics` reads back after the step's all-reduce,
+in this order."""
+
+
 def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor], weights: Any = 1.0) -> torch.Tensor:
-    """Sums over the micro-batch: prompts, loss, real/syn rewards, accuracy, real/syn logps, tokens, the
-    mean |reward| of each prompt's 1 + K responses, and the loss's weight. The loss is summed with the
-    `weights` the step's gradient uses (SFT: each prompt's token mean times its response tokens), so
-    the logged loss is the one optimised (SFT: the token-weighted mean, not the mean of prompt means)."""
+    """Sums over the micro-batch (`STATS`): prompts, loss, real/syn rewards, accuracy, real/syn logps,
+    tokens, the mean |reward| of each prompt's 1 + K responses, the loss's weight, and the proto-synthetic
+    rewards with the number of prompts that have one (T-SPIN). The loss is summed with the `weights` the
+    step's gradient uses (SFT: each prompt's token mean times its response tokens), so the logged loss is
+    the one optimised (SFT: the token-weighted mean, not the mean of prompt means)."""
     real = res.real_rewards  # [B]
     syn = res.synthetic_rewards  # [B, K]
     syn_mean = syn.mean(-1) if syn.numel() else torch.zeros_like(real)
@@ -527,37 +538,43 @@ def _batch_stats(res: LossOutput, out: dict[str, torch.Tensor], weights: Any = 1
     syn_logp = out["policy_synthetic"].mean(-1).sum() if syn.numel() else torch.tensor(0.0)
     both = torch.cat([real.unsqueeze(-1), syn], dim=-1) if syn.numel() else real.unsqueeze(-1)  # [B, 1+K]
     abs_mean = both.abs().mean(-1)
-    return torch.stack(
-        [
-            torch.tensor(float(len(real))),
-            (res.losses.detach() * weights).sum().cpu(),
-            real.sum().cpu(),
-            syn_mean.sum().cpu(),
-            acc.sum().cpu(),
-            out["policy_real"].detach().sum().cpu(),
-            syn_logp.detach().cpu(),
-            out["num_tokens"].float().cpu(),
-            abs_mean.sum().cpu(),
-            (torch.ones_like(real) * weights).sum().cpu(),
-        ]
-    ).to(out["policy_real"].device)
+    proto = res.proto_rewards if res.proto_rewards is not None else real.new_zeros(0)  # [B] or [0]
+    sums = {
+        "prompts": torch.tensor(float(len(real))),
+        "loss": (res.losses.detach() * weights).sum().cpu(),
+        "real": real.sum().cpu(),
+        "synthetic": syn_mean.sum().cpu(),
+        "accuracy": acc.sum().cpu(),
+        "logp_real": out["policy_real"].detach().sum().cpu(),
+        "logp_synthetic": syn_logp.detach().cpu(),
+        "tokens": out["num_tokens"].float().cpu(),
+        "abs_reward": abs_mean.sum().cpu(),
+        "loss_weight": (torch.ones_like(real) * weights).sum().cpu(),
+        "proto": proto.sum().cpu(),
+        "proto_prompts": torch.tensor(float(len(proto))),
+    }
+    return torch.stack([sums[k].float() for k in STATS]).to(out["policy_real"].device)
 
 
 def _metrics(sums: torch.Tensor, grad_norm: Any, lr: float, elapsed: float) -> dict[str, float]:
-    n, loss, real, syn, acc, lp_real, lp_syn, tokens, abs_reward, loss_weight = sums.tolist()
-    return {
-        "loss": loss / loss_weight,
-        "rewards/real": real / n,
-        "rewards/synthetic": syn / n,
-        "rewards/abs_mean": abs_reward / n,
-        "rewards/margin": (real - syn) / n,
-        "rewards/accuracy": acc / n,
-        "logps/real": lp_real / n,
-        "logps/synthetic": lp_syn / n,
+    s = dict(zip(STATS, sums.tolist(), strict=True))
+    n = s["prompts"]
+    metrics = {
+        "loss": s["loss"] / s["loss_weight"],
+        "rewards/real": s["real"] / n,
+        "rewards/synthetic": s["synthetic"] / n,
+        "rewards/abs_mean": s["abs_reward"] / n,
+        "rewards/margin": (s["real"] - s["synthetic"]) / n,
+        "rewards/accuracy": s["accuracy"] / n,
+        "logps/real": s["logp_real"] / n,
+        "logps/synthetic": s["logp_synthetic"] / n,
         "grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
         "lr": lr,
-        "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "tokens_per_s": s["tokens"] / max(elapsed, 1e-9),
     }
+    if s["proto_prompts"]:  # T-SPIN: the reward of the proto-synthetic response
+        metrics["rewards/proto"] = s["proto"] / s["proto_prompts"]
+    return metrics
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

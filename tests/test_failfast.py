@@ -677,7 +677,7 @@ def test_non_finite_loss_before_any_saved_state(tiny_model_dir: Path, tmp_path: 
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = [train_mod.TrainItem((5, 6, 7), (8, 9), ((10, 11),), 0.0, (0.0,))] * 2
 
-    def nan_loss(out, cfg) -> LossOutput:
+    def nan_loss(out, cfg, **_) -> LossOutput:
         b = out["policy_real"].shape[0]
         return LossOutput(out["policy_real"] * float("nan"), torch.zeros(b), torch.zeros(b, 1))
 

@@ -95,7 +95,7 @@ def test_loss_reduction_does_not_depend_on_micro_batching(tiny_model_dir: Path, 
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = _items(model)
     cfg = _cfg(tmp_path)
-    loss = train_mod.loss_from_batch(forward_batch(model, items, 0, CPU), cfg).losses.mean()
+    loss = train_mod.loss_from_batch(forward_batch(model, items, 0, CPU), cfg, iteration=0).losses.mean()
     loss.backward()
     direct = torch.sqrt(sum((p.grad**2).sum() for p in model.parameters() if p.grad is not None))
     assert norms[0] == pytest.approx(float(direct), rel=1e-4)
@@ -122,7 +122,7 @@ def test_non_finite_loss_stops_with_a_clear_message(
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = _items(model)
 
-    def nan_loss(out, cfg) -> LossOutput:
+    def nan_loss(out, cfg, **_) -> LossOutput:
         b = out["policy_real"].shape[0]
         return LossOutput(out["policy_real"] * float("nan"), torch.zeros(b), torch.zeros(b, 2))
 
@@ -315,6 +315,10 @@ def _formula_loss(model: torch.nn.Module, items: list[TrainItem], loss: str, mu:
             per = -torch.nn.functional.logsigmoid(0.1 * (h_real - h_syn)).mean()
         elif loss == "ipo":  # τ = 0.1: target margin 1/(2τ) = 5
             per = ((h_real - h_syn - 5.0) ** 2).mean()
+        elif loss == "tspin":  # Eq. 7 with α = 1 and, from iteration 1, β = 0.1; no opponent
+            proto = _naive_logp(model, it.prompt_ids, it.proto_ids)
+            per = (-torch.nn.functional.logsigmoid(real - syn).mean()
+                   - 0.1 * torch.nn.functional.logsigmoid(syn - proto).mean())  # fmt: skip
         else:  # simpo, β = 2, γ = 1, lengths in tokens (end-of-turn included)
             lengths = torch.tensor([float(len(s)) for s in it.synthetic_ids])
             margin = 2 * real / len(it.real_ids) - 2 * syn / lengths - 1.0
@@ -323,14 +327,16 @@ def _formula_loss(model: torch.nn.Module, items: list[TrainItem], loss: str, mu:
     return total / (tokens if loss == "sft" else len(items))
 
 
-@pytest.mark.parametrize("loss", ["space", "spin", "ipo", "simpo", "sft"])
+@pytest.mark.parametrize("loss", ["space", "spin", "ipo", "simpo", "tspin", "sft"])
 def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
     tiny_model_dir: Path, tmp_path: Path, loss: str
 ) -> None:
     """The gradient `train_step` hands to the optimizer, for 7 prompts with K = 3 samples (one equal to
     its real response, prompts and responses of several lengths, rewards away from 0) in micro-batches of
     1 and 7, equals the gradient of the objective written out from the formulas with per-sequence
-    unpadded forwards; the loss it logs is that objective's value."""
+    unpadded forwards; the loss it logs is that objective's value. T-SPIN trains iteration 1 (its
+    historical term is off in iteration 0), each prompt with a proto-synthetic response (one equal to a
+    synthetic sample)."""
     model = load_model(str(tiny_model_dir), ModelConfig())
     items = []  # opponent scores moved off the model's own, so that the rewards are not 0
     for i, it in enumerate(_items(model, n=7, k=3)):
@@ -341,16 +347,24 @@ def test_the_gradient_applied_is_the_gradient_of_the_papers_objective(
         items.append(TrainItem(it.prompt_ids, it.real_ids, tuple(syn), real, tuple(opp)))
     if loss == "sft":
         items = [TrainItem(it.prompt_ids, it.real_ids, ()) for it in items]
+    if loss == "tspin":
+        from dataclasses import replace
+
+        protos = [it.synthetic_ids[0] if i == 3 else tuple(x + 1 for x in it.real_ids) + (7,) * (i % 3)
+                  for i, it in enumerate(items)]  # fmt: skip
+        # the opponent scores stay: a reference-free loss must ignore them
+        items = [replace(it, proto_ids=p) for it, p in zip(items, protos, strict=True)]
+    t = 1 if loss == "tspin" else 0
     model.train()
     objective = _formula_loss(model, items, loss, mu=2.0)
     objective.backward()
     expected = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     for micro in (1, 7):
         cfg = _cfg(tmp_path, loss=loss, mu=2.0, global_batch_size=7, micro_batch_size=micro)
-        tr = train_mod.setup(load_model(str(tiny_model_dir), ModelConfig()), items, cfg, iteration=0,
+        tr = train_mod.setup(load_model(str(tiny_model_dir), ModelConfig()), items, cfg, iteration=t,
                              iter_dir=tmp_path / f"{loss}-{micro}")  # fmt: skip
         applied = _capture_applied_gradients(tr)
-        logged = train_mod.train_step(tr, items, cfg, 0, 0, 0)
+        logged = train_mod.train_step(tr, items, cfg, 0, t, 0)
         assert logged["loss"] == pytest.approx(float(objective), rel=1e-5)
         assert sum(len(tr.groups[g]) for g in tr.steps[0]) == 7 and len(applied) == 1
         assert float((applied[0] - expected).norm() / expected.norm()) < 1e-5, (loss, micro)
