@@ -287,16 +287,17 @@ class TrainConfig:
     save_every: int = 50
     """Save the training state every N optimizer steps for mid-epoch resume; 0 only at the end."""
     mixed_precision: str = "no"
-    """no | bf16: bf16 autocast for training AND the score stage (so rewards start at 0), with float32
-    master weights and optimizer state (needs model.dtype=float32)."""
+    """no | bf16: bf16 autocast for training AND the score stage (rewards start at exactly 0: both run the
+    same micro-batches), with float32 master weights and optimizer state (needs model.dtype=float32)."""
     chunked_logps: bool = True
     """Token log-probs from the hidden states, the lm-head projection a chunk of tokens at a time:
     memory that does not grow with the vocabulary. false projects every response position at once
     (measured on SmolLM2-135M, 2-core CPU: ~10% faster in float32, ~8% slower under bf16 autocast,
     same peak memory at V = 49k; docs/PERFORMANCE.md). Training and scoring use the same path."""
     group_by_length: bool = True
-    """Within each optimizer step, cut micro-batches from prompts sorted by length (less padding; the
-    step's prompts and its gradient are unchanged)."""
+    """Cut the iteration's micro-batches from prompts sorted by length within each step-sized window of
+    the seeded order (less padding). The micro-batches are fixed for the iteration, so the score stage
+    forwards exactly what training will (spaceft.microbatch)."""
 
     def __post_init__(self) -> None:
         self.loss = LossType(self.loss)
@@ -520,6 +521,13 @@ class RunConfig:
                 "the real data as its optimum. Use temperature=1.0, top_p=1.0, top_k=0, or set "
                 "generation.allow_biased_sampling=true to accept the bias (recorded in the manifest and "
                 "report)"
+            )
+        if self.train.loss is LossType.TSPIN and not self.selfplay.resample and self.train.history_weight:
+            raise ValueError(
+                "selfplay.resample=false trains every iteration on iteration 0's samples, and with the tspin "
+                "loss those are the proto-synthetic responses too: the historical term compares each sample "
+                "with itself (zero gradient), leaving reference-free SPIN on fixed samples. Set "
+                "train.history_weight=0 to run that ablation, or selfplay.resample=true"
             )
         noise = _space_noise_mismatch(self)
         if noise and not g.allow_biased_sampling:

@@ -58,3 +58,26 @@ def test_a_batch_where_only_some_prompts_have_a_proto_response_is_refused(tiny_m
     items[1] = TrainItem(items[1].prompt_ids, items[1].real_ids, items[1].synthetic_ids)
     with pytest.raises(ValueError, match="proto-synthetic response or none has"):
         forward_batch(model, items, pad_id=0, device=CPU)
+
+
+def test_tspin_on_fixed_samples_is_refused_unless_the_historical_term_is_off() -> None:
+    """With selfplay.resample=false every sample is its own proto response: the historical term is ℓ(0)
+    whatever θ, so the run is refused unless it asks for that ablation by name (history_weight=0)."""
+    from spaceft.configfile import config_from_dict
+
+    base = {"data": {"train": "x"}, "train": {"loss": "tspin"}, "selfplay": {"resample": False}}
+    with pytest.raises(ValueError, match=r"train\.history_weight=0 to run that ablation"):
+        config_from_dict(base)
+    cfg = config_from_dict({**base, "train": {"loss": "tspin", "history_weight": 0.0}})
+    assert cfg.train.history_weight_for(3) == 0.0
+
+
+def test_the_shipped_recipe_has_the_papers_defaults() -> None:
+    """α = 1, β = 0.1 from iteration 1, K = 1 (arXiv 2601.08198, Sec. 4.3); no opponent."""
+    from spaceft.configfile import load_config
+
+    cfg = load_config("demo_tspin")
+    t = cfg.train
+    assert (t.loss, t.beta, cfg.generation.num_samples) == ("tspin", 1.0, 1)
+    assert (t.history_weight_for(0), t.history_weight_for(1), t.history_weight_for(4)) == (0.0, 0.1, 0.1)
+    assert not t.loss.needs_opponent and t.loss.uses_proto and cfg.selfplay.resample
