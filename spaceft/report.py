@@ -15,7 +15,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from spaceft.losses import LossType
 from spaceft.rundir import atomic_path, read_json, read_jsonl, read_table
+from spaceft.stages import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +260,20 @@ def _sampling_note(cfg: dict[str, Any]) -> list[str]:
     ]
 
 
+def _stages_note(loss: str) -> list[str]:
+    """Which stages a reference-free objective skips: it trains on the policy's own log-probs alone."""
+    try:
+        kind = LossType(loss)
+    except ValueError:  # a run directory written by another version
+        return []
+    if not kind.uses_synthetic or kind.needs_opponent:
+        return []
+    note = f"Reference-free: no score stage (the `{loss}` loss reads no opponent log-probs)."
+    if kind.uses_proto:
+        note += " Each prompt's proto-synthetic response is its first sample of iteration 0."
+    return [note, ""]
+
+
 def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     """Write report.md and the plots; return the table and the paths written."""
     rows = collect(run_dir)
@@ -275,6 +291,7 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
         f"Objective `{loss}`, model `{cfg.get('model', {}).get('name', '?')}`, "
         f"start model `{manifest.get('start_model', '?')}`.",
         "",
+        *_stages_note(loss),
         *_sampling_note(cfg),
         table,
         "",
@@ -397,7 +414,7 @@ def diagnostics_section(run_dir: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------ where the time goes
 
-TIMED_STAGES = ("generate", "score", "train", "eval")
+TIMED_STAGES = STAGES
 
 
 def _stage_cell(entry: dict[str, Any]) -> str:
