@@ -60,7 +60,7 @@ def main() -> None:
     rows.append((f"hf (batch {batch})", ready, time.perf_counter() - start, sampled))
     ws.models.clear()
 
-    from spaceft.selfplay import _vllm_engine
+    from spaceft.stage_fns import _vllm_engine
 
     cfg.generation.vllm_keep_alive = False
     start = time.perf_counter()

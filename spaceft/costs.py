@@ -5,7 +5,8 @@ over known token sequences, so it can be counted exactly after the fact (no hook
 
 * generate: the opponent reads each prompt once per sample (prefill) and decodes the sampled tokens;
 * score: the opponent reads every (prompt, response) it scores, real and synthetic (forward only);
-* train: every epoch, the policy reads and back-propagates (prompt, real) and each (prompt, synthetic).
+* train: every epoch, the policy reads and back-propagates (prompt, real), each (prompt, synthetic)
+  and, for T-SPIN, each (prompt, proto-synthetic).
 
 `compute` is in *forward-token equivalents*: a token that is only forwarded counts 1, a trained token 3
 (its backward pass costs about twice its forward). Multiplied by 2 × parameters it approximates FLOPs
@@ -16,13 +17,16 @@ is measurement, not training, so it is left out of `compute`.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from spaceft import stages
 from spaceft.chat import TokenizedExample
+from spaceft.config import SelfPlayConfig
+from spaceft.losses import LossType
 from spaceft.rundata import training_data
-from spaceft.rundir import read_json, read_table
+from spaceft.rundir import Manifest, read_table
 
 log = logging.getLogger(__name__)
 
@@ -51,25 +55,25 @@ class IterationCost:
         return {**asdict(self), "compute": self.compute}
 
 
-def _sources(selfplay: dict[str, Any], t: int) -> list[int]:
-    """Iterations whose samples iteration t trains on (mirrors the driver's rule)."""
-    if not selfplay.get("resample", True):
-        return [0]
-    return [t, t - 1] if selfplay.get("mix_previous", False) and t > 0 else [t]
+def _recorded_selfplay(section: dict[str, Any]) -> SelfPlayConfig:
+    """The `selfplay` section a run recorded (a key added since at its default, one removed left out)."""
+    names = {f.name for f in fields(SelfPlayConfig)}
+    return SelfPlayConfig(**{k: v for k, v in section.items() if k in names})
 
 
 def run_costs(run_dir: Path, tokenized: list[TokenizedExample] | None = None) -> list[IterationCost]:
     """Per-iteration token counts of every trained iteration of `run_dir`."""
     run_dir = Path(run_dir)
-    manifest = read_json(run_dir / "manifest.json")
-    cfg = manifest["config"]
+    manifest = Manifest.open(run_dir)
+    cfg = manifest.data["config"]
     tokenized = training_data(run_dir) if tokenized is None else tokenized
     prompt_len = {t.index: len(t.prompt_ids) for t in tokenized}
     real_tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
     epochs = cfg["train"]["epochs"]
     costs = []
     t = 0
-    while manifest["iterations"].get(str(t), {}).get("train", {}).get("status") == "done":
+    selfplay = _recorded_selfplay(cfg["selfplay"])
+    while manifest.is_done(t, "train"):
         d = run_dir / f"iter_{t}"
         generated = forwarded = 0
         if (d / "synthetic.parquet").exists():
@@ -80,11 +84,14 @@ def run_costs(run_dir: Path, tokenized: list[TokenizedExample] | None = None) ->
             forwarded += sum(
                 prompt_len[r["prompt_index"]] + r["length"] for r in read_table(d / "opponent_logps.parquet")
             )
-        sources = _sources(cfg["selfplay"], t) if cfg["train"]["loss"] != "sft" else []
+        sources = stages.sources(selfplay, t) if LossType(cfg["train"]["loss"]).uses_synthetic else []
         per_epoch = real_tokens * max(len(sources), 1)  # each source repeats the real pairs
         for src in sources:
             rows = read_table(run_dir / f"iter_{src}" / "synthetic.parquet")
             per_epoch += sum(prompt_len[r["prompt_index"]] + r["length"] for r in rows)
+        if LossType(cfg["train"]["loss"]).uses_proto:  # each item's y0 too: iteration 0's sample 0
+            protos = [r for r in read_table(run_dir / "iter_0" / "synthetic.parquet") if r["sample"] == 0]
+            per_epoch += len(sources) * sum(prompt_len[r["prompt_index"]] + r["length"] for r in protos)
         costs.append(IterationCost(t, generated, forwarded, epochs * per_epoch))
         t += 1
     return costs

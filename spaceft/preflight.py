@@ -4,8 +4,8 @@
 the config. What needs the outside world is checked here, before any model is loaded:
 
 - the run directory: creatable, writable, not a file; then locked for this run (`rundir.lock_run_dir`),
-  cleaned of what an interrupted run left behind, its manifest readable, and the finished outputs
-  that the remaining stages will read checked against the hashes recorded when they were written;
+  cleaned of what an interrupted run left behind, and its manifest readable (which finished work
+  is damaged or stale, and is redone, is the driver's business: spaceft.runstate);
 - the data paths that are local files;
 - the model: a local directory with a config, weights and a tokenizer, or a hub id that is cached
   or can be found on the Hub; and the sequence budgets against the model's positions;
@@ -35,15 +35,9 @@ from typing import Any
 from spaceft.config import RunConfig
 from spaceft.data import looks_local
 from spaceft.distributed import ZeroSettings, fsdp_shards, visible_gpus, zero_settings
-from spaceft.rundir import (
-    STAGE_OUTPUTS,
-    DamagedFileError,
-    Manifest,
-    clean_leftovers,
-    lock_run_dir,
-    verify_output,
-    write_text,
-)
+from spaceft.rundir import DamagedFileError, Manifest, clean_leftovers, lock_run_dir, write_text
+from spaceft.runstate import unfinished
+from spaceft.runstate import verify_pending_inputs as verify_pending_inputs  # the driver calls it (a redo)
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +68,6 @@ def check(
         lock_run_dir(cfg.run_dir)
         clean_leftovers(cfg.run_dir)
         manifest = open_manifest(cfg.run_dir, force=force)
-        verify_pending_inputs(manifest, cfg)
         write_text(cfg.run_dir / "config.yaml", cfg.to_yaml())  # the resolved config, as this run uses it
     left = untrained(cfg, manifest) if manifest is not None and trains else []
     if left:  # the main process decides for all (the caller's `agree`)
@@ -95,15 +88,6 @@ def check(
         if left:
             check_disk(cfg, model_dir, len(left))
             check_gpu_memory(cfg, model_dir)
-
-
-def unfinished(cfg: RunConfig, manifest: Manifest, stage: str) -> list[int]:
-    """The iterations whose `stage` has not finished."""
-    stages = manifest.data["iterations"]
-    return [
-        t for t in range(cfg.selfplay.iterations)
-        if stages.get(str(t), {}).get(stage, {}).get("status") != "done"
-    ]  # fmt: skip
 
 
 def untrained(cfg: RunConfig, manifest: Manifest) -> list[int]:
@@ -420,50 +404,6 @@ def open_manifest(run_dir: Path, *, force: bool) -> Manifest:
             "--force: %s was damaged; moved it to %s and discarded the run's work", e.path, aside.name
         )
         return Manifest.open(run_dir)
-
-
-def verify_pending_inputs(manifest: Manifest, cfg: RunConfig) -> None:
-    """Check, against the manifest's hashes, each finished output that a stage still to run will read;
-    a damaged one is redone, with what was built on it, instead of failing the run (or every re-run).
-
-    Outputs nothing will read again are not hashed (a 7B model takes a while), nor are the outputs of
-    a run whose training config changed (they are stale and handled by the resume check).
-    """
-    if manifest.data.get("fingerprint") != cfg.training_fingerprint():
-        return
-    total = cfg.selfplay.iterations
-
-    def done(t: int, stage: str) -> bool:
-        return manifest.is_done(t, stage)
-
-    changed = True
-    while changed:  # redoing a stage makes its inputs needed again: check until nothing changes
-        changed = False
-        for t in range(total):
-            for stage in STAGE_OUTPUTS:
-                entry = manifest.stage(t, stage)
-                if not (entry and entry.get("status") == "done"):
-                    continue
-                if stage == "train":
-                    eval_pending = cfg.eval.enabled and bool(cfg.data.eval) and not done(t, "eval")
-                    needed = eval_pending or (t + 1 < total and not done(t + 1, "train"))
-                else:  # samples and scores feed this and (mixing, no resampling) later trainings
-                    needed = any(not done(u, "train") for u in range(t, total))
-                problem = verify_output(cfg.run_dir, t, stage, entry) if needed else None
-                if problem:
-                    log.warning("%s: redoing %s of iteration %d and what was built on it", problem, stage, t)
-                    _forget_from(manifest, t, stage)
-                    changed = True
-
-
-def _forget_from(manifest: Manifest, t: int, stage: str) -> None:
-    """Mark `stage` of iteration t, its later stages and every later iteration as not done."""
-    order = ("generate", "score", "train", "eval")
-    for s in order[order.index(stage) :]:
-        manifest.data["iterations"].get(str(t), {}).pop(s, None)
-    for key in [k for k in manifest.data["iterations"] if k.isdigit() and int(k) > t]:
-        manifest.data["iterations"].pop(key)
-    manifest.save()
 
 
 # --------------------------------------------------------------------------------------------- data

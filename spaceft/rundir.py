@@ -356,39 +356,80 @@ class Manifest:
         write_json(self.path, self.data)
 
     def stage(self, iteration: int | str, stage: str) -> dict[str, Any] | None:
+        """The entry of `stage` in iteration `iteration` (done or running), or None."""
         return self.data["iterations"].get(str(iteration), {}).get(stage)
 
     def is_done(self, iteration: int | str, stage: str) -> bool:
-        entry = self.stage(iteration, stage)
-        return bool(entry and entry.get("status") == "done")
+        return is_done(self.data, iteration, stage)
 
     def mark_done(self, iteration: int | str, stage: str, **info: Any) -> None:
         self.data["iterations"].setdefault(str(iteration), {})[stage] = {"status": "done", **info}
+        self.save()
+
+    def mark_running(self, iteration: int | str, stage: str, **info: Any) -> None:
+        """Record that `stage` has started (with what a resume must know, such as the process count)."""
+        self.data["iterations"].setdefault(str(iteration), {})[stage] = {"status": "running", **info}
         self.save()
 
     def clear(self, iteration: int | str, stage: str) -> None:
         self.data["iterations"].get(str(iteration), {}).pop(stage, None)
         self.save()
 
+    def records(self) -> list[StageRecord]:
+        """Every stage entry: "base" first, then the iterations in order."""
+        its = self.data["iterations"]
+        order = sorted(its, key=lambda k: -1 if k == "base" else int(k) if k.isdigit() else 1 << 30)
+        return [
+            StageRecord(int(k) if k.isdigit() else k, stage, str(entry.get("status", "")), entry)
+            for k in order
+            for stage, entry in its[k].items()
+        ]
 
-# ----------------------------------------------------------------------------- integrity on read-back
+    def has_iterations(self) -> bool:
+        """Whether any iteration (or the base evaluation) has been recorded, even if emptied since."""
+        return bool(self.data["iterations"])
 
-# What each stage writes (relative to iter_T/) and whose hash the manifest records.
-STAGE_OUTPUTS = {"generate": "synthetic.parquet", "score": "opponent_logps.parquet", "train": "model"}
+    def iterations(self) -> list[int]:
+        """The numbered iterations that have an entry."""
+        return sorted(int(k) for k in self.data["iterations"] if k.isdigit())
+
+    def drop_after(self, iteration: int) -> None:
+        """Forget every iteration after `iteration`."""
+        for k in [k for k in self.data["iterations"] if k.isdigit() and int(k) > iteration]:
+            del self.data["iterations"][k]
+        self.save()
+
+    def drop_all(self) -> None:
+        """Forget every stage entry (saved with the caller's other changes)."""
+        self.data["iterations"] = {}
+
+    def opponent_hash(self, t: int, start_model: str) -> str:
+        """Hash of θt's weights: the start model's (recorded by the workspace), or the hash recorded when
+        iteration t-1 trained."""
+        if t == 0:
+            return str(self.data.get("start_model_hash", start_model))
+        return str((self.stage(t - 1, "train") or {}).get("hash", ""))
 
 
-def verify_output(run_dir: Path, iteration: int | str, stage: str, entry: dict[str, Any]) -> str | None:
-    """Check a finished stage's output against the hash recorded in the manifest when it was written;
-    return what is wrong with it, or None."""
-    path = run_dir / f"iter_{iteration}" / STAGE_OUTPUTS[stage]
-    expected = entry.get("hash")
-    if not expected:
-        return None
-    if not path.exists():
-        return f"{path} is missing, though manifest.json records {stage} as done"
-    if file_hash(path) != expected:
-        return f"{path} does not match the hash recorded in manifest.json (truncated or changed since)"
-    return None
+def is_done(data: dict[str, Any], iteration: int | str, stage: str) -> bool:
+    """Whether a manifest's contents (`Manifest.data`) record `stage` of `iteration` as done."""
+    entry = data["iterations"].get(str(iteration), {}).get(stage)
+    return bool(entry and entry.get("status") == "done")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """One stage's entry of one iteration in the manifest."""
+
+    iteration: int | str
+    stage: str
+    status: str
+    info: dict[str, Any]
+    """The whole entry as recorded (its status, hashes, timings and the stage's own numbers)."""
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
 
 
 # ----------------------------------------------------------------------------------- crash leftovers

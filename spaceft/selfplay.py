@@ -7,533 +7,79 @@
         evaluate  held-out NLL, task accuracy                    -> iter_t/eval.json
         θt+1 ← θ (the opponent of the next iteration is the trained model itself)
 
+The stages, their outputs, when each applies and what each reads are one table, `spaceft.stages.TABLE`.
 `run` makes a plan (the list of (stage, iteration) steps still to do) and runs each step with
-`run_step`: every stage is three functions in `STAGE_FNS` — `load` its inputs (every process), `work`
-(every process, see `RANKS`), `finish` (the main process: join the parts, record the manifest entry).
-Under `torchrun` / `accelerate launch` every process takes part in every stage (`RANKS` states how);
-the result does not depend on the number of processes (docs/ARCHITECTURE.md, "Several processes").
+`run_step`: every stage is three functions in `spaceft.stage_fns.STAGE_FNS` — `load` its inputs (every
+process), `work` (every process, as the table's `ranks` says), `finish` (the main process: join the
+parts, return the manifest entry). Under `torchrun` / `accelerate launch` every process takes part in
+every stage; the result does not depend on the number of processes (docs/ARCHITECTURE.md, "Several
+processes").
 
 Each step is recorded in runs/NAME/manifest.json when it finishes; running the same command again
 skips finished steps and resumes an unfinished one where it stopped, with any number of processes.
 Re-running a stage removes, on disk too, everything derived from it (its later stages and all later
-iterations). A config change that would make finished work stale is refused unless `force=True`,
-which discards the stale work.
+iterations); what is stale or damaged is forgotten before planning (spaceft.runstate). A config change
+that would make finished work stale is refused unless `force=True`, which discards the stale work.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig
-
-from spaceft import evalcache
-from spaceft.batching import ModelShape, concrete, kv_cache_bytes
-from spaceft.config import GENERATION_WHERE_KEYS, RunConfig
-from spaceft.distributed import agree, attempt, broadcast, leads_group, shard_of
-from spaceft.drift import template_drift, warn_template_drift
-from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
-from spaceft.generate import (
-    HFGenerator,
-    VLLMGenerator,
-    merge_generate_parts,
-    vllm_dtype,
-    vllm_keeps_engine,
-    write_generate_parts,
-)
-from spaceft.microbatch import TrainItem, compose, composition_tag
-from spaceft.models import whole_weights
-from spaceft.rundir import Manifest, content_hash, file_hashes, read_json, read_table
-from spaceft.score import merge_score_parts, with_opponent_scores, write_score_parts
-from spaceft.train import RUN_CONFIG_FILE, train_iteration
-from spaceft.workspace import StaleRunError, Workspace, loaded_model, prepare, release_models
+from spaceft.config import RunConfig
+from spaceft.distributed import agree, attempt
+from spaceft.rundir import Manifest
+from spaceft.runstate import StaleRunError, drop_stale_work, verify_pending_inputs
+from spaceft.stage_fns import STAGE_FNS, batches, close_engine, load_generate, train_items
+from spaceft.stages import BY_NAME, STAGES, TABLE, Step
+from spaceft.workspace import Workspace, prepare, release_models
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STAGES", "StaleRunError", "Workspace", "plan", "prepare", "run", "run_step"]
+__all__ = ["RANKS", "STAGES", "StaleRunError", "Step", "Workspace", "load_generate", "plan", "prepare", "run",
+           "run_step", "train_items"]  # fmt: skip
 
-STAGES = ("generate", "score", "train", "eval")
-
-# What each process does in each stage: the one place that says it.
-RANKS = {
-    "generate": "every process samples its shard of the prompt batches (batch c: process c mod N; a vLLM "
-    "tensor-parallel group of processes shares one shard); the main process joins the parts",
-    "score": "every process scores its shard of the item chunks; the main process joins the parts",
-    "train": "every process trains on its slice of each optimizer step (data parallel through Accelerate); "
-    "the main process saves the model",
-    "eval": "every process evaluates its shard of the held-out batches, and runs lm-eval, which shards its "
-    "requests across the processes itself; the main process joins them and computes the metrics",
-}
-
-# Files of an iteration's directory that each stage writes: re-running the stage removes them.
-OUTPUTS = {
-    "generate": ("synthetic.parquet", "synthetic.parts"),
-    "score": ("opponent_logps.parquet", "opponent_logps.parts"),
-    "train": (
-        "model",
-        "train_state",
-        "train_state.tmp",
-        "train_state.old",
-        "metrics.jsonl",
-        "train_summary.json",
-    ),
-    "eval": (
-        "eval.json",
-        "eval_samples.jsonl",
-        "eval_outputs.parquet",
-        "eval_outputs.parts",
-        "lm_eval_tasks",
-    ),
-}
+RANKS = {s.name: s.ranks for s in TABLE}
+"""What each process does in each stage (from the stage table)."""
 
 
-@dataclass(frozen=True)
-class Step:
-    """One stage of one iteration ("base": the start model, evaluated before iteration 0)."""
-
-    stage: str
-    iteration: int | str
-
-    def __str__(self) -> str:
-        return f"{self.stage} of iteration {self.iteration}"
-
-
-# ----------------------------------------------------------------------------------------- helpers
-
-
-def _synthetic(ws: Workspace, t: int) -> dict[int, list[tuple[int, ...]]]:
-    """prompt_index -> the K synthetic responses of iteration t, in sample order."""
-    rows = read_table(ws.iter_dir(t) / "synthetic.parquet")
-    out: dict[int, list[tuple[int, ...]]] = {}
-    for r in sorted(rows, key=lambda r: (r["prompt_index"], r["sample"])):
-        out.setdefault(r["prompt_index"], []).append(tuple(r["response_ids"]))
-    return out
-
-
-def _sources(ws: Workspace, t: int) -> list[int]:
-    """Iterations whose synthetic responses iteration t trains on (t, and t-1 when mixing; 0 when
-    resampling is off)."""
-    if not ws.cfg.selfplay.resample:
-        return [0]
-    return [t, t - 1] if ws.cfg.selfplay.mix_previous and t > 0 else [t]
-
-
-def _plain_items(ws: Workspace, t: int) -> tuple[list[TrainItem], list[tuple[int, int]]]:
-    """Iteration t's training items, without the opponent's scores, and each one's (prompt index,
-    iteration that sampled its synthetic responses)."""
-    if not ws.cfg.train.loss.uses_synthetic:
-        return [TrainItem(tok.prompt_ids, tok.response_ids, ()) for tok in ws.train_tok], [
-            (tok.index, -1) for tok in ws.train_tok
-        ]
-    items, origins = [], []
-    for src in _sources(ws, t):
-        synthetic = _synthetic(ws, src)
-        for tok in ws.train_tok:
-            items.append(TrainItem(tok.prompt_ids, tok.response_ids, tuple(synthetic[tok.index])))
-            origins.append((tok.index, src))
-    return items, origins
-
-
-@dataclass(frozen=True)
-class Batches:
-    """Iteration t's training items and its micro-batches, which the score stage and training share."""
-
-    items: list[TrainItem]
-    origins: list[tuple[int, int]]
-    groups: list[tuple[int, ...]]
-    composition: str  # `microbatch.composition_tag`: recorded by the score stage, checked by training
-
-
-def batches(ws: Workspace, t: int) -> Batches:
-    items, origins = _plain_items(ws, t)
-    groups = compose(items, ws.cfg, t, ws.state.num_processes)
-    return Batches(items, origins, groups, composition_tag(groups, items, ws.cfg))
-
-
-def train_items(ws: Workspace, t: int) -> list[TrainItem]:
-    """Iteration t's items with the opponent's log-probs, which were computed in these micro-batches.
-
-    Scores are looked up by item and checked against (θt's weights hash, token ids): a score of other
-    tokens, of another opponent or of other micro-batches is an error, never a silent reuse.
-    """
-    b = batches(ws, t)
-    if not ws.cfg.train.loss.needs_opponent:
-        return b.items
-    path = ws.iter_dir(t) / "opponent_logps.parquet"
-    if (ws.manifest.stage(t, "score") or {}).get("composition") != b.composition:
-        raise RuntimeError(
-            f"{path} was scored in other micro-batches than training would use (another micro-batch size, "
-            f"length grouping, number of processes or data): re-run `spaceft score -t {t}` with this "
-            "training's settings and processes"
-        )
-    return with_opponent_scores(b.items, read_table(path), ws.opponent_hash(t), str(path))
-
-
-def _synthetic_hashes(ws: Workspace, t: int) -> dict[str, str]:
-    return {str(src): (ws.manifest.stage(src, "generate") or {}).get("hash", "") for src in _sources(ws, t)}
-
-
-def _score_is_stale(ws: Workspace, t: int) -> bool:
-    """Scores made for other synthetic samples (e.g. after `spaceft generate -t T`) or by another
-    opponent are recomputed."""
-    entry = ws.manifest.stage(t, "score")
-    if entry is None:
-        return False
-    if entry.get("inputs") != _synthetic_hashes(ws, t):
-        log.warning("iteration %d: synthetic samples changed since scoring; re-scoring", t)
-        return True
-    if entry.get("opponent", ws.opponent_hash(t)) != ws.opponent_hash(t):
-        log.warning("iteration %d: the opponent's weights changed since scoring; re-scoring", t)
-        return True
-    if not ws.manifest.is_done(t, "train") and entry.get("composition") != batches(ws, t).composition:
-        log.warning("iteration %d: training's micro-batches changed since scoring (micro-batch size, length "
-                    "grouping, number of processes or data); re-scoring in the new ones", t)  # fmt: skip
-        return True
-    return False
-
-
-def _generate_is_stale(ws: Workspace, t: int) -> bool:
-    """Samples drawn by another opponent (e.g. the start model's files changed) are not samples of
-    p_θt: they are drawn again, and everything built on them redone."""
-    entry = ws.manifest.stage(t, "generate")
-    if entry is None or entry.get("opponent", ws.opponent_hash(t)) == ws.opponent_hash(t):
-        return False
-    log.warning("iteration %d: the opponent's weights changed since its samples were drawn; sampling again",
-                t)  # fmt: skip
-    return True
-
-
-def _applies(stage: str, ws: Workspace, t: int | str) -> bool:
-    loss = ws.cfg.train.loss
-    if stage == "generate":
-        return loss.uses_synthetic and (t == 0 or ws.cfg.selfplay.resample)
-    if stage == "score":
-        return loss.needs_opponent
-    if stage == "eval":
-        return ws.cfg.eval.enabled and bool(ws.eval_tok)
-    return True
-
-
-def _needs(ws: Workspace, step: Step) -> list[tuple[int, str]]:
-    """The (iteration, stage) entries a step reads."""
-    if step.iteration == "base":
-        return []
-    t = int(step.iteration)
-    if step.stage == "eval":
-        return [(t, "train")]
-    needs = [(t - 1, "train")] if t > 0 else []  # the opponent θt
-    synthetic = [(src, "generate") for src in _sources(ws, t)]
-    if step.stage == "score":
-        needs += synthetic
-    elif step.stage == "train" and _applies("score", ws, t):
-        needs.append((t, "score"))
-    elif step.stage == "train" and ws.cfg.train.loss.uses_synthetic:
-        needs += synthetic
-    return needs
-
-
-def _tag(*parts: Any) -> str:
-    return content_hash(*parts)
-
-
-# ----------------------------------------------------------------------------------------- stages
-# Each stage: load(ws, step) -> inputs on every process; work(ws, step, inputs) -> result on every
-# process (see RANKS); finish(ws, step, inputs, result) -> manifest entry on the main process.
-
-
-def load_generate(ws: Workspace, step: Step) -> str:
-    t = int(step.iteration)
-    if ws.cfg.generation.backend == "vllm":
-        release_models(ws)  # the engine needs the GPU memory the HF model holds
-    gen = {k: v for k, v in ws.cfg.to_dict()["generation"].items() if k not in GENERATION_WHERE_KEYS}
-    return _tag(ws.opponent_hash(t), t, gen, [tok.prompt_ids for tok in ws.train_tok])
-
-
-def work_generate(ws: Workspace, step: Step, tag: str) -> None:
-    t, cfg, state = int(step.iteration), ws.cfg, ws.state
-    vllm = cfg.generation.backend == "vllm"
-    group = cfg.generation.tensor_parallel_size if vllm else 1  # processes that share one engine
-    shard = shard_of(state, group)
-    if vllm:
-        gen: Any = _vllm_engine(ws, ws.opponent_path(t))
-    else:
-        # sampled under the autocast the score stage uses (train.mixed_precision)
-        gen = HFGenerator(loaded_model(ws, ws.opponent_path(t)), cfg.generation, stop_ids=ws.stop_ids,
-                          pad_id=ws.tokenizer.pad_token_id, device=ws.device,
-                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
-    try:
-        write_generate_parts(
-            gen,
-            [(tok.index, tok.prompt_ids) for tok in ws.train_tok],
-            ws.iter_dir(t) / "synthetic.parquet",
-            cfg.generation,
-            iteration=t,
-            decode=ws.decode,
-            shard=shard,
-            write=leads_group(state, group),
-            progress=cfg.logging.progress and state.is_main_process,
-            tag=tag,
-        )
-    finally:
-        ws.generations_left -= 1
-        if ws.engine is not None and ws.generations_left > 0:
-            ws.engine.sleep()  # frees its GPU memory for scoring and training
-        elif hasattr(gen, "close"):
-            close_engine(ws, gen)  # the engine goes before scoring and training need the memory
-
-
-def close_engine(ws: Workspace, gen: Any) -> None:
-    """Tear a vLLM engine down; a failure to do so is logged, never raised over the error that may be
-    on its way out of the stage."""
-    ws.engine = None
-    try:
-        gen.close()
-    except Exception:
-        log.exception("could not tear the vLLM engine down; continuing")
-
-
-def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
-    """The run's vLLM engine, holding `model_path`'s weights: one engine for all of this invocation's
-    generate steps when `generation.vllm_keep_alive` is on, more than one remains, and the engine can
-    reload weights in place (`vllm_keeps_engine`: a GPU); else a new one per step."""
+def plan(ws: Workspace, only_stage: str | None = None, only_iteration: int | None = None) -> list[Step]:
+    """The steps still to do, in order: every stage of the table that applies, iteration by iteration,
+    after the start model's evaluation; or the one stage asked for."""
     cfg = ws.cfg
-    if ws.engine is not None:
-        started = time.perf_counter()
-        ws.engine.load(model_path)
-        log.info("vLLM engine: weights of %s loaded in place in %.1f s", model_path,
-                 time.perf_counter() - started)  # fmt: skip
-        return ws.engine
-    keep = cfg.generation.vllm_keep_alive and ws.generations_left > 1
-    if keep:
-        keep, why = vllm_keeps_engine()
-        if not keep:
-            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
-    longest = max(len(tok.prompt_ids) for tok in ws.train_tok) + cfg.generation.max_new_tokens
-    dtype = vllm_dtype(cfg.model.dtype, cfg.train.mixed_precision)
-    kv = None
-    if not torch.cuda.is_available():  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        rows = min(concrete(cfg.generation.batch_size), len(ws.train_tok)) * cfg.generation.num_samples
-        kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), dtype)  # + a KV block
-        kv = -(-kv // cfg.generation.tensor_parallel_size)  # per worker
-    gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=dtype,
-                        num_processes=ws.state.num_processes, max_model_len=longest, kv_cache_bytes=kv,
-                        sleep_mode=keep)  # fmt: skip
-    if keep:
-        ws.engine = gen
-    return gen
-
-
-def finish_generate(ws: Workspace, step: Step, tag: str, _: None) -> dict[str, Any]:
-    t = int(step.iteration)
-    out = ws.iter_dir(t) / "synthetic.parquet"
-    eot = ws.end_of_turn
-    entry = merge_generate_parts(out, len(ws.train_tok), ws.cfg.generation, tag=tag, end_of_turn=eot)
-    rows = read_table(out)
-    prompts = {tok.index: ws.train_examples[tok.index].prompt for tok in ws.train_tok}
-    chat = ws.chat
-    samples = [(r["prompt_index"], r["response_ids"], r["hit_cap"]) for r in rows]
-    drift = template_drift(chat, prompts, samples, [tok.response_ids for tok in ws.train_tok])
-    warn_template_drift(drift, ws.cfg.model.name, chat.has_template)
-    return {**entry, "template_drift": drift, "opponent": ws.opponent_hash(t)}
-
-
-def load_score(ws: Workspace, step: Step) -> Batches:
-    return batches(ws, int(step.iteration))
-
-
-def work_score(ws: Workspace, step: Step, b: Batches) -> dict[str, float]:
-    t = int(step.iteration)
-    return write_score_parts(
-        loaded_model(ws, ws.opponent_path(t)),
-        b.items,
-        b.groups,
-        b.origins,
-        ws.iter_dir(t) / "opponent_logps.parquet",
-        pad_id=ws.tokenizer.pad_token_id,
-        device=ws.device,
-        opponent=ws.opponent_hash(t),
-        composition=b.composition,
-        shard=shard_of(ws.state),
-        progress=ws.cfg.logging.progress and ws.state.is_main_process,
-        mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training
-        chunked=ws.cfg.train.chunked_logps,  # and the same log-prob path
-    )
-
-
-def finish_score(ws: Workspace, step: Step, b: Batches, speed: dict[str, float] | None) -> dict[str, Any]:
-    t = int(step.iteration)
-    out = ws.iter_dir(t) / "opponent_logps.parquet"
-    info = merge_score_parts(out, b.groups, opponent=ws.opponent_hash(t), composition=b.composition)
-    return {**info, **(speed or {}), "inputs": _synthetic_hashes(ws, t)}
-
-
-def load_train(ws: Workspace, step: Step) -> list[TrainItem]:
-    """The training items; a training state saved by another number of processes is dropped (its data
-    slices and random states belong to that number)."""
-    t, state = int(step.iteration), ws.state
-    if state.is_main_process:
-        entry = ws.manifest.stage(t, "train") or {}
-        state_dir = ws.iter_dir(t) / "train_state"
-        if state_dir.exists() and entry.get("processes", 1) != state.num_processes:
-            log.warning("iteration %d: the saved training state is from %s process(es), this run has %d; "
-                        "training the iteration from its start", t, entry.get("processes", 1),
-                        state.num_processes)  # fmt: skip
-            shutil.rmtree(state_dir)
-        ws.manifest.data["iterations"].setdefault(str(t), {})["train"] = {
-            "status": "running",
-            "processes": state.num_processes,
-        }
-        ws.manifest.save()
-    return train_items(ws, t)
-
-
-def work_train(ws: Workspace, step: Step, items: list[TrainItem]) -> dict[str, Any]:
-    t = int(step.iteration)
-    d = ws.iter_dir(t)
-    # a run stopped after the model was saved (the summary is written after it) but before the manifest
-    # said so: the training is complete, do not train it again
-    if (d / "train_summary.json").exists() and (d / "model").is_dir() and not (d / "train_state").exists():
-        log.info("iteration %d: its trained model was saved before the last run stopped; not retraining", t)
-        return dict(read_json(d / "train_summary.json"))
-    model = loaded_model(ws, ws.opponent_path(t))
-    ws.models.clear()  # trained in place: from here on it is no longer the opponent saved at that path
-    return train_iteration(model, ws.tokenizer, items, ws.cfg, iteration=t, iter_dir=ws.iter_dir(t))
-
-
-def finish_train(ws: Workspace, step: Step, _: list[TrainItem], info: dict[str, Any]) -> dict[str, Any]:
-    full, weights = file_hashes(ws.iter_dir(step.iteration) / "model", without=RUN_CONFIG_FILE)
-    # "hash": the saved directory (checked on read-back); "weights": without the run's config, the same for
-    # every run that trains the same weights (the evaluation cache's key)
-    return {**info, "processes": ws.state.num_processes, "hash": full, "weights": weights}
-
-
-def _eval_model_dir(ws: Workspace, step: Step) -> str:
-    return ws.start_model if step.iteration == "base" else str(ws.iter_dir(step.iteration) / "model")
-
-
-def _eval_model_hash(ws: Workspace, step: Step) -> str:
-    if step.iteration == "base":
-        return ws.opponent_hash(0)
-    return str((ws.manifest.stage(step.iteration, "train") or {}).get("weights", ""))
-
-
-@dataclass(frozen=True)
-class EvalInputs:
-    tag: str
-    key: str | None
-    """The evaluation cache's key (None: not cached: `eval.cache=false`, weights without a content hash,
-    or lm-eval tasks other than `spaceft bench`'s)."""
-    hit: str | None
-    """The cached entry that holds this evaluation already (the main process's lookup, on every process)."""
-
-
-def load_eval(ws: Workspace, step: Step) -> EvalInputs:
-    model_hash = _eval_model_hash(ws, step)
-    cfg = ws.cfg.to_dict()
-    heldout = [(t.prompt_ids, t.response_ids) for t in ws.eval_tok]
-    opponent = ws.opponent_hash(0) if step.iteration == "base" else ws.opponent_hash(int(step.iteration) + 1)
-    tag = _tag(opponent, cfg["eval"], heldout)
-    key = hit = None
-    if ws.cfg.eval.cache and evalcache.is_content_hash(model_hash) and evalcache.cacheable(cfg["eval"]):
-        answers = [reference_answer(ws.eval_examples[t.index]) for t in ws.eval_tok]
-        key = evalcache.cache_key(model_hash, cfg["eval"], cfg["model"], [heldout, answers], ws.device,
-                                  ws.state.num_processes)  # fmt: skip
-        # the main process decides for all (a failed lookup is a miss: nothing may raise before the broadcast)
-        entry = attempt(evalcache.lookup, key)[0] if ws.state.is_main_process else None
-        hit = broadcast(ws.state, None if entry is None else str(entry))
-    return EvalInputs(tag, key, hit)
-
-
-def work_eval(ws: Workspace, step: Step, inputs: EvalInputs) -> dict[str, Any]:
-    if inputs.hit is not None:
-        return {}  # finish copies the cached evaluation
-    write_eval_parts(
-        loaded_model(ws, _eval_model_dir(ws, step)),
-        ws.tokenizer,
-        ws.eval_examples,
-        ws.eval_tok,
-        ws.cfg.eval,
-        ws.iter_dir(step.iteration),
-        stop_ids=ws.stop_ids,
-        device=ws.device,
-        shard=shard_of(ws.state),
-        progress=ws.cfg.logging.progress and ws.state.is_main_process,
-        tag=inputs.tag,
-    )
-    # lm-eval on every process: the harness shards its requests across them itself. It loads its own copy
-    # of the model, so ours goes first (two copies of a 7B model in float32 would be 56 GB per GPU)
-    if ws.cfg.eval.lm_eval_tasks:
-        release_models(ws)
-    with whole_weights():  # lm-eval's from_pretrained too (spaceft.models.whole_weights)
-        return run_benchmarks(ws.cfg.eval, ws.cfg.model, ws.iter_dir(step.iteration),
-                              model_dir=_eval_model_dir(ws, step), every_rank=True)  # fmt: skip
-
-
-def finish_eval_step(
-    ws: Workspace, step: Step, inputs: EvalInputs, benchmarks: dict[str, Any]
-) -> dict[str, Any]:
-    out = ws.iter_dir(step.iteration)
-    if inputs.hit is not None:
-        evalcache.restore(Path(inputs.hit), out)
-        log.info("%s: the same weights were evaluated with the same settings before; reusing %s", step,
-                 inputs.hit)  # fmt: skip
-        return {**read_json(out / "eval.json"), "cached": inputs.key}
-    result = finish_eval(ws.eval_examples, ws.eval_tok, ws.cfg.eval, out, lm_eval=benchmarks, tag=inputs.tag)
-    if inputs.key is not None:  # only what this evaluation wrote (an older one's files may lie beside it)
-        wrote = ["eval.json", "eval_outputs.parquet"]
-        wrote += ["eval_samples.jsonl"] if "accuracy" in result else []
-        wrote += ["lm_eval_tasks"] if ws.cfg.eval.lm_eval_tasks else []
-        evalcache.store(inputs.key, out, wrote)
-    return result
-
-
-@dataclass(frozen=True)
-class StageFns:
-    load: Callable[[Workspace, Step], Any]
-    work: Callable[[Workspace, Step, Any], Any]
-    finish: Callable[[Workspace, Step, Any, Any], dict[str, Any]]
-    collective: bool = False
-    """work() runs collectives (DDP): a failure there ends its process and the launcher stops the rest."""
-
-
-STAGE_FNS = {
-    "generate": StageFns(load_generate, work_generate, finish_generate),
-    "score": StageFns(load_score, work_score, finish_score),
-    "train": StageFns(load_train, work_train, finish_train, collective=True),
-    "eval": StageFns(load_eval, work_eval, finish_eval_step),
-}
-assert tuple(STAGE_FNS) == STAGES == tuple(RANKS) == tuple(OUTPUTS)
-
-
-# ----------------------------------------------------------------------------------------- driver
+    if only_stage is not None:
+        t = only_iteration if only_iteration is not None else 0
+        if t < 0:
+            return [Step("eval", "base")]
+        return [Step(only_stage, t)] if BY_NAME[only_stage].applies(cfg, t) else []
+    steps = [Step("eval", "base")] if BY_NAME["eval"].applies(cfg, "base") else []
+    for t in range(cfg.selfplay.iterations):
+        steps += [Step(s.name, t) for s in TABLE if s.applies(cfg, t)]
+    return [s for s in steps if not ws.manifest.is_done(s.iteration, s.stage)]
 
 
 def run_step(ws: Workspace, step: Step) -> None:
     """Run one step on every process; every process ends it together, or all raise.
 
     1. check its inputs and load them (every process; agreed)
-    2. work (every process, as RANKS says; agreed unless the work is collective)
+    2. work (every process, as the table's `ranks` says; agreed unless the work is collective)
     3. finish on the main process (join parts, manifest entry; agreed), then every process re-reads
        the manifest
     """
-    state, fns, m = ws.state, STAGE_FNS[step.stage], ws.manifest
+    state, stage, fns, m = ws.state, BY_NAME[step.stage], STAGE_FNS[step.stage], ws.manifest
     started = time.perf_counter()
-    resumed = any((ws.iter_dir(step.iteration) / name).exists() for name in OUTPUTS[step.stage])
+    resumed = any((ws.iter_dir(step.iteration) / name).exists() for name in stage.outputs)
     # step 1
-    missing = [f"{s} of iteration {i}" for i, s in _needs(ws, step) if not m.is_done(i, s)]
+    needs = [] if step.iteration == "base" else stage.needs(ws.cfg, int(step.iteration))
+    missing = [f"{s} of iteration {i}" for i, s in needs if not m.is_done(i, s)]
     if missing:
         raise RuntimeError(f"{step} needs {', '.join(missing)}: run `spaceft run` first")
     inputs, error = attempt(fns.load, ws, step)
     agree(state, error, f"loading the inputs of {step}")
     # step 2
-    if fns.collective:
+    if stage.collective:
         result = fns.work(ws, step, inputs)
     else:
         result, error = attempt(fns.work, ws, step, inputs)
@@ -560,54 +106,11 @@ def _timed(info: dict[str, Any], wall_s: float, resumed: bool) -> dict[str, Any]
     return info
 
 
-def invalidate_from(ws: Workspace, t: int | str, stage: str) -> None:
-    """Forget `stage` of iteration t and everything computed from it, in the manifest and on disk: its
-    later stages, and (unless it is an evaluation, which nothing reads) every later iteration."""
-    m = ws.manifest
-    for s in STAGES[STAGES.index(stage) :]:
-        m.clear(t, s)
-        for name in OUTPUTS[s]:
-            path = ws.iter_dir(t) / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    if stage != "eval":
-        on_disk = {int(p.name[5:]) for p in ws.cfg.run_dir.glob("iter_*") if p.name[5:].isdigit()}
-        recorded = {int(k) for k in m.data["iterations"] if k.isdigit()}
-        later = sorted(k for k in on_disk | recorded if k > int(t))
-        if later:
-            log.warning("re-running %s of iteration %s invalidates iteration(s) %s", stage, t,
-                        ", ".join(map(str, later)))  # fmt: skip
-        for k in later:
-            m.data["iterations"].pop(str(k), None)
-            shutil.rmtree(ws.iter_dir(k), ignore_errors=True)
-    m.save()
-
-
-def drop_stale_work(ws: Workspace, only_stage: str | None, only_iteration: int | None) -> None:
-    """Main process: what a stage re-run (`spaceft generate -t T`) or changed inputs make stale."""
-    if only_stage is not None:
-        t = only_iteration if only_iteration is not None else 0
-        invalidate_from(ws, "base" if t < 0 else t, "eval" if t < 0 else only_stage)
-    for t in range(ws.cfg.selfplay.iterations):
-        if _applies("generate", ws, t) and _generate_is_stale(ws, t):
-            invalidate_from(ws, t, "generate")
-        elif _applies("score", ws, t) and _score_is_stale(ws, t):
-            invalidate_from(ws, t, "score")
-
-
-def plan(ws: Workspace, only_stage: str | None = None, only_iteration: int | None = None) -> list[Step]:
-    """The steps still to do, in order."""
-    if only_stage is not None:
-        t = only_iteration if only_iteration is not None else 0
-        if t < 0:
-            return [Step("eval", "base")]
-        return [Step(only_stage, t)] if _applies(only_stage, ws, t) else []
-    steps = [Step("eval", "base")] if _applies("eval", ws, "base") else []
-    for t in range(ws.cfg.selfplay.iterations):
-        steps += [Step(s, t) for s in STAGES if _applies(s, ws, t)]
-    return [s for s in steps if not ws.manifest.is_done(s.iteration, s.stage)]
+def _drop_stale_work(ws: Workspace, only_stage: str | None, only_iteration: int | None) -> None:
+    """Main process: forget what is damaged, re-run or stale (spaceft.runstate), before planning."""
+    verify_pending_inputs(ws.manifest, ws.cfg)
+    drop_stale_work(ws.manifest, ws.cfg, only_stage, only_iteration, opponent=ws.opponent_hash,
+                    composition=lambda t: batches(ws, t).composition)  # fmt: skip
 
 
 def run(
@@ -625,9 +128,13 @@ def run(
     state, m = ws.state, ws.manifest
     log.info("run %s: %s, %d iteration(s), %d training pairs, %d held-out", cfg.name, cfg.train.loss,
              cfg.selfplay.iterations, len(ws.train_tok), len(ws.eval_tok))  # fmt: skip
+    if cfg.train.loss.uses_synthetic and not cfg.train.loss.needs_opponent:
+        log.info("%s is reference-free: no score stage%s", cfg.train.loss,
+                 ", and each prompt's proto-synthetic response is its first sample of iteration 0"
+                 if cfg.train.loss.uses_proto else "")  # fmt: skip
     error = None
     if state.is_main_process:
-        _, error = attempt(drop_stale_work, ws, only_stage, only_iteration)
+        _, error = attempt(_drop_stale_work, ws, only_stage, only_iteration)
     agree(state, error, "preparing the run")
     if not state.is_main_process:
         m.data = Manifest.open(cfg.run_dir).data

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property, partial
@@ -24,7 +23,7 @@ from transformers import AutoConfig
 from spaceft import preflight
 from spaceft.batching import ModelShape, auto_batch_size
 from spaceft.chat import ChatTokenizer, TokenizedExample, end_of_turn_id
-from spaceft.config import RunConfig, eval_view, training_view
+from spaceft.config import RunConfig
 from spaceft.data import Example
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes, patient_group
 from spaceft.generate import stop_ids
@@ -32,15 +31,12 @@ from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundata import load_split
 from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
+from spaceft.runstate import check_resume
 
 log = logging.getLogger(__name__)
 
 BUILTIN_ARITHMETIC = "builtin:arithmetic"
 DEFAULT_BUILTIN_SIZE = 64
-
-
-class StaleRunError(RuntimeError):
-    """The run directory holds finished work made with a different config."""
 
 
 @dataclass
@@ -99,9 +95,7 @@ class Workspace:
 
     def opponent_hash(self, t: int) -> str:
         """Hash of θt's weights (the start model's, or the hash recorded when iteration t-1 trained)."""
-        if t == 0:
-            return str(self.manifest.data.get("start_model_hash", self.start_model))
-        return str((self.manifest.stage(t - 1, "train") or {}).get("hash", ""))
+        return self.manifest.opponent_hash(t, self.start_model)
 
 
 def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
@@ -117,77 +111,12 @@ def _materialise(spec: str | None, cfg: RunConfig, split: str) -> str | None:
     return str(path)
 
 
-def _diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Changed values of the keys both configs have (a field added in a newer spaceft, at its default,
-    or one since removed, does not make a run stale)."""
-    keys = []
-    for k in sorted(set(old) & set(new)):
-        a, b = old[k], new[k]
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys.extend(_diff(a, b, f"{prefix}{k}."))
-        elif a != b:
-            keys.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return keys
-
-
-def _check_resume(manifest: Manifest, cfg: RunConfig, data_hash: str, force: bool) -> None:
-    """Refuse to mix finished work from another config (or data) with this one, unless forced."""
-    stored = manifest.data.get("config")
-    if stored is None:
-        return
-    current = cfg.to_dict()
-    new = _as_recorded(current, stored)
-    for section in ("generation", "eval"):  # a run from before `auto` keeps its number (dropped if stale)
-        if new[section]["batch_size"] != current[section]["batch_size"]:
-            manifest.data.setdefault("batch_sizes", {}).setdefault(section, new[section]["batch_size"])
-    train_changes = _diff(training_view(stored), training_view(new))
-    if manifest.data.get("data_hash") != data_hash:
-        train_changes.append("the training data changed")
-    eval_changes = _diff(eval_view(stored), eval_view(new))
-    if not manifest.data["iterations"]:
-        if train_changes:  # nothing finished: just drop the partial parts of the old config
-            for child in cfg.run_dir.glob("iter_*"):
-                shutil.rmtree(child)
-            manifest.data.pop("batch_sizes", None)  # chosen for the old config
-        return
-    if not (train_changes or eval_changes):
-        return
-    if not force:
-        raise StaleRunError(
-            f"{cfg.run_dir} holds finished work made with a different config:\n  "
-            + "\n  ".join(train_changes + eval_changes)
-            + "\nUse another run name, or pass --force to discard the stale work."
-        )
-    if train_changes:
-        log.warning("--force: discarding all finished work in %s", cfg.run_dir)
-        for child in cfg.run_dir.iterdir():
-            if child.is_dir() and (child.name.startswith("iter_") or child.name == "base"):
-                shutil.rmtree(child)
-        manifest.data["iterations"] = {}
-        manifest.data.pop("batch_sizes", None)  # chosen for the old model and lengths
-    else:
-        log.warning("--force: eval settings changed; re-running evaluations only")
-        manifest.data.get("batch_sizes", {}).pop("eval", None)
-        for it in manifest.data["iterations"].values():
-            it.pop("eval", None)
-
-
-def _as_recorded(new: dict[str, Any], stored: dict[str, Any]) -> dict[str, Any]:
-    """The new config with `batch_size: auto` read as the number a run made before `auto` existed
-    recorded (the default was 16): that run's batches stay as they were, and it is not stale."""
-    for section in ("generation", "eval"):
-        old = stored.get(section, {}).get("batch_size")
-        if new.get(section, {}).get("batch_size") == "auto" and isinstance(old, int):
-            new = {**new, section: {**new[section], "batch_size": old}}
-    return new
-
-
 def _start_model_hash(manifest: Manifest, start: str, commit: str | None) -> str:
     """A hub snapshot's commit (it names the files' contents), else the hash of the start model's files,
     recomputed only when their names, sizes or times change."""
     if commit:
         old = manifest.data.get("start_model_hash")
-        if old is not None and old == manifest.data.get("start_model") and manifest.data["iterations"]:
+        if old is not None and old == manifest.data.get("start_model") and manifest.has_iterations():
             # a run from before hub ids were pinned hashed the id itself: keep it, so that its finished
             # work is not made stale by the new naming (its start model is pinned from now on)
             log.warning("this run began before hub models were pinned to a commit; from now on it reads "
@@ -374,7 +303,7 @@ def _update_manifest(
     ws: Workspace, data_hash: str, data_info: dict[str, Any], force: bool, hub: dict[str, Any]
 ) -> None:
     cfg, manifest = ws.cfg, ws.manifest
-    _check_resume(manifest, cfg, data_hash, force)
+    check_resume(manifest, cfg, data_hash, force)
     for key in ("start_model_id", "start_model_commit"):
         manifest.data.pop(key, None)
     manifest.data.update(

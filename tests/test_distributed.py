@@ -520,7 +520,7 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     (not after the last), closed after the last generate step, or by the run when a stage fails."""
     import sys
 
-    from spaceft import selfplay
+    from spaceft import stage_fns
     from spaceft.cli import main
     from spaceft.generate import VLLMGenerator
 
@@ -529,7 +529,7 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     fake = _FakeVLLM()
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(selfplay, "vllm_keeps_engine", lambda: (True, ""))
+    monkeypatch.setattr(stage_fns, "vllm_keeps_engine", lambda: (True, ""))
     events: list = []
     real = {m: getattr(VLLMGenerator, m) for m in ("__init__", "load", "sleep", "close")}
 
@@ -546,7 +546,7 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
         def broken(*args, **kwargs):
             raise RuntimeError("scoring failed")
 
-        monkeypatch.setattr(selfplay, "write_score_parts", broken)
+        monkeypatch.setattr(stage_fns, "write_score_parts", broken)
     settings = {"generation.backend": "vllm", "generation.vllm_keep_alive": True,
                 "selfplay.iterations": iterations, "eval.enabled": False}  # fmt: skip
     overrides = tiny_overrides(tmp_path, tiny_model_dir, **settings)

@@ -179,7 +179,7 @@ def test_samples_are_drawn_under_the_autocast_that_scores_them(
 ) -> None:
     """Under train.mixed_precision=bf16 the score stage records bf16-autocast log-probs as the samples'
     density: the generate stage samples under that autocast too (float32 weights, bf16 matmuls)."""
-    from spaceft import selfplay
+    from spaceft import stage_fns
     from spaceft.cli import main
 
     from .conftest import tiny_overrides
@@ -198,13 +198,13 @@ def test_samples_are_drawn_under_the_autocast_that_scores_them(
     finally:
         hook.remove()
     built: list[str] = []
-    real = selfplay.HFGenerator
+    real = stage_fns.HFGenerator
 
     def spy(*args: object, **kwargs: object) -> HFGenerator:
         built.append(str(kwargs.get("mixed_precision")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(selfplay, "HFGenerator", spy)
+    monkeypatch.setattr(stage_fns, "HFGenerator", spy)
     settings = {"train.mixed_precision": "bf16", "selfplay.iterations": 1, "eval.enabled": False}
     over = tiny_overrides(tmp_path, tiny_model_dir, **settings)
     assert main(["-q", "run", "tiny", *over]) == 0

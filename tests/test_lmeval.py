@@ -263,13 +263,13 @@ def test_run_records_lm_eval_in_eval_json_manifest_and_report(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from spaceft import selfplay
+    from spaceft import stage_fns
 
     calls: list[str] = []  # lm-eval loads its own copy of the model: ours must be released first
-    release, bench = selfplay.release_models, selfplay.run_benchmarks
-    monkeypatch.setattr(selfplay, "release_models", lambda ws: (calls.append("release"), release(ws))[1])
+    release, bench = stage_fns.release_models, stage_fns.run_benchmarks
+    monkeypatch.setattr(stage_fns, "release_models", lambda ws: (calls.append("release"), release(ws))[1])
     monkeypatch.setattr(
-        selfplay, "run_benchmarks", lambda *a, **k: (calls.append("bench"), bench(*a, **k))[1]
+        stage_fns, "run_benchmarks", lambda *a, **k: (calls.append("bench"), bench(*a, **k))[1]
     )
     extra = {"name": "lmeval", "train.loss": "sft", "selfplay.iterations": 1,
              "eval.lm_eval_tasks": f"[arithmetic, {arc_task.yaml_path}]", "eval.lm_eval_limit": 2,

@@ -273,11 +273,11 @@ def test_a_model_saved_before_an_interruption_is_not_trained_again(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Ctrl-C after the trained model was saved, before the manifest recorded it: the next run keeps it."""
-    from spaceft import selfplay, train
+    from spaceft import stage_fns, train
 
     steps: list[int] = []
     monkeypatch.setattr(train, "maybe_fail", lambda stage, n: steps.append(n) if stage == "train" else None)
-    real_hash, armed = selfplay.file_hashes, [True]
+    real_hash, armed = stage_fns.file_hashes, [True]
 
     def hash_then_interrupt(path: Path, without: str = "") -> tuple[str, str]:
         if armed[0] and path.name == "model":
@@ -285,7 +285,7 @@ def test_a_model_saved_before_an_interruption_is_not_trained_again(
             raise KeyboardInterrupt
         return real_hash(path, without)
 
-    monkeypatch.setattr(selfplay, "file_hashes", hash_then_interrupt)
+    monkeypatch.setattr(stage_fns, "file_hashes", hash_then_interrupt)
     over = {"selfplay.iterations": 1, "eval.enabled": "false"}
     assert _run(tmp_path, tiny_model_dir, **over) == 130
     run_dir = next((tmp_path / "runs").iterdir())
