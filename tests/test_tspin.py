@@ -81,3 +81,62 @@ def test_the_shipped_recipe_has_the_papers_defaults() -> None:
     assert (t.loss, t.beta, cfg.generation.num_samples) == ("tspin", 1.0, 1)
     assert (t.history_weight_for(0), t.history_weight_for(1), t.history_weight_for(4)) == (0.0, 0.1, 0.1)
     assert not t.loss.needs_opponent and t.loss.uses_proto and cfg.selfplay.resample
+
+
+@pytest.mark.slow
+def test_demo_tspin_runs_offline_without_an_opponent_and_trains_on_iteration_0s_first_samples(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`spaceft run demo_tspin` with the tiny model, 2 iterations: no score stage and no
+    opponent_logps.parquet; both iterations train every prompt with iteration 0's sample 0 as y0 (in
+    iteration 0 it is also the synthetic response, so the proto and synthetic rewards agree); the log and
+    the report say the run is reference-free."""
+    import logging
+
+    from spaceft import stage_fns
+    from spaceft.cli import main
+    from spaceft.rundir import read_json, read_jsonl, read_table
+
+    from .conftest import tiny_overrides
+
+    trained: dict[int, list[TrainItem]] = {}
+    real_train = stage_fns.train_iteration
+
+    def recording(model, tokenizer, items, cfg, *, iteration, iter_dir):  # what each iteration trains on
+        trained[iteration] = list(items)
+        return real_train(model, tokenizer, items, cfg, iteration=iteration, iter_dir=iter_dir)
+
+    monkeypatch.setattr(stage_fns, "train_iteration", recording)
+    over = tiny_overrides(tmp_path, tiny_model_dir, **{"selfplay.iterations": 2, "data.train_size": 4,
+                                                        "data.max_prompt_tokens": 512})  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="spaceft"):
+        assert main(["run", "demo_tspin", *over]) == 0
+    run_dir = tmp_path / "runs" / "demo-tspin"
+    manifest = read_json(run_dir / "manifest.json")
+    assert manifest["config"]["train"]["loss"] == "tspin"
+    for t in (0, 1):
+        assert "score" not in manifest["iterations"][str(t)] and manifest["iterations"][str(t)]["train"]
+        assert not (run_dir / f"iter_{t}" / "opponent_logps.parquet").exists()
+    def samples(t: int) -> list[tuple[int, ...]]:
+        rows = read_table(run_dir / f"iter_{t}" / "synthetic.parquet")
+        return sorted(tuple(r["response_ids"]) for r in rows if r["sample"] == 0)
+
+    assert len(trained[0]) == len(trained[1]) == len(samples(0)) == 4
+    # iteration 0: each prompt's y0 is its own (only) synthetic response, sample 0 of iteration 0
+    assert all(it.synthetic_ids == (it.proto_ids,) for it in trained[0])
+    assert sorted(it.proto_ids for it in trained[0]) == samples(0)
+    # iteration 1: the synthetic responses are its own samples, each prompt keeps iteration 0's y0
+    proto = {it.prompt_ids: it.proto_ids for it in trained[0]}
+    assert all(it.proto_ids == proto[it.prompt_ids] for it in trained[1])
+    assert sorted(it.synthetic_ids[0] for it in trained[1]) == samples(1) != samples(0)
+    m0 = read_jsonl(run_dir / "iter_0" / "metrics.jsonl")
+    assert all(m["rewards/proto"] == m["rewards/synthetic"] for m in m0)
+    assert "rewards/proto" in read_jsonl(run_dir / "iter_1" / "metrics.jsonl")[-1]
+    # training cost counts the proto rows: epochs × Σ over items of its prompt with each of its 3 responses
+    from spaceft.costs import run_costs
+
+    tokens = [sum(3 * len(it.prompt_ids) + len(it.real_ids) + len(it.synthetic_ids[0]) + len(it.proto_ids)
+                  for it in trained[t]) for t in (0, 1)]  # fmt: skip
+    assert [c.trained for c in run_costs(run_dir)] == [2 * n for n in tokens]  # demo: 2 epochs
+    assert "tspin is reference-free: no score stage" in caplog.text
+    assert "Reference-free: no score stage" in (run_dir / "report.md").read_text()
