@@ -18,6 +18,7 @@ What changes from `replicate.py` (whose bookkeeping, launcher and archive this r
 
     python experiments/preregistered.py --dry-run            # the plan and its estimated cost
     setsid nice -n 19 python experiments/preregistered.py --out runs/prereg --archive experiments/prereg_runs
+    python experiments/preregistered.py --report-only --max-tier 2   # every table, from the archive alone
 """
 
 from __future__ import annotations
@@ -464,6 +465,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Design, argparse.Namespac
     p.add_argument(
         "--dry-run", action="store_true", help="print the plan and its estimated cost; run nothing"
     )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rebuild every table from the archive alone (default experiments/prereg_runs) into --out",
+    )
     a = p.parse_args(argv)
     design = Design(
         out=a.out, archive=a.archive, max_tier=a.max_tier, tasks=tuple(a.tasks), extra=list(a.extra)
@@ -484,6 +490,14 @@ def main(argv: list[str] | None = None) -> int:
             cumulative += tier_s
             print(f"tier {tier}: {tier_s / 3600:5.1f} h   cumulative {cumulative / 3600:5.1f} h")
         print(f"steps per iteration: {design.steps_per_iteration()} (batch {design.global_batch})")
+        return 0
+    if a.report_only:
+        import prereg_tables  # the analysis: matplotlib and the bootstrap, which running the grid needs not
+
+        archive = design.archive or Path(__file__).resolve().parent / "prereg_runs"
+        summary = prereg_tables.write_report(archive, design.out, design)
+        print(prereg_tables.summary_text(summary))
+        log.info("tables: %s", design.out / "results.md")
         return 0
     Preregistered(design, rep.subprocess_launcher(design.recipe)).run()
     return 0
