@@ -69,11 +69,10 @@ def _cfg(out: Path, precision: str, micro: int, grouping: bool):
 
 def first_step_abs_reward(precision: str, micro: int, grouping: bool, out: Path) -> float:
     """Mean |r| of the first training step, every process taking part (`spaceft.microbatch`)."""
-    from accelerate import PartialState
-
     from spaceft import train as train_mod
+    from spaceft.distributed import init_processes
 
-    state = PartialState()
+    state = init_processes(600)  # joins the torchrun group on CPU (gloo), or one process
     cfg = _cfg(out, precision, micro, grouping)
     items = long_items()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -118,10 +117,13 @@ def other_batches_abs_reward(precision: str, micro: int) -> float:
 
 
 if __name__ == "__main__":  # under torchrun: every setting, one JSON line each from the main process
-    from accelerate import PartialState
+    from spaceft.distributed import init_processes
 
     out = Path(sys.argv[1])
     for precision, micro, grouping in SETTINGS:
         value = first_step_abs_reward(precision, micro, grouping, out)
-        if PartialState().is_main_process:
-            print(json.dumps({"setting": [precision, micro, grouping], "abs_mean": value}), flush=True)
+        state = init_processes(600)
+        if state.is_main_process:
+            line = {"setting": [precision, micro, grouping], "abs_mean": value}
+            line["processes"] = state.num_processes
+            print(json.dumps(line), flush=True)

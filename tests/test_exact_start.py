@@ -48,4 +48,5 @@ def test_first_step_rewards_are_exactly_zero_on_two_processes(tmp_path: Path) ->
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     assert [tuple(x["setting"]) for x in lines] == SETTINGS
+    assert {x["processes"] for x in lines} == {2}
     assert max(x["abs_mean"] for x in lines) <= TOLERANCE, lines
