@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
 
     from spaceft.configfile import load_config
-    from spaceft.generate import HFGenerator, VLLMGenerator, prompt_seed
+    from spaceft.generate import HFGenerator, prompt_seed
     from spaceft.recipes import shipped_recipe
     from spaceft.workspace import loaded_model, prepare
 
@@ -60,11 +60,14 @@ def main() -> None:
     rows.append((f"hf (batch {batch})", ready, time.perf_counter() - start, sampled))
     ws.models.clear()
 
-    from spaceft.stage_fns import _vllm_engine
+    from spaceft.generate import open_generator
 
-    cfg.generation.vllm_keep_alive = False
+    cfg.generation.backend = "vllm"
     start = time.perf_counter()
-    engine: VLLMGenerator = _vllm_engine(ws, ws.start_model)  # as the stage builds it (KV sized on CPU)
+    engine = open_generator(ws.start_model, cfg, stop_ids=ws.stop_ids, pad_id=ws.tokenizer.pad_token_id,
+                            device=ws.device, num_processes=1, prompts=len(prompts), keep=False,
+                            longest_prompt=max(len(p) for p in prompts),
+                            model=lambda path: loaded_model(ws, path))  # as the stage builds it
     ready = time.perf_counter() - start
     try:
         start = time.perf_counter()

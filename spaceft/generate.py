@@ -1,7 +1,8 @@
 """Synthetic responses from the opponent: y' ~ p_θt(·|x), K per prompt.
 
-Two backends behind one `Generator` protocol: `HFGenerator` (transformers `generate`, batched,
-left-padded, prompts sorted by length) and `VLLMGenerator` (optional extra). Prompts are the same
+Two backends behind one `Generator` protocol (load, generate, sleep, close), built by one factory,
+`open_generator`: `HFGenerator` (transformers `generate`, batched, left-padded, prompts sorted by
+length) and `VLLMGenerator` (optional extra, which sizes its own context and KV cache). Prompts are the same
 chat-template token ids that training uses, so generation and training never disagree on the template
 (SPIN's released code generated with one template and trained with another).
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig as TransformersGenerationConfig
 from transformers import LogitsProcessorList
 
-from spaceft.batching import concrete
-from spaceft.config import GenerationConfig
+from spaceft.batching import ModelShape, concrete, kv_cache_bytes
+from spaceft.config import GenerationConfig, RunConfig
 from spaceft.rundir import ONE_PROCESS, Shard, file_hash, merge_parts, pending_parts, write_parts
 from spaceft.token_logps import autocast
 
@@ -46,11 +47,30 @@ class Completion:
     hit_cap: bool  # True when generation stopped at max_new_tokens without an end-of-turn token
 
 
-class Generator(Protocol):
+class Sampler(Protocol):
     def generate(
         self, prompts: Sequence[Sequence[int]], *, num_samples: int, seeds: Sequence[int]
     ) -> list[list[Completion]]:
         """K completions for each prompt (prompt i sampled under seeds[i]), in input order."""
+        ...
+
+
+class Generator(Sampler, Protocol):
+    """A generation backend, as `open_generator` builds it for the generate stage."""
+
+    kept: bool
+    """It stays alive between generate steps: `sleep` after one, `load` the next opponent into it."""
+
+    def load(self, model_path: str) -> None:
+        """Sample from the weights saved in `model_path` from now on."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what memory it can for scoring and training until the next `load`."""
+        ...
+
+    def close(self) -> None:
+        """Release it for good."""
         ...
 
 
@@ -149,14 +169,29 @@ class HFGenerator:
         device: torch.device,
         max_new_tokens: int | None = None,
         mixed_precision: str = "no",
+        loader: Callable[[str], torch.nn.Module] | None = None,
     ) -> None:
         self.model = model
+        self.loader = loader  # the model of a path (`load`): the workspace's, which scoring shares
         self.cfg = cfg
         self.stop_ids = set(stop_ids)
         self.pad_id = pad_id
         self.device = device
         self.max_new_tokens = max_new_tokens or cfg.max_new_tokens
         self.mixed_precision = mixed_precision
+
+    kept = False  # the model is the workspace's and is kept there; a new generator per step costs nothing
+
+    def load(self, model_path: str) -> None:
+        if self.loader is None:
+            raise RuntimeError("this HFGenerator was built around one model and cannot load another")
+        self.model = self.loader(model_path)
+
+    def sleep(self) -> None:
+        """Nothing to free: the model belongs to the workspace."""
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the workspace."""
 
     @torch.no_grad()
     def generate(
@@ -281,6 +316,7 @@ class VLLMGenerator:
         self.external = num_processes > 1
         self.model_path = model_path
         self.asleep = False
+        self.kept = sleep_mode
 
     def load(self, model_path: str) -> None:
         """Make the engine sample from the weights in `model_path` (a saved model of the same
@@ -444,8 +480,66 @@ def vllm_completion(token_ids: Sequence[int], stop_ids: set[int]) -> Completion:
     return cut_at_stop(list(token_ids), stop_ids)
 
 
+# ----------------------------------------------------------------------------------------- backends
+
+
+def loads_own_weights(cfg: GenerationConfig) -> bool:
+    """Whether the backend loads its own copy of the weights (the HF model the other stages share should
+    be released before it starts: the engine needs that memory)."""
+    return cfg.backend == "vllm"
+
+
+def open_generator(
+    model_path: str,
+    cfg: RunConfig,
+    *,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    device: torch.device,
+    num_processes: int,
+    longest_prompt: int,
+    prompts: int,
+    keep: bool,
+    model: Callable[[str], torch.nn.Module],
+) -> Generator:
+    """The backend `generation.backend` names, sampling from the weights in `model_path`.
+
+    `model(path)` is the loaded HF model of a path (the one the score stage shares); `longest_prompt`
+    and `prompts` size a vLLM engine's context and, on a CPU, its KV cache; `keep`: more generate steps
+    follow in this invocation, so a backend that can reload weights in place may stay alive between them
+    (its `kept`)."""
+    if cfg.generation.backend != "vllm":
+        # sampled under the autocast the score stage uses (train.mixed_precision)
+        return HFGenerator(model(model_path), cfg.generation, stop_ids=stop_ids, pad_id=pad_id, device=device,
+                           mixed_precision=cfg.train.mixed_precision, loader=model)  # fmt: skip
+    keep = cfg.generation.vllm_keep_alive and keep
+    if keep:
+        keep, why = vllm_keeps_engine()
+        if not keep:
+            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
+    longest = longest_prompt + cfg.generation.max_new_tokens
+    dtype = vllm_dtype(cfg.model.dtype, cfg.train.mixed_precision)
+    kv = None
+    if not torch.cuda.is_available():  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
+        rows = min(concrete(cfg.generation.batch_size), prompts) * cfg.generation.num_samples
+        kv = vllm_cpu_kv_bytes(model_path, cfg, rows=rows, longest=longest, dtype=dtype)
+    return VLLMGenerator(model_path, cfg.generation, stop_ids=stop_ids, dtype=dtype,
+                         num_processes=num_processes, max_model_len=longest, kv_cache_bytes=kv,
+                         sleep_mode=keep)  # fmt: skip
+
+
+def vllm_cpu_kv_bytes(model_path: str, cfg: RunConfig, *, rows: int, longest: int, dtype: str) -> int:
+    """The KV cache a vLLM-CPU worker needs for `rows` sequences of up to `longest` tokens (+ one KV
+    block each), not a fraction of the machine's RAM."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), dtype)
+    return -(-kv // cfg.generation.tensor_parallel_size)  # per worker
+
+
 def generate_stage(
-    generator: Generator,
+    generator: Sampler,
     prompts: Sequence[tuple[int, Sequence[int]]],
     out: Path,
     cfg: GenerationConfig,
@@ -471,7 +565,7 @@ def _chunks(
 
 
 def write_generate_parts(
-    generator: Generator,
+    generator: Sampler,
     prompts: Sequence[tuple[int, Sequence[int]]],
     out: Path,
     cfg: GenerationConfig,

@@ -32,7 +32,7 @@ from spaceft.config import RunConfig
 from spaceft.distributed import agree, attempt
 from spaceft.rundir import Manifest
 from spaceft.runstate import StaleRunError, drop_stale_work, verify_pending_inputs
-from spaceft.stage_fns import STAGE_FNS, batches, close_engine, load_generate, train_items
+from spaceft.stage_fns import STAGE_FNS, batches, close_generator, load_generate, train_items
 from spaceft.stages import BY_NAME, STAGES, TABLE, Step
 from spaceft.workspace import Workspace, prepare, release_models
 
@@ -139,14 +139,14 @@ def run(
     if not state.is_main_process:
         m.data = Manifest.open(cfg.run_dir).data
     steps = plan(ws, only_stage, only_iteration)
-    ws.generations_left = sum(step.stage == "generate" for step in steps)  # a vLLM engine is kept if > 1
+    ws.generations_left = sum(step.stage == "generate" for step in steps)  # a backend is kept if > 1
     try:
         for step in steps:
             log.info("%s (%s)", step, RANKS[step.stage] if state.num_processes > 1 else "one process")
             run_step(ws, step)
     finally:
-        if ws.engine is not None:  # a stage failed between two generate steps
-            close_engine(ws, ws.engine)
+        if ws.generator is not None:  # a stage failed between two generate steps
+            close_generator(ws, ws.generator)
     release_models(ws)
     if only_stage is None and state.is_main_process:
         from spaceft.report import write_report

@@ -14,24 +14,20 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoConfig
-
 from spaceft import evalcache
-from spaceft.batching import ModelShape, concrete, kv_cache_bytes
 from spaceft.config import GENERATION_WHERE_KEYS
 from spaceft.distributed import attempt, broadcast, leads_group, shard_of
 from spaceft.drift import template_drift, warn_template_drift
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
 from spaceft.generate import (
-    HFGenerator,
-    VLLMGenerator,
+    Generator,
+    loads_own_weights,
     merge_generate_parts,
-    vllm_dtype,
-    vllm_keeps_engine,
+    open_generator,
     write_generate_parts,
 )
 from spaceft.microbatch import TrainItem, compose, composition_tag
@@ -118,24 +114,16 @@ def train_items(ws: Workspace, t: int) -> list[TrainItem]:
 
 def load_generate(ws: Workspace, step: Step) -> str:
     t = int(step.iteration)
-    if ws.cfg.generation.backend == "vllm":
-        release_models(ws)  # the engine needs the GPU memory the HF model holds
+    if loads_own_weights(ws.cfg.generation):
+        release_models(ws)  # the backend needs the GPU memory the HF model holds
     gen = {k: v for k, v in ws.cfg.to_dict()["generation"].items() if k not in GENERATION_WHERE_KEYS}
     return content_hash(ws.opponent_hash(t), t, gen, [tok.prompt_ids for tok in ws.train_tok])
 
 
 def work_generate(ws: Workspace, step: Step, tag: str) -> None:
     t, cfg, state = int(step.iteration), ws.cfg, ws.state
-    vllm = cfg.generation.backend == "vllm"
-    group = cfg.generation.tensor_parallel_size if vllm else 1  # processes that share one engine
-    shard = shard_of(state, group)
-    if vllm:
-        gen: Any = _vllm_engine(ws, ws.opponent_path(t))
-    else:
-        # sampled under the autocast the score stage uses (train.mixed_precision)
-        gen = HFGenerator(loaded_model(ws, ws.opponent_path(t)), cfg.generation, stop_ids=ws.stop_ids,
-                          pad_id=ws.tokenizer.pad_token_id, device=ws.device,
-                          mixed_precision=cfg.train.mixed_precision)  # fmt: skip
+    group = cfg.generation.tensor_parallel_size  # processes that share one engine
+    gen = _generator(ws, ws.opponent_path(t))
     try:
         write_generate_parts(
             gen,
@@ -144,58 +132,46 @@ def work_generate(ws: Workspace, step: Step, tag: str) -> None:
             cfg.generation,
             iteration=t,
             decode=ws.decode,
-            shard=shard,
+            shard=shard_of(state, group),
             write=leads_group(state, group),
             progress=cfg.logging.progress and state.is_main_process,
             tag=tag,
         )
     finally:
         ws.generations_left -= 1
-        if ws.engine is not None and ws.generations_left > 0:
-            ws.engine.sleep()  # frees its GPU memory for scoring and training
-        elif hasattr(gen, "close"):
-            close_engine(ws, gen)  # the engine goes before scoring and training need the memory
+        if gen.kept and ws.generations_left > 0:
+            gen.sleep()  # frees its GPU memory for scoring and training
+        else:
+            close_generator(ws, gen)  # it goes before scoring and training need the memory
 
 
-def close_engine(ws: Workspace, gen: Any) -> None:
-    """Tear a vLLM engine down; a failure to do so is logged, never raised over the error that may be
-    on its way out of the stage."""
-    ws.engine = None
+def close_generator(ws: Workspace, gen: Generator) -> None:
+    """Release a generator; a failure to do so is logged, never raised over the error that may be on its
+    way out of the stage."""
+    ws.generator = None
     try:
         gen.close()
     except Exception:
-        log.exception("could not tear the vLLM engine down; continuing")
+        log.exception("could not release the generation backend; continuing")
 
 
-def _vllm_engine(ws: Workspace, model_path: str) -> VLLMGenerator:
-    """The run's vLLM engine, holding `model_path`'s weights: one engine for all of this invocation's
-    generate steps when `generation.vllm_keep_alive` is on, more than one remains, and the engine can
-    reload weights in place (`vllm_keeps_engine`: a GPU); else a new one per step."""
-    cfg = ws.cfg
-    if ws.engine is not None:
+def _generator(ws: Workspace, model_path: str) -> Generator:
+    """A generator holding `model_path`'s weights: the one kept from the last generate step of this
+    invocation, with the weights loaded in place, or a new one (kept if the backend can be and more
+    generate steps follow)."""
+    if ws.generator is not None:
         started = time.perf_counter()
-        ws.engine.load(model_path)
-        log.info("vLLM engine: weights of %s loaded in place in %.1f s", model_path,
+        ws.generator.load(model_path)
+        log.info("generation backend: weights of %s loaded in place in %.1f s", model_path,
                  time.perf_counter() - started)  # fmt: skip
-        return ws.engine
-    keep = cfg.generation.vllm_keep_alive and ws.generations_left > 1
-    if keep:
-        keep, why = vllm_keeps_engine()
-        if not keep:
-            log.info("generation.vllm_keep_alive: %s, so each iteration builds its own engine", why)
-    longest = max(len(tok.prompt_ids) for tok in ws.train_tok) + cfg.generation.max_new_tokens
-    dtype = vllm_dtype(cfg.model.dtype, cfg.train.mixed_precision)
-    kv = None
-    if not torch.cuda.is_available():  # vLLM-CPU would otherwise reserve vllm_memory_fraction of the RAM
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
-        rows = min(concrete(cfg.generation.batch_size), len(ws.train_tok)) * cfg.generation.num_samples
-        kv = kv_cache_bytes(ModelShape.of(config), rows * (longest + 128), dtype)  # + a KV block
-        kv = -(-kv // cfg.generation.tensor_parallel_size)  # per worker
-    gen = VLLMGenerator(model_path, cfg.generation, stop_ids=ws.stop_ids, dtype=dtype,
-                        num_processes=ws.state.num_processes, max_model_len=longest, kv_cache_bytes=kv,
-                        sleep_mode=keep)  # fmt: skip
-    if keep:
-        ws.engine = gen
+        return ws.generator
+    gen = open_generator(model_path, ws.cfg, stop_ids=ws.stop_ids, pad_id=ws.tokenizer.pad_token_id,
+                         device=ws.device, num_processes=ws.state.num_processes,
+                         longest_prompt=max(len(tok.prompt_ids) for tok in ws.train_tok),
+                         prompts=len(ws.train_tok), keep=ws.generations_left > 1,
+                         model=partial(loaded_model, ws))  # fmt: skip
+    if gen.kept:
+        ws.generator = gen
     return gen
 
 

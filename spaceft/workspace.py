@@ -26,7 +26,7 @@ from spaceft.chat import ChatTokenizer, TokenizedExample, end_of_turn_id
 from spaceft.config import RunConfig
 from spaceft.data import Example
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes, patient_group
-from spaceft.generate import stop_ids
+from spaceft.generate import Generator, stop_ids
 from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundata import load_split
@@ -53,10 +53,10 @@ class Workspace:
     eval_tok: list[TokenizedExample] = field(default_factory=list)
     models: dict[str, torch.nn.Module] = field(default_factory=dict)
     """At most one model, by the directory it was loaded from (the opponent, kept across stages)."""
-    engine: Any = None
-    """The run's vLLM engine when it is kept across iterations (`generation.vllm_keep_alive`)."""
+    generator: Generator | None = None
+    """The generation backend kept between this invocation's generate steps (`Generator.kept`)."""
     generations_left: int = 0
-    """Generate steps this invocation has still to run (the engine is kept only while more remain)."""
+    """Generate steps this invocation has still to run (a backend is kept only while more remain)."""
 
     @property
     def state(self) -> PartialState:
@@ -330,7 +330,8 @@ def loaded_model(ws: Workspace, path: str) -> torch.nn.Module:
 
 
 def release_models(ws: Workspace) -> None:
-    """Drop the loaded model and free its memory (before a vLLM engine starts, or another model loads)."""
+    """Drop the loaded model and free its memory (before a generation backend loads its own copy of the
+    weights, or another model loads)."""
     ws.models.clear()
     gc.collect()
     if torch.cuda.is_available():

@@ -520,7 +520,7 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     (not after the last), closed after the last generate step, or by the run when a stage fails."""
     import sys
 
-    from spaceft import stage_fns
+    from spaceft import generate, stage_fns
     from spaceft.cli import main
     from spaceft.generate import VLLMGenerator
 
@@ -529,7 +529,7 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     fake = _FakeVLLM()
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(stage_fns, "vllm_keeps_engine", lambda: (True, ""))
+    monkeypatch.setattr(generate, "vllm_keeps_engine", lambda: (True, ""))
     events: list = []
     real = {m: getattr(VLLMGenerator, m) for m in ("__init__", "load", "sleep", "close")}
 

@@ -179,7 +179,7 @@ def test_samples_are_drawn_under_the_autocast_that_scores_them(
 ) -> None:
     """Under train.mixed_precision=bf16 the score stage records bf16-autocast log-probs as the samples'
     density: the generate stage samples under that autocast too (float32 weights, bf16 matmuls)."""
-    from spaceft import stage_fns
+    from spaceft import generate as generate_module
     from spaceft.cli import main
 
     from .conftest import tiny_overrides
@@ -198,13 +198,13 @@ def test_samples_are_drawn_under_the_autocast_that_scores_them(
     finally:
         hook.remove()
     built: list[str] = []
-    real = stage_fns.HFGenerator
+    real = generate_module.HFGenerator
 
     def spy(*args: object, **kwargs: object) -> HFGenerator:
         built.append(str(kwargs.get("mixed_precision")))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage_fns, "HFGenerator", spy)
+    monkeypatch.setattr(generate_module, "HFGenerator", spy)
     settings = {"train.mixed_precision": "bf16", "selfplay.iterations": 1, "eval.enabled": False}
     over = tiny_overrides(tmp_path, tiny_model_dir, **settings)
     assert main(["-q", "run", "tiny", *over]) == 0

@@ -7,6 +7,7 @@ import ast
 from pathlib import Path
 
 from spaceft import report, runstate, selfplay, stage_fns, stages
+from spaceft.config import RunConfig
 from spaceft.configfile import config_from_dict
 from spaceft.rundir import Manifest, file_hash
 from spaceft.stages import STAGES, TABLE, Step
@@ -15,7 +16,7 @@ from spaceft.workspace import Workspace
 PACKAGE = Path(__file__).resolve().parents[1] / "spaceft"
 
 
-def _cfg(tmp_path: Path, **selfplay_settings: object):  # noqa: ANN202
+def _cfg(tmp_path: Path, **selfplay_settings: object) -> RunConfig:
     return config_from_dict({"data": {"train": "x.jsonl", "eval": "y.jsonl"}, "output_dir": str(tmp_path),
                              "generation": {"allow_biased_sampling": True},  # (resample=false)
                              "selfplay": {"iterations": 2, **selfplay_settings}})  # fmt: skip
@@ -65,7 +66,7 @@ def test_sources_and_needs(tmp_path: Path) -> None:
     assert stages.BY_NAME["eval"].needs(mixing, 1) == [(1, "train")]
 
 
-def _finished_iteration_0(cfg, *, pending_score_1: bool = True) -> tuple[Manifest, Path]:  # noqa: ANN001
+def _finished_iteration_0(cfg: RunConfig) -> tuple[Manifest, Path]:
     samples = cfg.run_dir / "iter_0" / "synthetic.parquet"
     samples.parent.mkdir(parents=True)
     samples.write_bytes(b"rows" * 100)
