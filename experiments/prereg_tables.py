@@ -97,10 +97,6 @@ Table = dict[str, np.ndarray]
 """One evaluation of one arm: per-problem arrays [seeds, problems] correct, nll (−log p), tokens."""
 
 
-def arm_tier(task: str, arm: str) -> int:
-    return 3 if task == "worded" else next(a.tier for a in pre.ARMS if a.name == arm)
-
-
 def planned(design: pre.Design) -> list[tuple[str, str]]:
     """(task, arm) of every final the design runs, in the preregistered order."""
     rows = [("arithmetic", a.name) for a in pre.ARMS if a.tier <= design.max_tier and a.name in design.arms]
@@ -140,14 +136,11 @@ class Archive:
     def samples(self, name: str, key: str) -> Table | None:
         """The per-problem test results of evaluation `key` ('base', 'iter_T') of one run."""
         if (name, key) not in self._tables:
-            d = self.root / name / key
-            path = d / "eval_samples.jsonl.gz"
-            if path.exists():
-                text = gzip.decompress(path.read_bytes()).decode()
-            elif (d / "eval_samples.jsonl").exists():
-                text = (d / "eval_samples.jsonl").read_text()
-            else:
-                text = ""
+            path = self.root / name / key / "eval_samples.jsonl"
+            packed = path.with_name(path.name + ".gz")
+            text = path.read_text() if path.exists() else ""
+            if packed.exists():
+                text = gzip.decompress(packed.read_bytes()).decode()
             rows = [json.loads(x) for x in text.splitlines() if x.strip()]
             self._tables[(name, key)] = (
                 {
@@ -283,12 +276,8 @@ def compare(
             # the denominators are the same for both arms, so the difference's sign in each replicate is
             # that of the numerators' difference: bootstrap_p on numerators is the ratio's p exactly
             row["p"] = bootstrap_p(na, nb)
-            per_seed = [
-                na[i].sum() / (da[i].sum() if da is not None else na.shape[1])
-                - nb[i].sum() / (db[i].sum() if db is not None else nb.shape[1])
-                for i in range(len(seeds))
-            ]
-            row["per_seed"] = [float(x) for x in per_seed]
+            den = np.ones_like(na) if da is None else da  # the same for both arms (checked above)
+            row["per_seed"] = [float(x) for x in (na.sum(1) - nb.sum(1)) / den.sum(1)]
             row["t"] = t_interval(row["per_seed"])
             rows.append(row)
     for family in dict.fromkeys(r["family"] for r in rows):
@@ -486,19 +475,17 @@ def cost_md(archive: Archive, arms: list[tuple[str, str]]) -> tuple[list[str], d
             f"{c['wall_s']:.0f} | {c['cpu_s']:.0f} | {c['peak_rss_mb'] / 1024:.2f} | {c['hours']:.2f} |"
         )
     hours = sum(e.get("wall_s", 0.0) for e in archive.entries.values()) / 3600
-    return [*lines, "", f"Archived runs so far: {len(archive.entries)}, {hours:.2f} h of wall time.", ""], out
+    lines += ["", f"Archived runs so far: {len(archive.entries)}, {hours:.2f} h of wall time."]
+    matched = ", ".join(f"{task}: {epochs}" for task, epochs in archive.matched_epochs.items())
+    return [*lines, f"SFT compute-matched epochs per iteration: {matched or 'not fixed yet'}.", ""], out
 
 
 def start_md(root: Path) -> list[str]:
     lines = ["### Start: SFT epochs on the N pairs, validation NLL after each (the lowest is the start)", ""]
     for path in sorted(root.glob("*-start/manifest.json")):
         done = read_json(path).get("iterations", {})
-        epochs = sorted(int(k) for k in done if k.isdigit())
-        nll = [
-            done[str(k)]["eval"]["nll"]
-            for k in epochs
-            if done[str(k)].get("eval", {}).get("status") == "done"
-        ]
+        evals = [done[str(k)].get("eval", {}) for k in sorted(int(k) for k in done if k.isdigit())]
+        nll = [e["nll"] for e in evals if e.get("status") == "done"]
         if nll:
             best = int(np.argmin(nll))
             cells = ", ".join(f"**{x:.4f}**" if i == best else f"{x:.4f}" for i, x in enumerate(nll))

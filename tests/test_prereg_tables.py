@@ -203,3 +203,17 @@ def test_the_verdict_rule() -> None:
     t_zero = {"mean": 0.0, "low": -0.1, "high": 0.1}
     assert tables.verdict(iv(0.0, -0.1, 0.1, 3, 20), 1.0, t_zero, +1) == "not reproduced in this setting"
     assert math.isclose(tables.ALPHA, 0.05)
+
+
+def test_the_one_command(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`preregistered.py --report-only` writes every table and prints one line per comparison."""
+    argv = ["--report-only", "--archive", str(archive), "--out", str(tmp_path / "r"), "--max-tier", "1"]
+    assert pre.main([*argv, "--tasks", "arithmetic"]) == 0
+    printed = capsys.readouterr().out
+    assert "space - sft-matched  nll_last  -0.110 [-0.120, -0.100]" in printed
+    assert "reproduced in this setting" in printed and "finals not archived yet (0)" in printed
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {
+        "results.md",
+        "results.json",
+        "nll_vs_compute.png",
+    }
