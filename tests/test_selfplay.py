@@ -397,3 +397,29 @@ def test_real_responses_longer_than_any_sample_are_warned_about(
     assert message.startswith("8 of 8 real responses are longer than generation.max_new_tokens=2")
     assert warned(**{"generation.max_new_tokens": 512}) == []  # data.max_response_tokens of the tiny recipe
     assert warned(**{"generation.max_new_tokens": 2, "train.loss": "sft", "name": "sft"}) == []
+
+
+def test_scores_made_for_other_micro_batches_are_made_again(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The score stage records the micro-batches it scored (`composition`); a resumed training whose
+    micro-batches differ (another micro-batch size, length grouping, number of processes or data) has it
+    re-scored first, and the new scores start training at exactly 0."""
+    from spaceft.rundir import write_json
+
+    over = {"selfplay.iterations": 1, "eval.enabled": False}
+    monkeypatch.setenv("SPACEFT_FAULT", "train:1")
+    with pytest.raises(InjectedFault):
+        _run(tmp_path, tiny_model_dir, **over)
+    monkeypatch.delenv("SPACEFT_FAULT")
+    run_dir = tmp_path / "runs" / RUN
+    manifest = read_json(run_dir / "manifest.json")
+    recorded = manifest["iterations"]["0"]["score"]["composition"]
+    manifest["iterations"]["0"]["score"]["composition"] = "micro-batches of another launch"
+    write_json(run_dir / "manifest.json", manifest)
+    with caplog.at_level(logging.WARNING):
+        assert _run(tmp_path, tiny_model_dir, **over) == 0
+    assert any("re-scoring" in r.getMessage() for r in caplog.records)
+    assert read_json(run_dir / "manifest.json")["iterations"]["0"]["score"]["composition"] == recorded
+    first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/abs_mean"] == 0.0
