@@ -326,7 +326,7 @@ def comparison_md(rows: list[dict[str, Any]], family: str) -> list[str]:
         ep = next(e for e in ENDPOINTS if e.key == r["endpoint"])
         head = f"| {r['task']} | {r['arm']} − {r['comparator']} | {ep.title} | {len(r['seeds'])} |"
         if r["p"] is None:
-            lines.append(f"{head} | | | | | | {r['missing']} |")
+            lines.append(f"{head} | | | | | {r['missing']} |")
             continue
         b = r["bootstrap"]
         note = f" ({r['note']})" if r["note"] else ""
@@ -516,9 +516,9 @@ def plot(archive: Archive, tuned: dict[str, Any], arms: list[tuple[str, str]], p
     fig, axes = plt.subplots(1, len(tasks), figsize=(7 * len(tasks), 5), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         for _, arm in [x for x in arms if x[0] == task]:
-            runs, _ = arm_runs(archive, tuned, task, arm)
+            runs, alias = arm_runs(archive, tuned, task, arm)
             costs = [archive.entries[n].get("costs") for n in runs.values()]
-            if not runs or not all(costs):
+            if not runs or alias or not all(costs):  # an alias would hide the line it repeats
                 continue
             x = [0.0, *np.mean([np.cumsum([c["compute"] for c in r]) for r in costs], axis=0)]  # type: ignore[union-attr]
             seeds = sorted(runs)
@@ -528,7 +528,7 @@ def plot(archive: Archive, tuned: dict[str, Any], arms: list[tuple[str, str]], p
             est = np.array([iv.estimate for _, iv in ivs])
             err = [est - [iv.low for _, iv in ivs], [iv.high for _, iv in ivs] - est]
             ax.errorbar(
-                [xi for xi, _ in ivs], est, yerr=err, fmt="o-", capsize=2, label=f"{arm} ({len(seeds)})"
+                [xi for xi, _ in ivs], est, yerr=err, fmt="o-", capsize=2, label=f"{arm} ({len(seeds)} seeds)"
             )
         ax.set(
             title=f"{task}: held-out NLL against compute (95 % CI)",
