@@ -211,7 +211,7 @@ def tuning(archive: Archive, design: pre.Design, task: str = "arithmetic") -> di
             grid = [centre, *pre.neighbours(centre)][: design.spin_b1_lrs] if centre else [math.nan]
             complete = all(any(math.isclose(g, lr) for lr in scores) for g in grid)
         else:
-            base = [g for g in design.lrs]
+            base = list(design.lrs)
             complete = all(any(math.isclose(g, lr) for lr in scores) for g in base)
             edge = best in (min(scores), max(scores))
             if complete and edge and len(scores) == len(base) and design.max_extensions:
