@@ -1,7 +1,7 @@
 """`generation.batch_size=auto` and `eval.batch_size=auto`: prompts per decoding batch, from memory.
 
 A fixed 16 leaves most of a GPU idle and, on these 2 CPU cores, ran the generation stage at 0.61x the
-tokens/s of batch 64 (issue 10's profile); a fixed large number runs a 7B model on a small GPU out of
+tokens/s of batch 64 (a profile of 2026-11-28); a fixed large number runs a 7B model on a small GPU out of
 memory. The rule:
 
     per row     = KV cache  2 · layers · kv_heads · head_dim · (prompt + new tokens) · bytes

@@ -607,7 +607,7 @@ def eval_view(config: dict[str, Any]) -> dict[str, Any]:
     settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
     held_out = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
     if data.get("subset", "first") != "first" and data.get("eval_size"):  # a random draw: which rows
-        held_out.update(subset=data["subset"], seed=data.get("seed"))  # (at the default: the view as before)
+        held_out.update(subset=data["subset"], seed=data.get("seed"))  # default: no key, recorded views stay
     return {"eval": settings, "data": held_out}
 
 

@@ -311,7 +311,7 @@ def quiet_git_hash() -> Iterator[None]:
     ``simple_evaluate`` stores ``git describe --always`` of the current directory, running git with
     its stderr on the terminal: outside a repository that prints "fatal: not a git repository" on
     every call. The harness has no setting for it, so for the duration its call runs git with stderr
-    captured (the hash is recorded as before where there is one, ``None`` elsewhere).
+    captured (the hash is recorded where there is one, ``None`` elsewhere).
     """
     import subprocess
 

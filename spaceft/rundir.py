@@ -436,7 +436,7 @@ class StageRecord:
 
 _LEFTOVER = re.compile(
     r"^\..+\.tmp-[0-9a-f]{8}$"  # atomic_path / atomic_dir
-    r"|^\..+\.[a-z0-9_]{8}(\.tmp)?$"  # the mkstemp names of earlier versions and of tasks.py
+    r"|^\..+\.[a-z0-9_]{8}(\.tmp)?$"  # mkstemp-style names (tasks.py's; older releases')
     r"|^\..+\.old$"  # atomic_dir's swap
     r"|^train_state\.(tmp|old)$"  # train.py's state swap
 )

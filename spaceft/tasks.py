@@ -10,8 +10,8 @@ A stable hash of the key puts every key in exactly one of two buckets, train and
 never share a problem -- not even the same sum told about different people -- for any seed. Sampling
 draws problems and keeps those whose key falls in the requested split, without repeating a prompt.
 
-The validation split (for choosing hyper-parameters without looking at the held-out test problems) was
-added after results had been measured on train and test, so it leaves both unchanged: its problems come
+The validation split (for choosing hyper-parameters without looking at the held-out test problems)
+leaves train and test as they are, so results measured on them stay comparable: its problems come
 from the train bucket (never a test key), from their own random stream, and never share a key with the
 first ``VALIDATION_RESERVE`` training problems of the same data seed. Since a longer training list
 extends a shorter one, every ``train_size`` up to that reserve is disjoint from validation.

@@ -4,7 +4,8 @@ Two kernels, both giving float32 log-probs of chosen tokens:
 
 * `selective_log_softmax(logits, index)` — from logits that a model already returned. It loops over
   `logits.unbind(0)`: indexing `logits[row]` instead would make autograd zero-fill a full-size
-  [N, L, V] gradient for every row in backward and sum them (13.5 % of a training step, issue 10).
+  [N, L, V] gradient for every row in backward and sum them (13.5 % of a training step in
+  the 2026-11-28 profile, docs/PERFORMANCE.md).
 * `chunked_token_logps(hidden, weight, bias, targets)` — from the final hidden states: the
   vocabulary projection and the log-softmax run a chunk of tokens at a time and are recomputed in
   backward, so neither pass ever holds more than [chunk, V] logits. Peak memory no longer grows with

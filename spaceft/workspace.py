@@ -143,7 +143,7 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generat
         preflight.check, cfg, force=force, main_process=state.is_main_process, trains=trains,
         generates=generates, processes=state.num_processes,
     )  # fmt: skip
-    agree(state, attempt(check)[1], "checking the run")  # issue 9: fail before any work, on every process
+    agree(state, attempt(check)[1], "checking the run")  # fail before any work, on every process
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     with state.main_process_first():  # one process converts the default model / writes the task data
         start = resolve_model_path(cfg.model.name)

@@ -24,8 +24,8 @@ copy found carries the correct answers alone (see :mod:`spaceft.bench.sources`).
 
 ``gsm8k_cot`` is the harness's chain-of-thought variant (its own 8 worked examples, "The answer is N"),
 not the Open LLM Leaderboard's ``gsm8k`` (5 examples from the train split, "#### N"), which has no
-offline copy here: in a run it is ``harness:gsm8k:5``, read from the Hub (a bare ``gsm8k``, which meant
-the chain-of-thought copy before, is refused with both names).
+offline copy here: in a run it is ``harness:gsm8k:5``, read from the Hub (a bare ``gsm8k`` could mean
+either, so it is refused with both names).
 These offline copies serve only the split they evaluate (MMLU also its dev split), so a few-shot count
 on them is refused where the harness would draw the examples from the evaluated items; the
 leaderboard's few-shot tasks are the harness's own (``harness:hellaswag:10``, ``arc_challenge:25``).
