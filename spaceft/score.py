@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -145,12 +146,10 @@ def with_opponent_scores(
         return float(r["logp"])
 
     return [
-        TrainItem(
-            it.prompt_ids,
-            it.real_ids,
-            it.synthetic_ids,
-            logp(i, "real", 0, it, it.real_ids),
-            tuple(logp(i, "synthetic", j, it, s) for j, s in enumerate(it.synthetic_ids)),
+        replace(
+            it,
+            opponent_real=logp(i, "real", 0, it, it.real_ids),
+            opponent_synthetic=tuple(logp(i, "synthetic", j, it, s) for j, s in enumerate(it.synthetic_ids)),
         )
         for i, it in enumerate(items)
     ]

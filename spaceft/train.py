@@ -475,12 +475,13 @@ def _check_start_rewards(abs_mean: float, iteration: int, main: bool) -> None:
     """`abs_mean`: the mean |log p_θ - log p_θt| of the first step, in nats (β divided out)."""
     if abs_mean > START_REWARD_TOLERANCE and main:
         log.warning(
-            "iteration %d: mean |reward| at the first step is %.3g nats, where the policy is the opponent and "
-            "both were computed in the same micro-batches (tolerance %.0e): the model computes differently in "
-            "training mode than in the score stage's eval mode, so every reward of the iteration carries that "
-            "noise. Switch off what only runs in training mode: dropout (spaceft zeroes the config's dropout "
-            "fields; a custom module may keep its own), MoE router jitter or noise, stochastic depth; or a "
-            "custom forward that picks another attention or log-prob path when gradients are on.",
+            "iteration %d: mean |reward| at the first step is %.3g nats, where the policy is the "
+            "opponent and both were computed in the same micro-batches (tolerance %.0e): the model computes "
+            "differently in training mode than in the score stage's eval mode, so every reward of the "
+            "iteration carries that noise. Switch off what only runs in training mode: dropout (spaceft "
+            "zeroes the config's dropout fields; a custom module may keep its own), MoE router jitter or "
+            "noise, stochastic depth; or a custom forward that picks another attention or log-prob path "
+            "when gradients are on.",
             iteration, abs_mean, START_REWARD_TOLERANCE,
         )  # fmt: skip
 
