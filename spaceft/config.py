@@ -294,6 +294,11 @@ class TrainConfig:
     memory that does not grow with the vocabulary. false projects every response position at once
     (measured on SmolLM2-135M, 2-core CPU: ~10% faster in float32, ~8% slower under bf16 autocast,
     same peak memory at V = 49k; docs/PERFORMANCE.md). Training and scoring use the same path."""
+    shared_prompt: bool = False
+    """Forward each prompt once per micro-batch, its real and K synthetic responses attending to it
+    (a tree-shaped mask; spaceft/shared_prompt.py), instead of once per response: the same log-probs
+    from fewer tokens. Needs model.attn_implementation sdpa or eager. Training and scoring use the same
+    path, so rewards still start at exactly 0."""
     group_by_length: bool = True
     """Cut the iteration's micro-batches from prompts sorted by length within each step-sized window of
     the seeded order (less padding). The micro-batches are fixed for the iteration, so the score stage

@@ -40,6 +40,7 @@ import torch
 
 from spaceft.config import RunConfig
 from spaceft.rundir import content_hash
+from spaceft.shared_prompt import pack_tree, tree_logps
 from spaceft.token_logps import pack, sequence_logps
 
 
@@ -116,6 +117,8 @@ def composition_tag(groups: Sequence[Sequence[int]], items: Sequence[TrainItem],
     setting of the forward pass (precision, log-prob path, attention)."""
     m, t = cfg.model, cfg.train
     settings = (t.mixed_precision, t.chunked_logps, m.dtype, m.attn_implementation)
+    if t.shared_prompt:  # appended only when on: the tags of unshared runs stay as they were
+        settings += ("shared_prompt",)
     # proto responses only where items carry them: the tags of losses without them stay as they were
     rows = ((it.prompt_ids, it.real_ids, it.synthetic_ids) + ((it.proto_ids,) if it.proto_ids else ())
             for it in items)
@@ -130,9 +133,11 @@ def forward_batch(
     device: torch.device,
     *,
     chunked: bool = True,
+    shared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of a micro-batch under `model`: B real + B·K synthetic (+ B proto-synthetic, when the
-    items carry them) sequences in one forward.
+    items carry them) sequences in one forward; with `shared` (`train.shared_prompt`) as B rows, each
+    prompt forwarded once with its responses attending to it (`spaceft.shared_prompt`).
 
     Returns policy_real [B], policy_synthetic [B, K], real_lengths [B], synthetic_lengths [B, K],
     opponent_real [B], opponent_synthetic [B, K] (from the items), the number of non-pad tokens and,
@@ -146,15 +151,21 @@ def forward_batch(
     proto = bool(items[0].proto_ids)
     if any(bool(it.proto_ids) != proto for it in items):
         raise ValueError("either every prompt in a batch has a proto-synthetic response or none has")
-    # step 1: pack [B real ; B*K synthetic ; B proto] sequences (prompt + response), right-padded
-    prompts = [it.prompt_ids for it in items] + [it.prompt_ids for it in items for _ in range(k)]
+    # step 1: pack [B real ; B*K synthetic ; B proto] sequences (prompt + response), right-padded;
+    # shared: one row per prompt, its responses in that order after it
+    owners = list(range(b)) + [i for i in range(b) for _ in range(k)] + (list(range(b)) if proto else [])
     responses = [it.real_ids for it in items] + [s for it in items for s in it.synthetic_ids]
-    if proto:
-        prompts += [it.prompt_ids for it in items]
-        responses += [it.proto_ids for it in items]
-    batch = pack(prompts, responses, pad_id).to(device)
-    # step 2: one forward; summed response log-probs [B + B*K (+ B)]
-    logps, lengths = sequence_logps(model, batch, chunked=chunked)
+    responses += [it.proto_ids for it in items] if proto else []
+    prompts = [it.prompt_ids for it in items]
+    if shared:
+        tree = pack_tree(prompts, responses, owners, pad_id).to(device)
+        num_tokens = tree.num_tokens
+        # step 2: one forward; summed response log-probs [B + B*K (+ B)]
+        logps, lengths = tree_logps(model, tree, chunked=chunked)
+    else:
+        batch = pack([prompts[o] for o in owners], responses, pad_id).to(device)
+        num_tokens = batch.num_tokens
+        logps, lengths = sequence_logps(model, batch, chunked=chunked)  # step 2, unshared
     end = b + b * k  # where the proto rows start
     extra = {"policy_proto": logps[end:], "proto_lengths": lengths[end:]} if proto else {}  # [B], [B]
     return {
@@ -167,5 +178,5 @@ def forward_batch(
         "opponent_synthetic": torch.tensor(  # items not scored yet (the score stage's) carry none: 0
             [list(it.opponent_synthetic) or [0.0] * k for it in items], device=device
         ).view(b, k),
-        "num_tokens": torch.tensor(batch.num_tokens, device=device),
+        "num_tokens": torch.tensor(num_tokens, device=device),  # forwarded, padding excluded
     }

@@ -7,6 +7,7 @@ module itself.
 The model is a 3-layer Llama with peaked logits (its output layer scaled so logits span ~±30, as a
 trained model's do: where bf16's steps are 0.125 nats), built from a seed on every process alike; the
 data are 8 prompts of 5-40 tokens with real responses of 200-260 tokens and K = 2 samples of 180-260.
+Shared-prompt batches (`train.shared_prompt`) are checked in every precision at one micro-batch size.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ from spaceft.token_logps import score_sequences
 
 VOCAB = 512
 N = 8  # prompts: one optimizer step of 4 micro-batches of 2, or of 2 of 4
-SETTINGS = [  # (precision, micro-batch size, length grouping)
-    (precision, micro, grouping)
+SETTINGS = [  # (precision, micro-batch size, length grouping, shared prompts)
+    (precision, micro, grouping, False)
     for precision in ("float32", "bf16-autocast", "bf16")
     for micro in (2, 4)
     for grouping in (True, False)
-]
+] + [(precision, 4, True, True) for precision in ("float32", "bf16-autocast", "bf16")]
 
 
 def peaked_llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
@@ -56,33 +57,33 @@ def long_items(n: int = N, k: int = 2) -> list[TrainItem]:
     return [TrainItem(ids(5, 40), ids(200, 260), tuple(ids(180, 260) for _ in range(k))) for _ in range(n)]
 
 
-def _cfg(out: Path, precision: str, micro: int, grouping: bool):
+def _cfg(out: Path, precision: str, micro: int, grouping: bool, shared: bool = False):
     return config_from_dict({
         "name": "exact", "output_dir": str(out), "data": {"train": "x"},
         "model": {"dtype": "bfloat16" if precision == "bf16" else "float32"},
         "train": {"lr": 1e-5, "epochs": 1, "global_batch_size": N, "micro_batch_size": micro,
-                  "save_every": 0, "warmup_ratio": 0.0, "group_by_length": grouping,
+                  "save_every": 0, "warmup_ratio": 0.0, "group_by_length": grouping, "shared_prompt": shared,
                   "mixed_precision": "bf16" if precision == "bf16-autocast" else "no"},
         "logging": {"progress": False},
     })  # fmt: skip
 
 
-def first_step_abs_reward(precision: str, micro: int, grouping: bool, out: Path) -> float:
+def first_step_abs_reward(precision: str, micro: int, grouping: bool, shared: bool, out: Path) -> float:
     """Mean |r| of the first training step, every process taking part (`spaceft.microbatch`)."""
     from spaceft import train as train_mod
     from spaceft.distributed import init_processes
 
     state = init_processes(600)  # joins the torchrun group on CPU (gloo), or one process
-    cfg = _cfg(out, precision, micro, grouping)
+    cfg = _cfg(out, precision, micro, grouping, shared)
     items = long_items()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     groups = compose(items, cfg, 0, state.num_processes)
-    table = out / f"{precision}-{micro}-{grouping}" / "opponent_logps.parquet"
+    table = out / f"{precision}-{micro}-{grouping}-{shared}" / "opponent_logps.parquet"
     kw = {"opponent": "o", "composition": "c"}
     shard = Shard(state.process_index, state.num_processes)
     write_score_parts(peaked_llama(dtype), items, groups, [(i, 0) for i in range(len(items))], table,
                       pad_id=0, device=torch.device("cpu"), shard=shard, progress=False,
-                      mixed_precision=cfg.train.mixed_precision, **kw)  # fmt: skip
+                      mixed_precision=cfg.train.mixed_precision, shared=shared, **kw)  # fmt: skip
     state.wait_for_everyone()
     if state.is_main_process:
         merge_score_parts(table, groups, **kw)
@@ -120,10 +121,10 @@ if __name__ == "__main__":  # under torchrun: every setting, one JSON line each 
     from spaceft.distributed import init_processes
 
     out = Path(sys.argv[1])
-    for precision, micro, grouping in SETTINGS:
-        value = first_step_abs_reward(precision, micro, grouping, out)
+    for precision, micro, grouping, shared in SETTINGS:
+        value = first_step_abs_reward(precision, micro, grouping, shared, out)
         state = init_processes(600)
         if state.is_main_process:
-            line = {"setting": [precision, micro, grouping], "abs_mean": value}
+            line = {"setting": [precision, micro, grouping, shared], "abs_mean": value}
             line["processes"] = state.num_processes
             print(json.dumps(line), flush=True)

@@ -22,11 +22,11 @@ BIN = Path(sys.executable).parent
 TOLERANCE = 1e-6
 
 
-@pytest.mark.parametrize(("precision", "micro", "grouping"), SETTINGS)
+@pytest.mark.parametrize(("precision", "micro", "grouping", "shared"), SETTINGS)
 def test_first_step_rewards_are_exactly_zero_on_one_process(
-    precision: str, micro: int, grouping: bool, tmp_path: Path
+    precision: str, micro: int, grouping: bool, shared: bool, tmp_path: Path
 ) -> None:
-    assert first_step_abs_reward(precision, micro, grouping, tmp_path) <= TOLERANCE
+    assert first_step_abs_reward(precision, micro, grouping, shared, tmp_path) <= TOLERANCE
 
 
 @pytest.mark.parametrize("precision", ["bf16-autocast", "bf16"])
