@@ -8,7 +8,7 @@ model, as the generate stage does (each prompt's own seed, temperature 1), first
 the run's batch size, then with a vLLM engine built for the purpose. It prints, for each: the time to
 get ready (loading the model; for vLLM, the engine's start with its compilation and KV-cache set-up),
 the sampling time, sampled tokens per second, and how many sampled tokens an iteration needs before
-vLLM's start is paid back. A run builds one engine per iteration on a CPU (spaceft.generate.
+vLLM's start is paid back. A run builds one engine per iteration on a CPU (spaceft.generate_vllm.
 vllm_keeps_engine), so the start counts once per iteration there.
 """
 

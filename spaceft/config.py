@@ -210,7 +210,7 @@ class GenerationConfig:
     place, instead of building it again every iteration (a 7B engine takes minutes to start); it sleeps
     (weights and KV cache freed) while scoring, training and evaluation run. Off by default until
     tests/test_vllm.py has passed on a GPU: on vLLM's CPU backend the same in-place reload gives wrong
-    weights (spaceft.generate.vllm_keeps_engine), so on a CPU every iteration builds its own engine
+    weights (spaceft.generate_vllm.vllm_keeps_engine), so on a CPU every iteration builds its own engine
     whatever this says."""
 
     @property

@@ -23,16 +23,11 @@ from spaceft.config import GENERATION_WHERE_KEYS
 from spaceft.distributed import attempt, broadcast, leads_group, shard_of
 from spaceft.drift import template_drift, warn_template_drift
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
-from spaceft.generate import (
-    Generator,
-    loads_own_weights,
-    merge_generate_parts,
-    open_generator,
-    write_generate_parts,
-)
+from spaceft.generate import loads_own_weights, merge_generate_parts, open_generator, write_generate_parts
 from spaceft.microbatch import TrainItem, compose, composition_tag
 from spaceft.models import whole_weights
 from spaceft.rundir import content_hash, file_hashes, read_json, read_table
+from spaceft.sampler import Generator
 from spaceft.score import merge_score_parts, with_opponent_scores, write_score_parts
 from spaceft.stages import STAGES, Step, sources, synthetic_hashes
 from spaceft.train import RUN_CONFIG_FILE, train_iteration

@@ -26,12 +26,13 @@ from spaceft.chat import ChatTokenizer, TokenizedExample, end_of_turn_id
 from spaceft.config import RunConfig
 from spaceft.data import Example
 from spaceft.distributed import agree, attempt, broadcast, check_launch, init_processes, patient_group
-from spaceft.generate import Generator, stop_ids
+from spaceft.generate import stop_ids
 from spaceft.hub import pin_snapshot
 from spaceft.models import load_model, load_tokenizer, resolve_model_path
 from spaceft.rundata import load_split
 from spaceft.rundir import Manifest, content_hash, file_hash, library_versions
 from spaceft.runstate import check_resume
+from spaceft.sampler import Generator
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,6 @@ from spaceft.distributed import RankFailedError, agree
 from spaceft.generate import (
     HFGenerator,
     RowSampler,
-    generate_stage,
     merge_generate_parts,
     write_generate_parts,
 )
@@ -141,7 +140,8 @@ def test_sharded_parts_join_to_the_one_process_table(model, tiny_tokenizer, tmp_
     prompts = [(i, [40 + i % 5] * (1 + i % 4)) for i in range(7)]
     kw = {"iteration": 1, "decode": str, "progress": False, "tag": "t"}
     one = tmp_path / "one.parquet"
-    generate_stage(gen, prompts, one, cfg, **kw)
+    write_generate_parts(gen, prompts, one, cfg, **kw)
+    merge_generate_parts(one, len(prompts), cfg, tag="t")
     two = tmp_path / "two.parquet"
     for index in (1, 0):
         write_generate_parts(gen, prompts, two, cfg, shard=Shard(index, 2), **kw)
@@ -404,7 +404,7 @@ def test_closing_a_vllm_engine_shuts_its_core_down_so_its_memory_is_freed(
 ) -> None:
     import sys
 
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
 
     fake = _FakeVLLM()
     fake.freeze = True
@@ -426,7 +426,7 @@ def test_keep_alive_needs_a_vllm_whose_reload_reads_a_new_path(monkeypatch: pyte
     one it reloads the first model); from 0.16 the worker passes `weights_path` to its model runner."""
     import sys
 
-    from spaceft.generate import vllm_dtype, vllm_keeps_engine
+    from spaceft.generate_vllm import vllm_dtype, vllm_keeps_engine
 
     def modules(worker_reload, runner_reload) -> dict:
         worker = SimpleNamespace(Worker=type("Worker", (), {"reload_weights": worker_reload}))
@@ -454,7 +454,7 @@ def test_vllm_engine_per_process_with_tensor_parallel_groups(monkeypatch: pytest
     prompt's own seed, and a teardown of the engine's groups only (not the launcher's)."""
     import sys
 
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
 
     fake = _FakeVLLM()
     for name, module in fake.modules.items():
@@ -482,7 +482,7 @@ def test_a_kept_engine_sleeps_and_takes_the_next_opponent_in_place(
     the KV cache, and drop the prefix cache. On a CPU (no sleep mode) only the reload and the reset."""
     import sys
 
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
 
     fake = _FakeVLLM()
     for name, module in fake.modules.items():
@@ -520,16 +520,16 @@ def test_a_run_keeps_one_vllm_engine_while_generate_steps_remain(
     (not after the last), closed after the last generate step, or by the run when a stage fails."""
     import sys
 
-    from spaceft import generate, stage_fns
+    from spaceft import generate_vllm, stage_fns
     from spaceft.cli import main
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
 
     from .conftest import tiny_overrides
 
     fake = _FakeVLLM()
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(generate, "vllm_keeps_engine", lambda: (True, ""))
+    monkeypatch.setattr(generate_vllm, "vllm_keeps_engine", lambda: (True, ""))
     events: list = []
     real = {m: getattr(VLLMGenerator, m) for m in ("__init__", "load", "sleep", "close")}
 

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from spaceft.config import GenerationConfig, ModelConfig
-from spaceft.generate import Completion, HFGenerator, cut_at_stop, generate_stage, vllm_completion
+from spaceft.generate import HFGenerator, merge_generate_parts, write_generate_parts
+from spaceft.generate_vllm import vllm_completion
 from spaceft.models import load_model
 from spaceft.rundir import InjectedFault, read_table
+from spaceft.sampler import Completion, cut_at_stop
 
 CPU = torch.device("cpu")
 
@@ -128,7 +130,11 @@ def test_stage_resumes_and_overwrites(model, tiny_tokenizer, tmp_path: Path, mon
     cfg = GenerationConfig(num_samples=2, max_new_tokens=6, batch_size=3)
     gen = _gen(model, tiny_tokenizer, num_samples=2, max_new_tokens=6, batch_size=3)
     prompts = [(i, [40 + i % 5] * (1 + i % 4)) for i in range(10)]
-    run = lambda out: generate_stage(gen, prompts, out, cfg, iteration=0, decode=str, progress=False)  # noqa: E731
+
+    def run(out: Path) -> dict:
+        write_generate_parts(gen, prompts, out, cfg, iteration=0, decode=str, progress=False)
+        return merge_generate_parts(out, len(prompts), cfg)
+
     ref = tmp_path / "ref.parquet"
     info = run(ref)
     assert info["rows"] == 20
@@ -154,7 +160,6 @@ def test_samples_that_stop_on_eos_instead_of_end_of_turn_are_counted(
     ending on the other marks itself synthetic: the generate entry counts them and warns."""
     import logging
 
-    from spaceft.generate import merge_generate_parts
     from spaceft.rundir import write_parts
 
     eot, eos = 9, 7

@@ -55,7 +55,8 @@ def test_every_process_asks_its_vllm_engine_once_for_all_its_prompts(
     3 calls on one engine and 2 on the other (and the engines that run in step would wait on the one
     with fewer); one call each, for all its prompts, with each prompt's own seed. A resumed shard asks
     only for the prompts of its unwritten parts; the joined table is the one of a single process."""
-    from spaceft.generate import VLLMGenerator, merge_generate_parts, prompt_seed, write_generate_parts
+    from spaceft.generate import merge_generate_parts, prompt_seed, write_generate_parts
+    from spaceft.generate_vllm import VLLMGenerator
 
     from .test_distributed import _FakeVLLM
 

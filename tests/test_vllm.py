@@ -18,7 +18,7 @@ def test_vllm_generator_samples_k_seeded_responses_ending_in_stop_ids() -> None:
     from spaceft.chat import end_of_turn_id, render_prompt_ids
     from spaceft.config import GenerationConfig
     from spaceft.default_model import ensure_default_model
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
     from spaceft.models import load_tokenizer
     from spaceft.tasks import make_arithmetic
 
@@ -56,7 +56,7 @@ def test_an_engine_reloaded_in_place_samples_as_a_fresh_engine_on_the_new_weight
     an engine built on B samples, with the same seeds. The prompts are long enough to fill KV blocks, and
     the same as before the reload, so a prefix cache left from A's weights would be hit."""
     from spaceft.config import GenerationConfig
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
     from spaceft.models import load_tokenizer
 
     a, b = _tiny_vllm_model(tmp_path / "a", seed=0), _tiny_vllm_model(tmp_path / "b", seed=1)
@@ -127,7 +127,7 @@ def test_many_long_seeded_prompts_in_one_call(tmp_path) -> None:
     0.32 splits a seeded prompt and crashes rewinding its generator; spaceft's CPU engine prefills whole
     prompts. The samples are still each prompt's own (the same prompt set twice gives the same result)."""
     from spaceft.config import GenerationConfig
-    from spaceft.generate import VLLMGenerator
+    from spaceft.generate_vllm import VLLMGenerator
     from spaceft.models import load_tokenizer
 
     model = _tiny_vllm_model(tmp_path / "m", seed=0)
