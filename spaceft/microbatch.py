@@ -57,10 +57,12 @@ class TrainItem:
     proto_ids: tuple[int, ...] = ()  # y0 ~ p_θ0 (empty: the loss uses none)
 
 
-def packed_length(item: TrainItem) -> int:
-    """Tokens of the longest sequence this prompt adds to a packed micro-batch."""
+def packed_length(item: TrainItem, *, shared: bool = False) -> int:
+    """Tokens of the longest row this prompt adds to a packed micro-batch: its longest prompt + response,
+    or with `shared` its one row of the prompt and every response."""
     responses = [item.real_ids, *item.synthetic_ids, item.proto_ids]
-    return len(item.prompt_ids) + max(len(r) for r in responses)
+    lengths = [len(r) for r in responses]
+    return len(item.prompt_ids) + (sum(lengths) if shared else max(lengths))
 
 
 def step_size(cfg: RunConfig, n: int) -> int:
@@ -80,12 +82,12 @@ def compose(items: Sequence[TrainItem], cfg: RunConfig, iteration: int, world: i
     g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + iteration * 1009 + 7)
     order = torch.randperm(n, generator=g).tolist()
     if cfg.train.group_by_length:
-        window = step_size(cfg, n)
+        window, shared = step_size(cfg, n), cfg.train.shared_prompt
         # sorted() is stable: ties keep the seeded order
         order = [
             i
             for w in range(0, n, window)
-            for i in sorted(order[w : w + window], key=lambda i: packed_length(items[i]))
+            for i in sorted(order[w : w + window], key=lambda i: packed_length(items[i], shared=shared))
         ]
     size = group_size(cfg, n, world)
     return [tuple(order[s : s + size]) for s in range(0, n, size)]

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralFo
 from spaceft.chat import tokenize_examples
 from spaceft.configfile import config_from_dict
 from spaceft.data import Example
-from spaceft.microbatch import TrainItem, composition_tag, forward_batch
+from spaceft.microbatch import TrainItem, composition_tag, forward_batch, packed_length
 from spaceft.shared_prompt import pack_tree, tree_mask
 from tests.chat_tokenizers import zephyr
 
@@ -50,6 +50,14 @@ def test_pack_tree_by_hand() -> None:
         [1, 1, 0, 0, 1],  # the second response sees the prompt and itself, not the first response
     ]
     assert mask[1, 4].tolist() == [0, 0, 0, 0, 1]  # padding sees only itself: no empty softmax row
+
+
+def test_length_grouping_sorts_by_the_rows_the_path_packs() -> None:
+    """Prompt 3, real 2, synthetic 4 and 1: unshared rows are at most 3 + 4 = 7 tokens, the shared row
+    3 + 2 + 4 + 1 = 10."""
+    item = TrainItem((1, 2, 3), (4, 5), ((6, 7, 8, 9), (10,)))
+    assert packed_length(item) == 7
+    assert packed_length(item, shared=True) == 10
 
 
 def _zephyr_ids() -> tuple[list[tuple[int, ...]], list[tuple[int, ...]], int]:
