@@ -65,27 +65,6 @@ def resolve_metric(name: str) -> Metric | None:
     return fn
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example],
-    tokenized: Sequence[TokenizedExample],
-    cfg: EvalConfig,
-    out_dir: Path,
-    *,
-    stop_ids: Sequence[int],
-    device: torch.device,
-    model_dir: str | None = None,
-    model_cfg: ModelConfig | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """One process: evaluate `model` on held-out pairs; write out_dir/eval.json (and eval_samples.jsonl)."""
-    write_eval_parts(model, tokenizer, examples, tokenized, cfg, out_dir, stop_ids=stop_ids, device=device,
-                     progress=progress)  # fmt: skip
-    benchmarks = run_benchmarks(cfg, model_cfg, out_dir, model_dir=model_dir)
-    return finish_eval(examples, tokenized, cfg, out_dir, lm_eval=benchmarks)
-
-
 def run_benchmarks(
     cfg: EvalConfig, model_cfg: ModelConfig | None, out_dir: Path, *, model_dir: str | None,
     every_rank: bool = False,

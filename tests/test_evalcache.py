@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from spaceft import evaluate, selfplay
+from spaceft import evaluate, stage_fns
 from spaceft.cli import main
 from spaceft.rundir import InjectedFault, read_json
 
@@ -30,7 +30,7 @@ class _Counter:
             self.calls += 1
             real(*args, **kwargs)
 
-        monkeypatch.setattr(selfplay, "write_eval_parts", counted)
+        monkeypatch.setattr(stage_fns, "write_eval_parts", counted)
 
 
 def test_a_second_run_reuses_the_evaluations_of_the_same_weights(

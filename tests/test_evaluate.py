@@ -11,7 +11,7 @@ import torch
 from spaceft.chat import TokenizedExample
 from spaceft.config import EvalConfig, ModelConfig
 from spaceft.data import Example
-from spaceft.evaluate import answer_exact_match, evaluate, resolve_metric
+from spaceft.evaluate import answer_exact_match, finish_eval, resolve_metric, write_eval_parts
 from spaceft.models import load_model
 
 
@@ -53,9 +53,14 @@ def test_evaluate_writes_nll_and_accuracy(tiny_model_dir: Path, tiny_tokenizer, 
     model = load_model(str(tiny_model_dir), ModelConfig())
     toks = [TokenizedExample((40, 41, 42), (50, 51, 257), 0), TokenizedExample((60, 61), (70, 257), 1)]
     examples = [ex("1"), ex("2")]
-    kw = {"stop_ids": [257], "device": torch.device("cpu"), "progress": False}
+
+    def evaluate(cfg: EvalConfig, out_dir: Path) -> dict:  # the eval stage on one process
+        write_eval_parts(model, tiny_tokenizer, examples, toks, cfg, out_dir, stop_ids=[257],
+                         device=torch.device("cpu"), progress=False)  # fmt: skip
+        return finish_eval(examples, toks, cfg, out_dir)
+
     cfg = EvalConfig(max_new_tokens=4, batch_size=2, task_metric="tests.test_evaluate:always")
-    res = evaluate(model, tiny_tokenizer, examples, toks, cfg, tmp_path / "a", **kw)
+    res = evaluate(cfg, tmp_path / "a")
     assert res["accuracy"] == 1.0 and res["n"] == 2
     # NLL is the per-token NLL over all held-out response tokens (5 tokens here)
     with torch.no_grad():
@@ -72,6 +77,6 @@ def test_evaluate_writes_nll_and_accuracy(tiny_model_dir: Path, tiny_tokenizer, 
     assert [s["tokens"] for s in samples] == [3, 2]
     assert -sum(s["logp"] for s in samples) / 5 == pytest.approx(res["nll"], rel=1e-6)
     cfg = EvalConfig(max_new_tokens=4, batch_size=2, task_metric="tests.test_evaluate:never")
-    assert evaluate(model, tiny_tokenizer, examples, toks, cfg, tmp_path / "b", **kw)["accuracy"] == 0.0
+    assert evaluate(cfg, tmp_path / "b")["accuracy"] == 0.0
     cfg = EvalConfig(task_metric="none")
-    assert "accuracy" not in evaluate(model, tiny_tokenizer, examples, toks, cfg, tmp_path / "c", **kw)
+    assert "accuracy" not in evaluate(cfg, tmp_path / "c")
