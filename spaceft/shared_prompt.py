@@ -185,7 +185,8 @@ def tree_logps(model: torch.nn.Module, batch: TreeBatch, *, chunked: bool = True
             logits_to_keep=keep,
         ).logits  # [B, keep, H] hidden states with the head swapped out, else [B, keep, V] logits
     start = length - out.shape[1]  # == length - keep if honoured, 0 if every position came back
-    gathered = out[batch.rows[:, None], batch.predictors - start]  # [N, R, H or V]
+    # past a response's end the indices are 0, below `start`: clamped to any kept position, masked out
+    gathered = out[batch.rows[:, None], (batch.predictors - start).clamp_min(0)]  # [N, R, H or V]
     targets = batch.input_ids[batch.rows[:, None], batch.targets]  # [N, R]
     mask = batch.response_mask
     if head is None:

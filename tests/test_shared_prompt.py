@@ -7,6 +7,7 @@ log-prob; the prompts in one micro-batch have different lengths, so the rows pad
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -196,3 +197,26 @@ def test_the_setting_changes_the_composition_tag(tmp_path: Path) -> None:
         return composition_tag([(0, 1), (2, 3)], items, cfg)
 
     assert tag(True) != tag(False)
+
+
+def test_a_run_scores_and_trains_on_shared_rows(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`spaceft run` with train.shared_prompt=true: the score stage and training both forward shared
+    rows, so the first step's rewards are exactly 0."""
+    from spaceft import microbatch
+    from spaceft.cli import main
+
+    from .conftest import tiny_overrides
+
+    calls: list[bool] = []
+    real = microbatch.tree_logps
+    monkeypatch.setattr(microbatch, "tree_logps",
+                        lambda m, *a, **k: calls.append(m.training) or real(m, *a, **k))  # fmt: skip
+    over = {"selfplay.iterations": 1, "eval.enabled": "false", "generation.num_samples": 2,
+            "train.shared_prompt": "true"}  # fmt: skip
+    assert main(["run", "tiny", *tiny_overrides(tmp_path, tiny_model_dir, **over)]) == 0
+    assert False in calls and True in calls  # eval mode (score stage) and train mode (training)
+    run_dir = next((tmp_path / "runs").iterdir())
+    first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["rewards/abs_mean"] == 0.0
