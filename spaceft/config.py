@@ -499,6 +499,12 @@ class RunConfig:
                 f"train.mixed_precision={self.train.mixed_precision} keeps float32 master weights: set "
                 f"model.dtype=float32 (model.dtype={self.model.dtype} on its own is pure {self.model.dtype})"
             )
+        if self.train.shared_prompt and (self.model.attn_implementation or "").startswith("flash"):
+            raise ValueError(
+                "train.shared_prompt needs attention that takes a tree-shaped mask, which model."
+                f"attn_implementation={self.model.attn_implementation} does not: use sdpa (on a GPU its "
+                "memory-efficient kernel) or set train.shared_prompt=false"
+            )
         if self.model.dtype == "float16" and not self.model.lora.r:
             raise ValueError(
                 "model.dtype=float16 would train float16 weights with float16 optimizer state and no loss "

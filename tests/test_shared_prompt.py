@@ -173,6 +173,13 @@ def test_attention_that_takes_no_custom_mask_is_refused() -> None:
         forward_batch(model, items, 0, CPU, shared=True)
 
 
+def test_flash_attention_with_shared_prompts_is_refused_at_config_time(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"use sdpa .* or set train\.shared_prompt=false"):
+        config_from_dict({"name": "t", "output_dir": str(tmp_path), "data": {"train": "x"},
+                          "model": {"attn_implementation": "flash_attention_2"},
+                          "train": {"shared_prompt": True}})  # fmt: skip
+
+
 def test_a_sliding_window_that_would_bind_is_refused() -> None:
     """The window is on positions; a shared row is longer than its positions, so only an unshared row
     longer than the window (here 20 tokens; the longest is 29) would be treated differently: refused,
