@@ -65,7 +65,7 @@ def run_costs(run_dir: Path, tokenized: list[TokenizedExample] | None = None) ->
     """Per-iteration token counts of every trained iteration of `run_dir`."""
     run_dir = Path(run_dir)
     manifest = Manifest.open(run_dir)
-    cfg = manifest.data["config"]
+    cfg = manifest.config
     tokenized = training_data(run_dir) if tokenized is None else tokenized
     prompt_len = {t.index: len(t.prompt_ids) for t in tokenized}
     real_tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)

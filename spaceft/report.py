@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from spaceft.losses import LossType
-from spaceft.rundir import atomic_path, read_json, read_jsonl, read_table
+from spaceft.rundir import Manifest, atomic_path, read_json, read_jsonl, read_table
 from spaceft.stages import STAGES
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
     base = run_dir / "base" / "eval.json"
     if base.exists():
         rows.append({"iteration": "base", **_eval_cols(read_json(base))})
-    sft = _stored_manifest(run_dir).get("config", {}).get("train", {}).get("loss") == "sft"
+    sft = Manifest.open(run_dir).config.get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
         d = run_dir / f"iter_{t}"
@@ -56,12 +56,6 @@ def collect(run_dir: Path) -> list[dict[str, Any]]:
         rows.append(row)
         t += 1
     return rows
-
-
-def _stored_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's manifest, or {} before it has one."""
-    path = run_dir / "manifest.json"
-    return read_json(path) if path.exists() else {}
 
 
 def _eval_cols(ev: dict[str, Any]) -> dict[str, Any]:
@@ -282,14 +276,14 @@ def write_report(run_dir: Path) -> tuple[str, list[Path]]:
     if bench:
         table += "\n\nBenchmarks (lm-eval; percent):\n\n" + bench
     pngs = plot(run_dir, rows)
-    manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
-    cfg = manifest.get("config", {})
+    manifest = Manifest.open(run_dir)
+    cfg = manifest.config
     loss = cfg.get("train", {}).get("loss", "?")
     body = [
         f"# {run_dir.name}",
         "",
         f"Objective `{loss}`, model `{cfg.get('model', {}).get('name', '?')}`, "
-        f"start model `{manifest.get('start_model', '?')}`.",
+        f"start model `{manifest.start_model or '?'}`.",
         "",
         *_stages_note(loss),
         *_sampling_note(cfg),
@@ -337,8 +331,8 @@ def collect_diagnostics(
     `real_ids` (prompt index -> real response ids) is read from the run's data when not given.
     """
     rows: list[dict[str, Any]] = []
-    stored = _stored_manifest(run_dir)
-    sft = stored.get("config", {}).get("train", {}).get("loss") == "sft"
+    manifest = Manifest.open(run_dir)
+    sft = manifest.config.get("train", {}).get("loss") == "sft"
     t = 0
     while (run_dir / f"iter_{t}").exists():
         d = run_dir / f"iter_{t}"
@@ -366,7 +360,7 @@ def collect_diagnostics(
                 row["identical"] = same / len(syn)
                 row["syn_length"] = sum(r["length"] for r in syn) / len(syn)
                 row["syn_capped"] = sum(bool(r["hit_cap"]) for r in syn) / len(syn)
-        drift = stored.get("iterations", {}).get(str(t), {}).get("generate", {}).get("template_drift")
+        drift = (manifest.stage(t, "generate") or {}).get("template_drift")
         if drift:
             row["template_drift"] = drift["boundary_fraction"]
         if (d / "eval.json").exists():
@@ -426,13 +420,14 @@ def _stage_cell(entry: dict[str, Any]) -> str:
     return cell + (" cached" if entry.get("cached") else "") + (" resumed" if entry.get("resumed") else "")
 
 
-def timing_section(manifest: dict[str, Any]) -> list[str]:
+def timing_section(manifest: Manifest) -> list[str]:
     """Wall seconds per stage and iteration (tokens/s where the stage records it), and each stage's share
     of the total; none for a run whose manifest has no timings (written before they were recorded)."""
-    iterations = manifest.get("iterations", {})
+    by_iteration: dict[int | str, dict[str, dict[str, Any]]] = {}
+    for record in manifest.records():  # "base" first, then the iterations in order
+        by_iteration.setdefault(record.iteration, {})[record.stage] = record.info
     rows, totals = [], dict.fromkeys(TIMED_STAGES, 0.0)
-    for key in sorted(iterations, key=lambda k: -1 if k == "base" else int(k)):
-        stages = iterations[key]
+    for key, stages in by_iteration.items():
         cells = [_stage_cell(stages.get(stage, {})) for stage in TIMED_STAGES]
         if not any(cells):
             continue

@@ -355,6 +355,20 @@ class Manifest:
     def save(self) -> None:
         write_json(self.path, self.data)
 
+    def reload(self) -> None:
+        """Read it again from disk (another process has saved it since)."""
+        self.data = Manifest.open(self.path.parent).data
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's settings as recorded when it started (plain values by section), {} before."""
+        return self.data.get("config", {})
+
+    @property
+    def start_model(self) -> str | None:
+        """The start model as the run named it (None before it is recorded)."""
+        return self.data.get("start_model")
+
     def stage(self, iteration: int | str, stage: str) -> dict[str, Any] | None:
         """The entry of `stage` in iteration `iteration` (done or running), or None."""
         return self.data["iterations"].get(str(iteration), {}).get(stage)

@@ -30,7 +30,6 @@ from typing import Any
 
 from spaceft.config import RunConfig
 from spaceft.distributed import agree, attempt
-from spaceft.rundir import Manifest
 from spaceft.runstate import StaleRunError, drop_stale_work, verify_pending_inputs
 from spaceft.stage_fns import STAGE_FNS, batches, close_generator, load_generate, train_items
 from spaceft.stages import BY_NAME, STAGES, TABLE, Step
@@ -92,7 +91,7 @@ def run_step(ws: Workspace, step: Step) -> None:
             m.mark_done(step.iteration, step.stage, **_timed(info, time.perf_counter() - started, resumed))
     agree(state, error, f"finishing {step}")
     if not state.is_main_process:
-        m.data = Manifest.open(ws.cfg.run_dir).data
+        m.reload()
 
 
 def _timed(info: dict[str, Any], wall_s: float, resumed: bool) -> dict[str, Any]:
@@ -137,7 +136,7 @@ def run(
         _, error = attempt(_drop_stale_work, ws, only_stage, only_iteration)
     agree(state, error, "preparing the run")
     if not state.is_main_process:
-        m.data = Manifest.open(cfg.run_dir).data
+        m.reload()
     steps = plan(ws, only_stage, only_iteration)
     ws.generations_left = sum(step.stage == "generate" for step in steps)  # a backend is kept if > 1
     try:

@@ -179,7 +179,7 @@ def prepare(cfg: RunConfig, *, force: bool = False, trains: bool = True, generat
         _, error = attempt(_update_manifest, ws, data_hash, data_info, force, hub)
     agree(state, error, "checking the run directory")
     if not state.is_main_process:
-        manifest.data = Manifest.open(cfg.run_dir).data
+        manifest.reload()
     _resolve_batch_sizes(ws)
     return ws
 

@@ -13,9 +13,9 @@ import pytest
 from spaceft import workspace
 from spaceft.configfile import load_config
 from spaceft.costs import run_costs
-from spaceft.report import collect_diagnostics, diagnostics_table, final_epoch_means
+from spaceft.report import collect_diagnostics, diagnostics_table, final_epoch_means, timing_section
 from spaceft.rundata import training_data
-from spaceft.rundir import write_json, write_table
+from spaceft.rundir import Manifest, write_json, write_table
 from spaceft.selfplay import prepare, run, train_items
 
 from .conftest import tiny_overrides
@@ -103,6 +103,33 @@ def test_diagnostics_from_hand_made_artefacts(tmp_path: Path) -> None:
     table = diagnostics_table(rows)
     assert rows[0]["template_drift"] == 0.75
     assert "| 0 | -3.00 | -2.00 | +1.000 | -2.000 | 0.50 | 2.5 | 0.25 | 0.75 |" in table
+
+
+def test_the_timing_section_from_hand_made_manifest_records(tmp_path: Path) -> None:
+    """Wall seconds: base eval 2; iteration 0: generate 6 (100 tok/s), score 2, train 10 (resumed),
+    eval 2 (cached); iteration 2: train still running (no timing: no row); iteration 10: score 2.
+    Totals: generate 6, score 4, train 10, eval 4 of 24 s: shares 25%, 17%, 42%, 17%. Rows run base,
+    0, 10 (iterations in numeric order, though stored as "10" before "0")."""
+    write_json(tmp_path / "manifest.json", {"iterations": {
+        "10": {"score": {"status": "done", "wall_s": 2.0}},
+        "0": {"generate": {"status": "done", "wall_s": 6.0, "tokens_per_s": 100.0},
+              "score": {"status": "done", "wall_s": 2.0},
+              "train": {"status": "done", "wall_s": 10.0, "resumed": True},
+              "eval": {"status": "done", "wall_s": 2.0, "cached": True}},
+        "base": {"eval": {"status": "done", "wall_s": 2.0}},
+        "2": {"train": {"status": "running"}},
+    }})  # fmt: skip
+    lines = timing_section(Manifest.open(tmp_path))
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| iter")]
+    assert rows == [
+        "| base |  |  |  | 2.0 |",
+        "| 0 | 6.0 (100 tok/s) | 2.0 | 10.0 resumed | 2.0 cached |",
+        "| 10 |  | 2.0 |  |  |",
+        "| share | 25% | 17% | 42% | 17% |",
+    ]
+    assert "| iter | generate | score | train | eval |" in lines
+    write_json(tmp_path / "manifest.json", {"iterations": {"0": {"train": {"status": "done"}}}})
+    assert timing_section(Manifest.open(tmp_path)) == []  # a manifest written before timings were kept
 
 
 @pytest.mark.slow
