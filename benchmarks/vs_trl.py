@@ -18,6 +18,12 @@ TRL's sigmoid, hinge, ipo and bco_pair.
 
     pip install -e '.[bench]'         # TRL is a benchmark extra, never a runtime dependency
     nice -n 19 python benchmarks/vs_trl.py --steps 3 --repeats 2          # fp32 and bf16 autocast
+    nice -n 19 python benchmarks/vs_trl.py --shared-prompt                # spaceft forwards each prompt once
+
+With --shared-prompt spaceft trains on shared-prompt rows (`train.shared_prompt`, each prompt forwarded
+once for its two responses); tokens/s and MFU still count the pairs' tokens (2 prompts + 2 responses per
+pair), so they are the work done per second, not the tokens forwarded. The sweep over K and prompt
+length is benchmarks/shared_prompt.py (TRL's DPO takes pairs only).
     python benchmarks/vs_trl.py --loss-check-only --model tiny
 """
 
@@ -155,6 +161,7 @@ def run_spaceft(args: argparse.Namespace, path: str) -> dict[str, Any]:
             "micro_batch_size": args.pairs_per_step,
             "max_grad_norm": 1.0,
             "mixed_precision": mixed,
+            "shared_prompt": args.shared_prompt,
         }
         cfg = config_from_dict({"name": "bench", "output_dir": tmp, "data": {"train": "x"}, "train": train,
                                 "model": {"dtype": dtype}, "logging": {"progress": False}})  # fmt: skip
@@ -217,6 +224,7 @@ def spawn(args: argparse.Namespace, system: str, precision: str) -> dict[str, An
            "--pairs", str(args.pairs), "--pairs-per-step", str(args.pairs_per_step), "--seed", str(args.seed),
            "--prompt-tokens", str(args.prompt_tokens),
            "--response-tokens", str(args.response_tokens)]  # fmt: skip
+    cmd += ["--shared-prompt"] if args.shared_prompt else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -304,6 +312,7 @@ def main() -> int:
     p.add_argument("--precisions", nargs="+", default=["fp32", "amp"], choices=list(PRECISIONS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-check-only", action="store_true")
+    p.add_argument("--shared-prompt", action="store_true", help="spaceft: train.shared_prompt=true")
     p.add_argument("--json", type=Path, help="also write the raw measurements here")
     p.add_argument("--child", choices=["trl", "spaceft"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
