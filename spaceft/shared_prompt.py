@@ -18,7 +18,8 @@ with a tree-shaped attention mask and restarting positions:
   each later token by the one before it in its own response.
 
 So every response token's log-prob is mathematically the one of the unshared row; only the shapes of
-the GEMMs differ (float32: equal within 1e-6 relative, tests/test_shared_prompt.py). The gradient of the
+the GEMMs differ (float32: equal within 1e-5, values and gradients, tests/test_shared_prompt.py), so
+scores from one path are never read by the other (`microbatch.composition_tag`). The gradient of the
 prompt's activations is the sum over its responses, as it is when the rows are separate.
 
 Why a tree mask and not the prompt's KV cache expanded over its responses: the mask is one ordinary
