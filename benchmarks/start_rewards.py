@@ -42,12 +42,17 @@ def main() -> None:
         "--heads", action="store_true", help="also with a bf16 vocabulary projection, and step times"
     )
     p.add_argument("--timing-steps", type=int, default=2)
+    p.add_argument("--head-error", action="store_true",
+                   help="only: each sequence's log-prob error under bf16 autocast against float32, by head")
     args = p.parse_args()
 
     import torch
 
     torch.manual_seed(0)
     items = _items(args)
+    if args.head_error:
+        _head_error(args, items)
+        return
     lengths = [len(it.real_ids) for it in items]
     mean = statistics.mean(lengths)
     print(f"{len(items)} pairs, responses {min(lengths)}-{max(lengths)} tokens (mean {mean:.0f})")
@@ -175,6 +180,35 @@ def _step_seconds(args: argparse.Namespace, items: list[Any], steps: int) -> flo
             times.append(time.perf_counter() - tic)
         tr.accelerator.free_memory()
         return statistics.median(times[1:])  # the first step warms up
+
+
+def _head_error(args: argparse.Namespace, items: list[Any]) -> None:
+    """How far bf16 autocast moves a sequence's log-prob from its float32 value, with the vocabulary
+    projection in float32 or in bf16: the rounding every reward carries once policy and opponent differ."""
+    import torch
+
+    from spaceft.microbatch import compose, forward_batch
+    from spaceft.token_logps import autocast
+
+    cpu = torch.device("cpu")
+    model = _model(args, "float32").eval()
+    groups = compose(items, _cfg(args, Path("unused"), "float32"), 0, world=1)
+
+    def logps(mixed: str) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for grp in groups:
+                with autocast(mixed, cpu):
+                    res = forward_batch(model, [items[i] for i in grp], 0, cpu)
+                out += [res["policy_real"], res["policy_synthetic"].flatten()]
+        return torch.cat(out).double()
+
+    exact = logps("no")
+    for head in ("float32", "bf16"):
+        with _head_dtype(head):
+            err = (logps("bf16") - exact).abs()
+        row = {"head": head, "mean_abs_error": float(err.mean()), "max_abs_error": float(err.max())}
+        print(json.dumps({**row, "sequences": len(err)}), flush=True)
 
 
 @contextmanager
