@@ -298,7 +298,10 @@ class TrainConfig:
     """Forward each prompt once per micro-batch, its real and K synthetic responses attending to it
     (a tree-shaped mask; spaceft/shared_prompt.py), instead of once per response: the same log-probs
     from fewer tokens. Needs model.attn_implementation sdpa or eager. Training and scoring use the same
-    path, so rewards still start at exactly 0."""
+    path, so rewards still start at exactly 0. Off by default: its scores equal the unshared path's to
+    1e-5, not bit for bit, so switching re-scores a run, and its gain on a 2-core CPU is measured but
+    noisy (benchmarks/shared_prompt.py, SmolLM2-135M train step: 0.9-1.3x with 75-token prompts, 2.2x
+    at K=4 with 300-token prompts)."""
     group_by_length: bool = True
     """Cut the iteration's micro-batches from prompts sorted by length within each step-sized window of
     the seeded order (less padding). The micro-batches are fixed for the iteration, so the score stage
