@@ -38,9 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid_archive
 import replicate as rep
 
-from spaceft.costs import TRAIN_FACTOR, run_costs
 from spaceft.losses import LossType
-from spaceft.rundata import training_data
 from spaceft.rundir import read_json, write_json
 from spaceft.tasks import write_arithmetic_jsonl
 
@@ -293,11 +291,7 @@ class Preregistered(rep.Grid):
         scoring and training), from the first final seed's K = 1 SPACE run; fixed once computed."""
         if task not in self.state["matched_epochs"]:
             space = self.run_dir(f"{task}-space-s{self.d.final_seeds[0]}")
-            tokenized = training_data(space)
-            costs = run_costs(space, tokenized)
-            per_iteration = sum(c.compute for c in costs) / len(costs)
-            epoch = TRAIN_FACTOR * sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
-            self.state["matched_epochs"][task] = max(1, round(per_iteration / epoch))
+            self.state["matched_epochs"][task] = rep.compute_matched_epochs(space)
             self.save()
         return int(self.state["matched_epochs"][task])
 

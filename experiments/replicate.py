@@ -170,6 +170,18 @@ def subprocess_launcher(recipe: str) -> Launcher:
     return launch
 
 
+def compute_matched_epochs(space_run: Path) -> int:
+    """SFT epochs per iteration whose training compute equals a whole iteration (generation, scoring and
+    training) of the finished self-play run `space_run`, from its token counts."""
+    from spaceft.rundata import training_data
+
+    tokenized = training_data(space_run)
+    costs = run_costs(space_run, tokenized)
+    per_iteration = sum(c.compute for c in costs) / len(costs)
+    sft_epoch = TRAIN_FACTOR * sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
+    return max(1, round(per_iteration / sft_epoch))
+
+
 class Grid:
     """Runs the grid in order, skipping finished runs; keeps OUT/grid_state.json."""
 
@@ -407,14 +419,9 @@ class Grid:
         scoring and training), from the seed-0 SPACE run's token counts; fixed once computed."""
         key = str(n)
         if key not in self.state["matched_epochs"]:
-            space = self.run_dir(f"space-N{n}-s{self.spec.seeds[0]}")
-            from spaceft.rundata import training_data
-
-            tokenized = training_data(space)
-            costs = run_costs(space, tokenized)
-            per_iteration = sum(c.compute for c in costs) / len(costs)
-            sft_epoch = TRAIN_FACTOR * sum(len(t.prompt_ids) + len(t.response_ids) for t in tokenized)
-            self.state["matched_epochs"][key] = max(1, round(per_iteration / sft_epoch))
+            self.state["matched_epochs"][key] = compute_matched_epochs(
+                self.run_dir(f"space-N{n}-s{self.spec.seeds[0]}")
+            )
             self.save()
         return int(self.state["matched_epochs"][key])
 
