@@ -1,4 +1,4 @@
-"""Run configuration: the dataclasses of every section, their checks, and the views that decide staleness.
+"""Run configuration: the dataclasses of every section and their checks.
 
 A recipe is a YAML file whose top-level sections mirror the dataclasses below
 (`model`, `data`, `generation`, `train`, `selfplay`, `eval`, `logging`). Any field can be
@@ -7,14 +7,12 @@ overridden on the command line as `section.field=value`; values are parsed as YA
 name the key (an unknown one with the nearest key of its section); the reading is `configfile.py`. The
 resolved config is written to the run directory (`config.yaml`, and the manifest) and printed with
 `spaceft -v`. What needs more than the config (paths, the model, the run directory) is checked in
-`preflight.py`.
+`preflight.py`; which settings decide the trained models and the evaluations, in `fingerprint.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from datetime import date
@@ -25,6 +23,7 @@ import yaml
 
 from spaceft.chat import DEFAULT_TEMPLATE_DATE, OVERLONG_POLICIES
 from spaceft.data import BAD_ROW_POLICIES, FORMATS, RESPONSE_TURNS
+from spaceft.fingerprint import digest, eval_view, training_view
 from spaceft.lmeval import CHAT_MODES
 from spaceft.losses import LossType
 
@@ -566,10 +565,10 @@ class RunConfig:
 
     def training_fingerprint(self) -> str:
         """Hash of every field that changes the trained models (not `iterations`, eval or logging)."""
-        return _hash(training_view(self.to_dict()))
+        return digest(training_view(self.to_dict()))
 
     def eval_fingerprint(self) -> str:
-        return _hash(eval_view(self.to_dict()))
+        return digest(eval_view(self.to_dict()))
 
 
 def _one_of(choices: tuple[str, ...]) -> str:
@@ -590,52 +589,6 @@ def _finite(section: str, obj: Any, *names: str) -> None:
             raise ValueError(f"{section}.{name} must be a finite number, got {value}")
 
 
-GENERATION_WHERE_KEYS = ("vllm_memory_fraction", "tensor_parallel_size", "vllm_keep_alive")
-"""Generation settings that say where and how the sampling runs (memory, GPUs, the engine's lifetime),
-not what it samples."""
-
-
-def training_view(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config (as a dict) that decides the trained models."""
-    d = json.loads(json.dumps(config))
-    for key in ("name", "output_dir", "eval", "logging"):
-        d.pop(key, None)
-    d.get("selfplay", {}).pop("iterations", None)  # raising it continues a run
-    d.get("selfplay", {}).pop("distributed_timeout_s", None)  # how long to wait, not results
-    for key in GENERATION_WHERE_KEYS:
-        d.get("generation", {}).pop(key, None)
-    for key in EVAL_DATA_KEYS:  # the held-out set changes evaluations, not the trained models
-        d.get("data", {}).pop(key, None)
-    for key, default in DATA_DEFAULTS_UNHASHED.items():  # newer keys at their default: the hash stays
-        if d.get("data", {}).get(key, default) == default:
-            d.get("data", {}).pop(key, None)
-    for key, default in TRAIN_DEFAULTS_UNHASHED.items():
-        if d.get("train", {}).get(key, default) == default:
-            d.get("train", {}).pop(key, None)
-    return d
-
-
-def eval_view(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config that decides the evaluations (besides the models)."""
-    data = config.get("data", {})
-    settings = {k: v for k, v in config.get("eval", {}).items() if k not in EVAL_WHERE_KEYS}
-    held_out = {k: data[k] for k in EVAL_DATA_KEYS if k in data}
-    if data.get("subset", "first") != "first" and data.get("eval_size"):  # a random draw: which rows
-        held_out.update(subset=data["subset"], seed=data.get("seed"))  # default: no key, recorded views stay
-    return {"eval": settings, "data": held_out}
-
-
-EVAL_DATA_KEYS = ("eval", "eval_split", "eval_size")
-DATA_DEFAULTS_UNHASHED: dict[str, Any] = {"subset": "first", "chat_template_kwargs": {},
-                                          "strip_responses": False}  # fmt: skip
-"""data keys added after runs existed, left out of the training fingerprint at their default (so those
-runs' fingerprints, and the grid's adoptions, do not change)."""
-TRAIN_DEFAULTS_UNHASHED = {"history_weight": 0.1, "history_start_iteration": 1}
-"""train keys added after runs existed (T-SPIN's), left out of the training fingerprint at their default."""
-EVAL_WHERE_KEYS = ("cache",)
-"""eval keys that change where a result comes from, not what it is."""
-
-
 def _to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _to_plain(v) for k, v in obj.items()}
@@ -644,7 +597,3 @@ def _to_plain(obj: Any) -> Any:
     if isinstance(obj, LossType):
         return str(obj)
     return obj
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

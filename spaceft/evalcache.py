@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from spaceft.config import EVAL_WHERE_KEYS
+from spaceft.fingerprint import EVAL_WHERE_KEYS
 from spaceft.rundir import content_hash, library_versions, temp_name
 
 log = logging.getLogger(__name__)

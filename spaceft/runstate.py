@@ -18,7 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spaceft.config import RunConfig, eval_view, training_view
+from spaceft.config import RunConfig
+from spaceft.fingerprint import eval_view, training_view
 from spaceft.rundir import Manifest, file_hash, is_done
 from spaceft.stages import BY_NAME, STAGES, TABLE, Iteration, from_stage
 

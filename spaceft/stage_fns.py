@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from spaceft import evalcache
-from spaceft.config import GENERATION_WHERE_KEYS
 from spaceft.distributed import attempt, broadcast, leads_group, shard_of
 from spaceft.drift import template_drift, warn_template_drift
 from spaceft.evaluate import finish_eval, reference_answer, run_benchmarks, write_eval_parts
+from spaceft.fingerprint import GENERATION_WHERE_KEYS
 from spaceft.generate import loads_own_weights, merge_generate_parts, open_generator, write_generate_parts
 from spaceft.microbatch import TrainItem, compose, composition_tag
 from spaceft.models import whole_weights

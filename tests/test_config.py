@@ -207,8 +207,8 @@ def test_float16_is_allowed_with_lora() -> None:
 def test_keys_added_later_leave_fingerprints_of_runs_at_their_defaults_alone() -> None:
     """`data.subset` came after runs (and the evidence grid's adoptions) recorded their fingerprints: at
     its default it must not enter them; a random draw must."""
-    from spaceft.config import eval_view, training_view
     from spaceft.configfile import config_from_dict
+    from spaceft.fingerprint import eval_view, training_view
 
     cfg = config_from_dict({"data": {"train": "builtin:arithmetic"}})
     before = cfg.to_dict()
