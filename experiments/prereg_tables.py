@@ -142,15 +142,13 @@ class Archive:
             if packed.exists():
                 text = gzip.decompress(packed.read_bytes()).decode()
             rows = [json.loads(x) for x in text.splitlines() if x.strip()]
-            self._tables[(name, key)] = (
-                {
+            self._tables[(name, key)] = None
+            if rows and all("correct" in r for r in rows):
+                self._tables[(name, key)] = {
                     "correct": np.array([float(r["correct"]) for r in rows]),
                     "nll": np.array([-float(r["logp"]) for r in rows]),
                     "tokens": np.array([float(r["tokens"]) for r in rows]),
                 }
-                if rows and all("correct" in r for r in rows)
-                else None
-            )
         return self._tables[(name, key)]
 
     def table(self, runs: dict[int, str], seeds: list[int], key: str) -> Table | None:
@@ -364,12 +362,8 @@ def trajectory_md(archive: Archive, tuned: dict[str, Any], arms: list[tuple[str,
             cells = []
             for key in ["base", *(f"iter_{t}" for t in range(iters))]:
                 t = archive.table(runs, seeds, key)
-                iv = (
-                    None
-                    if t is None
-                    else pooled_interval(t[metric], t["tokens"] if metric == "nll" else None)
-                )
-                cells.append(iv.format() if iv else "")
+                den = t["tokens"] if t is not None and metric == "nll" else None
+                cells.append("" if t is None else pooled_interval(t[metric], den).format())
             label = f"{arm} ({note})" if note else arm
             lines.append(f"| {task} | {label} | {len(seeds)} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -550,10 +544,7 @@ def write_report(archive_dir: Path, out: Path, design: pre.Design) -> dict[str, 
     archive = Archive(archive_dir, design.iterations)
     tuned = tuning(archive, design)
     arms = planned(design)
-    planned_arms = set(arms)
-    comparisons = [
-        c for c in COMPARISONS if (c.task, c.arm) in planned_arms and (c.task, c.comparator) in planned_arms
-    ]
+    comparisons = [c for c in COMPARISONS if {(c.task, c.arm), (c.task, c.comparator)} <= set(arms)]
     rows = compare(archive, design, tuned, comparisons)
     missing = []
     for task, arm in arms:
