@@ -15,7 +15,8 @@ and, with `--heads`, the same with the vocabulary projection in the autocast's b
 The synthetic response of prompt i is the real answer of prompt i+1: the measurement needs
 real-length text the model scores with peaked log-probs, not the model's own samples.
 
-    nice -n 19 python benchmarks/start_rewards.py --pairs 16 --heads
+    nice -n 5 python benchmarks/start_rewards.py --pairs 8 --heads
+    nice -n 5 python benchmarks/start_rewards.py --pairs 8 --timing-only --timing-steps 3
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def main() -> None:
         "--heads", action="store_true", help="also with a bf16 vocabulary projection, and step times"
     )
     p.add_argument("--timing-steps", type=int, default=2)
-    p.add_argument("--head-error", action="store_true",
-                   help="only: each sequence's log-prob error under bf16 autocast against float32, by head")
+    p.add_argument("--timing-only", action="store_true", help="only: step time by head, heads alternating")
+    p.add_argument(
+        "--head-error",
+        action="store_true",
+        help="only: each sequence's log-prob error under bf16 autocast against float32, by head",
+    )
     args = p.parse_args()
 
     import torch
@@ -52,6 +57,9 @@ def main() -> None:
     items = _items(args)
     if args.head_error:
         _head_error(args, items)
+        return
+    if args.timing_only:
+        print(json.dumps(_step_seconds(args, items, args.timing_steps)))
         return
     lengths = [len(it.real_ids) for it in items]
     mean = statistics.mean(lengths)
@@ -66,9 +74,7 @@ def main() -> None:
                     rows.append({"precision": precision, "head": head, "scoring": scoring, "abs_mean": value})
                     print(json.dumps(rows[-1]), flush=True)
     if args.heads:
-        for head in ("float32", "bf16"):
-            with _head_dtype(head):
-                secs = _step_seconds(args, items, args.timing_steps)
+        for head, secs in _step_seconds(args, items, args.timing_steps).items():
             rows.append({"precision": "bf16-autocast", "head": head, "step_s": secs})
             print(json.dumps(rows[-1]), flush=True)
     print("\n| precision | head | opponent scored in | mean abs reward at step 1 (nats) |")
@@ -164,22 +170,27 @@ def _first_step(args: argparse.Namespace, items: list[Any], precision: str, scor
         return float(value)
 
 
-def _step_seconds(args: argparse.Namespace, items: list[Any], steps: int) -> float:
+def _step_seconds(args: argparse.Namespace, items: list[Any], steps: int) -> dict[str, float]:
+    """Median seconds of a bf16-autocast training step per head dtype: one trainer, the two heads in
+    alternate steps (`steps` each, after one warm-up step each), so that load on the machine hits both."""
     from spaceft import train as train_mod
 
+    times: dict[str, list[float]] = {"float32": [], "bf16": []}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _cfg(args, Path(tmp), "bf16-autocast")
-        cfg.train.epochs = steps + 1
+        cfg.train.epochs = 2 * (steps + 1)
         tr = train_mod.setup(
             _model(args, "bf16-autocast"), items, cfg, iteration=0, iter_dir=Path(tmp) / "it"
         )
-        times = []
-        for step in range(steps + 1):
-            tic = time.perf_counter()
-            train_mod.train_step(tr, items, cfg, 0, 0, step)
-            times.append(time.perf_counter() - tic)
+        for step in range(2 * (steps + 1)):
+            head = ("float32", "bf16")[step % 2]
+            with _head_dtype(head):
+                tic = time.perf_counter()
+                train_mod.train_step(tr, items, cfg, 0, 0, step)
+            if step >= 2:  # the first step of each warms up
+                times[head].append(time.perf_counter() - tic)
         tr.accelerator.free_memory()
-        return statistics.median(times[1:])  # the first step warms up
+    return {head: statistics.median(t) for head, t in times.items()}
 
 
 def _head_error(args: argparse.Namespace, items: list[Any]) -> None:
