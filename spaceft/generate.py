@@ -8,11 +8,12 @@ chat-template token ids that training uses, so generation and training never dis
 (SPIN's released code generated with one template and trained with another).
 
 Determinism: every prompt has its own seed, derived from (seed, iteration, prompt index), and sample j
-of it draws its random numbers from its own generator seeded from (that seed, j). The HF backend samples
-with the exponential race (argmax of p / E with E ~ Exp(1) drawn per row, the Gumbel-max trick), which
-picks token v with probability p_v exactly as multinomial sampling does, but consumes only the row's own
-random stream: a sample does not depend on which other prompts share its batch, on the batch size, on
-the number of processes or on a resume. (Its logits can still differ in the last float bits between
+of it draws its random numbers from its own stream keyed by (that seed, j). The HF backend samples with
+the exponential race (argmax of p / E with E ~ Exp(1), the Gumbel-max trick), which picks token v with
+probability p_v exactly as multinomial sampling does; its noise is counter-based, a hash of (the row's
+key, the decoding step, v), drawn for all rows in one batched computation per step. A sample thus
+does not depend on which other prompts share its batch, on the batch size, on the number of processes
+or on a resume. (Its logits can still differ in the last float bits between
 batch shapes; the stage therefore also cuts its batches the same way whatever the number of processes,
 so that samples are bit-identical.) The vLLM backend gives each prompt its seed too. Every response
 keeps its token ids (ending in the end-of-turn token unless it hit `max_new_tokens`), so scoring and
@@ -69,17 +70,59 @@ def prompt_seed(seed: int, iteration: int, prompt_index: int) -> int:
     return derive_seed(seed, iteration, prompt_index)
 
 
+def _wrap(x: int) -> int:
+    """A 64-bit constant as the int64 whose bits it is (torch has no uint64 arithmetic)."""
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+GOLDEN = _wrap(0x9E3779B97F4A7C15)  # splitmix64's increment
+MIX = (_wrap(0xBF58476D1CE4E5B9), _wrap(0x94D049BB133111EB))  # splitmix64's finaliser multipliers
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's `>>` is arithmetic: it copies the sign bit)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's output function on int64 tensors. Products wrap around modulo 2^64 (two's complement)
+    on CPU and CUDA alike, so the bits are the same on either (tests/test_generate.py checks both)."""
+    z = (z ^ _shr(z, 30)) * MIX[0]
+    z = (z ^ _shr(z, 27)) * MIX[1]
+    return z ^ _shr(z, 31)
+
+
+def race_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
+    """Exp(1) noise [R, V] (float32) for decoding step `step` of rows with these int64 seeds [R].
+
+    Counter-based: entry [r, v] is output v + 1 of the splitmix64 stream whose state starts at
+    mix64(seed_r · 2^32 + step), so it is a function of (seed_r, step, v) alone, computed for all rows in
+    one set of vectorised operations. Its top 52 bits give U = (2k + 1) / 2^53 in (0, 1), exact in
+    float64 and never 0 or 1, so E = -log U is finite and positive."""
+    key = mix64((seeds << 32) + step)  # [R]: one stream per (row, step)
+    offsets = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64) * GOLDEN  # [V]
+    bits = mix64(key[:, None] + offsets)  # [R, V]
+    u = (_shr(bits, 12).double() * 2 + 1) * 2.0**-53
+    return u.log_().neg_().float()
+
+
 class RowSampler:
     """A logits processor that samples each row from its own random stream (run under greedy search).
 
     scores [R, V] -> [R, V] with 0 at the sampled token and -inf elsewhere, so generate's argmax
-    returns it. Temperature, top-k and top-p shape the distribution first, as in HF sampling.
+    returns it. Temperature, top-k and top-p shape the distribution first, as in HF sampling. The
+    exponential noise of a step is one batched draw (`race_noise`), keyed by each row's seed and the
+    step, i.e. the number of tokens generated so far: input_ids grows by one column per step from the
+    batch's padded prompt width `prompt_width`.
     """
 
-    def __init__(self, seeds: Sequence[int], cfg: GenerationConfig, device: torch.device) -> None:
+    def __init__(
+        self, seeds: Sequence[int], cfg: GenerationConfig, device: torch.device, *, prompt_width: int
+    ) -> None:
         from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        self.seeds = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+        self.prompt_width = prompt_width
         self.temperature = cfg.temperature
         self.warpers: list[Any] = []
         if cfg.top_k > 0:
@@ -92,12 +135,8 @@ class RowSampler:
         for warp in self.warpers:
             scores = warp(input_ids, scores)
         probs = torch.softmax(scores, dim=-1)  # [R, V]
-        noise = torch.stack(  # [R, V], one Exp(1) per token, from each row's own stream
-            [
-                torch.empty(probs.shape[1], device=probs.device).exponential_(generator=g)
-                for g in self.generators
-            ]
-        )
+        step = input_ids.shape[1] - self.prompt_width  # tokens generated so far
+        noise = race_noise(self.seeds.to(probs.device), step, probs.shape[1])  # [R, V]
         choice = (probs / noise).argmax(-1)  # [R]: argmax p_v / E_v is a sample from p
         out = torch.full_like(scores, float("-inf"))
         out[torch.arange(out.shape[0], device=out.device), choice] = 0.0
@@ -178,7 +217,8 @@ class HFGenerator:
         kwargs: dict[str, Any] = {"generation_config": plain, "synced_gpus": False}
         if self.cfg.temperature > 0:
             row_seeds = [derive_seed(seeds[r // num_samples], r % num_samples) for r in range(rows)]
-            kwargs["logits_processor"] = LogitsProcessorList([RowSampler(row_seeds, self.cfg, self.device)])
+            sampler = RowSampler(row_seeds, self.cfg, self.device, prompt_width=width)
+            kwargs["logits_processor"] = LogitsProcessorList([sampler])
         was_training, shipped = self.model.training, self.model.generation_config
         self.model.eval()
         # transformers fills what `plain` leaves at its defaults from the model's own config: hide it

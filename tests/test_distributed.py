@@ -115,7 +115,7 @@ def test_row_sampler_draws_from_the_tempered_truncated_softmax(
     logits = torch.tensor([0.0, 0.5, 1.0, 1.5, -1.0])
     n = 20000
     cfg = GenerationConfig(temperature=temperature, top_k=top_k, top_p=top_p)
-    sampler = RowSampler(range(n), cfg, CPU)
+    sampler = RowSampler(range(n), cfg, CPU, prompt_width=1)
     out = sampler(torch.zeros(n, 1, dtype=torch.long), logits.expand(n, -1).clone())
     picks = out.argmax(-1)
     assert bool(((out == 0).sum(-1) == 1).all())  # exactly one token per row
