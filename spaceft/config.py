@@ -26,6 +26,7 @@ from spaceft.data import BAD_ROW_POLICIES, FORMATS, RESPONSE_TURNS
 from spaceft.fingerprint import digest, eval_view, training_view
 from spaceft.lmeval import CHAT_MODES
 from spaceft.losses import LossType
+from spaceft.token_logps import LOGPS_PATHS
 
 
 @dataclass
@@ -288,11 +289,13 @@ class TrainConfig:
     mixed_precision: str = "no"
     """no | bf16: bf16 autocast for training AND the score stage (rewards start at exactly 0: both run the
     same micro-batches), with float32 master weights and optimizer state (needs model.dtype=float32)."""
-    chunked_logps: bool = True
-    """Token log-probs from the hidden states, the lm-head projection a chunk of tokens at a time:
-    memory that does not grow with the vocabulary. false projects every response position at once
-    (measured on SmolLM2-135M, 2-core CPU: ~10% faster in float32, ~8% slower under bf16 autocast,
-    same peak memory at V = 49k; docs/PERFORMANCE.md). Training and scoring use the same path."""
+    logps_path: str = "auto"
+    """auto | chunked | logits: how token log-probs come from the hidden states. chunked projects the
+    response tokens to the vocabulary a chunk at a time (memory that does not grow with it); logits
+    projects every response position at once (faster in float32 on CPU while small, more memory); auto
+    picks per micro-batch from the vocabulary, its length and the precision (`token_logps.choose_path`,
+    measured in docs/PERFORMANCE.md). Training and scoring take the same path for the same micro-batch.
+    The older `chunked_logps: true/false` is read as chunked/logits."""
     shared_prompt: bool = False
     """Forward each prompt once per micro-batch, its real and K synthetic responses attending to it
     (a tree-shaped mask; spaceft/shared_prompt.py), instead of once per response: the same log-probs
@@ -320,6 +323,9 @@ class TrainConfig:
                 + ("; its knob is train.tau" if self.loss is LossType.IPO else "")
                 + "): set train.beta=null"
             )
+        if self.logps_path not in LOGPS_PATHS:
+            choices = ", ".join(LOGPS_PATHS)
+            raise ValueError(f"train.logps_path must be one of {choices}, got {self.logps_path!r}")
         if self.optimizer not in ("rmsprop", "adamw"):
             raise ValueError(f"train.optimizer must be 'rmsprop' or 'adamw', got {self.optimizer!r}")
         if self.lr <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import logging
 import re
 import types
 import typing
@@ -21,6 +22,8 @@ import yaml
 
 from spaceft.config import RunConfig
 from spaceft.losses import LossType
+
+log = logging.getLogger(__name__)
 
 
 class _SettingsLoader(yaml.SafeLoader):
@@ -104,9 +107,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+RENAMED: dict[str, tuple[str, Any, typing.Callable[[Any], Any]]] = {
+    "train.chunked_logps": ("logps_path", bool, lambda chunked: "chunked" if chunked else "logits"),
+}
+"""Keys read under a newer name, with a warning: old key -> (new key in the same section, the old key's
+type, the old value's new one). Recipes and runs' recorded configs written before the rename keep working."""
+
+
+def _renamed(data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`data` with its section's old keys (`RENAMED`) replaced by their new ones."""
+    for old_key, (new_key, tp, convert) in RENAMED.items():
+        section, _, name = old_key.rpartition(".")
+        if f"{section}." != prefix or name not in data:
+            continue
+        if new_key in data:
+            raise ValueError(f"{old_key} and {prefix}{new_key} are both set: keep only {prefix}{new_key}")
+        value = convert(_coerce(data[name], tp, old_key))
+        log.warning("%s is deprecated: read as %s%s=%s; set that instead", old_key, prefix, new_key, value)
+        data = {(new_key if k == name else k): (value if k == name else v) for k, v in data.items()}
+    return data
+
+
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ValueError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    data = _renamed(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

@@ -33,6 +33,9 @@ def training_view(config: dict[str, Any]) -> dict[str, Any]:
     for key, default in TRAIN_DEFAULTS_UNHASHED.items():
         if d.get("train", {}).get(key, default) == default:
             d.get("train", {}).pop(key, None)
+    train = d.get("train", {})
+    if "logps_path" in train:  # hashed as the boolean it replaced, so recorded fingerprints still match;
+        train["chunked_logps"] = train.pop("logps_path") != "logits"  # auto only rounds differently
     return d
 
 

@@ -118,7 +118,10 @@ def composition_tag(groups: Sequence[Sequence[int]], items: Sequence[TrainItem],
     """What the cached opponent scores were computed for: the groups, the tokens in them, and every
     setting of the forward pass (precision, log-prob path, attention)."""
     m, t = cfg.model, cfg.train
-    settings = (t.mixed_precision, t.chunked_logps, m.dtype, m.attn_implementation)
+    # the configured path, not the one taken: "auto" decides per micro-batch from what is hashed here.
+    # An explicit path enters as the boolean it replaced, so those runs' tags stay as they were
+    path = {"chunked": True, "logits": False}.get(t.logps_path, t.logps_path)
+    settings = (t.mixed_precision, path, m.dtype, m.attn_implementation)
     if t.shared_prompt:  # appended only when on: the tags of unshared runs stay as they were
         settings += ("shared_prompt",)
     # proto responses only where items carry them: the tags of losses without them stay as they were
@@ -134,7 +137,7 @@ def forward_batch(
     pad_id: int,
     device: torch.device,
     *,
-    chunked: bool = True,
+    path: str = "auto",
     shared: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Log-probs of a micro-batch under `model`: B real + B·K synthetic (+ B proto-synthetic, when the
@@ -144,7 +147,8 @@ def forward_batch(
     Returns policy_real [B], policy_synthetic [B, K], real_lengths [B], synthetic_lengths [B, K],
     opponent_real [B], opponent_synthetic [B, K] (from the items), the number of non-pad tokens and,
     with proto responses, policy_proto [B] and proto_lengths [B].
-    The score stage calls it with the opponent, training with the policy: the same rows, the same packing.
+    The score stage calls it with the opponent, training with the policy: the same rows, the same packing,
+    and `path` (`train.logps_path`; "auto" decides from the batch's shape) the same head path.
     """
     b = len(items)
     k = len(items[0].synthetic_ids)
@@ -163,11 +167,11 @@ def forward_batch(
         tree = pack_tree(prompts, responses, owners, pad_id).to(device)
         num_tokens = tree.num_tokens
         # step 2: one forward; summed response log-probs [B + B*K (+ B)]
-        logps, lengths = tree_logps(model, tree, chunked=chunked)
+        logps, lengths = tree_logps(model, tree, path=path)
     else:
         batch = pack([prompts[o] for o in owners], responses, pad_id).to(device)
         num_tokens = batch.num_tokens
-        logps, lengths = sequence_logps(model, batch, chunked=chunked)  # step 2, unshared
+        logps, lengths = sequence_logps(model, batch, path=path)  # step 2, unshared
     end = b + b * k  # where the proto rows start
     extra = {"policy_proto": logps[end:], "proto_lengths": lengths[end:]} if proto else {}  # [B], [B]
     return {

@@ -63,13 +63,13 @@ def write_score_parts(
     shard: Shard = ONE_PROCESS,
     progress: bool = True,
     mixed_precision: str = "no",
-    chunked: bool = True,
+    path: str = "auto",
     shared: bool = False,
 ) -> dict[str, float]:
     """Score this shard's parts of the micro-batches `groups` of `items` and write them (resumable).
 
     `origins[i]` is item i's (prompt index, iteration that sampled its synthetic responses), kept in the
-    table for the report. `mixed_precision`, `chunked` and `shared` must be the training's. Returns this
+    table for the report. `mixed_precision`, `path` and `shared` must be the training's. Returns this
     call's wall time and tokens/s (parts finished before a crash are not scored again).
     """
     tic = time.perf_counter()
@@ -87,7 +87,7 @@ def write_score_parts(
         for grp in groups[c * GROUPS_PER_PART : (c + 1) * GROUPS_PER_PART]:
             batch = [items[i] for i in grp]
             with autocast(mixed_precision, device):
-                res = forward_batch(model, batch, pad_id, device, chunked=chunked, shared=shared)
+                res = forward_batch(model, batch, pad_id, device, path=path, shared=shared)
             real, syn = res["policy_real"].tolist(), res["policy_synthetic"].tolist()  # [B], [B, K]
             for b, i in enumerate(grp):
                 it, (prompt_index, source) = items[i], origins[i]

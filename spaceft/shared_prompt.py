@@ -47,7 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spaceft.token_logps import chunked_token_logps, head_as_identity, output_head, selective_log_softmax
+from spaceft.token_logps import (
+    chunked_token_logps,
+    head_as_identity,
+    output_head,
+    resolve_path,
+    selective_log_softmax,
+)
 
 TREE_KERNELS = ("sdpa", "eager")
 """Attention implementations that take a custom 4-D mask (module docstring)."""
@@ -165,12 +171,13 @@ def attention_mask_for(model: torch.nn.Module, segments: Tensor) -> Tensor:
     return additive.masked_fill_(~mask, torch.finfo(dtype).min)
 
 
-def tree_logps(model: torch.nn.Module, batch: TreeBatch, *, chunked: bool = True) -> tuple[Tensor, Tensor]:
+def tree_logps(model: torch.nn.Module, batch: TreeBatch, *, path: str = "auto") -> tuple[Tensor, Tensor]:
     """Summed response log-probs [N] (float32) and response lengths [N] of a shared-prompt batch: the
     values of `token_logps.sequence_logps` on the unshared rows, from one forward of B rows.
 
-    The log-prob paths are `sequence_logps`'s (the float32 head, chunked or not, or the model's own
-    logits), applied to each response token's predictor position gathered from the rows.
+    The log-prob paths are `sequence_logps`'s (the float32 head, chunked or on all logits, "auto"
+    choosing by `token_logps.choose_path`, or the model's own logits), applied to each response token's
+    predictor position gathered from the rows.
     """
     length = batch.input_ids.shape[1]
     _check_window(model, int((batch.position_ids.max() + 1).item()) if batch.position_ids.numel() else 0)
@@ -192,7 +199,7 @@ def tree_logps(model: torch.nn.Module, batch: TreeBatch, *, chunked: bool = True
     mask = batch.response_mask
     if head is None:
         token_logps = selective_log_softmax(gathered, targets) * mask
-    elif chunked:
+    elif resolve_path(path, head, out.device, mask.numel()) == "chunked":
         picked = mask.bool()
         w, b = head.linear.weight, head.linear.bias
         logps = chunked_token_logps(gathered[picked], w, b, targets[picked], dtype=torch.float32)  # [T]

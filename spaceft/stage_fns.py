@@ -203,7 +203,7 @@ def work_score(ws: Workspace, step: Step, b: Batches) -> dict[str, float]:
         shard=shard_of(ws.state),
         progress=ws.cfg.logging.progress and ws.state.is_main_process,
         mixed_precision=ws.cfg.train.mixed_precision,  # the same autocast as training
-        chunked=ws.cfg.train.chunked_logps,  # and the same log-prob path
+        path=ws.cfg.train.logps_path,  # and the same log-prob path
         shared=ws.cfg.train.shared_prompt,  # and the same rows
     )
 

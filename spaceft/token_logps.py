@@ -239,6 +239,51 @@ def output_head(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
     return head
 
 
+# ------------------------------------------------------------------------------ which path, per batch
+
+LOGPS_PATHS = ("auto", "chunked", "logits")
+"""`train.logps_path`'s choices: "auto" is `choose_path`'s pick per micro-batch."""
+LOGITS_PATH_MAX_BYTES = 2**28
+"""`choose_path`'s limit on the float32 logits (and their gradient) the logits path may hold: 256 MiB."""
+
+
+def choose_path(vocab: int, positions: int, precision: torch.dtype, device: str) -> str:
+    """"chunked" or "logits": the faster head path for `positions` × `vocab` float32 logits.
+
+    A pure function of what the score stage and training share for a micro-batch (its shape, the
+    model's vocabulary, the precision and the device type): never of free memory or timing, because
+    both passes must take the same path for rewards to start at exactly 0.
+
+    Rule, measured on a 2-core AMD EPYC (AVX-512 bf16) CPU (`benchmarks/logps_memory.py --sweep`: a
+    2-layer width-256 Llama, 8 rows of 16-256 response tokens, V = 49,152 and 128,256; docs/PERFORMANCE.md
+    "Log-probs without the full logits"):
+    * float32: the logits path was the faster at every size (the chunked one took 1.2-1.3x its time at
+      V = 49k, 5-6x at 128k), but it holds its float32 logits and their
+      gradient, 2 · 4 B · positions · vocab, at once: at 192 MiB of them its peak RSS equalled the
+      chunked path's, at 501-768 MiB it was 0.5-0.7 GB above it, at 2 GiB 1.8 GB. So logits while that
+      stays within `LOGITS_PATH_MAX_BYTES` (256 MiB), chunked above.
+    * bf16 or fp16 (autocast, or low-precision weights): chunked, 0.7-0.9x the logits path's time at
+      V = 49k with 512-2,048 positions.
+    * other devices: chunked; not measured there, and its memory does not grow with the vocabulary.
+    """
+    if device != "cpu" or precision != torch.float32:
+        return "chunked"
+    return "logits" if 2 * 4 * positions * vocab <= LOGITS_PATH_MAX_BYTES else "chunked"
+
+
+def resolve_path(path: str, head: OutputHead, device: torch.device, positions: int) -> str:
+    """`path` ("chunked" or "logits"), or for "auto" `choose_path` of this forward: the autocast dtype if
+    autocast is on, else the head's weight dtype; `positions` is what the logits path would project."""
+    if path not in LOGPS_PATHS:
+        raise ValueError(f"unknown log-prob path {path!r}: use one of {', '.join(LOGPS_PATHS)}")
+    if path != "auto":
+        return path
+    kind = device.type
+    autocast_on = torch.is_autocast_enabled(kind)
+    precision = torch.get_autocast_dtype(kind) if autocast_on else head.linear.weight.dtype
+    return choose_path(head.linear.out_features, positions, precision, kind)
+
+
 # ------------------------------------------------------------------------- sequences of a packed batch
 
 
@@ -294,15 +339,16 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
 
 
 def sequence_logps(
-    model: torch.nn.Module, batch: PackedBatch, *, chunked: bool = True
+    model: torch.nn.Module, batch: PackedBatch, *, path: str = "auto"
 ) -> tuple[Tensor, Tensor]:
     """Summed response log-probs [N] (float32) and response lengths [N] of a packed batch.
 
     Only the positions from the first response target on are computed (`logits_to_keep`). When the
     model's logits are a plain linear head of its hidden states (`output_head`) the model returns the
-    hidden states and the head runs here, in float32 (module docstring): with `chunked` on the response
-    tokens only, a chunk at a time, so no [N, L, V] tensor exists in either pass; without, on every kept
-    position at once (faster in float32 on CPU, more memory). Other models' logits go through
+    hidden states and the head runs here, in float32 (module docstring): on the "chunked" path on the
+    response tokens only, a chunk at a time, so no [N, L, V] tensor exists in either pass; on the
+    "logits" path on every kept position at once (faster in float32 on CPU while small, more memory);
+    "auto" picks one per batch (`choose_path`). Other models' logits go through
     `selective_log_softmax`. Models whose forward ignores `logits_to_keep` return all positions, which
     every path handles.
     """
@@ -322,7 +368,7 @@ def sequence_logps(
     targets = batch.input_ids[:, start + 1 :]  # [N, L-1-start]
     if head is None:
         token_logps = selective_log_softmax(out[:, :-1], targets) * mask
-    elif chunked:
+    elif resolve_path(path, head, out.device, mask.numel()) == "chunked":
         picked = mask.bool()
         hidden = out[:, :-1][picked]  # [T, H]: response positions only, no prompt or padding
         w, b = head.linear.weight, head.linear.bias
@@ -351,7 +397,7 @@ def score_sequences(
     desc: str = "score",
     progress: bool = True,
     mixed_precision: str = "no",
-    chunked: bool = True,
+    path: str = "auto",
 ) -> list[float]:
     """Summed log p(response | prompt) under `model` (eval mode), in input order.
 
@@ -367,7 +413,7 @@ def score_sequences(
         idx = order[start : start + batch_size]
         batch = pack([prompts[i] for i in idx], [responses[i] for i in idx], pad_id).to(device)
         with autocast(mixed_precision, device):
-            logps, _ = sequence_logps(model, batch, chunked=chunked)
+            logps, _ = sequence_logps(model, batch, path=path)
         for i, v in zip(idx, logps.tolist(), strict=True):
             out[i] = v
     model.train(was_training)

@@ -334,7 +334,7 @@ def train_step(
         # keep each rank's gradients unsharded, a whole model's worth per GPU, until the last one
         with nullcontext() if sync or fsdp else accelerator.no_sync(model):
             with autocast(t.mixed_precision, accelerator.device):
-                out = forward_batch(model, mb, pad_id, accelerator.device, chunked=t.chunked_logps,
+                out = forward_batch(model, mb, pad_id, accelerator.device, path=t.logps_path,
                                     shared=t.shared_prompt)
             try:
                 res = loss_from_batch(out, cfg, iteration=iteration)

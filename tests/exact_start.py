@@ -24,7 +24,7 @@ from spaceft.configfile import config_from_dict
 from spaceft.microbatch import TrainItem, compose
 from spaceft.rundir import Shard, read_table
 from spaceft.score import merge_score_parts, with_opponent_scores, write_score_parts
-from spaceft.token_logps import score_sequences
+from spaceft.token_logps import pack, score_sequences
 
 VOCAB = 512
 N = 8  # prompts: one optimizer step of 4 micro-batches of 2, or of 2 of 4
@@ -66,6 +66,17 @@ def _cfg(out: Path, precision: str, micro: int, grouping: bool, shared: bool = F
                   "mixed_precision": "bf16" if precision == "bf16-autocast" else "no"},
         "logging": {"progress": False},
     })  # fmt: skip
+
+
+def logits_positions(micro: int, grouping: bool) -> list[int]:
+    """Per micro-batch of the float32 run on one process: the positions its logits path would project
+    (`token_logps.sequence_logps`: every row from the first response target on), in scoring order."""
+    items, sizes = long_items(), []
+    for grp in compose(items, _cfg(Path("unused"), "float32", micro, grouping), 0, 1):
+        rows = [(items[i].prompt_ids, r) for i in grp for r in (items[i].real_ids, *items[i].synthetic_ids)]
+        mask = pack([p for p, _ in rows], [r for _, r in rows], pad_id=0).response_mask  # [N, L-1]
+        sizes.append(mask[:, int(mask.any(0).float().argmax()) :].numel())
+    return sizes
 
 
 def first_step_abs_reward(precision: str, micro: int, grouping: bool, shared: bool, out: Path) -> float:

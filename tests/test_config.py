@@ -241,3 +241,31 @@ def test_settings_read_as_typed_where_yaml_11_would_read_a_boolean(tmp_path: Pat
         load_config("tiny", ["logging.progress=maybe"])
     with pytest.raises(ValueError, match=r"train\.mixed_precision must be 'no' or 'bf16', got 'off'"):
         load_config("tiny", ["train.mixed_precision=off"])
+
+
+def test_the_old_chunked_logps_key_is_read_as_logps_path_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Recipes and recorded configs from before `train.logps_path` set `train.chunked_logps`: true is the
+    chunked path, false the logits path; the fingerprint of the default stays that of chunked_logps: true
+    (what every recorded run holds), so their adoptions and resume checks are unchanged."""
+    from spaceft.fingerprint import training_view
+
+    assert config_from_dict(MIN).train.logps_path == "auto"
+    with caplog.at_level("WARNING", logger="spaceft.configfile"):
+        on = load_config(None, ["data.train=x.jsonl", "train.chunked_logps=true"])
+        off = config_from_dict({**MIN, "train": {"chunked_logps": False}})
+    assert (on.train.logps_path, off.train.logps_path) == ("chunked", "logits")
+    assert caplog.text.count("train.chunked_logps is deprecated") == 2
+    with pytest.raises(ValueError, match=r"keep only train\.logps_path"):
+        config_from_dict({**MIN, "train": {"chunked_logps": True, "logps_path": "auto"}})
+    with pytest.raises(ValueError, match="expected true or false"):
+        config_from_dict({**MIN, "train": {"chunked_logps": "maybe"}})
+    with pytest.raises(ValueError, match=r"train\.logps_path must be one of auto, chunked, logits"):
+        config_from_dict({**MIN, "train": {"logps_path": "fast"}})
+    recorded = config_from_dict(MIN).to_dict()
+    recorded["train"].pop("logps_path")
+    recorded["train"]["chunked_logps"] = True  # the dict an older spaceft wrote
+    assert training_view(config_from_dict(MIN).to_dict()) == training_view(recorded)
+    assert on.training_fingerprint() == config_from_dict(MIN).training_fingerprint()
+    assert off.training_fingerprint() != on.training_fingerprint()

@@ -15,8 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from tests.exact_start import SETTINGS, first_step_abs_reward, other_batches_abs_reward
+from tests.exact_start import (
+    SETTINGS,
+    VOCAB,
+    first_step_abs_reward,
+    logits_positions,
+    other_batches_abs_reward,
+)
 
 BIN = Path(sys.executable).parent
 TOLERANCE = 1e-6
@@ -50,3 +57,31 @@ def test_first_step_rewards_are_exactly_zero_on_two_processes(tmp_path: Path) ->
     assert [tuple(x["setting"]) for x in lines] == SETTINGS
     assert {x["processes"] for x in lines} == {2}
     assert max(x["abs_mean"] for x in lines) <= TOLERANCE, lines
+
+
+def test_auto_takes_both_paths_in_one_run_and_still_starts_at_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`train.logps_path=auto` with `LOGITS_PATH_MAX_BYTES` between the float32 micro-batches' sizes: the
+    smaller ones take the logits path, the larger the chunked one, and the score stage and training
+    decide alike for each, so the first step's rewards are still 0. On this model the two float32 paths
+    happen to agree to the bit, so the decisions themselves are compared too: a decision that depended
+    on anything the passes do not share (grad mode, free memory) would differ between them."""
+    from spaceft import token_logps
+
+    sizes = logits_positions(2, True)
+    threshold = sorted(sizes)[len(sizes) // 2 - 1]  # half the micro-batches at or below it
+    monkeypatch.setattr(token_logps, "LOGITS_PATH_MAX_BYTES", 2 * 4 * VOCAB * threshold)
+    picks: list[tuple[int, str]] = []
+    choose = token_logps.choose_path
+
+    def recorded(vocab: int, positions: int, precision: torch.dtype, device: str) -> str:
+        picks.append((positions, choose(vocab, positions, precision, device)))
+        return picks[-1][1]
+
+    monkeypatch.setattr(token_logps, "choose_path", recorded)
+    assert first_step_abs_reward("float32", 2, True, False, tmp_path) <= TOLERANCE
+    score, train = picks[: len(sizes)], picks[len(sizes) :]
+    assert [n for n, _ in score] == sizes
+    assert [p for _, p in score].count("logits") == len(sizes) // 2  # both paths taken
+    assert sorted(score) == sorted(train)  # each micro-batch took the same path in both passes

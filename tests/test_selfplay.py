@@ -302,8 +302,8 @@ def test_a_model_saved_before_an_interruption_is_not_trained_again(
 def test_the_logits_path_is_used_by_scoring_and_training_alike(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """train.chunked_logps=false reaches both passes (the chunked kernel is never called) and rewards
-    still start at 0; with the default the chunked kernel is what runs."""
+    """train.logps_path=logits reaches both passes (the chunked kernel is never called) and rewards
+    still start at 0; with train.logps_path=chunked the chunked kernel is what runs."""
     from spaceft import token_logps
 
     calls: list[int] = []
@@ -311,13 +311,13 @@ def test_the_logits_path_is_used_by_scoring_and_training_alike(
     monkeypatch.setattr(token_logps, "chunked_token_logps",
                         lambda *a, **k: calls.append(1) or real_kernel(*a, **k))  # fmt: skip
     over = {"selfplay.iterations": 1, "eval.enabled": "false", "generation.num_samples": 2, "train.mu": 2.0}
-    assert _run(tmp_path / "logits", tiny_model_dir, **over, **{"train.chunked_logps": "false"}) == 0
+    assert _run(tmp_path / "logits", tiny_model_dir, **over, **{"train.logps_path": "logits"}) == 0
     assert calls == []
     run_dir = next((tmp_path / "logits" / "runs").iterdir())
     first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rewards/abs_mean"] == 0.0  # the opponent was scored in these very micro-batches
-    assert _run(tmp_path / "chunked", tiny_model_dir, **over) == 0
-    assert calls  # the default path
+    assert _run(tmp_path / "chunked", tiny_model_dir, **over, **{"train.logps_path": "chunked"}) == 0
+    assert calls
     chunked_dir = next((tmp_path / "chunked" / "runs").iterdir())
     a = read_table(run_dir / "iter_0" / "opponent_logps.parquet")
     b = read_table(chunked_dir / "iter_0" / "opponent_logps.parquet")

@@ -98,10 +98,10 @@ def _llama(vocab: int, attn: str = "sdpa") -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-def _logps_and_grads(model: torch.nn.Module, items: list[TrainItem], shared: bool, chunked: bool = True):
+def _logps_and_grads(model: torch.nn.Module, items: list[TrainItem], shared: bool, path: str = "chunked"):
     """All log-probs of the batch in forward_batch's order and the gradient of a weighted sum of them."""
     model.zero_grad()
-    out = forward_batch(model, items, 0, CPU, chunked=chunked, shared=shared)
+    out = forward_batch(model, items, 0, CPU, path=path, shared=shared)
     logps = torch.cat([out["policy_real"], out["policy_synthetic"].flatten(), out.get("policy_proto",
                       torch.zeros(0))])  # fmt: skip
     weights = torch.linspace(1.0, -1.0, logps.numel())  # distinct per row: a misplaced row changes it
@@ -111,9 +111,9 @@ def _logps_and_grads(model: torch.nn.Module, items: list[TrainItem], shared: boo
     return logps.detach(), grads, lengths, int(out["num_tokens"])
 
 
-def _assert_same(model: torch.nn.Module, items: list[TrainItem], chunked: bool = True) -> tuple[int, int]:
-    plain, plain_g, plain_len, plain_tokens = _logps_and_grads(model, items, False, chunked)
-    tree, tree_g, tree_len, tree_tokens = _logps_and_grads(model, items, True, chunked)
+def _assert_same(model: torch.nn.Module, items: list[TrainItem], path: str = "chunked") -> tuple[int, int]:
+    plain, plain_g, plain_len, plain_tokens = _logps_and_grads(model, items, False, path)
+    tree, tree_g, tree_len, tree_tokens = _logps_and_grads(model, items, True, path)
     torch.testing.assert_close(tree, plain, rtol=0, atol=TOL)
     assert tree_len.tolist() == plain_len.tolist()
     assert tree_g.keys() == plain_g.keys() and plain_g
@@ -123,14 +123,14 @@ def _assert_same(model: torch.nn.Module, items: list[TrainItem], chunked: bool =
     return plain_tokens, tree_tokens
 
 
-@pytest.mark.parametrize(("k", "proto", "attn", "chunked"), [
-    (1, False, "sdpa", True),
-    (3, True, "sdpa", False),  # T-SPIN's proto rows; the float32 head on every kept position
-    (3, False, "eager", True),  # an additive float mask
+@pytest.mark.parametrize(("k", "proto", "attn", "path"), [
+    (1, False, "sdpa", "chunked"),
+    (3, True, "sdpa", "logits"),  # T-SPIN's proto rows; the float32 head on every kept position
+    (3, False, "eager", "chunked"),  # an additive float mask
 ])  # fmt: skip
-def test_shared_prompt_equals_unshared(k: int, proto: bool, attn: str, chunked: bool) -> None:
+def test_shared_prompt_equals_unshared(k: int, proto: bool, attn: str, path: str) -> None:
     items, vocab = _items(k, proto)
-    plain_tokens, tree_tokens = _assert_same(_llama(vocab, attn), items, chunked)
+    plain_tokens, tree_tokens = _assert_same(_llama(vocab, attn), items, path)
     prompt_tokens = sum(len(it.prompt_ids) for it in items)
     assert plain_tokens - tree_tokens == prompt_tokens * (k + proto)  # each prompt forwarded once
 

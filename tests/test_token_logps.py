@@ -87,10 +87,10 @@ def test_sequence_logps_chunked_path_equals_the_logits_path(tiny_model_dir: Path
     assert output_head(model, torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long)) is not None
     batch = pack([list(range(30, 42)), [50, 51]], [[60, 61, 62], [70, 71, 72, 73, 74, 75, 76]], pad_id=0)
     results = []
-    for chunked in (True, False):
+    for path in ("chunked", "logits"):
         model.zero_grad()
         with _amp(amp):
-            logps, _ = sequence_logps(model, batch, chunked=chunked)
+            logps, _ = sequence_logps(model, batch, path=path)
         (logps * torch.tensor([1.0, -0.5])).sum().backward()
         results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (fast, fast_g), (slow, slow_g) = results
@@ -150,3 +150,62 @@ def test_a_checked_model_can_still_be_freed(tiny_model_dir: Path) -> None:
     del model, first, again
     gc.collect()
     assert alive() is None
+
+
+def test_choose_path_at_hand_picked_points() -> None:
+    """The float32 logits and their gradient take 2 * 4 B * positions * V; the limit is 2**28 B (256 MiB).
+    V = 49,152: 512 positions hold 192 MiB (logits), 1,024 hold 384 MiB (chunked). V = 128,256: 261
+    positions hold 267,830,016 B, just under 2**28 = 268,435,456 (logits); 262 hold 268,856,320 B, just
+    over (chunked). Low precision and devices other than the CPU are always chunked."""
+    from spaceft.token_logps import LOGITS_PATH_MAX_BYTES, choose_path
+
+    f32 = torch.float32
+    assert LOGITS_PATH_MAX_BYTES == 2**28
+    assert choose_path(49152, 512, f32, "cpu") == "logits"
+    assert choose_path(49152, 1024, f32, "cpu") == "chunked"
+    assert choose_path(128256, 261, f32, "cpu") == "logits"
+    assert choose_path(128256, 262, f32, "cpu") == "chunked"
+    assert choose_path(49152, 16, torch.bfloat16, "cpu") == "chunked"
+    assert choose_path(49152, 16, torch.float16, "cpu") == "chunked"
+    assert choose_path(49152, 16, f32, "cuda") == "chunked"
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_auto_equals_the_path_it_picks(
+    tiny_model_dir: Path, amp: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """"auto" gives what the explicit path it picks gives: the logits path for this small float32 batch,
+    the chunked one under bf16 autocast, and the chunked one in float32 once the limit is below the
+    batch's logits. Values and gradients within the tolerances of the chunked/logits comparison."""
+    from spaceft import token_logps
+    from spaceft.config import ModelConfig
+    from spaceft.models import load_model
+
+    model = load_model(str(tiny_model_dir), ModelConfig())
+    batch = pack([list(range(30, 42)), [50, 51]], [[60, 61, 62], [70, 71, 72, 73, 74, 75, 76]], pad_id=0)
+
+    kernel, chunked_calls = token_logps.chunked_token_logps, []
+    monkeypatch.setattr(token_logps, "chunked_token_logps",
+                        lambda *a, **k: chunked_calls.append(1) or kernel(*a, **k))  # fmt: skip
+
+    def run(path: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        chunked_calls.clear()
+        model.zero_grad()
+        with _amp(amp):
+            logps, _ = sequence_logps(model, batch, path=path)
+        (logps * torch.tensor([1.0, -0.5])).sum().backward()
+        return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    tol = 2e-2 if amp else 1e-5
+    limits = [token_logps.LOGITS_PATH_MAX_BYTES] + ([] if amp else [0])
+    for limit, expected in zip(limits, ["chunked" if amp else "logits", "chunked"], strict=False):
+        monkeypatch.setattr(token_logps, "LOGITS_PATH_MAX_BYTES", limit)
+        auto, auto_g = run("auto")
+        assert bool(chunked_calls) == (expected == "chunked")  # the path auto took
+        want, want_g = run(expected)
+        torch.testing.assert_close(auto, want, rtol=tol, atol=tol)
+        for name, grad in want_g.items():
+            atol = tol * float(grad.abs().max())
+            torch.testing.assert_close(auto_g[name], grad, rtol=tol, atol=atol, msg=name)
+    with pytest.raises(ValueError, match="unknown log-prob path 'fast'"):
+        sequence_logps(model, batch, path="fast")
