@@ -257,8 +257,9 @@ def choose_path(vocab: int, positions: int, precision: torch.dtype, device: str)
     Rule, measured on a 2-core AMD EPYC (AVX-512 bf16) CPU (`benchmarks/logps_memory.py --sweep`: a
     2-layer width-256 Llama, 8 rows of 16-256 response tokens, V = 49,152 and 128,256; docs/PERFORMANCE.md
     "Log-probs without the full logits"):
-    * float32: the logits path was the faster at every size (the chunked one took 1.2-1.3x its time at
-      V = 49k, 5-6x at 128k), but it holds its float32 logits and their
+    * float32: from 512 positions on the logits path was the faster (the chunked one took 1.2-1.3x its
+      time at V = 49k, 1.5-6x at 128k; at 128 positions the timings were within the loaded machine's
+      noise), but it holds its float32 logits and their
       gradient, 2 · 4 B · positions · vocab, at once: at 192 MiB of them its peak RSS equalled the
       chunked path's, at 501-768 MiB it was 0.5-0.7 GB above it, at 2 GiB 1.8 GB. So logits while that
       stays within `LOGITS_PATH_MAX_BYTES` (256 MiB), chunked above.
