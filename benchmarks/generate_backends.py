@@ -10,6 +10,13 @@ get ready (loading the model; for vLLM, the engine's start with its compilation 
 the sampling time, sampled tokens per second, and how many sampled tokens an iteration needs before
 vLLM's start is paid back. A run builds one engine per iteration on a CPU (spaceft.generate_vllm.
 vllm_keeps_engine), so the start counts once per iteration there.
+
+    python benchmarks/generate_backends.py --samplers --prompts 32 --new-tokens 64
+
+instead compares the HF backend's sampler (spaceft.generate.RowSampler: inversion with one
+counter-based uniform per row, all rows at once) against the exponential race it replaced (one
+generator and one `exponential_` call per row per step): the time of one sampling step on random
+logits [R, V], then the HF backend's sampled tokens/s with each, in turn, in one process.
 """
 
 from __future__ import annotations
@@ -17,9 +24,68 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from spaceft.generate import RowSampler
+
+if TYPE_CHECKING:
+    from spaceft.config import GenerationConfig
+    from spaceft.generate import HFGenerator
+
+
+class PerRowSampler(RowSampler):
+    """The exponential race, argmax p_v / E_v with E ~ Exp(1) from one generator per row: a kernel per row
+    per step."""
+
+    def __init__(
+        self, seeds: Sequence[int], cfg: GenerationConfig, device: torch.device, *, prompt_width: int
+    ) -> None:
+        super().__init__(seeds, cfg, device, prompt_width=prompt_width)
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.float() / self.temperature
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = torch.softmax(scores, dim=-1)
+        noise = torch.stack([torch.empty(probs.shape[1]).exponential_(generator=g) for g in self.generators])
+        out = torch.full_like(scores, float("-inf"))
+        out[torch.arange(out.shape[0]), (probs / noise).argmax(-1)] = 0.0
+        return out
+
+
+def compare_samplers(hf: HFGenerator, prompts: list[list[int]], seeds: list[int], k: int, batch: int) -> None:
+    """Per-step time on random logits, then the HF backend's sampled tokens/s, per-row vs batched noise."""
+    from spaceft import generate
+    from spaceft.config import GenerationConfig
+
+    rows, vocab = batch * k, hf.model.config.vocab_size
+    logits, ids = torch.randn(rows, vocab), torch.zeros(rows, 10, dtype=torch.long)
+    print(f"| sampler | step ms ({rows} rows x {vocab} vocab) | sampled tokens | sampling s | tokens/s |")
+    print("|---|---|---|---|---|")
+    race, inversion = ("per-row exponential race", PerRowSampler), ("batched inversion", RowSampler)
+    for name, cls in (race, inversion, race, inversion):  # alternated: a load change hits both
+        sampler = cls(range(rows), GenerationConfig(), torch.device("cpu"), prompt_width=5)
+        sampler(ids, logits)  # warm-up
+        start = time.perf_counter()
+        for _ in range(10):
+            sampler(ids, logits)
+        step_ms = (time.perf_counter() - start) * 100
+        generate.RowSampler = cls  # what HFGenerator.generate builds
+        try:
+            start = time.perf_counter()
+            sampled = [c for i in range(0, len(prompts), batch)
+                       for g in hf.generate(prompts[i : i + batch], num_samples=k, seeds=seeds[i : i + batch])
+                       for c in g]  # fmt: skip
+            seconds = time.perf_counter() - start
+        finally:
+            generate.RowSampler = RowSampler
+        tokens = sum(len(c.response_ids) for c in sampled)
+        print(f"| {name} | {step_ms:.1f} | {tokens} | {seconds:.1f} | {tokens / seconds:.0f} |")
 
 
 def main() -> None:
@@ -28,6 +94,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2, help="K responses per prompt")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--hf-batch", default="auto", help="the HF backend's prompts per batch")
+    p.add_argument("--samplers", action="store_true", help="per-row vs batched sampler noise (no vLLM)")
     args = p.parse_args()
 
     from spaceft.configfile import load_config
@@ -52,6 +119,9 @@ def main() -> None:
     hf = HFGenerator(loaded_model(ws, ws.start_model), cfg.generation, stop_ids=ws.stop_ids,
                      pad_id=ws.tokenizer.pad_token_id, device=ws.device)  # fmt: skip
     ready = time.perf_counter() - start
+    if args.samplers:
+        compare_samplers(hf, prompts, seeds, k, batch)
+        return
     start = time.perf_counter()
     sampled = []
     for i in range(0, len(prompts), batch):

@@ -8,16 +8,16 @@ chat-template token ids that training uses, so generation and training never dis
 (SPIN's released code generated with one template and trained with another).
 
 Determinism: every prompt has its own seed, derived from (seed, iteration, prompt index), and sample j
-of it draws its random numbers from its own stream keyed by (that seed, j). The HF backend samples with
-the exponential race (argmax of p / E with E ~ Exp(1), the Gumbel-max trick), which picks token v with
-probability p_v exactly as multinomial sampling does; its noise is counter-based, a hash of (the row's
-key, the decoding step, v), drawn for all rows in one batched computation per step. A sample thus
-does not depend on which other prompts share its batch, on the batch size, on the number of processes
-or on a resume. (Its logits can still differ in the last float bits between
-batch shapes; the stage therefore also cuts its batches the same way whatever the number of processes,
-so that samples are bit-identical.) The vLLM backend gives each prompt its seed too. Every response
-keeps its token ids (ending in the end-of-turn token unless it hit `max_new_tokens`), so scoring and
-training use exactly the sampled tokens, never a re-tokenisation of decoded text.
+of it draws its random numbers from its own stream keyed by (that seed, j). The HF backend samples by
+inversion (the first token whose cumulative probability exceeds a uniform U), which picks token v with
+probability p_v exactly as multinomial sampling does; U is counter-based, a hash of (the row's key, the
+decoding step), computed for all rows at once each step. A sample thus does not depend on which other
+prompts share its batch, on the batch size, on the number of processes or on a resume. (Its logits can
+still differ in the last float bits between batch shapes; the stage therefore also cuts its batches the
+same way whatever the number of processes, so that samples are bit-identical.) The vLLM backend gives
+each prompt its seed too. Every response keeps its token ids (ending in the end-of-turn token unless it
+hit `max_new_tokens`), so scoring and training use exactly the sampled tokens, never a re-tokenisation
+of decoded text.
 """
 
 from __future__ import annotations
@@ -86,34 +86,33 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def mix64(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's output function on int64 tensors. Products wrap around modulo 2^64 (two's complement)
-    on CPU and CUDA alike, so the bits are the same on either (tests/test_generate.py checks both)."""
+    on CPU and CUDA alike, so the bits are the same on either (tests/test_row_sampler.py checks both)."""
     z = (z ^ _shr(z, 30)) * MIX[0]
     z = (z ^ _shr(z, 27)) * MIX[1]
     return z ^ _shr(z, 31)
 
 
-def race_noise(seeds: torch.Tensor, step: int, vocab: int) -> torch.Tensor:
-    """Exp(1) noise [R, V] (float32) for decoding step `step` of rows with these int64 seeds [R].
+def row_uniforms(keys: torch.Tensor, step: int) -> torch.Tensor:
+    """U[0, 1) float64 [R] for decoding step `step` of rows with int64 stream keys [R].
 
-    Counter-based: entry [r, v] is output v + 1 of the splitmix64 stream whose state starts at
-    mix64(seed_r · 2^32 + step), so it is a function of (seed_r, step, v) alone, computed for all rows in
-    one set of vectorised operations. Its top 52 bits give U = (2k + 1) / 2^53 in (0, 1), exact in
-    float64 and never 0 or 1, so E = -log U is finite and positive."""
-    key = mix64((seeds << 32) + step)  # [R]: one stream per (row, step)
-    offsets = torch.arange(1, vocab + 1, device=seeds.device, dtype=torch.int64) * GOLDEN  # [V]
-    bits = mix64(key[:, None] + offsets)  # [R, V]
-    u = (_shr(bits, 12).double() * 2 + 1) * 2.0**-53
-    return u.log_().neg_().float()
+    Counter-based: row r's number is output step + 1 of the splitmix64 stream seeded with keys[r], a
+    function of (key, step) alone, for all rows in a few vectorised operations. Its top 52 bits give
+    U = k / 2^52, exact in float64 and below 1, so U · total < total for any float64 total."""
+    bits = mix64(keys + _wrap((step + 1) * GOLDEN % (1 << 64)))  # [R]
+    return _shr(bits, 12).double() * 2.0**-52
 
 
 class RowSampler:
     """A logits processor that samples each row from its own random stream (run under greedy search).
 
     scores [R, V] -> [R, V] with 0 at the sampled token and -inf elsewhere, so generate's argmax
-    returns it. Temperature, top-k and top-p shape the distribution first, as in HF sampling. The
-    exponential noise of a step is one batched draw (`race_noise`), keyed by each row's seed and the
-    step, i.e. the number of tokens generated so far: input_ids grows by one column per step from the
-    batch's padded prompt width `prompt_width`.
+    returns it. Temperature, top-k and top-p shape the distribution first, as in HF sampling. A step
+    samples every row at once by inversion: the first token whose cumulative probability exceeds the
+    row's uniform U (`row_uniforms`, keyed by the row's seed and the step), which is token v with
+    probability p_v. The step is the number of tokens generated so far: input_ids grows by one column
+    per step from the batch's padded prompt width `prompt_width`. One uniform per row and a cumulative
+    sum cost about a tenth of drawing V exponentials per row for the exponential race (argmax p_v / E_v),
+    which samples the same distribution (benchmarks/generate_backends.py --samplers).
     """
 
     def __init__(
@@ -121,7 +120,7 @@ class RowSampler:
     ) -> None:
         from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-        self.seeds = torch.tensor(list(seeds), dtype=torch.int64, device=device)
+        self.keys = mix64(torch.tensor(list(seeds), dtype=torch.int64, device=device))  # [R]
         self.prompt_width = prompt_width
         self.temperature = cfg.temperature
         self.warpers: list[Any] = []
@@ -134,13 +133,15 @@ class RowSampler:
         scores = scores.float() / self.temperature
         for warp in self.warpers:
             scores = warp(input_ids, scores)
-        probs = torch.softmax(scores, dim=-1)  # [R, V]
+        # float64: a sum over V float32 probabilities would round by more than the smallest of them
+        cdf = torch.softmax(scores, dim=-1).double().cumsum(-1)  # [R, V], non-decreasing
         step = input_ids.shape[1] - self.prompt_width  # tokens generated so far
-        noise = race_noise(self.seeds.to(probs.device), step, probs.shape[1])  # [R, V]
-        choice = (probs / noise).argmax(-1)  # [R]: argmax p_v / E_v is a sample from p
+        u = row_uniforms(self.keys.to(cdf.device), step)  # [R]
+        # The first v with cdf_v > U · total: U · total < total = cdf_{V-1}, so v exists, and a token of
+        # probability 0 never is the first (its cdf equals its predecessor's).
+        choice = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)  # [R, 1]
         out = torch.full_like(scores, float("-inf"))
-        out[torch.arange(out.shape[0], device=out.device), choice] = 0.0
-        return out
+        return out.scatter_(1, choice, 0.0)
 
 
 class HFGenerator:

@@ -1,7 +1,8 @@
-"""The HF backend's counter-based exponential race (spaceft.generate.race_noise, RowSampler).
+"""The HF backend's sampler: inversion with a counter-based uniform per row and step (RowSampler).
 
 Batch independence at the generate level and the per-step frequencies over many rows are in
-tests/test_distributed.py; these check the noise itself and the sampler over the decoding steps of one row.
+tests/test_distributed.py; these check the uniforms themselves and the sampler over the decoding steps
+of one row.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from spaceft.config import GenerationConfig
-from spaceft.generate import RowSampler, race_noise
+from spaceft.generate import RowSampler, mix64, row_uniforms
 
 CPU = torch.device("cpu")
 M64 = (1 << 64) - 1
@@ -34,41 +35,54 @@ def test_reference_splitmix64_matches_its_published_outputs() -> None:
     assert splitmix64(0, 1) == [0xE220A8397B1DCDAF]
 
 
-def test_noise_is_splitmix64_of_the_row_key_and_step() -> None:
-    """Entry [r, v] is -log((2k + 1) / 2^53), k the top 52 bits of output v + 1 of the splitmix64 stream
-    started at mix(seed_r · 2^32 + step), where mix is splitmix64's output function (its first output
-    from state s - golden): all worked in Python integers and float64 here."""
-    seeds, step, vocab = [0, 7, 2**32 - 1], 5, 6
-    noise = race_noise(torch.tensor(seeds), step, vocab)
+def test_uniforms_are_splitmix64_of_the_row_key_and_step() -> None:
+    """Row r's U at step t is k / 2^52, k the top 52 bits of output t + 1 of the splitmix64 stream seeded
+    with mix(seed_r), where mix is splitmix64's output function (its first output from state
+    seed - golden): all worked in Python integers here."""
+    seeds, steps = [0, 7, 2**32 - 1], 6
+    keys = mix64(torch.tensor(seeds))
+    got = torch.stack([row_uniforms(keys, t) for t in range(steps)], 1)  # [R, T]
     for r, seed in enumerate(seeds):
-        start = ((seed << 32) + step - 0x9E3779B97F4A7C15) & M64
-        key = splitmix64(start, 1)[0]
-        for v, bits in enumerate(splitmix64(key, vocab)):
-            u = (2 * (bits >> 12) + 1) / 2**53
-            expected = torch.tensor(-torch.log(torch.tensor(u, dtype=torch.float64)).item()).float()
-            assert noise[r, v] == expected, (r, v)
+        key = splitmix64((seed - 0x9E3779B97F4A7C15) & M64, 1)[0]
+        assert int(keys[r]) & M64 == key
+        for t, bits in enumerate(splitmix64(key, steps)):
+            assert got[r, t].item() == (bits >> 12) / 2**52, (r, t)
 
 
-def test_noise_depends_only_on_the_row_seed_and_step() -> None:
-    """A row's noise is the same alone or among other rows, changes with the step, and is Exp(1):
-    mean 1 and variance 1 within 5 standard errors over 200k draws."""
-    together = race_noise(torch.tensor([3, 11, 5]), 4, 1000)
-    assert torch.equal(race_noise(torch.tensor([11]), 4, 1000)[0], together[1])
-    assert not torch.equal(race_noise(torch.tensor([11]), 5, 1000)[0], together[1])
-    draws = race_noise(torch.arange(200), 0, 1000).double().flatten()
-    assert bool((draws > 0).all() and draws.isfinite().all())
+def test_uniforms_depend_only_on_the_row_key_and_step() -> None:
+    """A row's U is the same alone or among other rows and changes with the step; over 4 × 50k draws
+    U is uniform on [0, 1): mean 1/2 and variance 1/12 within 5 standard errors, none outside [0, 1)."""
+    keys = mix64(torch.tensor([3, 11, 5]))
+    assert row_uniforms(keys[1:2], 4).item() == row_uniforms(keys, 4)[1].item()
+    assert row_uniforms(keys[1:2], 5).item() != row_uniforms(keys, 4)[1].item()
+    draws = torch.cat([row_uniforms(mix64(torch.arange(50_000)), t) for t in range(4)])
+    assert bool((draws >= 0).all() and (draws < 1).all())
     n = draws.numel()
-    assert abs(draws.mean().item() - 1) < 5 * (1 / n) ** 0.5
-    assert abs(draws.var().item() - 1) < 5 * (8 / n) ** 0.5  # Var of (E - 1)^2 for Exp(1) is 8
+    assert abs(draws.mean().item() - 1 / 2) < 5 * (1 / 12 / n) ** 0.5
+    assert abs(draws.var().item() - 1 / 12) < 5 * (1 / 180 / n) ** 0.5  # Var((U - 1/2)^2) = 1/180
+
+
+def test_a_zero_probability_token_is_never_drawn_at_the_edges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inversion at U's extremes: U = 0 draws the first token of positive probability (not the -inf
+    ones before it) and U = 1 - 2^-52 the last (not the -inf ones after it)."""
+    sampler = RowSampler([0, 1], GenerationConfig(), CPU, prompt_width=1)
+    logits = torch.tensor([[float("-inf"), 0.0, 1.0, float("-inf")]] * 2)
+    extremes = torch.tensor([0.0, 1 - 2.0**-52], dtype=torch.float64)
+    monkeypatch.setattr("spaceft.generate.row_uniforms", lambda keys, step: extremes)
+    assert sampler(torch.zeros(2, 1, dtype=torch.long), logits).argmax(-1).tolist() == [1, 2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_noise_bits_are_the_same_on_cuda() -> None:
+def test_uniforms_and_samples_are_the_same_on_cuda() -> None:
     """int64 wrap-around and shifts give the same bits on CUDA as on CPU, so a sample does not depend on
     the device either (up to the logits' own rounding)."""
-    seeds = torch.tensor([0, 1, 2**31, 2**32 - 1, 123456789])
-    cpu = race_noise(seeds, 17, 49152)
-    assert torch.equal(race_noise(seeds.cuda(), 17, 49152).cpu(), cpu)
+    keys = mix64(torch.tensor([0, 1, 2**31, 2**32 - 1, 123456789]))
+    assert torch.equal(row_uniforms(keys.cuda(), 17).cpu(), row_uniforms(keys, 17))
+    logits = torch.randn(64, 49152, generator=torch.Generator().manual_seed(0))
+    ids = torch.zeros(64, 9, dtype=torch.long)
+    cpu = RowSampler(range(64), GenerationConfig(), CPU, prompt_width=4)(ids, logits).argmax(-1)
+    cuda = RowSampler(range(64), GenerationConfig(), torch.device("cuda"), prompt_width=4)
+    assert torch.equal(cuda(ids.cuda(), logits.cuda()).argmax(-1).cpu(), cpu)
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 0.8)])
