@@ -1,29 +1,31 @@
-"""spaceft against TRL's DPOTrainer: speed, MFU and peak memory on the same pairs, and the losses checked
+"""spaceft against TRL's DPOTrainer: speed, MFU and peak memory on the same work, and the losses checked
 against TRL's as an independent implementation.
 
-Both systems get the same model, the same (prompt, chosen, rejected) pairs, tokenized the same way
-(TRL's rule: the completion starts where tokenize(prompt) and tokenize(prompt + completion) diverge),
-the same pairs per optimizer step, RMSprop and the same precision:
+Both systems get the same model, the same prompts with a chosen and K rejected responses, tokenized the
+same way (TRL's rule: the completion starts where tokenize(prompt) and tokenize(prompt + completion)
+diverge), the same prompts per optimizer step, RMSprop, SDPA attention and the same precision:
 
-* spaceft: the score stage (opponent log-probs, cached) + `train_iteration` (SPACE, μ = 1)
+* spaceft: the score stage (the opponent forwards training's own micro-batches, no gradients) +
+  `train_iteration` (SPACE, μ = 1), either on separate rows ("spaceft": each prompt forwarded 1 + K
+  times) or on shared-prompt rows ("shared", `train.shared_prompt`: each prompt forwarded once);
 * TRL: `DPOTrainer(precompute_ref_log_probs=True)` (reference log-probs precomputed, no second model)
-  + `train()`, loss `bco_pair` (the same objective as SPACE with μ = 1, β = 1)
+  + `train()`, loss `bco_pair` (the same objective as SPACE with μ = 1, β = 1), with TRL's own default
+  log-prob path (its fused LM head, the full logits never held). TRL's DPO takes pairs, so K rejected
+  responses are K pairs, the prompt and the chosen response forwarded K times.
 
-Every measurement runs in a fresh process, so its peak RSS is its own, and the systems alternate
-(TRL, spaceft, TRL, spaceft, ...) so that drift on a shared machine hits both alike. MFU is
-6·N·tokens / train-step time / the matmul peak measured by this script in the same run (square GEMMs in
-the precision's matmul dtype, best of several). The loss check runs TRL's own loss code on one batch
-with given reference log-probs and compares spaceft's SPIN, SPIN-hinge, IPO and SPACE(μ=1) at β = 1 with
-TRL's sigmoid, hinge, ipo and bco_pair.
+Every measurement runs in a fresh process, so its peak RSS is its own; "net" memory is the peak less the
+RSS right after the imports (TRL imports more than spaceft before any work). The systems alternate
+(TRL, spaceft, shared, TRL, ...) so that drift on a shared machine hits all alike. "train step" is the
+summed optimizer-step time, "end to end" adds the precompute (spaceft: the score pass; TRL: dataset
+tokenization and the reference pass). MFU is 6·N·(the pairs' tokens) / train-step time / the matmul
+peak measured by this script in the same run (square GEMMs in the precision's matmul dtype, best of
+several); shared rows are credited the pairs' tokens, so their MFU is work done per second, not tokens
+forwarded. The goals table is issue 26's (shared vs TRL at K = 1). The loss check runs TRL's own loss
+code on one batch with given reference log-probs and compares spaceft's SPIN, SPIN-hinge, IPO and
+SPACE(μ=1) at β = 1 with TRL's sigmoid, hinge, ipo and bco_pair.
 
     pip install -e '.[bench]'         # TRL is a benchmark extra, never a runtime dependency
-    nice -n 19 python benchmarks/vs_trl.py --steps 3 --repeats 2          # fp32 and bf16 autocast
-    nice -n 19 python benchmarks/vs_trl.py --shared-prompt                # spaceft forwards each prompt once
-
-With --shared-prompt spaceft trains on shared-prompt rows (`train.shared_prompt`, each prompt forwarded
-once for its two responses); tokens/s and MFU still count the pairs' tokens (2 prompts + 2 responses per
-pair), so they are the work done per second, not the tokens forwarded. The sweep over K and prompt
-length is benchmarks/shared_prompt.py (TRL's DPO takes pairs only).
+    nice -n 19 python benchmarks/vs_trl.py --sweep     # fp32 and amp, checkpointing off and on, + K x prompt
     python benchmarks/vs_trl.py --loss-check-only --model tiny
 """
 
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +67,11 @@ PRECISIONS = {
 # ------------------------------------------------------------------------------------------------ data
 
 
-def make_rows(tokenizer: Any, n: int, prompt_tokens: int, response_tokens: int, seed: int) -> list[dict]:
-    """n text pairs of about the requested token lengths (random common words, seeded)."""
+def make_rows(
+    tokenizer: Any, n: int, prompt_tokens: int, response_tokens: int, seed: int, k: int = 1
+) -> list[dict]:
+    """n prompts of about the requested token lengths (random common words, seeded), each with a chosen
+    and K rejected responses."""
     rng = random.Random(seed)
 
     def text(tokens: int) -> str:
@@ -76,18 +82,26 @@ def make_rows(tokenizer: Any, n: int, prompt_tokens: int, response_tokens: int, 
 
     eos = tokenizer.eos_token
     return [{"prompt": text(prompt_tokens) + "\n", "chosen": text(response_tokens) + eos,
-             "rejected": text(response_tokens) + eos} for _ in range(n)]  # fmt: skip
+             "rejected": [text(response_tokens) + eos for _ in range(k)]} for _ in range(n)]  # fmt: skip
 
 
-def token_pairs(tokenizer: Any, rows: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt, chosen, rejected) ids, split where TRL splits them (common prefix of the two encodings)."""
+def trl_rows(rows: list[dict]) -> list[dict]:
+    """TRL's DPO takes pairs: a prompt with K rejected responses is K (prompt, chosen, rejected_j) pairs,
+    the prompt and the chosen response forwarded K times."""
+    return [
+        {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": x} for r in rows for x in r["rejected"]
+    ]
+
+
+def token_items(tokenizer: Any, rows: list[dict]) -> list[tuple[list[int], list[int], list[list[int]]]]:
+    """(prompt, chosen, [rejected ...]) ids, split where TRL splits them (the common prefix of the
+    prompt's encoding and each prompt + response encoding; the shortest over a prompt's responses)."""
     out = []
     for r in rows:
         p = tokenizer(r["prompt"])["input_ids"]
-        pc = tokenizer(r["prompt"] + r["chosen"])["input_ids"]
-        pr = tokenizer(r["prompt"] + r["rejected"])["input_ids"]
-        cut = min(_common(p, pc), _common(p, pr))
-        out.append((p[:cut], pc[cut:], pr[cut:]))
+        full = [tokenizer(r["prompt"] + x)["input_ids"] for x in [r["chosen"], *r["rejected"]]]
+        cut = min(_common(p, f) for f in full)
+        out.append((p[:cut], full[0][cut:], [f[cut:] for f in full[1:]]))
     return out
 
 
@@ -96,6 +110,13 @@ def _common(a: list[int], b: list[int]) -> int:
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
     return n
+
+
+def rss_mb() -> float:
+    """This process's resident memory now (MB): read after the imports, it is the footprint that the
+    peak is taken net of, since TRL and spaceft import different libraries before any work."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def model_path(spec: str) -> str:
@@ -127,25 +148,19 @@ def run_spaceft(args: argparse.Namespace, path: str) -> dict[str, Any]:
 
     from spaceft.config import ModelConfig
     from spaceft.configfile import config_from_dict
-    from spaceft.microbatch import TrainItem
+    from spaceft.microbatch import TrainItem, compose, forward_batch
     from spaceft.models import load_model, load_tokenizer
-    from spaceft.token_logps import score_sequences
+    from spaceft.token_logps import autocast
     from spaceft.train import train_iteration
 
+    import_mb = rss_mb()
     dtype, mixed, *_ = PRECISIONS[args.precision]
     tok = load_tokenizer(path)
-    pairs = token_pairs(tok, make_rows(tok, args.pairs, args.prompt_tokens, args.response_tokens, args.seed))
-    model = load_model(path, ModelConfig(dtype=dtype))
+    rows = make_rows(tok, args.pairs, args.prompt_tokens, args.response_tokens, args.seed, args.k)
+    triples = token_items(tok, rows)
+    model = load_model(path, ModelConfig(dtype=dtype, attn_implementation="sdpa"))
     cpu = torch.device("cpu")
-    tic = time.perf_counter()
-    kw = {"pad_id": tok.pad_token_id, "batch_size": 2 * args.pairs_per_step, "device": cpu, "progress": False,
-          "mixed_precision": mixed}  # fmt: skip
-    opp_c = score_sequences(model, [p for p, _, _ in pairs], [c for _, c, _ in pairs], **kw)
-    opp_r = score_sequences(model, [p for p, _, _ in pairs], [r for _, _, r in pairs], **kw)
-    score_s = time.perf_counter() - tic
-    items = [
-        TrainItem(tuple(p), tuple(c), (tuple(r),), opp_c[i], (opp_r[i],)) for i, (p, c, r) in enumerate(pairs)
-    ]
+    items = [TrainItem(tuple(p), tuple(c), tuple(tuple(r) for r in rs)) for p, c, rs in triples]
     with tempfile.TemporaryDirectory() as tmp:
         train = {
             "loss": "space",
@@ -163,13 +178,37 @@ def run_spaceft(args: argparse.Namespace, path: str) -> dict[str, Any]:
             "mixed_precision": mixed,
             "shared_prompt": args.shared_prompt,
         }
+        model_cfg = {
+            "dtype": dtype,
+            "attn_implementation": "sdpa",
+            "gradient_checkpointing": args.checkpointing,
+        }
         cfg = config_from_dict({"name": "bench", "output_dir": tmp, "data": {"train": "x"}, "train": train,
-                                "model": {"dtype": dtype}, "logging": {"progress": False}})  # fmt: skip
-        info = train_iteration(model, tok, items, cfg, iteration=0, iter_dir=Path(tmp) / "it")
+                                "model": model_cfg, "logging": {"progress": False}})  # fmt: skip
+        # the score stage's work: the opponent forwards training's own micro-batches in eval mode
+        tic = time.perf_counter()
+        model.eval()
+        opp_real, opp_syn = [0.0] * len(items), [()] * len(items)
+        with torch.no_grad(), autocast(mixed, cpu):
+            for group in compose(items, cfg, 0, 1):
+                out = forward_batch(model, [items[i] for i in group], tok.pad_token_id, cpu,
+                                    shared=args.shared_prompt)  # fmt: skip
+                for j, i in enumerate(group):
+                    opp_real[i], opp_syn[i] = (
+                        float(out["policy_real"][j]),
+                        tuple(out["policy_synthetic"][j].tolist()),
+                    )
+        score_s = time.perf_counter() - tic
+        scored = [
+            replace(it, opponent_real=opp_real[i], opponent_synthetic=opp_syn[i])
+            for i, it in enumerate(items)
+        ]
+        info = train_iteration(model, tok, scored, cfg, iteration=0, iter_dir=Path(tmp) / "it")
         lines = [json.loads(x) for x in (Path(tmp) / "it" / "metrics.jsonl").read_text().splitlines()]
     step_s = [m["step_s"] for m in lines]
     return {"total_s": score_s + info["train_s"], "precompute_s": score_s, "steps": info["steps"],
-            "step_s": step_s, "n_params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+            "step_s": step_s, "n_params": sum(p.numel() for p in model.parameters()), "import_mb": import_mb,
+            "first_reward": lines[0]["rewards/abs_mean"]}  # fmt: skip
 
 
 def run_trl(args: argparse.Namespace, path: str) -> dict[str, Any]:
@@ -178,12 +217,15 @@ def run_trl(args: argparse.Namespace, path: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    import_mb = rss_mb()
     _, _, load_dtype, bf16, _ = PRECISIONS[args.precision]
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # as spaceft's load_tokenizer does
-    rows = make_rows(tok, args.pairs, args.prompt_tokens, args.response_tokens, args.seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, load_dtype))
+    rows = trl_rows(make_rows(tok, args.pairs, args.prompt_tokens, args.response_tokens, args.seed, args.k))
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, load_dtype), attn_implementation="sdpa"
+    )
     step_s: list[float] = []
 
     class Timer(TrainerCallback):
@@ -194,10 +236,13 @@ def run_trl(args: argparse.Namespace, path: str) -> dict[str, Any]:
             step_s.append(time.perf_counter() - self.tic)
 
     with tempfile.TemporaryDirectory() as tmp:
+        # a step takes the same prompts and responses as spaceft's: pairs_per_step prompts, K pairs each
         config = DPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.pairs_per_step, gradient_accumulation_steps=1,
-            num_train_epochs=1, learning_rate=5e-7, lr_scheduler_type="constant", optim="rmsprop",
-            loss_type=["bco_pair"], beta=1.0, precompute_ref_log_probs=True, gradient_checkpointing=False,
+            output_dir=tmp, per_device_train_batch_size=args.pairs_per_step * args.k,
+            gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=5e-7,
+            lr_scheduler_type="constant", optim="rmsprop", loss_type=["bco_pair"], beta=1.0,
+            precompute_ref_log_probs=True,
+            precompute_ref_batch_size=args.pairs_per_step * args.k, gradient_checkpointing=args.checkpointing,
             bf16=bf16, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True,
             max_length=None, seed=args.seed, dataloader_num_workers=0, max_grad_norm=1.0,
         )  # fmt: skip
@@ -208,7 +253,7 @@ def run_trl(args: argparse.Namespace, path: str) -> dict[str, Any]:
         trainer.train()
         total_s = time.perf_counter() - tic
     return {"total_s": total_s, "precompute_s": precompute_s, "steps": len(step_s), "step_s": step_s,
-            "n_params": sum(p.numel() for p in model.parameters())}  # fmt: skip
+            "n_params": sum(p.numel() for p in model.parameters()), "import_mb": import_mb}  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
@@ -219,12 +264,19 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(args: argparse.Namespace, system: str, precision: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--child", system, "--precision", precision, "--model", args.model,
-           "--pairs", str(args.pairs), "--pairs-per-step", str(args.pairs_per_step), "--seed", str(args.seed),
-           "--prompt-tokens", str(args.prompt_tokens),
+SYSTEMS = {"trl": ("trl", False), "spaceft": ("spaceft", False), "shared": ("spaceft", True)}
+"""name -> (child, train.shared_prompt): TRL, spaceft on separate rows, spaceft on shared-prompt rows."""
+
+
+def spawn(args: argparse.Namespace, system: str, precision: str, *, k: int, prompt_tokens: int,
+          steps: int, checkpointing: bool) -> dict[str, Any]:  # fmt: skip
+    kind, shared = SYSTEMS[system]
+    cmd = [sys.executable, __file__, "--child", kind, "--precision", precision, "--model", args.model,
+           "--pairs", str(steps * args.pairs_per_step), "--pairs-per-step", str(args.pairs_per_step),
+           "--seed", str(args.seed), "--k", str(k), "--prompt-tokens", str(prompt_tokens),
            "--response-tokens", str(args.response_tokens)]  # fmt: skip
-    cmd += ["--shared-prompt"] if args.shared_prompt else []
+    cmd += ["--shared-prompt"] if shared else []
+    cmd += ["--activation-checkpointing"] if checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -261,7 +313,7 @@ def trl_loss_check(path: str, *, n: int = 4, seed: int = 0) -> dict[str, tuple[f
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    rows = make_rows(tok, n, 12, 8, seed)
+    rows = trl_rows(make_rows(tok, n, 12, 8, seed))
     with tempfile.TemporaryDirectory() as tmp:
         config = DPOConfig(output_dir=tmp, per_device_train_batch_size=n, beta=1.0, loss_type=["sigmoid"],
                            precompute_ref_log_probs=True, gradient_checkpointing=False, bf16=False,
@@ -305,20 +357,34 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default", help="spaceft model spec (default: SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per measurement (one epoch)")
-    p.add_argument("--pairs-per-step", type=int, default=4)
+    p.add_argument("--pairs-per-step", type=int, default=4, help="prompts per optimizer step")
     p.add_argument("--prompt-tokens", type=int, default=75)
     p.add_argument("--response-tokens", type=int, default=76)
-    p.add_argument("--repeats", type=int, default=2, help="A B pairs per precision")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of (TRL, spaceft, shared) per setting")
     p.add_argument("--precisions", nargs="+", default=["fp32", "amp"], choices=list(PRECISIONS))
+    p.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"],
+                   help="activation checkpointing, on both sides")  # fmt: skip
+    p.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    p.add_argument(
+        "--sweep", action="store_true", help="also K in --sweep-ks x prompt length in --sweep-prompts"
+    )
+    p.add_argument("--sweep-ks", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--sweep-prompts", type=int, nargs="+", default=[75, 300])
+    p.add_argument("--sweep-precision", default="amp", choices=list(PRECISIONS))
+    p.add_argument("--sweep-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-check-only", action="store_true")
-    p.add_argument("--shared-prompt", action="store_true", help="spaceft: train.shared_prompt=true")
     p.add_argument("--json", type=Path, help="also write the raw measurements here")
     p.add_argument("--child", choices=["trl", "spaceft"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--shared-prompt", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--activation-checkpointing", dest="checkpointing_on", action="store_true",
+                   help=argparse.SUPPRESS)  # fmt: skip
     args = p.parse_args()
     if args.child:
+        args.checkpointing = args.checkpointing_on
         child(args)
         return 0
     try:
@@ -337,25 +403,36 @@ def main() -> int:
         return 1
     if args.loss_check_only:
         return 0
-    args.pairs = args.steps * args.pairs_per_step
-    raw: dict[str, Any] = {}
-    for precision in args.precisions:
+    settings = [(prec, ck == "on", 1, args.prompt_tokens, args.steps, args.repeats)
+                for prec in args.precisions for ck in args.checkpointing]  # fmt: skip
+    if args.sweep:
+        settings += [(args.sweep_precision, False, k, pt, args.sweep_steps, 1)
+                     for k in args.sweep_ks for pt in args.sweep_prompts]  # fmt: skip
+    raw: list[dict[str, Any]] = []
+    for precision, ckpt, k, prompt_tokens, steps, repeats in settings:
         gemm = PRECISIONS[precision][4]
         peaks = [peak_in_child(gemm)]
-        runs: dict[str, list[dict]] = {"trl": [], "spaceft": []}
-        for rep in range(args.repeats):
-            for system in ("trl", "spaceft"):  # A B A B
-                r = spawn(args, system, precision)
+        runs: dict[str, list[dict]] = {s: [] for s in args.systems}
+        for rep in range(repeats):
+            for system in args.systems:  # A B C A B C: drift on a shared machine hits all alike
+                r = spawn(args, system, precision, k=k, prompt_tokens=prompt_tokens, steps=steps,
+                          checkpointing=ckpt)  # fmt: skip
                 runs[system].append(r)
-                print(f"  [{precision} rep {rep}] {system}: {r['steps']} steps in {r['total_s']:.1f} s "
-                      f"(precompute {r['precompute_s']:.1f} s), peak RSS {r['peak_rss_mb']:.0f} MB",
-                      flush=True)  # fmt: skip
+                where = f"{precision} ckpt {'on' if ckpt else 'off'} K={k} prompt {prompt_tokens} rep {rep}"
+                print(f"  [{where}] {system}: {r['steps']} steps, train {sum(r['step_s']):.1f} s + "
+                      f"precompute "
+                      f"{r['precompute_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                      f"(imports {r['import_mb']:.0f})", flush=True)  # fmt: skip
         peaks.append(peak_in_child(gemm))
-        raw[precision] = {"runs": runs, "matmul_peak_flops": peaks}
-    tokens = _tokens(args, path)
-    report(raw, tokens)
+        tokens = _tokens(args, path, k, prompt_tokens, steps)
+        raw.append({"precision": precision, "checkpointing": ckpt, "k": k, "prompt_tokens": prompt_tokens,
+                    "steps": steps, "tokens": tokens, "runs": runs, "matmul_peak_flops": peaks})  # fmt: skip
+    summary = [summarize(r) for r in raw]
+    report(summary)
+    if "trl" in args.systems and "shared" in args.systems:
+        goals(summary, args.prompt_tokens)
     if args.json:
-        args.json.write_text(json.dumps({"tokens": tokens, **raw}, indent=1))
+        args.json.write_text(json.dumps({"settings": raw, "summary": summary}, indent=1))
     return 0
 
 
@@ -365,43 +442,88 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _tokens(args: argparse.Namespace, path: str) -> int:
-    """Non-pad tokens of one epoch: every pair's prompt+chosen and prompt+rejected sequences."""
+def _tokens(args: argparse.Namespace, path: str, k: int, prompt_tokens: int, steps: int) -> int:
+    """Non-pad tokens of the pairs' work in one epoch: per prompt, K pairs of prompt + chosen and prompt
+    + rejected (what TRL forwards; shared-prompt rows forward fewer and are credited the same work)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    pairs = token_pairs(tok, make_rows(tok, args.pairs, args.prompt_tokens, args.response_tokens, args.seed))
-    return sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)
-
-
-def report(raw: dict[str, Any], tokens: int) -> None:
-    """Median over repeats; ratios spaceft / TRL (higher is better for spaceft, except memory)."""
-    print(
-        f"\n{tokens} tokens per epoch; medians over repeats; MFU = 6·N·tokens / train-step time / matmul peak"
+    rows = make_rows(tok, steps * args.pairs_per_step, prompt_tokens, args.response_tokens, args.seed, k)
+    return sum(
+        len(rs) * (2 * len(p) + len(c)) + sum(len(r) for r in rs) for p, c, rs in token_items(tok, rows)
     )
-    print("| precision | system | steps/s (precompute + train) | train tokens/s | MFU | peak RSS (MB) |")
+
+
+def summarize(setting: dict[str, Any]) -> dict[str, Any]:
+    """Medians over repeats per system: end-to-end steps/s, train-step time, tokens/s, MFU, memory."""
+    peak = max(setting["matmul_peak_flops"])
+    out = {key: setting[key] for key in ("precision", "checkpointing", "k", "prompt_tokens", "tokens")}
+    out["systems"] = {}
+    for system, runs in setting["runs"].items():
+        train_s = statistics.median(sum(r["step_s"]) for r in runs)
+        out["systems"][system] = {
+            "steps_per_s": statistics.median(r["steps"] / r["total_s"] for r in runs),
+            "train_s": train_s,
+            "precompute_s": statistics.median(r["precompute_s"] for r in runs),
+            "tokens_per_s": setting["tokens"] / train_s,
+            "mfu": 6 * runs[0]["n_params"] * setting["tokens"] / train_s / peak,
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
+            "net_rss_mb": statistics.median(r["peak_rss_mb"] - r["import_mb"] for r in runs),
+            "first_reward": runs[0].get("first_reward"),
+        }
+    return out
+
+
+def report(summary: list[dict[str, Any]]) -> None:
+    """One table; each spaceft row carries its ratio to TRL (higher is better, except memory)."""
+    print("\nmedians over repeats; MFU = 6·N·(pairs' tokens) / summed train-step time / measured matmul peak;"
+          " net memory = peak RSS − RSS after the imports")  # fmt: skip
+    print(
+        "| precision | ckpt | K | prompt | system | train step (s) | end to end steps/s | MFU "
+        "| peak RSS, net (MB) | train ×TRL | end to end ×TRL | net memory ×TRL |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for s in summary:
+        trl = s["systems"].get("trl")
+        for system, m in s["systems"].items():
+            ratios = ("", "", "")
+            if trl is not None and system != "trl":
+                ratios = (f"**{trl['train_s'] / m['train_s']:.2f}×**",
+                          f"{m['steps_per_s'] / trl['steps_per_s']:.2f}×",
+                          f"{m['net_rss_mb'] / trl['net_rss_mb']:.2f}×")  # fmt: skip
+            print(f"| {s['precision']} | {'on' if s['checkpointing'] else 'off'} | {s['k']} "
+                  f"| {s['prompt_tokens']} | {system} | {m['train_s']:.1f} | {m['steps_per_s']:.4f} "
+                  f"| {m['mfu']:.2f} "
+                  f"| {m['peak_rss_mb']:.0f}, {m['net_rss_mb']:.0f} | {' | '.join(ratios)} |")  # fmt: skip
+
+
+GOALS = [  # (what, precision, checkpointing, measure, goal, higher is better)
+    ("training steps", "fp32", False, "train", 1.6, True),
+    ("training steps", "amp", False, "train", 2.2, True),
+    ("score + train end to end", "fp32", False, "e2e", 1.5, True),
+    ("score + train end to end", "amp", False, "e2e", 2.0, True),
+    ("peak memory net of imports", "fp32", True, "memory", 0.6, False),
+    ("peak memory net of imports", "amp", True, "memory", 0.6, False),
+]  # fmt: skip
+"""Issue 26's goals for shared-prompt spaceft against TRL at K = 1 and the default prompt length."""
+
+
+def goals(summary: list[dict[str, Any]], prompt_tokens: int) -> None:
+    print("\n| goal (spaceft shared / TRL, K = 1) | precision | checkpointing | goal | measured | met? |")
     print("|---|---|---|---|---|---|")
-    for precision, d in raw.items():
-        peak = max(d["matmul_peak_flops"])
-        row = {}
-        for system, runs in d["runs"].items():
-            sps = statistics.median(r["steps"] / r["total_s"] for r in runs)
-            train_s = statistics.median(sum(r["step_s"]) for r in runs)
-            tps = tokens / train_s
-            mfu = 6 * runs[0]["n_params"] * tokens / train_s / peak
-            rss = statistics.median(r["peak_rss_mb"] for r in runs)
-            row[system] = (sps, tps, mfu, rss)
-            print(f"| {precision} | {system} | {sps:.4f} | {tps:.0f} | {mfu:.2f} | {rss:.0f} |")
-        (a, b, c, d_), (w, x, y, z) = row["spaceft"], row["trl"]
-        print(f"| {precision} | **spaceft / TRL** | **{a / w:.2f}×** | **{b / x:.2f}×** "
-              f"| {c:.2f} vs {y:.2f} | **{d_ / z:.2f}×** |")  # fmt: skip
-    print(
-        "matmul peak (GFLOP/s, before/after): "
-        + ", ".join(
-            f"{k} {v['matmul_peak_flops'][0] / 1e9:.0f}/{v['matmul_peak_flops'][1] / 1e9:.0f}"
-            for k, v in raw.items()
+    for what, precision, ckpt, measure, goal, higher in GOALS:
+        found = [s for s in summary if (s["precision"], s["checkpointing"], s["k"], s["prompt_tokens"])
+                 == (precision, ckpt, 1, prompt_tokens)]  # fmt: skip
+        if not found:
+            continue
+        trl, ours = found[0]["systems"]["trl"], found[0]["systems"]["shared"]
+        value = {"train": trl["train_s"] / ours["train_s"], "e2e": ours["steps_per_s"] / trl["steps_per_s"],
+                 "memory": ours["net_rss_mb"] / trl["net_rss_mb"]}[measure]  # fmt: skip
+        met = value >= goal if higher else value <= goal
+        print(
+            f"| {what} | {precision} | {'on' if ckpt else 'off'} | {'≥' if higher else '≤'} {goal}× "
+            f"| {value:.2f}× | {'yes' if met else 'no'} |"
         )
-    )
 
 
 if __name__ == "__main__":

@@ -27,3 +27,37 @@ def test_losses_equal_trl_on_the_same_log_probs(tiny_model_dir: Path) -> None:
         assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-5), name
     # the four objectives differ on this batch, so a check that compared a loss with itself would fail
     assert len({round(theirs, 4) for _, theirs in checks.values()}) == 4
+
+
+def test_k_rejected_responses_become_k_trl_pairs_split_where_trl_splits(tiny_tokenizer) -> None:
+    bench = _bench()
+    rows = bench.make_rows(tiny_tokenizer, 3, 10, 6, seed=1, k=2)
+    pairs = bench.trl_rows(rows)
+    assert len(pairs) == 6 and pairs[0]["prompt"] == pairs[1]["prompt"] == rows[0]["prompt"]
+    assert pairs[0]["rejected"] != pairs[1]["rejected"]
+    for (prompt, chosen, rejected), row in zip(bench.token_items(tiny_tokenizer, rows), rows, strict=True):
+        assert len(rejected) == 2
+        for text, ids in zip([row["chosen"], *row["rejected"]], [chosen, *rejected], strict=True):
+            assert prompt + ids == tiny_tokenizer(row["prompt"] + text)["input_ids"]
+
+
+def test_the_goals_table_reads_shared_against_trl(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+
+    def run(step_s: list[float], total_s: float, peak: float, imports: float) -> dict:
+        return {"step_s": step_s, "total_s": total_s, "steps": len(step_s), "precompute_s": 1.0,
+                "n_params": 10, "peak_rss_mb": peak, "import_mb": imports}  # fmt: skip
+
+    trl = [run([2.0, 2.0], 8.0, 1500, 500), run([3.0, 3.0], 8.0, 1500, 500)]
+    shared = [run([1.0, 1.0], 4.0, 900, 400), run([1.0, 1.5], 5.0, 1000, 400)]
+    setting = {"precision": "fp32", "checkpointing": False, "k": 1, "prompt_tokens": 75, "tokens": 100,
+               "matmul_peak_flops": [1e9, 2e9], "runs": {"trl": trl, "shared": shared}}  # fmt: skip
+    s = bench.summarize(setting)
+    assert s["systems"]["trl"]["train_s"] == 5.0  # median of 4 and 6
+    assert s["systems"]["shared"]["train_s"] == 2.25
+    assert s["systems"]["shared"]["net_rss_mb"] == 550.0
+    assert s["systems"]["shared"]["mfu"] == pytest.approx(6 * 10 * 100 / 2.25 / 2e9)
+    bench.goals([s], 75)
+    out = capsys.readouterr().out
+    assert "| training steps | fp32 | off | ≥ 1.6× | 2.22× | yes |" in out  # 5 / 2.25
+    assert "| score + train end to end | fp32 | off | ≥ 1.5× | 1.80× | yes |" in out  # 0.45 / 0.25 steps/s
