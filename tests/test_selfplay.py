@@ -215,23 +215,47 @@ def test_a_score_of_another_opponent_is_never_read(
 
 
 def test_gpu_check_script_dry_run_and_its_stage_amounts(
-    reference: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    reference: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """benchmarks/gpu_check.py is ready for a GPU: its dry run resolves the config and plan here, and the
-    amounts it divides by each stage's time are read back from a finished run's outputs."""
-    import sys
-
+    """benchmarks/gpu_check.py is ready for a GPU: its dry run resolves the config and plan here and runs
+    both probes on a tiny random Llama, and the amounts it divides by each stage's time are read back from
+    a finished run's outputs."""
     gpu_check = load_benchmark("gpu_check")
-    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--dry-run"])
-    assert gpu_check.main() == 0
+    measured = tmp_path / "probes.json"
+    argv = ["--dry-run", "--probes-only", "--output-dir", str(tmp_path), "--json", str(measured)]
+    assert gpu_check.main(argv) == 0
     out = capsys.readouterr().out
     assert "backend: vllm" in out and "dtype: bfloat16" in out and "dry run: config and plan OK" in out
+    probes = json.loads(measured.read_text())
+    assert probes["train_step_probe"]["eager"]["tokens_per_s"] > 0
+    assert probes["train_step_probe"]["peak_flops"] == 989e12  # the H100 SXM's dense bf16 peak
+    gen = probes["generation_probe"]
+    assert gen["rows"] == 4 and gen["sampled_tokens"] > 0 and gen["tokens_per_s"] > 0
+    assert "spaceft.RowSampler" in [op["op"] for op in gen["profile"]["ops"]]  # the sampler's share
     syn = read_table(reference / "iter_0" / "synthetic.parquet")
     assert gpu_check.stage_tokens(reference, "generate") == (sum(r["length"] for r in syn), "sampled tokens")
     scored, _ = gpu_check.stage_tokens(reference, "score")
     assert scored == sum(r["length"] for r in read_table(reference / "iter_0" / "opponent_logps.parquet"))
     assert gpu_check.stage_tokens(reference, "train") == (2 * scored, "trained response tokens")  # 2 epochs
     assert gpu_check.stage_tokens(reference, "eval") == (4, "held-out examples")
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_the_shared_prompt_amp_iteration_on_cpu(tmp_path: Path) -> None:
+    """The dry run of what gpu_session.sh runs first (amp, shared prompts, sdpa) runs the whole
+    iteration on a tiny random Llama on the CPU: every stage, and a train MFU from every step's log."""
+    gpu_check = load_benchmark("gpu_check")
+    measured = tmp_path / "check.json"
+    argv = ["--dry-run", "--backend", "hf", "--precision", "amp", "--shared-prompt",
+            "--output-dir", str(tmp_path), "--json", str(measured)]  # fmt: skip
+    assert gpu_check.main(argv) == 0
+    result = json.loads(measured.read_text())
+    assert result["attn"] == "sdpa" and result["shared_prompt"] is True
+    assert [s["stage"] for s in result["stages"]] == ["generate", "score", "train", "eval"]
+    train = result["train"]
+    # shared prompts forward each prompt once per group: fewer tokens than prompt + response per response
+    assert 0 < train["forwarded_tokens"] < train["trained_tokens"]
+    assert train["effective_mfu"] >= train["mfu"] >= 0
 
 
 def test_re_evaluating_keeps_later_iterations(reference: Path, tmp_path: Path, tiny_model_dir: Path) -> None:
