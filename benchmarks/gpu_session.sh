@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# One call of the device tool (a lent GPU machine without network): everything a GPU can check, in order
-# of value, each part under its own time limit so that a slow part cannot starve the others.
+# One call of the device tool (a lent GPU machine without network), about 9 minutes of work, in order of
+# value, each part under its own time limit so that a slow part cannot starve the others:
 #   1. the paper's setting end to end on CUDA: a Llama-shaped 1.1B model with a SentencePiece-style
-#      tokenizer and zephyr's template, bf16 mixed precision, HF generation (benchmarks/gpu_check.py);
-#   2. the test suite with CUDA visible (the pipeline's tests then run on the GPU);
-#   3. the same iteration in pure bf16, for the comparison.
+#      tokenizer and zephyr's template, bf16 mixed precision, shared prompts (sdpa), HF generation
+#      (benchmarks/gpu_check.py): per-stage times, train MFU, then the probes: a plain train step's MFU
+#      and the HF backend's sampled tokens/s with a profile of its decoding loop (all in llama1b-amp.json);
+#   2. the train step under torch.compile (the probes alone);
+#   3. the tests that touch CUDA-specific code (the sampler's bits, shared prompts, log-prob paths).
+# Rehearse first on a CPU: python benchmarks/gpu_check.py --dry-run --backend hf --precision amp --shared-prompt
 # Packages the machine lacks travel as wheels in .whl/ (see the device tool's README):
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0
 # and the call names .whl in carry:  bash benchmarks/gpu_session.sh   (results under $OUT)
-# Smaller: TRAIN_SIZE=256 EVAL_SIZE=64 PYTEST_ARGS='tests/test_speed.py' AMP_S=120 PYTEST_S=60 BF16_S=90
+# Smaller: TRAIN_SIZE=256 EVAL_SIZE=64 PYTEST_ARGS='tests/test_row_sampler.py' AMP_S=200 COMPILE_S=120 PYTEST_S=60
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -31,16 +34,19 @@ check() {  # check NAME SECONDS ARGS...: one gpu_check run, its log and JSON und
     HF_HUB_OFFLINE=1 timeout "$limit" python3 benchmarks/gpu_check.py --output-dir /tmp/gpu_runs --name "$name" \
         --train-size "${TRAIN_SIZE:-512}" --eval-size "${EVAL_SIZE:-128}" --json "$OUT/$name.json" "$@" \
         > "$OUT/$name.log" 2>&1
-    echo "rc $? $(date +%T)"; grep -v "it/s\]" "$OUT/$name.log" | tail -14
+    echo "rc $? $(date +%T)"; grep -v "it/s\]" "$OUT/$name.log" | tail -40
 }
 
-check llama1b-amp "${AMP_S:-150}" --backend hf --random-llama 1b --precision amp
+check llama1b-amp "${AMP_S:-270}" --backend hf --random-llama 1b --precision amp --shared-prompt
+
+check llama1b-compile "${COMPILE_S:-150}" --backend hf --random-llama 1b --precision amp --shared-prompt \
+    --probes-only --compile
 
 echo "=== pytest with CUDA visible $(date +%T)"
-# torchrun's two processes would both take the one GPU: those tests run on CPU machines (CI) instead
-timeout "${PYTEST_S:-180}" python3 -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
-    --ignore tests/test_multiprocess.py --ignore tests/test_packaging.py \
-    --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-tests} > "$OUT/pytest.log" 2>&1
+plugins=""  # xdist and pytest-timeout where the machine has them
+python3 -c "import xdist" 2>/dev/null && plugins="-n 8"
+python3 -c "import pytest_timeout" 2>/dev/null && plugins="$plugins --timeout 100"
+timeout "${PYTEST_S:-120}" python3 -m pytest -q -p no:cacheprovider $plugins \
+    --junitxml "$OUT/junit.xml" ${PYTEST_ARGS:-tests/test_row_sampler.py tests/test_shared_prompt.py \
+    tests/test_token_logps.py tests/test_generate.py tests/test_speed.py} > "$OUT/pytest.log" 2>&1
 echo "rc $? $(date +%T)"; tail -25 "$OUT/pytest.log"
-
-check llama1b-bf16 "${BF16_S:-90}" --backend hf --random-llama 1b --precision bf16
