@@ -248,13 +248,13 @@ LOGITS_PATH_MAX_BYTES = 2**28
 
 
 def choose_path(vocab: int, positions: int, precision: torch.dtype, device: str) -> str:
-    """"chunked" or "logits": the faster head path for `positions` × `vocab` float32 logits.
+    """The faster head path, "chunked" or "logits", for `positions` × `vocab` float32 logits.
 
     A pure function of what the score stage and training share for a micro-batch (its shape, the
     model's vocabulary, the precision and the device type): never of free memory or timing, because
     both passes must take the same path for rewards to start at exactly 0.
 
-    Rule, measured on a 2-core AMD EPYC (AVX-512 bf16) CPU (`benchmarks/logps_memory.py --sweep`: a
+    Rule, measured on a 2-core Intel Xeon (AMX-bf16) CPU (`benchmarks/logps_memory.py --sweep`: a
     2-layer width-256 Llama, 8 rows of 16-256 response tokens, V = 49,152 and 128,256; docs/PERFORMANCE.md
     "Log-probs without the full logits"):
     * float32: from 512 positions on the logits path was the faster (the chunked one took 1.2-1.3x its
