@@ -236,10 +236,12 @@ def run_trl(args: argparse.Namespace, path: str) -> dict[str, Any]:
             step_s.append(time.perf_counter() - self.tic)
 
     with tempfile.TemporaryDirectory() as tmp:
-        # a step takes the same prompts and responses as spaceft's: pairs_per_step prompts, K pairs each
+        # a step takes the same prompts and responses as spaceft's: pairs_per_step prompts, K pairs each,
+        # in K micro-batches of pairs_per_step pairs (one micro-batch of all K pairs of 4 prompts with
+        # 300-token prompts would not fit in 24 GiB)
         config = DPOConfig(
-            output_dir=tmp, per_device_train_batch_size=args.pairs_per_step * args.k,
-            gradient_accumulation_steps=1, num_train_epochs=1, learning_rate=5e-7,
+            output_dir=tmp, per_device_train_batch_size=args.pairs_per_step,
+            gradient_accumulation_steps=args.k, num_train_epochs=1, learning_rate=5e-7,
             lr_scheduler_type="constant", optim="rmsprop", loss_type=["bco_pair"], beta=1.0,
             precompute_ref_log_probs=True,
             precompute_ref_batch_size=args.pairs_per_step * args.k, gradient_checkpointing=args.checkpointing,
@@ -279,8 +281,10 @@ def spawn(args: argparse.Namespace, system: str, precision: str, *, k: int, prom
     cmd += ["--activation-checkpointing"] if checkpointing else []
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"{system} {precision} failed:\n{proc.stderr[-3000:]}")
+    if proc.returncode or not lines:  # recorded, not raised: one failed setting must not lose the others
+        print(f"{system} {precision} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+        oom = " (killed: out of memory?)" if proc.returncode == -9 else ""
+        return {"failed": f"rc {proc.returncode}{oom}"}
     return json.loads(lines[-1][len("RESULT ") :])
 
 
@@ -374,7 +378,8 @@ def main() -> int:
     p.add_argument("--sweep-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loss-check-only", action="store_true")
-    p.add_argument("--json", type=Path, help="also write the raw measurements here")
+    p.add_argument("--json", type=Path, help="also write the raw measurements here (after every setting)")
+    p.add_argument("--tables-from", type=Path, help="print the tables of a --json file and exit")
     p.add_argument("--child", choices=["trl", "spaceft"], help=argparse.SUPPRESS)
     p.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
     p.add_argument("--pairs", type=int, default=0, help=argparse.SUPPRESS)
@@ -383,6 +388,10 @@ def main() -> int:
     p.add_argument("--activation-checkpointing", dest="checkpointing_on", action="store_true",
                    help=argparse.SUPPRESS)  # fmt: skip
     args = p.parse_args()
+    if args.tables_from:
+        saved = json.loads(args.tables_from.read_text())
+        tables(saved["settings"], saved["prompt_tokens"])
+        return 0
     if args.child:
         args.checkpointing = args.checkpointing_on
         child(args)
@@ -419,21 +428,26 @@ def main() -> int:
                           checkpointing=ckpt)  # fmt: skip
                 runs[system].append(r)
                 where = f"{precision} ckpt {'on' if ckpt else 'off'} K={k} prompt {prompt_tokens} rep {rep}"
-                print(f"  [{where}] {system}: {r['steps']} steps, train {sum(r['step_s']):.1f} s + "
-                      f"precompute "
-                      f"{r['precompute_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
-                      f"(imports {r['import_mb']:.0f})", flush=True)  # fmt: skip
+                done = "FAILED " + r["failed"] if "failed" in r else (
+                    f"{r['steps']} steps, train {sum(r['step_s']):.1f} s + precompute "
+                    f"{r['precompute_s']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB "
+                    f"(imports {r['import_mb']:.0f})")  # fmt: skip
+                print(f"  [{where}] {system}: {done}", flush=True)
         peaks.append(peak_in_child(gemm))
         tokens = _tokens(args, path, k, prompt_tokens, steps)
         raw.append({"precision": precision, "checkpointing": ckpt, "k": k, "prompt_tokens": prompt_tokens,
                     "steps": steps, "tokens": tokens, "runs": runs, "matmul_peak_flops": peaks})  # fmt: skip
+        if args.json:  # after every setting, so that a stopped run keeps what it measured
+            args.json.write_text(json.dumps({"prompt_tokens": args.prompt_tokens, "settings": raw}, indent=1))
+    tables(raw, args.prompt_tokens)
+    return 0
+
+
+def tables(raw: list[dict[str, Any]], prompt_tokens: int) -> None:
     summary = [summarize(r) for r in raw]
     report(summary)
-    if "trl" in args.systems and "shared" in args.systems:
-        goals(summary, args.prompt_tokens)
-    if args.json:
-        args.json.write_text(json.dumps({"settings": raw, "summary": summary}, indent=1))
-    return 0
+    if all({"trl", "shared"} <= set(s["systems"]) for s in summary):
+        goals(summary, prompt_tokens)
 
 
 def _threads() -> int:
@@ -459,7 +473,11 @@ def summarize(setting: dict[str, Any]) -> dict[str, Any]:
     peak = max(setting["matmul_peak_flops"])
     out = {key: setting[key] for key in ("precision", "checkpointing", "k", "prompt_tokens", "tokens")}
     out["systems"] = {}
-    for system, runs in setting["runs"].items():
+    for system, all_runs in setting["runs"].items():
+        runs = [r for r in all_runs if "failed" not in r]
+        if not runs:
+            out["systems"][system] = {"failed": all_runs[0]["failed"]}
+            continue
         train_s = statistics.median(sum(r["step_s"]) for r in runs)
         out["systems"][system] = {
             "steps_per_s": statistics.median(r["steps"] / r["total_s"] for r in runs),
@@ -478,23 +496,27 @@ def report(summary: list[dict[str, Any]]) -> None:
     """One table; each spaceft row carries its ratio to TRL (higher is better, except memory)."""
     print("\nmedians over repeats; MFU = 6·N·(pairs' tokens) / summed train-step time / measured matmul peak;"
           " net memory = peak RSS − RSS after the imports")  # fmt: skip
-    print(
-        "| precision | ckpt | K | prompt | system | train step (s) | end to end steps/s | MFU "
-        "| peak RSS, net (MB) | train ×TRL | end to end ×TRL | net memory ×TRL |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| precision | ckpt | K | prompt | system | train step (s) | end to end steps/s | MFU "
+          "| peak RSS, net (MB) | train ×TRL | end to end ×TRL | net memory ×TRL "
+          "| train ×unshared |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
-        trl = s["systems"].get("trl")
+        ckpt = "on" if s["checkpointing"] else "off"
+        where = f"| {s['precision']} | {ckpt} | {s['k']} | {s['prompt_tokens']}"
+        trl, plain = s["systems"].get("trl", {}), s["systems"].get("spaceft", {})
         for system, m in s["systems"].items():
-            ratios = ("", "", "")
-            if trl is not None and system != "trl":
-                ratios = (f"**{trl['train_s'] / m['train_s']:.2f}×**",
-                          f"{m['steps_per_s'] / trl['steps_per_s']:.2f}×",
-                          f"{m['net_rss_mb'] / trl['net_rss_mb']:.2f}×")  # fmt: skip
-            print(f"| {s['precision']} | {'on' if s['checkpointing'] else 'off'} | {s['k']} "
-                  f"| {s['prompt_tokens']} | {system} | {m['train_s']:.1f} | {m['steps_per_s']:.4f} "
-                  f"| {m['mfu']:.2f} "
-                  f"| {m['peak_rss_mb']:.0f}, {m['net_rss_mb']:.0f} | {' | '.join(ratios)} |")  # fmt: skip
+            if "failed" in m:
+                print(f"{where} | {system} | failed: {m['failed']} |||||||")
+                continue
+            cols = ["", "", "", ""]
+            if system != "trl" and "train_s" in trl:
+                cols[:3] = [f"**{trl['train_s'] / m['train_s']:.2f}×**",
+                            f"{m['steps_per_s'] / trl['steps_per_s']:.2f}×",
+                            f"{m['net_rss_mb'] / trl['net_rss_mb']:.2f}×"]  # fmt: skip
+            if system == "shared" and "train_s" in plain:
+                cols[3] = f"{plain['train_s'] / m['train_s']:.2f}×"
+            print(f"{where} | {system} | {m['train_s']:.1f} | {m['steps_per_s']:.4f} | {m['mfu']:.2f} "
+                  f"| {m['peak_rss_mb']:.0f}, {m['net_rss_mb']:.0f} | {' | '.join(cols)} |")  # fmt: skip
 
 
 GOALS = [  # (what, precision, checkpointing, measure, goal, higher is better)
@@ -517,6 +539,8 @@ def goals(summary: list[dict[str, Any]], prompt_tokens: int) -> None:
         if not found:
             continue
         trl, ours = found[0]["systems"]["trl"], found[0]["systems"]["shared"]
+        if "failed" in trl or "failed" in ours:
+            continue
         value = {"train": trl["train_s"] / ours["train_s"], "e2e": ours["steps_per_s"] / trl["steps_per_s"],
                  "memory": ours["net_rss_mb"] / trl["net_rss_mb"]}[measure]  # fmt: skip
         met = value >= goal if higher else value <= goal

@@ -61,3 +61,16 @@ def test_the_goals_table_reads_shared_against_trl(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     assert "| training steps | fp32 | off | ≥ 1.6× | 2.22× | yes |" in out  # 5 / 2.25
     assert "| score + train end to end | fp32 | off | ≥ 1.5× | 1.80× | yes |" in out  # 0.45 / 0.25 steps/s
+
+
+def test_a_failed_measurement_is_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _bench()
+    ok = {"step_s": [1.0], "total_s": 2.0, "steps": 1, "precompute_s": 1.0, "n_params": 10,
+          "peak_rss_mb": 900, "import_mb": 400}  # fmt: skip
+    setting = {"precision": "amp", "checkpointing": False, "k": 4, "prompt_tokens": 300, "tokens": 100,
+               "matmul_peak_flops": [1e9], "runs": {"trl": [{"failed": "rc -9 (killed: out of memory?)"}],
+                                                     "spaceft": [ok], "shared": [ok]}}  # fmt: skip
+    bench.tables([setting], 75)
+    out = capsys.readouterr().out
+    assert "| amp | off | 4 | 300 | trl | failed: rc -9 (killed: out of memory?) |" in out
+    assert "| amp | off | 4 | 300 | shared | 1.0 | 0.5000 |" in out and "1.00× |" in out  # × unshared
