@@ -24,11 +24,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--pairs-per-step", type=int, default=4)
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--shared-prompt", action="store_true", help="shared-prompt rows (train.shared_prompt)")
     args = p.parse_args()
 
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-    from vs_trl import PRECISIONS, make_rows, model_path, token_pairs
+    from vs_trl import PRECISIONS, make_rows, model_path, token_items
 
     from spaceft.config import ModelConfig
     from spaceft.losses import compute_loss
@@ -40,15 +41,15 @@ def main() -> int:
     path = model_path(args.model)
     tok = load_tokenizer(path)
     n = args.steps * args.pairs_per_step
-    pairs = token_pairs(tok, make_rows(tok, n, 75, 76, 0))
-    items = [TrainItem(tuple(pr), tuple(c), (tuple(r),), -100.0, (-100.0,)) for pr, c, r in pairs]
-    model = load_model(path, ModelConfig(dtype=dtype)).train()
+    triples = token_items(tok, make_rows(tok, n, 75, 76, 0))
+    items = [TrainItem(tuple(pr), tuple(c), (tuple(rs[0]),), -100.0, (-100.0,)) for pr, c, rs in triples]
+    model = load_model(path, ModelConfig(dtype=dtype, attn_implementation="sdpa")).train()
     opt = torch.optim.RMSprop(model.parameters(), lr=5e-7)
     cpu = torch.device("cpu")
 
     def step(batch: list[TrainItem]) -> None:
         with record_function("forward"), autocast(mixed, cpu):
-            out = forward_batch(model, batch, tok.pad_token_id, cpu)
+            out = forward_batch(model, batch, tok.pad_token_id, cpu, shared=args.shared_prompt)
             logps = {f"{who}_{kind}_logps": out[f"{who}_{kind}"] for who in ("policy", "opponent")
                      for kind in ("real", "synthetic")}  # fmt: skip
             loss = compute_loss("space", **logps, mu=1.0, beta=1.0)

@@ -74,3 +74,13 @@ def test_a_failed_measurement_is_reported_not_raised(capsys: pytest.CaptureFixtu
     out = capsys.readouterr().out
     assert "| amp | off | 4 | 300 | trl | failed: rc -9 (killed: out of memory?) |" in out
     assert "| amp | off | 4 | 300 | shared | 1.0 | 0.5000 |" in out and "1.00× |" in out  # × unshared
+
+
+def test_the_step_profiler_runs_on_shared_rows(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """benchmarks/profile_train.py reads vs_trl's data helpers: a rename there must not break it."""
+    profile_train = load_benchmark("profile_train")
+    argv = ["profile_train.py", "--model", "tiny", "--steps", "2", "--shared-prompt", "--top", "3"]
+    monkeypatch.setattr("sys.argv", argv)
+    assert profile_train.main() == 0
+    out = capsys.readouterr().out
+    assert "1 profiled steps, fp32" in out and "aten::mm" in out
