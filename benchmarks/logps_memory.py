@@ -84,18 +84,11 @@ def sweep(args: argparse.Namespace) -> None:
                 r = {v: run_child([*map(str, common), "--variant", v]) for v in ("logits", "chunked")}
                 positions = args.batch * response  # the kept positions the logits path projects
                 mib = 2 * 4 * positions * vocab / 2**20
-                dtype = torch_dtype(precision)
-                pick, lg, ch = choose_path(vocab, positions, dtype, "cpu"), r["logits"], r["chunked"]
+                pick, lg, ch = choose_path(vocab, positions, "cpu"), r["logits"], r["chunked"]
                 cells = [precision, vocab, response, positions, f"{mib:.0f}"]
                 cells += [f"{x['seconds']:.2f}, {x['extra_mb']:.0f}" for x in (lg, ch)]
                 cells += [f"{ch['seconds'] / lg['seconds']:.2f}", pick]
                 print("| " + " | ".join(map(str, cells)) + " |", flush=True)
-
-
-def torch_dtype(precision: str) -> object:
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def main() -> int:

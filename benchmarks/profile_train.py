@@ -25,6 +25,9 @@ def main() -> int:
     p.add_argument("--pairs-per-step", type=int, default=4)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--shared-prompt", action="store_true", help="shared-prompt rows (train.shared_prompt)")
+    p.add_argument("--logps-path", default="auto", choices=["auto", "chunked", "logits"])
+    p.add_argument("--vocab-share", action="store_true",
+                   help="also the share of matrix products with a vocabulary-wide dimension")  # fmt: skip
     args = p.parse_args()
 
     import torch
@@ -49,7 +52,8 @@ def main() -> int:
 
     def step(batch: list[TrainItem]) -> None:
         with record_function("forward"), autocast(mixed, cpu):
-            out = forward_batch(model, batch, tok.pad_token_id, cpu, shared=args.shared_prompt)
+            out = forward_batch(model, batch, tok.pad_token_id, cpu, shared=args.shared_prompt,
+                                path=args.logps_path)  # fmt: skip
             logps = {f"{who}_{kind}_logps": out[f"{who}_{kind}"] for who in ("policy", "opponent")
                      for kind in ("real", "synthetic")}  # fmt: skip
             loss = compute_loss("space", **logps, mu=1.0, beta=1.0)
@@ -62,7 +66,7 @@ def main() -> int:
 
     step(items[: args.pairs_per_step])  # warm-up, not profiled
     tic = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=args.vocab_share) as prof:
         for s in range(1, args.steps):
             step(items[s * args.pairs_per_step : (s + 1) * args.pairs_per_step])
     wall = time.perf_counter() - tic
@@ -73,6 +77,14 @@ def main() -> int:
         t = sum(e.cpu_time_total for e in events if e.key == key)
         print(f"  {key:10s} {t / 1e6:7.2f} s  {100 * t / max(total, 1):5.1f} %")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.top))
+    if args.vocab_share:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        mm = [e for e in prof.key_averages(group_by_input_shape=True) if e.key in ("aten::mm", "aten::addmm")]
+        head = sum(e.self_cpu_time_total for e in mm if any(vocab in shape for shape in e.input_shapes))
+        every = sum(e.self_cpu_time_total for e in mm)
+        print(f"matrix products with a {vocab}-wide dimension (the vocabulary head): {head / 1e6:.2f} s, "
+              f"{100 * head / every:.1f} % of all matrix products, "
+              f"{100 * head / max(total, 1):.1f} % of the steps")
     return 0
 
 

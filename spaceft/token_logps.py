@@ -247,42 +247,40 @@ LOGITS_PATH_MAX_BYTES = 2**28
 """`choose_path`'s limit on the float32 logits (and their gradient) the logits path may hold: 256 MiB."""
 
 
-def choose_path(vocab: int, positions: int, precision: torch.dtype, device: str) -> str:
+def choose_path(vocab: int, positions: int, device: str) -> str:
     """The faster head path, "chunked" or "logits", for `positions` × `vocab` float32 logits.
 
     A pure function of what the score stage and training share for a micro-batch (its shape, the
-    model's vocabulary, the precision and the device type): never of free memory or timing, because
+    model's vocabulary and the device type): never of free memory or timing, because
     both passes must take the same path for rewards to start at exactly 0.
 
-    Rule, measured on a 2-core Intel Xeon (AMX-bf16) CPU (`benchmarks/logps_memory.py --sweep`: a
-    2-layer width-256 Llama, 8 rows of 16-256 response tokens, V = 49,152 and 128,256; docs/PERFORMANCE.md
-    "Log-probs without the full logits"):
-    * float32: from 512 positions on the logits path was the faster (the chunked one took 1.2-1.3x its
-      time at V = 49k, 1.5-6x at 128k; at 128 positions the timings were within the loaded machine's
-      noise), but it holds its float32 logits and their
-      gradient, 2 · 4 B · positions · vocab, at once: at 192 MiB of them its peak RSS equalled the
-      chunked path's, at 501-768 MiB it was 0.5-0.7 GB above it, at 2 GiB 1.8 GB. So logits while that
-      stays within `LOGITS_PATH_MAX_BYTES` (256 MiB), chunked above.
-    * bf16 or fp16 (autocast, or low-precision weights): chunked, 0.7-0.9x the logits path's time at
-      V = 49k with 512-2,048 positions.
+    Both paths run the head and the log-softmax in float32 in every precision, so on a CPU the rule
+    is one for all precisions:
+    * the logits path while the float32 logits and their gradient, 2 · 4 B · positions · vocab, stay
+      within `LOGITS_PATH_MAX_BYTES` (256 MiB), the chunked one above. Measured on a 2-core Intel Xeon
+      (AMX-bf16) CPU (`benchmarks/logps_memory.py --sweep`, a 2-layer width-256 Llama, 8 rows of 16-256
+      response tokens, V = 49,152 and 128,256; docs/PERFORMANCE.md "Which path"): in float32 the logits
+      path was the faster from 512 positions on (chunked took 1.2-1.3x its time at V = 49k), since
+      chunking recomputes the head in backward; at 192 MiB of logits its peak RSS equalled the chunked
+      path's, at 501-768 MiB it was 0.5-0.7 GB above, at 2 GiB 1.8 GB. On SmolLM2-135M under bf16
+      autocast at ~600 positions (239 MB) the head's matrix products took 0.93 s on the logits path and
+      1.44-1.49 s on the chunked one per 2 training steps (`benchmarks/profile_train.py --precision amp
+      --shared-prompt --vocab-share --logps-path ...`).
     * other devices: chunked; not measured there, and its memory does not grow with the vocabulary.
     """
-    if device != "cpu" or precision != torch.float32:
+    if device != "cpu":
         return "chunked"
     return "logits" if 2 * 4 * positions * vocab <= LOGITS_PATH_MAX_BYTES else "chunked"
 
 
 def resolve_path(path: str, head: OutputHead, device: torch.device, positions: int) -> str:
-    """`path` ("chunked" or "logits"), or for "auto" `choose_path` of this forward: the autocast dtype if
-    autocast is on, else the head's weight dtype; `positions` is what the logits path would project."""
+    """`path` ("chunked" or "logits"), or for "auto" `choose_path` of this forward; `positions` is what
+    the logits path would project."""
     if path not in LOGPS_PATHS:
         raise ValueError(f"unknown log-prob path {path!r}: use one of {', '.join(LOGPS_PATHS)}")
     if path != "auto":
         return path
-    kind = device.type
-    autocast_on = torch.is_autocast_enabled(kind)
-    precision = torch.get_autocast_dtype(kind) if autocast_on else head.linear.weight.dtype
-    return choose_path(head.linear.out_features, positions, precision, kind)
+    return choose_path(head.linear.out_features, positions, device.type)
 
 
 # ------------------------------------------------------------------------- sequences of a packed batch

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from tests.exact_start import (
     SETTINGS,
@@ -75,8 +74,8 @@ def test_auto_takes_both_paths_in_one_run_and_still_starts_at_zero(
     picks: list[tuple[int, str]] = []
     choose = token_logps.choose_path
 
-    def recorded(vocab: int, positions: int, precision: torch.dtype, device: str) -> str:
-        picks.append((positions, choose(vocab, positions, precision, device)))
+    def recorded(vocab: int, positions: int, device: str) -> str:
+        picks.append((positions, choose(vocab, positions, device)))
         return picks[-1][1]
 
     monkeypatch.setattr(token_logps, "choose_path", recorded)
