@@ -7,6 +7,7 @@ policy log-probs itself and applies its loss code; spaceft's SPIN, SPIN-hinge, S
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -79,8 +80,11 @@ def test_a_failed_measurement_is_reported_not_raised(capsys: pytest.CaptureFixtu
 def test_the_step_profiler_runs_on_shared_rows(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """benchmarks/profile_train.py reads vs_trl's data helpers: a rename there must not break it."""
     profile_train = load_benchmark("profile_train")
-    argv = ["profile_train.py", "--model", "tiny", "--steps", "2", "--shared-prompt", "--top", "3"]
+    argv = ["profile_train.py", "--model", "tiny", "--steps", "2", "--shared-prompt", "--top", "100",
+            "--vocab-share"]  # fmt: skip
     monkeypatch.setattr("sys.argv", argv)
     assert profile_train.main() == 0
     out = capsys.readouterr().out
     assert "1 profiled steps, fp32" in out and "aten::mm" in out
+    share = re.search(r"\(the vocabulary head\): [0-9.]+ s, ([0-9.]+) % of all matrix products", out)
+    assert share is not None and 0 < float(share.group(1)) < 100, out[-500:]
