@@ -41,7 +41,7 @@ import torch
 from spaceft.config import RunConfig
 from spaceft.rundir import content_hash
 from spaceft.shared_prompt import pack_tree, tree_logps
-from spaceft.token_logps import pack, sequence_logps
+from spaceft.token_logps import AUTO_RULE, pack, sequence_logps
 
 
 @dataclass(frozen=True)
@@ -118,9 +118,9 @@ def composition_tag(groups: Sequence[Sequence[int]], items: Sequence[TrainItem],
     """What the cached opponent scores were computed for: the groups, the tokens in them, and every
     setting of the forward pass (precision, log-prob path, attention)."""
     m, t = cfg.model, cfg.train
-    # the configured path, not the one taken: "auto" decides per micro-batch from what is hashed here.
-    # An explicit path enters as the boolean it replaced, so those runs' tags stay as they were
-    path = {"chunked": True, "logits": False}.get(t.logps_path, t.logps_path)
+    # the configured path, not the one taken: "auto" decides per micro-batch from what is hashed here
+    # and its rule's name. An explicit path enters as the boolean it replaced, so those runs' tags stay
+    path = {"chunked": True, "logits": False, "auto": AUTO_RULE}[t.logps_path]
     settings = (t.mixed_precision, path, m.dtype, m.attn_implementation)
     if t.shared_prompt:  # appended only when on: the tags of unshared runs stay as they were
         settings += ("shared_prompt",)

@@ -245,6 +245,9 @@ LOGPS_PATHS = ("auto", "chunked", "logits")
 """`train.logps_path`'s choices: "auto" is `choose_path`'s pick per micro-batch."""
 LOGITS_PATH_MAX_BYTES = 2**28
 """`choose_path`'s limit on the float32 logits (and their gradient) the logits path may hold: 256 MiB."""
+AUTO_RULE = "auto/2"
+"""Names `choose_path`'s rule in the score stage's composition tag: change it with the rule, so that
+scores cached under another rule (another path for some micro-batch) are re-scored, never read."""
 
 
 def choose_path(vocab: int, positions: int, device: str) -> str:

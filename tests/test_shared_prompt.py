@@ -227,3 +227,23 @@ def test_a_run_scores_and_trains_on_shared_rows(
     run_dir = next((tmp_path / "runs").iterdir())
     first = json.loads((run_dir / "iter_0" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["rewards/abs_mean"] == 0.0
+
+
+def test_the_log_prob_path_and_the_auto_rule_change_the_composition_tag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scores cached under one head path, or under another version of `auto`'s rule (which may pick
+    another path for a micro-batch), are re-scored rather than read."""
+    from spaceft import microbatch
+
+    items, _ = _items(1, False)
+
+    def tag(path: str) -> str:
+        cfg = config_from_dict({"name": "t", "output_dir": str(tmp_path), "data": {"train": "x"},
+                                "train": {"logps_path": path}})  # fmt: skip
+        return composition_tag([(0, 1), (2, 3)], items, cfg)
+
+    tags = {path: tag(path) for path in ("auto", "chunked", "logits")}
+    assert len(set(tags.values())) == 3
+    monkeypatch.setattr(microbatch, "AUTO_RULE", "auto/next")
+    assert tag("auto") != tags["auto"] and tag("chunked") == tags["chunked"]
