@@ -32,7 +32,7 @@ demo: install
 lab: install
 	$(BIN)/spaceft lab
 
-bench: install   # spaceft vs TRL: loss check, then speed / MFU / memory (a few minutes, nice'd)
+bench: install   # spaceft vs TRL: loss check, then speed / MFU / memory (about 25 min on 2 cores, nice'd; --sweep adds K x prompt length)
 	$(BIN)/pip install --quiet -e '.[bench]'
 	nice -n 19 $(BIN)/python benchmarks/vs_trl.py
 
