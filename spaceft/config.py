@@ -292,8 +292,8 @@ class TrainConfig:
     logps_path: str = "auto"
     """auto | chunked | logits: how token log-probs come from the hidden states. chunked projects the
     response tokens to the vocabulary a chunk at a time (memory that does not grow with it); logits
-    projects every response position at once (faster in float32 on CPU while small, more memory); auto
-    picks per micro-batch from the vocabulary, its length and the precision (`token_logps.choose_path`,
+    projects every response position at once (faster on a CPU while small, more memory); auto picks
+    per micro-batch from the vocabulary, its length and the device type (`token_logps.choose_path`,
     measured in docs/PERFORMANCE.md). Training and scoring take the same path for the same micro-batch.
     The older `chunked_logps: true/false` is read as chunked/logits."""
     shared_prompt: bool = False

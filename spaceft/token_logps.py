@@ -349,7 +349,7 @@ def sequence_logps(
     model's logits are a plain linear head of its hidden states (`output_head`) the model returns the
     hidden states and the head runs here, in float32 (module docstring): on the "chunked" path on the
     response tokens only, a chunk at a time, so no [N, L, V] tensor exists in either pass; on the
-    "logits" path on every kept position at once (faster in float32 on CPU while small, more memory);
+    "logits" path on every kept position at once (faster on a CPU while small, more memory);
     "auto" picks one per batch (`choose_path`). Other models' logits go through
     `selective_log_softmax`. Models whose forward ignores `logits_to_keep` return all positions, which
     every path handles.
